@@ -1,0 +1,398 @@
+"""Chunked linear attention for the diagonal-gate family, in pure PyTorch.
+
+Variants: basic (no gate), constant decay and scalar gate (g [B, T, H]), per-channel gate
+(g [B, T, H, K]). The delta rule is not here (see ``linear_attention``'s dispatch).
+
+Shape legend: B batch, T tokens, H heads, K key dim, V value dim, C chunk size, N chunks
+(after zero-padding T up to N * C). Inside this module tensors are chunked as
+``[B, H, N, C, D]``; gates keep a trailing dim ``Kg`` that is 1 (scalar gate) or K (per channel).
+
+The algorithm (DESIGN §1, the right-product chunk form). Within chunk n, with
+Cs_i = sum_{t <= i in the chunk} g_t (inclusive, log space, <= 0):
+
+    intra   o_i += scale * sum_{j <= i} (q_i . k_j exp(Cs_i - Cs_j)) v_j      (a C x C matmul)
+    inter   o_i += scale * (q_i * exp(Cs_i)) S_n                            (S_n enters chunk n)
+    state   S_{n+1} = exp(Cs_last) * S_n + sum_j (k_j * exp(Cs_last - Cs_j))^T v_j
+
+Every exponent is a difference "later minus earlier" of a non-increasing cumulative sum, so it
+is <= 0: nothing can overflow and nothing is ever divided by a decay. Pairs that must not
+interact are masked *in the exponent* (-inf) before ``exp``, which also keeps gradients finite.
+
+Documents (``starts``): a token that starts a document resets the state (A = 0). Pairs across
+documents are masked, the state entering a chunk reaches only the tokens before the chunk's first
+start, and a chunk containing a start passes on only its last document. A document's own initial
+state is injected at its start token (``doc_initial``).
+
+Memory is linear in T: the largest tensors are [B, H, N, C, C] (scalar gates) or
+[B, H, N, C, C, K] with a smaller C (per-channel gates), and N + 1 states of [K, V].
+Gradients come from autograd through these ops, except the sequential state scan, which has a
+hand-written backward (one loop over chunks each way, no per-step autograd nodes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+DEFAULT_CHUNK = 64
+DEFAULT_CHUNK_PER_CHANNEL = 16  # the per-channel intra term is [C, C, K] per chunk: keep C small
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp64 stays fp64 (tests); everything else computes and keeps states in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _to_chunks(x: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, N, C, D], zero-padded at the end."""
+    B, T, H, D = x.shape
+    N = -(-T // C)
+    x = x.to(dtype)
+    if N * C != T:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, N * C - T))
+    return x.view(B, N, C, H, D).permute(0, 3, 1, 2, 4).contiguous()
+
+
+def from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, H, N, C, D] -> [B, T, H, D] (drops the padding)."""
+    B, H, N, C, D = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, D)[:, :T]
+
+
+@dataclass
+class DocMasks:
+    """Document structure of one (padded) segment, chunked. All bool.
+
+    pair  [N, C, C]  j <= i and same document (the causal intra mask)
+    cont  [N, C]     no document start in the chunk at or before i: the state entering the
+                     chunk reaches token i
+    last  [N, C]     token j belongs to the document that is open at the chunk's end
+    prefix [N, C]    no document start in the whole segment at or before i: the state entering
+                     the *segment* reaches token i (used by sequence parallelism)
+    chunk_cont [N]   the chunk has no document start (its transition is non-zero)
+    """
+
+    pair: torch.Tensor
+    cont: torch.Tensor
+    last: torch.Tensor
+    prefix: torch.Tensor
+    chunk_cont: torch.Tensor
+
+    @staticmethod
+    def build(starts: torch.Tensor, C: int) -> "DocMasks":
+        T = starts.numel()
+        N = -(-T // C)
+        s = torch.zeros(N * C, dtype=torch.long, device=starts.device)
+        s[:T] = starts.long()
+        s = s.view(N, C)
+        in_chunk = s.cumsum(-1)  # document index within the chunk, 0 = continuing document
+        seg = s.flatten().cumsum(0).view(N, C)  # document index within the segment
+        causal = torch.ones(C, C, dtype=torch.bool, device=s.device).tril()
+        pair = causal & (seg[:, :, None] == seg[:, None, :])
+        return DocMasks(
+            pair=pair,
+            cont=in_chunk == 0,
+            last=seg == seg[:, -1:],
+            prefix=seg == 0,
+            chunk_cont=in_chunk[:, -1] == 0,
+        )
+
+
+@dataclass
+class Chunked:
+    """One segment prepared for the chunk form. q is pre-multiplied by ``scale``.
+
+    q, k [B, H, N, C, K]; v [B, H, N, C, V]; g, Cs None | [B, H, N, C, Kg] (Cs = inclusive
+    within-chunk cumsum of g); docs None | DocMasks; T the unpadded length.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: Optional[torch.Tensor]
+    Cs: Optional[torch.Tensor]
+    docs: Optional[DocMasks]
+    T: int
+
+    @property
+    def C(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def N(self) -> int:
+        return self.q.shape[2]
+
+
+def prepare(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor],
+    scale: float,
+    starts: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Chunked:
+    """Chunk the inputs of one segment (the tokens one rank or one device holds).
+
+    q, k [B, T, H, K]; v [B, T, H, V]; g None | [B, T, H] | [B, T, H, K] (log space);
+    starts None | bool [T] (document starts; needs B == 1 to be meaningful per document).
+    """
+    dt = compute_dtype(q)
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_PER_CHANNEL if (g is not None and g.dim() == 4) else DEFAULT_CHUNK
+    C = chunk_size
+    T = q.shape[1]
+    gc = Cs = None
+    if g is not None:
+        gc = _to_chunks(g if g.dim() == 4 else g.unsqueeze(-1), C, dt)
+        Cs = gc.cumsum(3)
+    docs = None if starts is None or not bool(starts.any()) else DocMasks.build(starts, C)
+    return Chunked(_to_chunks(q, C, dt) * scale, _to_chunks(k, C, dt), _to_chunks(v, C, dt), gc, Cs, docs, T)
+
+
+def _masked_exp(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """exp(x) where mask, exactly 0 elsewhere, with finite gradients (mask applied in log space)."""
+    if mask is None:
+        return x.exp()
+    return torch.where(mask, x, torch.full_like(x, float("-inf"))).exp()
+
+
+def intra_outputs(c: Chunked) -> torch.Tensor:
+    """The intra-chunk term: [B, H, N, C, V]. Needs no state: the bulk of the work."""
+    C = c.C
+    if c.docs is not None:
+        mask = c.docs.pair  # [N, C, C]
+    else:
+        mask = torch.ones(C, C, dtype=torch.bool, device=c.q.device).tril()
+    if c.Cs is None:
+        A = (c.q @ c.k.transpose(-1, -2)).masked_fill(~mask, 0.0)
+    elif c.Cs.shape[-1] == 1:
+        Cs = c.Cs[..., 0]
+        A = (c.q @ c.k.transpose(-1, -2)) * _masked_exp(Cs[..., :, None] - Cs[..., None, :], mask)
+    else:
+        # Per-channel gates do not factor into one matmul without dividing by a decay, so the
+        # [C, C, K] decay tensor is formed explicitly, exponent masked before exp.
+        diff = c.Cs[..., :, None, :] - c.Cs[..., None, :, :]  # [B, H, N, C, C, K]
+        A = (c.q[..., :, None, :] * c.k[..., None, :, :] * _masked_exp(diff, mask[..., None])).sum(-1)
+    return A @ c.v
+
+
+def chunk_transitions(c: Chunked) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Per-chunk summaries: transition a [B, H, N, Kg, 1] (None without gates and documents)
+    and zero-state contribution U [B, H, N, K, V]; the state leaving chunk n is a_n * S_n + U_n.
+    """
+    last_mask = None if c.docs is None else c.docs.last[..., None]  # [N, C, 1]
+    if c.Cs is None:
+        k_w = c.k if last_mask is None else c.k * last_mask
+        a = None
+        if c.docs is not None:
+            a = c.docs.chunk_cont.to(c.k.dtype)[None, None, :, None, None].expand(*c.k.shape[:3], 1, 1)
+    else:
+        Cs_last = c.Cs[..., -1:, :]  # [B, H, N, 1, Kg]
+        k_w = c.k * _masked_exp(Cs_last - c.Cs, last_mask)
+        a = Cs_last.transpose(-1, -2).exp()  # [B, H, N, Kg, 1]
+        if c.docs is not None:
+            a = a * c.docs.chunk_cont[:, None, None].to(a.dtype)
+    return a, k_w.transpose(-1, -2) @ c.v
+
+
+class _StateScan(torch.autograd.Function):
+    """S_0 = S0, S_{n+1} = a_n * S_n + U_n for n < N. Returns all N + 1 states [B, H, N+1, K, V].
+
+    A hand-written backward keeps the sequential loop cheap: autograd through N small steps
+    would record 2N nodes. The adjoint runs the same recurrence backwards:
+    lam_N = dS_N, lam_n = dS_n + a_n * lam_{n+1}; dU_n = lam_{n+1}; da_n = <lam_{n+1}, S_n>.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, U: torch.Tensor, S0: torch.Tensor) -> torch.Tensor:
+        N = U.shape[2]
+        S = U.new_empty(U.shape[0], U.shape[1], N + 1, *U.shape[3:])
+        S[:, :, 0] = S0
+        for n in range(N):
+            torch.addcmul(U[:, :, n], a[:, :, n], S[:, :, n], out=S[:, :, n + 1])
+        ctx.save_for_backward(a, S)
+        return S
+
+    @staticmethod
+    def backward(ctx, dS: torch.Tensor):
+        a, S = ctx.saved_tensors
+        N = a.shape[2]
+        dU = torch.empty_like(dS[:, :, 1:])
+        lam = dS[:, :, N]
+        for n in range(N - 1, -1, -1):
+            dU[:, :, n] = lam
+            lam = torch.addcmul(dS[:, :, n], a[:, :, n], lam)
+        da = (dU * S[:, :, :-1]).sum(-1, keepdim=True)
+        if a.shape[-2] == 1:
+            da = da.sum(-2, keepdim=True)
+        return da, dU, lam
+
+
+def scan_states(a: Optional[torch.Tensor], U: torch.Tensor, S0: Optional[torch.Tensor]) -> torch.Tensor:
+    """All chunk-boundary states [B, H, N+1, K, V]; S0 [B, H, K, V] or None (zero)."""
+    if S0 is None:
+        S0 = U.new_zeros(U.shape[0], U.shape[1], *U.shape[3:])
+    if a is None:  # no decay and no resets: a prefix sum
+        return torch.cat([S0.unsqueeze(2), S0.unsqueeze(2) + U.cumsum(2)], dim=2)
+    return _StateScan.apply(a, U, S0.to(U.dtype))
+
+
+def inter_outputs(c: Chunked, S_in: torch.Tensor) -> torch.Tensor:
+    """The inter-chunk term from the states entering each chunk, S_in [B, H, N, K, V]."""
+    cont = None if c.docs is None else c.docs.cont[..., None]
+    if c.Cs is None:
+        q_w = c.q if cont is None else c.q * cont
+    else:
+        q_w = c.q * _masked_exp(c.Cs, cont)
+    return q_w @ S_in
+
+
+def segment_query(c: Chunked) -> torch.Tensor:
+    """q_i decayed from the segment start, zero after the segment's first document start:
+    [B, H, N, C, K]. The output's dependence on the state P entering the segment is
+    o_i += segment_query_i @ P (DESIGN §1, o is linear in P); its transpose gives dL/dP.
+    """
+    prefix = None if c.docs is None else c.docs.prefix[..., None]
+    if c.Cs is None:
+        return c.q if prefix is None else c.q * prefix
+    chunk_total = c.Cs[..., -1:, :]  # [B, H, N, 1, Kg]
+    before = chunk_total.cumsum(2) - chunk_total  # log decay from segment start to chunk start
+    return c.q * _masked_exp(before + c.Cs, prefix)
+
+
+def segment_transition(c: Chunked) -> torch.Tensor:
+    """The segment's transition Â as a decay vector [B, H, Kg] (Kg = 1 without gates):
+    the product of all its token transitions; exactly 0 when the segment holds a document start.
+    """
+    B, H = c.q.shape[:2]
+    if c.Cs is None:
+        total = c.q.new_ones(B, H, 1)
+    else:
+        total = c.Cs[..., -1, :].sum(2).exp()
+    if c.docs is not None and not bool(c.docs.chunk_cont.all()):
+        total = total * 0.0
+    return total
+
+
+def _doc_positions(cu_seqlens: torch.Tensor, C: int):
+    starts = cu_seqlens[:-1].long()
+    ends = cu_seqlens[1:].long() - 1
+    return starts // C, starts % C, ends // C, ends % C
+
+
+def inject_doc_states(c: Chunked, o: torch.Tensor, U: torch.Tensor, cu_seqlens: torch.Tensor,
+                      h0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Add each document's initial state h0 [Nd, H, K, V] at its start (B == 1).
+
+    Token i of document d in the start's chunk gets q_i exp(Cs_i - Cs_{s-1}) h0_d; if d is still
+    open at the chunk's end, the chunk's state contribution gets exp(Cs_last - Cs_{s-1}) h0_d.
+    Later chunks see h0_d through the scanned state. Returns updated (o, U).
+    """
+    n, col, _, _ = _doc_positions(cu_seqlens, c.C)
+    h0 = h0.to(U.dtype).unsqueeze(0)  # [1, Nd, H, K, V]
+    h0 = h0.transpose(1, 2)  # [1, H, Nd, K, V]
+    q_d = c.q[:, :, n]  # [1, H, Nd, C, K]
+    docs = c.docs
+    same = docs.pair[n, :, col]  # [Nd, C]: token i is in the document and at or after its start
+    if c.Cs is None:
+        w = same[..., None].to(q_d.dtype).expand(*q_d.shape[:3], c.C, 1)
+    else:
+        Cs_d = c.Cs[:, :, n]  # [1, H, Nd, C, Kg]
+        before_start = _gather_col(Cs_d, col) - _gather_col(c.g[:, :, n], col)  # Cs_{s-1}
+        w = _masked_exp(Cs_d - before_start, same[..., None])
+    o = o.index_add(2, n, (q_d * w) @ h0)
+    if c.Cs is None:
+        w_last = w[..., -1:, :].transpose(-1, -2)  # [1, H, Nd, 1, 1]
+    else:
+        w_last = w[..., -1, :].unsqueeze(-1)  # [1, H, Nd, Kg, 1]
+    U = U.index_add(2, n, w_last * h0)
+    return o, U
+
+
+def doc_final_states(c: Chunked, S_in: torch.Tensor, cu_seqlens: torch.Tensor,
+                     h0: Optional[torch.Tensor]) -> torch.Tensor:
+    """State at the last token of every document: [Nd, H, K, V] (B == 1).
+
+    S_in [1, H, N, K, V] are the scanned states entering each chunk. Document 0 is the
+    segment's continuing document and reaches its end through S_in; documents 1.. that start
+    and end inside one chunk never pass their injected h0 (``h0[d]``) through S_in, so it is
+    added here.
+    """
+    n_s, col_s, m, col = _doc_positions(cu_seqlens, c.C)
+    if c.docs is not None:
+        pair, cont = c.docs.pair[m, col], c.docs.cont[m, col]  # [Nd, C], [Nd]
+    else:
+        pair = torch.arange(c.C, device=col.device)[None, :] <= col[:, None]
+        cont = torch.ones_like(col, dtype=torch.bool)
+    k_d, v_d = c.k[:, :, m], c.v[:, :, m]  # [1, H, Nd, C, K/V]
+    if c.Cs is None:
+        w = pair[..., None].to(k_d.dtype)
+        carry = cont.to(k_d.dtype)[None, None, :, None, None]
+    else:
+        Cs_d = c.Cs[:, :, m]  # [1, H, Nd, C, Kg]
+        Cs_end = _gather_col(Cs_d, col)  # [1, H, Nd, 1, Kg]
+        w = _masked_exp(Cs_end - Cs_d, pair[..., None])
+        carry = _masked_exp(Cs_end.transpose(-1, -2), cont[None, None, :, None, None])
+    ht = (k_d * w).transpose(-1, -2) @ v_d + carry * S_in[:, :, m]
+    same_chunk = (n_s == m) & (torch.arange(len(m), device=m.device) > 0)
+    if h0 is not None and bool(same_chunk.any()):
+        h0c = h0.to(ht.dtype).transpose(0, 1).unsqueeze(0)  # [1, H, Nd, K, V]
+        if c.Cs is None:
+            w0 = same_chunk.to(ht.dtype)[None, None, :, None, None]
+        else:
+            before_start = _gather_col(Cs_d, col_s) - _gather_col(c.g[:, :, m], col_s)
+            w0 = _masked_exp((Cs_end - before_start).transpose(-1, -2),
+                             same_chunk[None, None, :, None, None])
+        ht = ht + w0 * h0c
+    return ht[0].transpose(0, 1)  # [Nd, H, K, V]
+
+
+def _gather_col(x: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """x [B, H, Nd, C, Kg], col [Nd] -> x[:, :, d, col[d]] as [B, H, Nd, 1, Kg]."""
+    idx = col.view(1, 1, -1, 1, 1).expand(*x.shape[:3], 1, x.shape[-1])
+    return x.gather(3, idx)
+
+
+def chunk_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor] = None,
+    *,
+    scale: float,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Causal linear attention, diagonal gates, chunk form. Inputs assumed validated.
+
+    q, k [B, T, H, K]; v [B, T, H, V]; g None | [B, T, H] | [B, T, H, K];
+    initial_state None | [B, H, K, V] | [N, H, K, V] with cu_seqlens [N + 1] (B == 1).
+    Returns o [B, T, H, V] in q's dtype and the final state(s) (fp32; fp64 for fp64 inputs).
+    """
+    T = q.shape[1]
+    starts = None
+    if cu_seqlens is not None:
+        starts = torch.zeros(T, dtype=torch.bool, device=q.device)
+        starts[cu_seqlens[:-1].long()] = True
+        starts[0] = False  # document 0 is the segment's continuing document: it gets S0
+    c = prepare(q, k, v, g, scale, starts, chunk_size)
+    a, U = chunk_transitions(c)
+    o = intra_outputs(c)
+    S0 = initial_state
+    if cu_seqlens is not None and initial_state is not None:
+        S0 = initial_state[:1]
+        if initial_state.shape[0] > 1:
+            # Documents 1.. get their own initial states injected at their starts.
+            o, U = inject_doc_states(c, o, U, cu_seqlens[1:], initial_state[1:])
+    S = scan_states(a, U, S0)
+    o = o + inter_outputs(c, S[:, :, :-1])
+    o = from_chunks(o, T).to(q.dtype)
+    if not output_final_state:
+        return o, None
+    if cu_seqlens is None:
+        return o, S[:, :, -1]
+    return o, doc_final_states(c, S[:, :, :-1], cu_seqlens, initial_state)

@@ -1,0 +1,281 @@
+"""Distributed test harness: run a function on W gloo ranks in spawned processes.
+
+Typical use in a test module (the worker function must live at module level so that the
+spawned children can import it by name, e.g. ``tests.test_something._worker``)::
+
+    def _worker(group, n):
+        x = torch.full((n,), float(dist.get_rank(group)))
+        dist.all_reduce(x, group=group)
+        return x
+
+    @pytest.mark.parametrize("world_size", WORLD_SIZES)
+    def test_sum(world_size):
+        outs = run_distributed(_worker, world_size, 3)
+        ...
+
+Start-up costs seconds per spawn (every child imports torch), so one spawn should run a table
+of cases with :func:`run_cases` rather than one spawn per case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+WORLD_SIZES: tuple[int, ...] = (1, 2, 4)
+"""World sizes every distributed test should cover (DESIGN.md §5)."""
+
+# After the first rank fails, wait this long for the other ranks to report their own errors
+# before killing them: ranks blocked in a collective with the failed rank would otherwise only
+# give up at the process-group timeout.
+_GRACE_S = 1.0
+# How long a child gets to exit on SIGTERM before it is SIGKILLed.
+_KILL_WAIT_S = 5.0
+
+# Environment for the children: one OpenMP thread (2-core CI runs several ranks at once) and no
+# C++ warning chatter from c10d/gloo.
+_CHILD_ENV = {"OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+
+class DistributedError(AssertionError):
+    """A distributed run failed: a rank raised, died, or the run timed out.
+
+    Subclasses AssertionError so that pytest reports it as a test failure, not an error.
+    """
+
+
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0, **kwargs: Any
+) -> list[Any]:
+    """Run ``fn(group, *args, **kwargs)`` on ``world_size`` spawned gloo ranks.
+
+    Each rank is a fresh process from the 'spawn' context (forking a pytest process that has
+    already run multi-threaded torch is unsafe) with ``torch.set_num_threads(1)`` and a gloo
+    process group rendezvousing through a file in a fresh temporary directory. ``group`` is the
+    world ``dist.ProcessGroup``; ``fn`` gets its rank with ``dist.get_rank(group)``.
+
+    ``fn`` must be a module-level function (it is pickled by reference); ``args``, ``kwargs``
+    and the return values must be picklable.
+
+    Returns the per-rank return values in rank order. Raises :class:`DistributedError` naming
+    the rank(s) and carrying the full traceback(s) if a rank raises, the exit code if a rank
+    dies without reporting (promptly, not at the timeout), or which ranks did not finish if the
+    whole run takes longer than ``timeout`` seconds (spawn time included). ``timeout`` is also
+    the process-group timeout, so a collective that can never complete errors inside the rank.
+    Every child is joined or killed before this returns or raises.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    try:
+        pickle.dumps((fn, args, kwargs))  # fail here, clearly, rather than inside Process.start
+    except Exception as e:
+        raise TypeError(
+            f"run_distributed: fn/args/kwargs must be picklable and fn defined at module level ({e})"
+        ) from e
+
+    deadline = time.monotonic() + timeout
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+    ctx = mp.get_context("spawn")
+    tmpdir = tempfile.mkdtemp(prefix="lasp2-dist-")
+    init_method = "file://" + os.path.join(tmpdir, "rendezvous")
+    procs: list[mp.process.BaseProcess] = []
+    readers: dict[int, Connection] = {}
+    unfinished: list[int] = list(range(world_size))  # until _collect says otherwise
+    try:
+        with _env(_CHILD_ENV):  # children inherit os.environ as it is at start()
+            for rank in range(world_size):
+                reader, writer = ctx.Pipe(duplex=False)
+                p = ctx.Process(
+                    target=_worker,
+                    args=(rank, world_size, init_method, timeout, fn, args, kwargs, writer),
+                    name=f"lasp2-dist-rank{rank}",
+                )
+                p.start()
+                writer.close()  # keep only the child's copy, so its death gives us EOF
+                procs.append(p)
+                readers[rank] = reader
+        results, failures, unfinished, timed_out = _collect(procs, readers, deadline)
+    finally:
+        for reader in readers.values():
+            reader.close()
+        _stop(procs, unfinished)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    # A rank that reported a result but then crashed on the way out is still a failure.
+    for rank, p in enumerate(procs):
+        if rank in results and p.exitcode != 0:
+            failures.append((rank, f"reported a result but then {_describe_exit(p.exitcode)}"))
+
+    if failures or unfinished:
+        lines = [f"run_distributed({name}, world_size={world_size}) failed:"]
+        if timed_out:
+            lines.append(f"timed out after {timeout:g} s; rank(s) {unfinished} did not finish")
+        elif unfinished:
+            lines.append(f"rank(s) {unfinished} did not finish (killed after another rank failed)")
+        if failures:
+            lines.append("failures, in the order reported (later ones are often a consequence):")
+        lines += [f"--- rank {rank} {text}" for rank, text in failures]
+        raise DistributedError("\n".join(lines))
+    return [results[rank] for rank in range(world_size)]
+
+
+def run_cases(cases: Iterable[tuple[str, Mapping[str, Any]]], check: Callable[..., None]) -> None:
+    """Run ``check(**params)`` for every ``(name, params)`` in ``cases``; fail naming each bad case.
+
+    Meant to run inside a worker of :func:`run_distributed`, so that one spawn covers a whole
+    table of cases. Every case runs even if earlier ones fail; at the end an AssertionError
+    lists each failing case's name, error and the line of test code that raised.
+
+    Risk: a failure is local to the rank that raised. If ``check`` raises on one rank *before*
+    a collective that the other ranks enter, those ranks block (until the process-group
+    timeout) or, worse, pair that collective with a different one from the failing rank's next
+    case. So a check should run all of its collectives first and assert afterwards (compute,
+    then compare); then a failing rank has already done its share of communication when it
+    moves on to the next case.
+    """
+    failures: list[str] = []
+    n = 0
+    for name, params in cases:
+        n += 1
+        try:
+            check(**params)
+        except Exception as e:  # noqa: BLE001 - any failure of a case is reported, then we go on
+            where = _blame(e)
+            failures.append(
+                f"  {name}: {type(e).__name__}: {e}\n"
+                f"    (at {os.path.basename(where.filename)}:{where.lineno})"
+            )
+    if failures:
+        raise AssertionError(f"{len(failures)} of {n} cases failed:\n" + "\n".join(failures))
+
+
+# --------------------------------------------------------------------------------------------
+# Internals.
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    timeout: float,
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    conn: Connection,
+) -> None:
+    """Child entry point: run ``fn`` on this rank and send ("ok", result) or ("error", tb)."""
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo",
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout),
+        )
+        try:
+            result = fn(dist.group.WORLD, *args, **kwargs)
+        finally:
+            dist.destroy_process_group()
+        # Plain pickle, not the multiprocessing pickler: the latter would send tensors through
+        # shared memory whose file descriptors are served by this process, which exits next.
+        data = pickle.dumps(("ok", result))
+    except BaseException:  # noqa: BLE001 - report everything, SystemExit included
+        data = pickle.dumps(("error", traceback.format_exc()))
+    conn.send_bytes(data)
+    conn.close()
+
+
+def _collect(
+    procs: list[mp.process.BaseProcess], readers: dict[int, Connection], deadline: float
+) -> tuple[dict[int, Any], list[tuple[int, str]], list[int], bool]:
+    """Read every rank's report until all reported, one failed (plus grace), or the deadline.
+
+    Returns (results by rank, failures as (rank, text) in arrival order, unfinished ranks,
+    whether the deadline passed). Reading before joining means a child blocked writing a large
+    result can always finish.
+    """
+    results: dict[int, Any] = {}
+    failures: list[tuple[int, str]] = []
+    pending = dict(readers)
+    stop_at = deadline
+    while pending:
+        remaining = stop_at - time.monotonic()
+        if remaining <= 0:
+            break
+        for conn in wait(list(pending.values()), timeout=remaining):
+            rank = next(r for r, c in pending.items() if c is conn)
+            del pending[rank]
+            try:
+                status, payload = pickle.loads(conn.recv_bytes())
+            except EOFError:  # the child closed its end without reporting: it died
+                procs[rank].join(_KILL_WAIT_S)
+                failures.append((rank, f"{_describe_exit(procs[rank].exitcode)} without reporting"))
+                continue
+            if status == "ok":
+                results[rank] = payload
+            else:
+                failures.append((rank, f"raised:\n{payload}"))
+        if failures:
+            stop_at = min(stop_at, time.monotonic() + _GRACE_S)
+    timed_out = bool(pending) and stop_at == deadline
+    return results, failures, sorted(pending), timed_out
+
+
+def _stop(procs: list[mp.process.BaseProcess], unfinished: list[int]) -> None:
+    """Stop the unfinished ranks now and join them all; SIGKILL whatever will not exit."""
+    for rank in unfinished:
+        if rank < len(procs):
+            procs[rank].terminate()
+    # Ranks that reported are exiting by themselves; one that hangs on the way out is killed
+    # (and then reported, having a non-zero exit code).
+    give_up = time.monotonic() + _KILL_WAIT_S
+    for p in procs:
+        p.join(max(0.0, give_up - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _blame(e: BaseException) -> traceback.FrameSummary:
+    """The innermost frame of ``e``'s traceback in our code (not in torch, pytest, ...)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if "site-packages" not in f.filename]
+    return (ours or frames)[-1]
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    """Human-readable account of a child's exit code."""
+    if exitcode is None:
+        return "closed its pipe but is still running"
+    if exitcode < 0:
+        return f"was killed by signal {-exitcode} (exit code {exitcode})"
+    return f"exited with exit code {exitcode}"
+
+
+@contextlib.contextmanager
+def _env(values: Mapping[str, str]) -> Iterator[None]:
+    """Temporarily set environment variables in this process, restoring them afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,21 @@
+"""lasp2: LASP-2 sequence parallelism for linear-attention and hybrid language models.
+
+Shape legend (fla layout, used everywhere in lasp2):
+
+    B  batch            T  tokens (the *local* shard length in sequence-parallel functions)
+    H  query heads      Hkv key/value heads (softmax attention, GQA: H % Hkv == 0)
+    K  key/query dim    V  value dim           N  documents (packed sequences, B == 1)
+    W  ranks in the sequence-parallel group
+
+    q, k  [B, T, H, K]     v  [B, T, H, V]
+    g     [B, T, H] (scalar gate / constant decay) or [B, T, H, K] (per-channel), log space, <= 0
+    beta  [B, T, H] in [0, 1] (delta rule)
+    state [B, H, K, V] fp32, or [N, H, K, V] with cu_seqlens
+    cu_seqlens [N + 1] int, global cumulative document lengths
+
+Single-device functions: ``linear_attention``, ``softmax_attention``.
+"""
+from .functional import linear_attention, softmax_attention
+
+__all__ = ["linear_attention", "softmax_attention"]
+__version__ = "0.1.0"

@@ -232,11 +232,10 @@ class _StateScan(torch.autograd.Function):
 
 def scan_states(a: Optional[torch.Tensor], U: torch.Tensor, S0: Optional[torch.Tensor]) -> torch.Tensor:
     """All chunk-boundary states [B, H, N+1, K, V]; S0 [B, H, K, V] or None (zero)."""
-    if S0 is None:
-        S0 = U.new_zeros(U.shape[0], U.shape[1], *U.shape[3:])
+    S0 = U.new_zeros(U.shape[0], U.shape[1], *U.shape[3:]) if S0 is None else S0.to(U.dtype)
     if a is None:  # no decay and no resets: a prefix sum
         return torch.cat([S0.unsqueeze(2), S0.unsqueeze(2) + U.cumsum(2)], dim=2)
-    return _StateScan.apply(a, U, S0.to(U.dtype))
+    return _StateScan.apply(a, U, S0)
 
 
 def inter_outputs(c: Chunked, S_in: torch.Tensor) -> torch.Tensor:
@@ -396,3 +395,25 @@ def chunk_linear_attention(
     if cu_seqlens is None:
         return o, S[:, :, -1]
     return o, doc_final_states(c, S[:, :, :-1], cu_seqlens, initial_state)
+
+
+def bidirectional_linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Non-causal basic linear attention: o_i = scale * q_i (sum_{j in doc(i)} k_j^T v_j).
+
+    q, k [B, T, H, K]; v [B, T, H, V]; returns [B, T, H, V] in q's dtype. Sums in fp32 (fp64
+    for fp64 inputs). With documents, one [K, V] sum per document (a loop over documents).
+    """
+    dt = compute_dtype(q)
+    q, k, v, out_dtype = q.to(dt) * scale, k.to(dt), v.to(dt), q.dtype
+    if cu_seqlens is None:
+        return (q.transpose(1, 2) @ (k.transpose(1, 2).transpose(-1, -2) @ v.transpose(1, 2))
+                ).transpose(1, 2).to(out_dtype)
+    bounds = cu_seqlens.tolist()
+    pieces = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qd, kd, vd = (x[:, a:b].transpose(1, 2) for x in (q, k, v))  # [B, H, Td, D]
+        pieces.append((qd @ (kd.transpose(-1, -2) @ vd)).transpose(1, 2))
+    return torch.cat(pieces, dim=1).to(out_dtype)

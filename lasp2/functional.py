@@ -1,0 +1,94 @@
+"""Single-device public functions (DESIGN §2): validate, then dispatch to ``lasp2.ops``."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .ops import chunk, naive
+from .ops.softmax import attention_blockwise, doc_ids_from_cu_seqlens
+from .validation import (check_beta, check_cu_seqlens, check_gate, check_initial_state, check_qkv,
+                         check_scale, resolve_scale)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Linear attention on one device, every variant of DESIGN §1.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; one floating dtype.
+        g: None (basic / no decay), [B, T, H] (constant decay or scalar gate) or [B, T, H, K]
+            (per-channel gate); log space, <= 0.
+        beta: None, or [B, T, H] in [0, 1] for the delta rule (DeltaNet; Gated DeltaNet with g
+            [B, T, H]). Keys are used as given (not normalised). The delta rule currently runs
+            the per-token recurrence of ``ops/naive.py``: exact but slow.
+        scale: defaults to K**-0.5.
+        causal: False gives bidirectional basic linear attention (no g, beta or states).
+        initial_state: [B, H, K, V], or [N, H, K, V] (one per document) with cu_seqlens.
+        output_final_state: also return the final state(s), same shape as initial_state.
+        cu_seqlens: [N + 1] int cumulative document lengths (B == 1); states reset at every
+            document start.
+
+    Returns:
+        (o [B, T, H, V] in q's dtype, final state fp32 — fp64 for fp64 inputs — or None).
+
+    Communication: none.
+    """
+    check_qkv(q, k, v)
+    check_scale(scale)
+    check_gate(g, q)
+    check_beta(beta, q)
+    check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
+    check_initial_state(initial_state, q, v, cu_seqlens)
+    scale = resolve_scale(scale, q)
+    if not causal:
+        if g is not None or beta is not None or initial_state is not None or output_final_state:
+            raise ValueError("causal=False supports basic linear attention only: pass g=None, beta=None, "
+                             "initial_state=None and output_final_state=False")
+        return chunk.bidirectional_linear_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens), None
+    if beta is not None:
+        if g is not None and g.dim() == 4:
+            raise ValueError("the delta rule takes a scalar gate g [B, T, H], not a per-channel gate")
+        return naive.naive_linear_attention(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return chunk.chunk_linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
+                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Softmax attention on one device, blockwise (never a whole [T, T] score matrix).
+
+    Args:
+        q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, Dv] with H % Hkv == 0 (GQA).
+        scale: defaults to D**-0.5. causal: mask keys after the query.
+        cu_seqlens: [N + 1] int cumulative document lengths (B == 1): no attention across documents.
+
+    Returns:
+        o [B, T, H, Dv] in q's dtype (computed in fp32 for half precision inputs).
+
+    Communication: none.
+    """
+    check_qkv(q, k, v, kv_heads_may_differ=True)
+    check_scale(scale)
+    check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
+    doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), q.shape[1])
+    return attention_blockwise(q, k, v, scale=resolve_scale(scale, q), causal=causal, q_doc=doc, k_doc=doc)

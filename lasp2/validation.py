@@ -1,0 +1,131 @@
+"""Input checks shared by the public functions. Every failure is a ValueError that names the
+argument and says how to fix it; nothing is silently truncated, padded or cast away."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x, ndim: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a floating tensor (fp16, bf16, fp32 or fp64), got {x.dtype}; "
+                         f"convert it with .float()")
+
+
+def check_qkv(q, k, v, *, kv_heads_may_differ: bool = False) -> None:
+    """q [B, T, H, K], k [B, T, Hk, K], v [B, T, Hk, V]; same dtype and device, T >= 1."""
+    check_tensor("q", q, 4, "[B, T, H, K]")
+    check_tensor("k", k, 4, "[B, T, H, K]")
+    check_tensor("v", v, 4, "[B, T, H, V]")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, T, H, K = q.shape
+    if T < 1:
+        raise ValueError("q must hold at least one token (T >= 1 in [B, T, H, K])")
+    if k.shape[:2] != (B, T) or v.shape[:2] != (B, T):
+        raise ValueError(f"q, k, v must agree on [B, T]: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[3] != K:
+        raise ValueError(f"k's last dim must equal q's (K = {K}), got k {tuple(k.shape)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same number of heads, got {k.shape[2]} and {v.shape[2]}")
+    Hk = k.shape[2]
+    if kv_heads_may_differ:
+        if H % Hk != 0:
+            raise ValueError(f"q's heads ({H}) must be a multiple of k/v's heads ({Hk}) for "
+                             f"grouped-query attention; choose kv heads that divide {H}")
+    elif Hk != H:
+        raise ValueError(f"k and v must have as many heads as q (H = {H}), got {Hk}")
+
+
+def check_scale(scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number (or None for K**-0.5), got {scale!r}")
+
+
+def check_gate(g, q: torch.Tensor) -> None:
+    """g None | [B, T, H] | [B, T, H, K], log space, every value <= 0."""
+    if g is None:
+        return
+    B, T, H, K = q.shape
+    if not isinstance(g, torch.Tensor) or g.dtype not in FLOAT_DTYPES:
+        raise ValueError("g must be a floating tensor [B, T, H] (scalar gate) or [B, T, H, K] (per-channel gate)")
+    if tuple(g.shape) not in ((B, T, H), (B, T, H, K)):
+        raise ValueError(f"g must have shape [B, T, H] = {(B, T, H)} or [B, T, H, K] = {(B, T, H, K)}, "
+                         f"got {tuple(g.shape)}")
+    if g.device != q.device:
+        raise ValueError(f"g must be on q's device {q.device}, got {g.device}")
+    if not bool((g <= 0).all()):
+        raise ValueError("g is a log-space decay and must be <= 0 everywhere (and not NaN); "
+                         "pass e.g. F.logsigmoid(x) or -softplus(x), not the decay itself")
+
+
+def check_beta(beta, q: torch.Tensor) -> None:
+    if beta is None:
+        return
+    B, T, H, _ = q.shape
+    if not isinstance(beta, torch.Tensor) or beta.dtype not in FLOAT_DTYPES:
+        raise ValueError("beta must be a floating tensor [B, T, H]")
+    if tuple(beta.shape) != (B, T, H):
+        raise ValueError(f"beta must have shape [B, T, H] = {(B, T, H)}, got {tuple(beta.shape)}")
+    if beta.device != q.device:
+        raise ValueError(f"beta must be on q's device {q.device}, got {beta.device}")
+    if not bool(((beta >= 0) & (beta <= 1)).all()):
+        raise ValueError("beta must lie in [0, 1] (e.g. torch.sigmoid(x))")
+
+
+def check_cu_seqlens(cu_seqlens, total: int, batch: int, name: str = "cu_seqlens") -> None:
+    """Global cumulative document lengths: 1-D integers, 0 first, strictly increasing, ``total`` last."""
+    if cu_seqlens is None:
+        return
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D integer tensor [N + 1] of cumulative document lengths")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.is_complex():
+        raise ValueError(f"{name} must hold integers (torch.int32 or torch.int64), got {cu_seqlens.dtype}")
+    if batch != 1:
+        raise ValueError(f"{name} packs documents along T and needs B == 1, got B = {batch}; "
+                         f"concatenate the batch into one row")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must have at least 2 entries [0, ..., T], got {cu_seqlens.tolist()}")
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    if any(b <= a for a, b in zip(values[:-1], values[1:])):
+        raise ValueError(f"{name} must be strictly increasing (every document holds >= 1 token), "
+                         f"got {values if len(values) <= 16 else str(values[:16]) + '...'}")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at the total token count {total}, got {values[-1]}")
+
+
+def check_initial_state(initial_state, q: torch.Tensor, v: torch.Tensor, cu_seqlens) -> None:
+    if initial_state is None:
+        return
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    n = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    what = "[B, H, K, V]" if cu_seqlens is None else "[N, H, K, V] (one per document)"
+    if not isinstance(initial_state, torch.Tensor) or initial_state.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"initial_state must be a floating tensor {what}")
+    if tuple(initial_state.shape) != (n, H, K, V):
+        raise ValueError(f"initial_state must have shape {what} = {(n, H, K, V)}, got {tuple(initial_state.shape)}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def resolve_scale(scale: Optional[float], q: torch.Tensor) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -1,0 +1,63 @@
+"""Small shared helpers for the tests: error metrics and random inputs for every variant."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+# Diagonal-gate variants of DESIGN §1 and the shape of their gate.
+DIAGONAL_VARIANTS = ("basic", "constant", "scalar", "channel")
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+BF16_RMS_TOL = 2e-2
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (b is the reference)."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def rms_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-300)).item()
+
+
+def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    if dtype in TOL:
+        err = max_rel_err(got, ref)
+        assert err <= TOL[dtype], f"{name}: max relative error {err:.3e} > {TOL[dtype]:.0e}"
+    else:
+        err = rms_rel_err(got, ref)
+        assert err <= BF16_RMS_TOL, f"{name}: relative RMS error {err:.3e} > {BF16_RMS_TOL:.0e}"
+
+
+def make_gate(variant: str, B: int, T: int, H: int, K: int, generator: torch.Generator,
+              dtype=torch.float64) -> Optional[torch.Tensor]:
+    """Log-space gate for a diagonal variant (None for basic linear attention)."""
+    if variant == "basic":
+        return None
+    if variant == "constant":  # Lightning / RetNet: one fixed decay per head
+        lam = 1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float64))
+        return lam.log().view(1, 1, H).expand(B, T, H).to(dtype).contiguous()
+    shape = (B, T, H) if variant == "scalar" else (B, T, H, K)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) + 2.0
+    return F.logsigmoid(x).to(dtype)
+
+
+def make_inputs(variant: str, B: int, T: int, H: int, K: int, V: int, seed: int,
+                dtype=torch.float64, n_states: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """q, k, v, g (maybe None) and an initial state [n_states, H, K, V] (None if n_states is None)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {
+        "q": torch.randn(B, T, H, K, generator=gen, dtype=torch.float64).to(dtype),
+        "k": torch.randn(B, T, H, K, generator=gen, dtype=torch.float64).to(dtype),
+        "v": torch.randn(B, T, H, V, generator=gen, dtype=torch.float64).to(dtype),
+        "g": make_gate(variant, B, T, H, K, gen, dtype),
+    }
+    out["initial_state"] = (None if n_states is None else
+                            torch.randn(n_states, H, K, V, generator=gen, dtype=torch.float64).float()
+                            .to(torch.float64 if dtype == torch.float64 else torch.float32))
+    return out

@@ -360,3 +360,14 @@ def test_doc_ids_from_cu_seqlens():
     # An empty document (repeated boundary) owns no token.
     ids = doc_ids_from_cu_seqlens(torch.tensor([0, 3, 3, 5]), 5)
     assert ids.tolist() == [0, 0, 0, 2, 2]
+
+
+@pytest.mark.parametrize("tq,tk", [(5, 0), (0, 3)])
+def test_empty_query_or_key_set(tq, tk):
+    q, k, v, do = make_qkv(1, tq, tk, 2, 1, 4, 3, torch.float32)
+    qb, kb, vb = (t.clone().requires_grad_() for t in (q, k, v))
+    o, lse = attention_blockwise(qb, kb, vb, causal=True, return_lse=True)
+    o.backward(do)
+    assert o.shape == (1, tq, 2, 3) and lse.shape == (1, 2, tq)
+    assert (o == 0).all() and torch.isneginf(lse).all()
+    assert (qb.grad == 0).all() and (kb.grad == 0).all() and (vb.grad == 0).all()

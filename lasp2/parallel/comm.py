@@ -1,0 +1,171 @@
+"""Every torch.distributed call lasp2 makes lives here (DESIGN §3): collectives, point-to-point,
+backend quirks, the cross-rank agreement check, and byte accounting for the benchmarks.
+
+Backend quirks handled once:
+- gathers use ``all_gather_single`` when torch has it (2.13 deprecates
+  ``all_gather_into_tensor``), else ``all_gather_into_tensor``; the input is sent as
+  ``x.unsqueeze(0)`` into a ``[W, ...]`` buffer, the form gloo accepts;
+- point-to-point ops address peers by their rank *in the group* (``group_dst``/``group_src``)
+  when torch supports it, translated to global ranks otherwise.
+
+Byte accounting: inside ``with track() as log:`` every call appends a record (op, bytes sent,
+bytes received) to ``log``. Collective byte counts are the logical per-rank traffic of the ring
+algorithm (an all-gather of b bytes per rank sends and receives (W - 1) * b), which is what
+the cost model in ``lasp2.bench`` uses. Tracking uses a context variable: nothing global is
+read by the communication itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = dist.ProcessGroup
+
+
+@dataclass
+class CommRecord:
+    op: str
+    bytes_sent: int
+    bytes_received: int
+
+
+@dataclass
+class CommLog:
+    """Records of the communication issued on this rank inside ``track()``."""
+
+    records: List[CommRecord] = field(default_factory=list)
+
+    def count(self, op: Optional[str] = None) -> int:
+        return sum(1 for r in self.records if op is None or r.op == op)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(r.bytes_sent for r in self.records)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(r.bytes_received for r in self.records)
+
+
+_active_log: contextvars.ContextVar[Optional[CommLog]] = contextvars.ContextVar("lasp2_comm_log", default=None)
+
+
+@contextlib.contextmanager
+def track() -> Iterator[CommLog]:
+    """Record every lasp2 communication call made on this rank (this thread) in the block."""
+    log = CommLog()
+    token = _active_log.set(log)
+    try:
+        yield log
+    finally:
+        _active_log.reset(token)
+
+
+def _record(op: str, sent: int, received: int) -> None:
+    log = _active_log.get()
+    if log is not None:
+        log.records.append(CommRecord(op, sent, received))
+
+
+def rank_and_size(group: ProcessGroup) -> Tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class Pending:
+    """An in-flight collective: ``wait()`` returns its result (DESIGN §1: overlap the gather)."""
+
+    def __init__(self, work, result: torch.Tensor):
+        self._work, self._result = work, result
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._result
+
+
+def all_gather(x: torch.Tensor, group: ProcessGroup, *, async_op: bool = False):
+    """Gather ``x`` from every rank: returns ``[W, *x.shape]`` (or a ``Pending`` if async_op).
+
+    Communication: 1 all-gather of x's bytes per rank.
+    """
+    W = dist.get_world_size(group)
+    x = x.contiguous()
+    out = x.new_empty(W, *x.shape)
+    nbytes = x.numel() * x.element_size()
+    _record("all_gather", (W - 1) * nbytes, (W - 1) * nbytes)
+    if W == 1:
+        out[0].copy_(x)
+        return Pending(None, out) if async_op else out
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    work = gather(out, x.unsqueeze(0), group=group, async_op=async_op)
+    return Pending(work, out) if async_op else out
+
+
+def _peer_kwargs(op, peer: int, group: ProcessGroup, direction: str) -> dict:
+    """Address ``peer`` (a rank in ``group``) the way this torch version accepts."""
+    import inspect
+
+    name = "group_dst" if direction == "dst" else "group_src"
+    if name in inspect.signature(op).parameters:
+        return {name: peer, "group": group}
+    return {direction: dist.get_global_rank(group, peer), "group": group}
+
+
+def send(x: torch.Tensor, peer: int, group: ProcessGroup) -> None:
+    """Blocking send of ``x`` to ``peer`` (rank in ``group``). Communication: 1 send."""
+    x = x.contiguous()
+    _record("send", x.numel() * x.element_size(), 0)
+    dist.send(x, **_peer_kwargs(dist.send, peer, group, "dst"))
+
+
+def recv(like: torch.Tensor, peer: int, group: ProcessGroup) -> torch.Tensor:
+    """Blocking receive of a tensor shaped like ``like`` from ``peer``. Communication: 1 recv."""
+    out = torch.empty_like(like).contiguous()
+    _record("recv", 0, out.numel() * out.element_size())
+    dist.recv(out, **_peer_kwargs(dist.recv, peer, group, "src"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement between ranks. Ranks that call a sequence-parallel op with different shapes, dtypes,
+# strategies or layouts would otherwise pair mismatched collectives (a hang, an abort, or a wrong
+# answer). The first call with a given signature on a group runs one extra small collective that
+# compares the signatures of all ranks; later calls with that signature skip it, so steady-state
+# calls keep the one-collective contract. The cache is per group (weakly referenced).
+# ---------------------------------------------------------------------------------------------
+_verified: "weakref.WeakKeyDictionary[ProcessGroup, set]" = weakref.WeakKeyDictionary()
+
+
+def signature_code(signature: str) -> float:
+    """A 20-bit hash of a signature, exactly representable in fp32 (for buffer headers)."""
+    return float(int(hashlib.sha1(signature.encode()).hexdigest()[:5], 16))
+
+
+def ensure_agreement(group: ProcessGroup, signature: str) -> None:
+    """Raise ValueError on every rank if the ranks' ``signature`` strings differ.
+
+    Communication: the first time a (group, signature) is seen, 1 all-gather of a small
+    fixed-size code plus, only on disagreement, 1 ``all_gather_object`` to report the
+    differences; nothing afterwards.
+    """
+    seen = _verified.setdefault(group, set())
+    if signature in seen:
+        return
+    code = torch.tensor([signature_code(signature)], dtype=torch.float64)
+    codes = all_gather(code, group)
+    if bool((codes == code).all()):
+        seen.add(signature)
+        return
+    everyone: List[Optional[str]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, signature, group=group)
+    lines = "\n".join(f"  rank {r}: {s}" for r, s in enumerate(everyone))
+    raise ValueError("ranks of the sequence-parallel group called the op with different arguments; "
+                     "every rank must pass the same shapes, dtypes, strategy and layout:\n" + lines)

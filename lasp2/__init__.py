@@ -14,8 +14,10 @@ Shape legend (fla layout, used everywhere in lasp2):
     cu_seqlens [N + 1] int, global cumulative document lengths
 
 Single-device functions: ``linear_attention``, ``softmax_attention``.
+Sequence-parallel functions: ``sp_linear_attention``, plus ``shard`` / ``unshard``.
 """
 from .functional import linear_attention, softmax_attention
+from .parallel.api import shard, sp_linear_attention, unshard
 
-__all__ = ["linear_attention", "softmax_attention"]
+__all__ = ["linear_attention", "softmax_attention", "sp_linear_attention", "shard", "unshard"]
 __version__ = "0.1.0"

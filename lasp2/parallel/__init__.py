@@ -1,0 +1,1 @@
+"""Sequence-parallel strategies. All communication goes through ``comm``."""

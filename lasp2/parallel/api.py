@@ -1,0 +1,156 @@
+"""Public sequence-parallel functions (DESIGN §2): validate, check that ranks agree, dispatch."""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import torch
+
+from .. import functional
+from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_qkv, check_scale,
+                          resolve_scale)
+from . import comm
+from .lasp1 import LASP1Function
+from .lasp2 import BidirectionalLASP2Function, LASP2Function
+from .layout import LAYOUTS, Layout
+
+LINEAR_STRATEGIES = ("lasp2", "lasp1")
+
+
+def check_group(group) -> None:
+    if group is None:
+        raise ValueError("group is required: pass the sequence-parallel process group explicitly "
+                         "(e.g. mesh['sp'].get_group(), or dist.group.WORLD when SP spans every rank); "
+                         "None would silently mean WORLD, which is wrong once SP sits inside DP")
+    if not isinstance(group, torch.distributed.ProcessGroup):
+        raise ValueError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+
+
+def _describe(t: Optional[torch.Tensor]) -> str:
+    return "None" if t is None else f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
+
+
+def _cu_digest(cu_seqlens: Optional[torch.Tensor]) -> str:
+    if cu_seqlens is None:
+        return "none"
+    return hashlib.sha1(cu_seqlens.to(torch.long).cpu().numpy().tobytes()).hexdigest()[:12]
+
+
+def sp_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+    *,
+    group,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    strategy: str = "lasp2",
+    layout: str = "contiguous",
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Sequence-parallel linear attention: this rank's shard of ``linear_attention`` on the
+    whole sequence.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; g: None | [B, T, H] | [B, T, H, K] (log space,
+            <= 0) — this rank's shard in ``layout`` (T local; the global length is W * T).
+        beta: the delta rule is not yet supported under sequence parallelism (ValueError).
+        group: the sequence-parallel process group (required).
+        scale: defaults to K**-0.5. causal: False is bidirectional basic linear attention
+            (``strategy="lasp2"`` only, no g).
+        strategy: "lasp2" (one all-gather per direction) or "lasp1" (ring chain of P2P hops).
+        layout: "contiguous" or "zigzag" (see ``lasp2.shard``).
+        cu_seqlens: global [N + 1] cumulative document lengths, identical on every rank (B == 1).
+
+    Returns:
+        o [B, T, H, V], this rank's shard, in q's dtype. Differentiable w.r.t. q, k, v, g.
+
+    Communication (causal, per call): "lasp2": forward 1 all-gather of [W, S, B*H*(K*V + Kg) + 1]
+    fp32 (S = 1 contiguous, 2 zigzag; Kg = 1 or K), backward 1 all-gather of [W, S, B, H, K, V]
+    fp32. "lasp1": W - 1 sequential sends of [B, H, K, V] per direction (contiguous). The first
+    call with new shapes on a group adds one small agreement check (then cached).
+    """
+    check_group(group)
+    check_choice("strategy", strategy, LINEAR_STRATEGIES)
+    check_choice("layout", layout, LAYOUTS)
+    check_qkv(q, k, v)
+    check_scale(scale)
+    check_gate(g, q)
+    if beta is not None:
+        check_beta(beta, q)
+        raise ValueError("beta (the delta rule) is not supported by sp_linear_attention yet; "
+                         "run DeltaNet layers with lasp2.linear_attention on one device")
+    rank, world = comm.rank_and_size(group)
+    lay = Layout(layout, world, q.shape[1])
+    check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0])
+    if not causal:
+        if g is not None:
+            raise ValueError("causal=False supports basic linear attention only: pass g=None")
+        if strategy != "lasp2":
+            raise ValueError("causal=False needs strategy='lasp2' (the LASP-1 ring is causal only)")
+        if cu_seqlens is not None:
+            raise ValueError("causal=False with cu_seqlens is not supported under sequence parallelism "
+                             "yet; pass cu_seqlens=None or run it on one device")
+    scale = resolve_scale(scale, q)
+    signature = (f"sp_linear_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
+                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} g={_describe(g)} "
+                 f"docs={cu_seqlens is not None}")
+    comm.ensure_agreement(group, signature)
+    if world == 1:
+        o, _ = functional.linear_attention(q, k, v, g, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
+        return o
+    if not causal:
+        return BidirectionalLASP2Function.apply(q, k, v, scale, group)
+    grad_enabled = torch.is_grad_enabled()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(q.device)
+    if strategy == "lasp1":
+        return LASP1Function.apply(q, k, v, g, scale, lay, group, cu_seqlens, grad_enabled)
+    header = comm.signature_code(signature + _cu_digest(cu_seqlens))
+    return LASP2Function.apply(q, k, v, g, scale, lay, group, cu_seqlens, header, True, grad_enabled)
+
+
+def _check_shard_args(x, group, layout: str, dim: int):
+    check_group(group)
+    check_choice("layout", layout, LAYOUTS)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim={dim} is out of range for a tensor with {x.dim()} dims")
+    return dim % x.dim()
+
+
+def shard(x: torch.Tensor, *, group, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+    """This rank's part of the whole tensor ``x`` (identical on every rank) along ``dim``.
+
+    contiguous: rank r gets [r T, (r + 1) T); zigzag: the 2W equal segments r and 2W-1-r,
+    concatenated. The length along ``dim`` must split evenly (W parts, or 2W for zigzag).
+    Communication: none.
+    """
+    dim = _check_shard_args(x, group, layout, dim)
+    rank, world = comm.rank_and_size(group)
+    parts = world if layout == "contiguous" or world == 1 else 2 * world
+    if x.shape[dim] % parts:
+        raise ValueError(f"x has length {x.shape[dim]} along dim {dim}, which does not split into {parts} "
+                         f"equal parts for layout={layout!r} over {world} ranks; pad or trim the "
+                         f"sequence to a multiple of {parts} yourself (lasp2 never does it silently)")
+    lay = Layout(layout, world, x.shape[dim] // world)
+    return torch.cat([x.narrow(dim, s.global_start, s.length) for s in lay.local_segments(rank)], dim=dim)
+
+
+def unshard(x_local: torch.Tensor, *, group, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+    """The whole tensor from every rank's part (inverse of ``shard``); not differentiable.
+
+    Communication: 1 all-gather of x_local.
+    """
+    dim = _check_shard_args(x_local, group, layout, dim)
+    rank, world = comm.rank_and_size(group)
+    lay = Layout(layout, world, x_local.shape[dim])
+    gathered = comm.all_gather(x_local.detach(), group)  # [W, ...]
+    pieces = []
+    for j in range(lay.num_segments):
+        s = lay.segment(j)
+        pieces.append(gathered[s.owner].narrow(dim, s.local_start, s.length))
+    return torch.cat(pieces, dim=dim)

@@ -1,0 +1,119 @@
+"""The rank-local half of the linear sequence-parallel strategies (LASP-2 and the LASP-1 ring).
+
+Both strategies split each local segment's work the same way (DESIGN §1):
+
+1. ``summarise``: chunk the segment and scan its chunk states from a zero incoming state;
+   the last one is the segment's Ŝ, and Â is its transition (a decay vector, 0 when the segment
+   holds a document start). This is all another rank ever needs from this one.
+2. ``zero_state_outputs``: the intra- and inter-chunk outputs as if the incoming state were 0:
+   the bulk of the work, done while the summaries travel.
+3. ``add_incoming``: once the incoming state P is known, o += segment_query @ P (o is linear in
+   P) and the segment's final state is Â * P + Ŝ.
+
+Everything is ordinary differentiable PyTorch on leaves the strategy owns, so the strategy's
+backward is one ``torch.autograd.grad`` call once it knows the gradient reaching each segment's
+final state (D_{j+1} in DESIGN §1). P itself is a constant here: its gradient (G = dL/dP from
+this segment's own outputs) is computed directly by ``incoming_grad``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from ..ops import chunk
+from .layout import Layout, Segment, local_starts
+
+
+@dataclass
+class SegmentWork:
+    seg: Segment
+    c: chunk.Chunked
+    states: torch.Tensor      # [B, H, N + 1, K, V] chunk-boundary states from a zero incoming state
+    transition: torch.Tensor  # Â [B, H, Kg]
+    outputs: Optional[torch.Tensor] = None  # [B, H, N, C, V]
+    query: Optional[torch.Tensor] = None    # segment_query, detached: [B, H, N, C, K]
+    final: Optional[torch.Tensor] = None    # Â * P + Ŝ with graph: [B, H, K, V]
+
+    @property
+    def summary_state(self) -> torch.Tensor:
+        return self.states[:, :, -1]
+
+
+def summarise(q, k, v, g, scale: float, layout: Layout, rank: int, cu_seqlens) -> List[SegmentWork]:
+    """Step 1 for every local segment (in local order). Inputs are the rank's [B, T, ...] leaves."""
+    work = []
+    for seg in layout.local_segments(rank):
+        sl = slice(seg.local_start, seg.local_start + seg.length)
+        c = chunk.prepare(q[:, sl], k[:, sl], v[:, sl], None if g is None else g[:, sl], scale,
+                          local_starts(cu_seqlens, seg))
+        a, U = chunk.chunk_transitions(c)
+        work.append(SegmentWork(seg, c, chunk.scan_states(a, U, None), chunk.segment_transition(c)))
+    return work
+
+
+def zero_state_outputs(work: List[SegmentWork]) -> None:
+    """Step 2: fills ``outputs`` (no communication needed)."""
+    for w in work:
+        w.outputs = chunk.intra_outputs(w.c) + chunk.inter_outputs(w.c, w.states[:, :, :-1])
+
+
+def add_incoming(w: SegmentWork, P: torch.Tensor) -> None:
+    """Step 3 for one segment, P [B, H, K, V] the state entering it (a constant)."""
+    query = chunk.segment_query(w.c)
+    w.query = query.detach()
+    w.outputs = w.outputs + query @ P.unsqueeze(2)
+    w.final = w.transition.unsqueeze(-1) * P + w.summary_state
+
+
+def incoming_grad(w: SegmentWork, do_chunks: torch.Tensor) -> torch.Tensor:
+    """G = dL/dP from this segment's own outputs: sum_i query_i^T do_i, [B, H, K, V]."""
+    return torch.einsum("bhnck,bhncv->bhkv", w.query, do_chunks)
+
+
+def output_chunks_of(do: torch.Tensor, w: SegmentWork) -> torch.Tensor:
+    """The slice of a [B, T, H, V] output gradient that belongs to ``w``, chunked."""
+    sl = slice(w.seg.local_start, w.seg.local_start + w.seg.length)
+    return chunk._to_chunks(do[:, sl], w.c.C, w.query.dtype)
+
+
+def assemble(work: List[SegmentWork], dtype: torch.dtype) -> torch.Tensor:
+    """Local output [B, T, H, V] from the segments' chunked outputs."""
+    return torch.cat([chunk.from_chunks(w.outputs, w.seg.length) for w in work], dim=1).to(dtype)
+
+
+def fold_forward(S_hat: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
+    """Prefix fold over segments in sequence order (DESIGN §1, P_0 = 0, P_{j+1} = Â_j P_j + Ŝ_j).
+
+    S_hat [J, B, H, K, V], A_hat [J, B, H, Kg]. Returns the incoming states P [J, B, H, K, V].
+    """
+    P = torch.zeros_like(S_hat)
+    for j in range(1, S_hat.shape[0]):
+        P[j] = A_hat[j - 1].unsqueeze(-1) * P[j - 1] + S_hat[j - 1]
+    return P
+
+
+def fold_backward(G: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
+    """Suffix fold (DESIGN §1): D_j = G_j + Â_j^T D_{j+1}, D_J = 0.
+
+    G [J, B, H, K, V] (dL/dP_j from segment j's own outputs). Returns N_j = D_{j+1}, the
+    gradient reaching segment j's final state, [J, B, H, K, V].
+    """
+    nxt = torch.zeros_like(G)
+    for j in range(G.shape[0] - 2, -1, -1):
+        nxt[j] = G[j + 1] + A_hat[j + 1].unsqueeze(-1) * nxt[j + 1]
+    return nxt
+
+
+def detached_leaves(inputs, grad_enabled: bool) -> list:
+    """Fresh leaves for the local graph; a leaf requires grad iff its input does."""
+    return [None if t is None else t.detach().requires_grad_(grad_enabled and t.requires_grad)
+            for t in inputs]
+
+
+def leaf_grads(leaves, outputs, grads) -> list:
+    """One ``autograd.grad`` over the kept local graph; None for leaves without grad."""
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+    return [next(got) if t is not None and t.requires_grad else None for t in leaves]

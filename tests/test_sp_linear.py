@@ -1,0 +1,84 @@
+"""sp_linear_attention (lasp2 and lasp1, both layouts) vs linear_attention on the whole sequence,
+shard by shard: output and every gradient, plus the communication contract."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import lasp2
+from tests.dist import WORLD_SIZES, run_cases, run_distributed
+from tests.helpers import DIAGONAL_VARIANTS
+from tests.sp_cases import compare_linear, run_table
+
+
+def _expect_contract(result, params):
+    W = params["W"]
+    if W == 1:
+        return
+    if params["strategy"] == "lasp2":
+        assert result["fwd_gathers"] == 1, f"forward issued {result['fwd_gathers']} all-gathers, expected 1"
+        assert result["bwd_gathers"] == 1, f"backward issued {result['bwd_gathers']} all-gathers, expected 1"
+        assert result["fwd_sends"] == result["bwd_sends"] == 0
+    elif params.get("causal", True):
+        assert result["fwd_gathers"] == result["bwd_gathers"] == 0, "lasp1 must not all-gather"
+        return result
+
+
+def _sp_worker(group, cases):
+    W = dist.get_world_size(group)
+    cases = [(name, dict(params, W=W)) for name, params in cases]
+    sends = {}
+
+    def check(W, **params):
+        result = compare_linear(group, **params)
+        _expect_contract(result, dict(params, W=W))
+        sends[params["strategy"], params["layout"], params["variant"], params["T_local"]] = (
+            result["fwd_sends"], result["bwd_sends"])
+
+    run_cases(cases, check)
+    return sends
+
+
+def _cases(dtypes=(torch.float64,), lengths=(1, 37, 70)):
+    out = []
+    for variant, strategy, layout, T_local, dtype in itertools.product(
+            DIAGONAL_VARIANTS, ("lasp2", "lasp1"), ("contiguous", "zigzag"), lengths, dtypes):
+        if layout == "zigzag" and T_local % 2:
+            T_local += 1
+        name = f"{variant}-{strategy}-{layout}-T{T_local}-{str(dtype)[6:]}"
+        out.append((name, dict(variant=variant, B=2, T_local=T_local, H=3, K=5, V=4, dtype=dtype,
+                               strategy=strategy, layout=layout)))
+    return out
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_sp_linear_matches_single_device_fp64(world_size):
+    sends = run_distributed(_sp_worker, world_size, _cases())
+    # LASP-1 contiguous: ranks 0..W-2 send once per direction, so W - 1 sends in all.
+    for key in sends[0]:
+        strategy, layout = key[:2]
+        if strategy == "lasp1" and layout == "contiguous" and world_size > 1:
+            fwd = [s[key][0] for s in sends]
+            bwd = [s[key][1] for s in sends]
+            assert fwd == [1] * (world_size - 1) + [0], f"{key}: forward sends per rank {fwd}"
+            assert bwd == [0] + [1] * (world_size - 1), f"{key}: backward sends per rank {bwd}"
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sp_linear_fp32_and_bf16(world_size):
+    run_distributed(_sp_worker, world_size, _cases(dtypes=(torch.float32, torch.bfloat16), lengths=(37,)))
+
+
+def _bidirectional_worker(group):
+    cases = [(f"bidir-{layout}-{dtype}", dict(variant="basic", B=2, T_local=6, H=2, K=3, V=5, dtype=dtype,
+                                              strategy="lasp2", layout=layout, causal=False))
+             for layout in ("contiguous", "zigzag") for dtype in (torch.float64, torch.float32)]
+    run_cases(cases, lambda **p: compare_linear(group, **p))
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_sp_bidirectional(world_size):
+    run_distributed(_bidirectional_worker, world_size)

@@ -82,3 +82,32 @@ def _bidirectional_worker(group):
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_sp_bidirectional(world_size):
     run_distributed(_bidirectional_worker, world_size)
+
+
+def doc_scenarios(W: int, T_local: int):
+    """Packed-document layouts of DESIGN §5, as global cu_seqlens for W ranks of T_local."""
+    T = W * T_local
+    return {
+        "cut-mid-rank": [0, T_local // 2 + 1, T],
+        "on-rank-boundaries": list(range(0, T + 1, T_local)),
+        "many-short-in-one-rank": [0, 1, 2, 3, 5, 8, T],
+        "one-doc-spans-all": [0, T],
+        "ranks-without-start": [0, 3, T],
+        "length-one-docs": [0, 1, 2, T - 2, T - 1, T],
+    }
+
+
+def _docs_worker(group):
+    W = dist.get_world_size(group)
+    cases = []
+    for (scenario, cu), variant, strategy, layout in itertools.product(
+            doc_scenarios(W, 12).items(), DIAGONAL_VARIANTS, ("lasp2", "lasp1"), ("contiguous", "zigzag")):
+        cases.append((f"{scenario}-{variant}-{strategy}-{layout}",
+                      dict(variant=variant, B=1, T_local=12, H=2, K=4, V=3, dtype=torch.float64,
+                           strategy=strategy, layout=layout, cu=cu, W=W)))
+    run_cases(cases, lambda W, **p: _expect_contract(compare_linear(group, **p), dict(p, W=W)))
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_sp_linear_documents(world_size):
+    run_distributed(_docs_worker, world_size)

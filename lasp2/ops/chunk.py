@@ -68,15 +68,12 @@ class DocMasks:
     cont  [N, C]     no document start in the chunk at or before i: the state entering the
                      chunk reaches token i
     last  [N, C]     token j belongs to the document that is open at the chunk's end
-    prefix [N, C]    no document start in the whole segment at or before i: the state entering
-                     the *segment* reaches token i (used by sequence parallelism)
     chunk_cont [N]   the chunk has no document start (its transition is non-zero)
     """
 
     pair: torch.Tensor
     cont: torch.Tensor
     last: torch.Tensor
-    prefix: torch.Tensor
     chunk_cont: torch.Tensor
 
     @staticmethod
@@ -94,7 +91,6 @@ class DocMasks:
             pair=pair,
             cont=in_chunk == 0,
             last=seg == seg[:, -1:],
-            prefix=seg == 0,
             chunk_cont=in_chunk[:, -1] == 0,
         )
 
@@ -238,41 +234,38 @@ def scan_states(a: Optional[torch.Tensor], U: torch.Tensor, S0: Optional[torch.T
     return _StateScan.apply(a, U, S0)
 
 
-def inter_outputs(c: Chunked, S_in: torch.Tensor) -> torch.Tensor:
-    """The inter-chunk term from the states entering each chunk, S_in [B, H, N, K, V]."""
+def inter_query(c: Chunked) -> torch.Tensor:
+    """q_i * exp(Cs_i), zero for tokens the chunk's entry state does not reach: [B, H, N, C, K]."""
     cont = None if c.docs is None else c.docs.cont[..., None]
     if c.Cs is None:
-        q_w = c.q if cont is None else c.q * cont
-    else:
-        q_w = c.q * _masked_exp(c.Cs, cont)
-    return q_w @ S_in
+        return c.q if cont is None else c.q * cont
+    return c.q * _masked_exp(c.Cs, cont)
 
 
-def segment_query(c: Chunked) -> torch.Tensor:
-    """q_i decayed from the segment start, zero after the segment's first document start:
-    [B, H, N, C, K]. The output's dependence on the state P entering the segment is
-    o_i += segment_query_i @ P (DESIGN §1, o is linear in P); its transpose gives dL/dP.
+def inter_outputs(c: Chunked, S_in: torch.Tensor) -> torch.Tensor:
+    """The inter-chunk term from the states entering each chunk, S_in [B, H, N, K, V]."""
+    return inter_query(c) @ S_in
+
+
+def entry_decays(c: Chunked) -> torch.Tensor:
+    """Transition from the segment start to each chunk start, as decay vectors
+    Λ [B, H, N + 1, Kg] (Kg = 1 without gates); Λ_N is the segment's transition Â.
+
+    The state entering the segment, P, reaches chunk n's entry as Λ_n * P, so the entry states
+    of the segment are S_in(zero incoming) + Λ * P (DESIGN §1: the output is linear in P).
+    Λ_n is exactly 0 once a document start precedes chunk n (masked in log space).
     """
-    prefix = None if c.docs is None else c.docs.prefix[..., None]
+    B, H, N = c.q.shape[:3]
     if c.Cs is None:
-        return c.q if prefix is None else c.q * prefix
-    chunk_total = c.Cs[..., -1:, :]  # [B, H, N, 1, Kg]
-    before = chunk_total.cumsum(2) - chunk_total  # log decay from segment start to chunk start
-    return c.q * _masked_exp(before + c.Cs, prefix)
-
-
-def segment_transition(c: Chunked) -> torch.Tensor:
-    """The segment's transition Â as a decay vector [B, H, Kg] (Kg = 1 without gates):
-    the product of all its token transitions; exactly 0 when the segment holds a document start.
-    """
-    B, H = c.q.shape[:2]
-    if c.Cs is None:
-        total = c.q.new_ones(B, H, 1)
+        log_decay = c.q.new_zeros(B, H, N + 1, 1)
     else:
-        total = c.Cs[..., -1, :].sum(2).exp()
-    if c.docs is not None and not bool(c.docs.chunk_cont.all()):
-        total = total * 0.0
-    return total
+        chunk_total = c.Cs[..., -1, :]  # [B, H, N, Kg]
+        log_decay = torch.cat([chunk_total.new_zeros(B, H, 1, chunk_total.shape[-1]),
+                               chunk_total.cumsum(2)], dim=2)
+    if c.docs is None:
+        return log_decay.exp()
+    reach = torch.cat([c.docs.chunk_cont.new_ones(1), c.docs.chunk_cont.cumprod(0).bool()])
+    return _masked_exp(log_decay, reach[:, None])
 
 
 def _doc_positions(cu_seqlens: torch.Tensor, C: int):

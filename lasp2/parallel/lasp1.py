@@ -18,7 +18,7 @@ import torch
 from . import comm
 from .layout import Layout
 from .linear_local import (SegmentWork, add_incoming, assemble, detached_leaves, incoming_grad,
-                           leaf_grads, output_chunks_of, summarise, zero_state_outputs)
+                           leaf_grads, output_chunks_of, summarise, intra_outputs)
 
 
 def lasp1_fwd(q, k, v, g, *, scale: float, layout: Layout, group, cu_seqlens):
@@ -29,7 +29,7 @@ def lasp1_fwd(q, k, v, g, *, scale: float, layout: Layout, group, cu_seqlens):
     """
     rank = comm.rank_and_size(group)[0]
     work = summarise(q, k, v, g, scale, layout, rank, cu_seqlens)
-    zero_state_outputs(work)
+    intra_outputs(work)
     carried = None
     for w in work:  # local order is sequence order in both layouts
         j = w.seg.index

@@ -3,9 +3,10 @@
 Forward, on every rank:
   1. summarise each local segment (Ŝ, Â) from a zero incoming state;
   2. launch ONE all-gather of all summaries (fp32, packed with a small agreement header);
-  3. compute the zero-state outputs while it is in flight (the bulk of the work);
+  3. compute the intra-chunk outputs while it is in flight (the bulk of the work);
   4. fold the gathered summaries of earlier segments into each local segment's incoming state P
-     (P_{j+1} = Â_j P_j + Ŝ_j) and add segment_query @ P.
+     (P_{j+1} = Â_j P_j + Ŝ_j); the chunk-entry states become S_in + Λ P and the
+     inter-chunk term is computed with them.
 Backward:
   1. G_j = dL/dP_j from the local outputs (one decay-weighted Q^T dO product per segment);
   2. ONE all-gather of G; every rank runs the suffix fold D_j = G_j + Â_j^T D_{j+1};
@@ -28,7 +29,7 @@ from . import comm
 from .layout import Layout
 from .linear_local import (SegmentWork, add_incoming, assemble, detached_leaves, fold_backward,
                            fold_forward, incoming_grad, leaf_grads, output_chunks_of, summarise,
-                           zero_state_outputs)
+                           intra_outputs)
 
 
 def _pack(work: List[SegmentWork], header: float) -> torch.Tensor:
@@ -69,10 +70,10 @@ def lasp2_fwd(q, k, v, g, *, scale: float, layout: Layout, group, cu_seqlens, he
     work = summarise(q, k, v, g, scale, layout, rank, cu_seqlens)
     pending = comm.all_gather(_pack(work, header), group, async_op=True)
     if overlap:
-        zero_state_outputs(work)
+        intra_outputs(work)
     gathered = pending.wait()
     if not overlap:
-        zero_state_outputs(work)
+        intra_outputs(work)
     _check_headers(gathered, header)
     rows = _by_segment(gathered, layout)  # [J, n]
     dt = work[0].states.dtype

@@ -5,10 +5,11 @@ Both strategies split each local segment's work the same way (DESIGN §1):
 1. ``summarise``: chunk the segment and scan its chunk states from a zero incoming state;
    the last one is the segment's Ŝ, and Â is its transition (a decay vector, 0 when the segment
    holds a document start). This is all another rank ever needs from this one.
-2. ``zero_state_outputs``: the intra- and inter-chunk outputs as if the incoming state were 0:
-   the bulk of the work, done while the summaries travel.
-3. ``add_incoming``: once the incoming state P is known, o += segment_query @ P (o is linear in
-   P) and the segment's final state is Â * P + Ŝ.
+2. ``intra_outputs``: the intra-chunk outputs, which need no state: the bulk of the work,
+   done while the summaries travel.
+3. ``add_incoming``: once the incoming state P is known, the chunk-entry states become
+   S_in + Λ * P (one [N, K, V] update, no extra matmul) and the inter-chunk term is computed
+   with them; the last entry is the segment's final state Â * P + Ŝ.
 
 Everything is ordinary differentiable PyTorch on leaves the strategy owns, so the strategy's
 backward is one ``torch.autograd.grad`` call once it knows the gradient reaching each segment's
@@ -30,15 +31,23 @@ from .layout import Layout, Segment, local_starts
 class SegmentWork:
     seg: Segment
     c: chunk.Chunked
-    states: torch.Tensor      # [B, H, N + 1, K, V] chunk-boundary states from a zero incoming state
-    transition: torch.Tensor  # Â [B, H, Kg]
+    states: torch.Tensor     # [B, H, N + 1, K, V] chunk-entry states; zero incoming state until
+                             # ``add_incoming`` adds Λ * P
+    decays: torch.Tensor     # Λ [B, H, N + 1, Kg]: segment start -> chunk entries; Λ_N = Â
     outputs: Optional[torch.Tensor] = None  # [B, H, N, C, V]
-    query: Optional[torch.Tensor] = None    # segment_query, detached: [B, H, N, C, K]
-    final: Optional[torch.Tensor] = None    # Â * P + Ŝ with graph: [B, H, K, V]
+    query: Optional[torch.Tensor] = None    # inter_query * Λ, detached: [B, H, N, C, K]
+    final: Optional[torch.Tensor] = None    # Â * P + Ŝ with graph (sliced in forward, where
+                                            # grad mode is on): [B, H, K, V]
 
     @property
     def summary_state(self) -> torch.Tensor:
+        """Ŝ before ``add_incoming``; the segment's final state after it."""
         return self.states[:, :, -1]
+
+    @property
+    def transition(self) -> torch.Tensor:
+        """Â [B, H, Kg]."""
+        return self.decays[:, :, -1]
 
 
 def summarise(q, k, v, g, scale: float, layout: Layout, rank: int, cu_seqlens) -> List[SegmentWork]:
@@ -49,26 +58,28 @@ def summarise(q, k, v, g, scale: float, layout: Layout, rank: int, cu_seqlens) -
         c = chunk.prepare(q[:, sl], k[:, sl], v[:, sl], None if g is None else g[:, sl], scale,
                           local_starts(cu_seqlens, seg))
         a, U = chunk.chunk_transitions(c)
-        work.append(SegmentWork(seg, c, chunk.scan_states(a, U, None), chunk.segment_transition(c)))
+        work.append(SegmentWork(seg, c, chunk.scan_states(a, U, None), chunk.entry_decays(c)))
     return work
 
 
-def zero_state_outputs(work: List[SegmentWork]) -> None:
-    """Step 2: fills ``outputs`` (no communication needed)."""
+def intra_outputs(work: List[SegmentWork]) -> None:
+    """Step 2: the intra-chunk outputs, which need no state (overlaps the communication)."""
     for w in work:
-        w.outputs = chunk.intra_outputs(w.c) + chunk.inter_outputs(w.c, w.states[:, :, :-1])
+        w.outputs = chunk.intra_outputs(w.c)
 
 
 def add_incoming(w: SegmentWork, P: torch.Tensor) -> None:
-    """Step 3 for one segment, P [B, H, K, V] the state entering it (a constant)."""
-    query = chunk.segment_query(w.c)
-    w.query = query.detach()
-    w.outputs = w.outputs + query @ P.unsqueeze(2)
-    w.final = w.transition.unsqueeze(-1) * P + w.summary_state
+    """Step 3 for one segment, P [B, H, K, V] the state entering it (a constant): the entry
+    states become S_in + Λ * P, then the inter-chunk term is added with them."""
+    w.states = w.states + w.decays.unsqueeze(-1) * P.unsqueeze(2)
+    q_inter = chunk.inter_query(w.c)
+    w.query = (q_inter * w.decays[:, :, :-1].unsqueeze(-2)).detach()
+    w.outputs = w.outputs + q_inter @ w.states[:, :, :-1]
+    w.final = w.states[:, :, -1]
 
 
 def incoming_grad(w: SegmentWork, do_chunks: torch.Tensor) -> torch.Tensor:
-    """G = dL/dP from this segment's own outputs: sum_i query_i^T do_i, [B, H, K, V]."""
+    """G = dL/dP from this segment's own outputs: sum_i (q_i Λ-decayed)^T do_i, [B, H, K, V]."""
     return torch.einsum("bhnck,bhncv->bhkv", w.query, do_chunks)
 
 

@@ -1,0 +1,123 @@
+"""Single-device chunked linear attention: fwd+bwd time and peak memory vs the quadratic form.
+
+    python benchmarks/bench_chunk.py            # the README numbers (a few minutes)
+    python benchmarks/bench_chunk.py --quick    # tiny sizes, seconds
+
+Every measurement runs in a fresh subprocess so that its peak resident memory (ru_maxrss) is
+its own; the reported memory is the peak minus the RSS right after the inputs were created.
+The chunked op runs at several T (memory must grow linearly); the baseline is the masked
+quadratic form o = ((q k^T) * D) v with the full [T, T] decay matrix D, at a shorter T, in the
+same run. Medians over repeats after one warm-up. Writes benchmarks/results/chunk.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def quadratic_scalar_gate(q, k, v, g, scale):
+    """o_i = scale * sum_{j <= i} (q_i . k_j) exp(G_i - G_j) v_j with [T, T] matrices."""
+    G = g.cumsum(1).transpose(1, 2)  # [B, H, T]
+    T = q.shape[1]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    diff = torch.where(mask, G[..., :, None] - G[..., None, :], torch.tensor(float("-inf")))
+    A = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) * diff.exp() * scale
+    return (A @ v.transpose(1, 2)).transpose(1, 2)
+
+
+def _run_once(op: str, q, k, v, g, D: int) -> None:
+    import lasp2
+
+    if op == "chunk":
+        o, _ = lasp2.linear_attention(q, k, v, g)
+    else:
+        o = quadratic_scalar_gate(q, k, v, g, D ** -0.5)
+    o.sum().backward()
+
+
+def measure(op: str, T: int, H: int, D: int, repeats: int, threads: int) -> dict:
+    """Runs inside the subprocess: returns median fwd+bwd seconds and peak memory in MB."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, H, D, generator=gen).requires_grad_() for _ in range(3))
+    g = F.logsigmoid(torch.randn(1, T, H, generator=gen) + 4).requires_grad_()
+    _run_once(op, *(x[:, :64].detach().requires_grad_() for x in (q, k, v, g)), D)  # load kernels
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        _run_once(op, q, k, v, g, D)
+        if i:  # the first run is a warm-up
+            times.append(time.perf_counter() - t0)
+        q.grad = k.grad = v.grad = g.grad = None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"op": op, "T": T, "seconds": statistics.median(times), "all_seconds": times,
+            "peak_mem_mb": (peak - base_rss) / 1024}
+
+
+def run_isolated(op: str, T: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", op, str(T), "--heads", str(args.heads), "--dim", str(args.dim),
+           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--chunk-lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    p.add_argument("--quadratic-length", type=int, default=8192)
+    p.add_argument("--child", nargs=2, metavar=("OP", "T"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]), args.heads, args.dim, args.repeats,
+                                 args.threads)))
+        return
+    if args.quick:
+        args.chunk_lengths, args.quadratic_length, args.repeats = [512, 1024], 512, 2
+    rows = []
+    for T in args.chunk_lengths:
+        print(f"chunk     T={T:>6} ...", end=" ", flush=True)
+        rows.append(run_isolated("chunk", T, args))
+        print(f"{rows[-1]['seconds']:.3f} s, {rows[-1]['peak_mem_mb']:.0f} MB")
+    print(f"quadratic T={args.quadratic_length:>6} ...", end=" ", flush=True)
+    rows.append(run_isolated("quadratic", args.quadratic_length, args))
+    print(f"{rows[-1]['seconds']:.3f} s, {rows[-1]['peak_mem_mb']:.0f} MB")
+    meta = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": args.threads, "config": {"B": 1, "H": args.heads, "K": args.dim, "V": args.dim,
+                                                "dtype": "float32", "gate": "scalar", "repeats": args.repeats}}
+    if args.quick:
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "chunk.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [f"# Chunked linear attention, fwd+bwd ({meta['command']})", "",
+             f"torch {meta['torch']}, {meta['cores']} cores, {args.threads} threads; B=1, H={args.heads}, "
+             f"K=V={args.dim}, fp32, scalar gate; median of {args.repeats} after a warm-up.", "",
+             "| op | T | fwd+bwd (s) | peak memory (MB) | MB per 1K tokens |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['T']} | {r['seconds']:.3f} | {r['peak_mem_mb']:.0f} | "
+                     f"{r['peak_mem_mb'] / r['T'] * 1024:.1f} |")
+    (RESULTS / "chunk.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Weak scaling of sequence-parallel linear attention on this machine (issue: LASP-2).
+
+    python benchmarks/bench_linear_sp.py           # the README numbers (a few minutes)
+    python benchmarks/bench_linear_sp.py --quick   # tiny sizes, seconds
+
+Baseline: one process, 1 thread, fwd+bwd of ``linear_attention`` on T_local tokens (the ideal:
+each rank doing only its own share). Then W ranks, 1 thread each, on W * T_local tokens:
+``lasp2`` (overlap on and off) and ``lasp1``. Efficiency = t(baseline) / t(SP), where t(SP) is
+the slowest rank's median fwd+bwd time. Every configuration runs in the same invocation and
+the configurations are interleaved repeat by repeat so that machine noise hits them alike.
+Peak memory per rank is ru_maxrss above the RSS after inputs were built, relative to the
+baseline process measured the same way. Writes benchmarks/results/linear_sp.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = ("lasp2", "lasp2-no-overlap", "lasp1")
+
+
+def _inputs(T: int, H: int, D: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, T, H, D, generator=gen).requires_grad_() for _ in range(3))
+    g = F.logsigmoid(torch.randn(1, T, H, generator=gen) + 4).requires_grad_()
+    return q, k, v, g
+
+
+def _sp_step(config: str, q, k, v, g, group):
+    import lasp2
+    from lasp2.parallel.lasp2 import LASP2Function
+    from lasp2.parallel.layout import Layout
+
+    if config == "lasp2-no-overlap":
+        # The public function always overlaps; the ablation calls the autograd.Function with
+        # overlap=False (same code, the gather is waited for before the intra-chunk work).
+        layout = Layout("contiguous", dist.get_world_size(group), q.shape[1])
+        o = LASP2Function.apply(q, k, v, g, q.shape[-1] ** -0.5, layout, group, None, 0.0, False, True)
+    else:
+        o = lasp2.sp_linear_attention(q, k, v, g, group=group, strategy=config)
+    o.sum().backward()
+
+
+def _rank_main(T_local: int, H: int, D: int, repeats: int):
+    """One SP rank: returns {config: [seconds per repeat]} and its peak memory above inputs."""
+    group = dist.group.WORLD
+    rank = dist.get_rank()
+    q, k, v, g = _inputs(T_local, H, D, seed=rank)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = {c: [] for c in CONFIGS}
+    for i in range(repeats + 1):
+        for c in CONFIGS:
+            dist.barrier(group)
+            t0 = time.perf_counter()
+            _sp_step(c, q, k, v, g, group)
+            if i:
+                times[c].append(time.perf_counter() - t0)
+            q.grad = k.grad = v.grad = g.grad = None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"times": times, "peak_mem_mb": (peak - base) / 1024}
+
+
+def _baseline_main(T_local: int, H: int, D: int, repeats: int):
+    import lasp2
+
+    q, k, v, g = _inputs(T_local, H, D, seed=0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        o, _ = lasp2.linear_attention(q, k, v, g)
+        o.sum().backward()
+        if i:
+            times.append(time.perf_counter() - t0)
+        q.grad = k.grad = v.grad = g.grad = None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"times": times, "peak_mem_mb": (peak - base) / 1024}
+
+
+def main() -> None:
+    from lasp2.launch import spawn
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--world-size", type=int, nargs="+", default=[2])
+    p.add_argument("--local-len", type=int, default=16384)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args()
+    if args.quick:
+        args.local_len, args.repeats = 1024, 2
+    # The baseline runs in its own spawned process with 1 thread, exactly like a rank.
+    base = spawn(_baseline_main, 1, args.local_len, args.heads, args.dim, args.repeats,
+                 threads_per_rank=1)[0]
+    t_base = statistics.median(base["times"])
+    print(f"single process, T={args.local_len}: {t_base:.3f} s, peak {base['peak_mem_mb']:.0f} MB")
+    rows = [{"config": "single-process", "W": 1, "T_global": args.local_len, "seconds": t_base,
+             "efficiency": 1.0, "peak_mem_mb": base["peak_mem_mb"], "mem_ratio": 1.0}]
+    for W in args.world_size:
+        ranks = spawn(_rank_main, W, args.local_len, args.heads, args.dim, args.repeats, threads_per_rank=1)
+        for c in CONFIGS:
+            per_rank = [statistics.median(r["times"][c]) for r in ranks]
+            t = max(per_rank)
+            peak = max(r["peak_mem_mb"] for r in ranks)
+            rows.append({"config": c, "W": W, "T_global": W * args.local_len, "seconds": t,
+                         "per_rank_seconds": per_rank, "efficiency": t_base / t, "peak_mem_mb": peak,
+                         "mem_ratio": peak / base["peak_mem_mb"]})
+            print(f"W={W} {c:>17}: {t:.3f} s, efficiency {t_base / t:.3f}, peak/rank {peak:.0f} MB")
+    if args.quick:
+        return
+    meta = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "config": {"T_local": args.local_len, "H": args.heads, "K": args.dim, "V": args.dim,
+                       "dtype": "float32", "gate": "scalar", "threads_per_rank": 1, "repeats": args.repeats}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "linear_sp.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [f"# Sequence-parallel linear attention, weak scaling ({meta['command']})", "",
+             f"torch {meta['torch']}, {meta['cores']} cores; T_local={args.local_len}, H={args.heads}, "
+             f"K=V={args.dim}, fp32, scalar gate, 1 thread per rank; median of {args.repeats} "
+             f"(slowest rank).", "",
+             "| config | W | T_global | fwd+bwd (s) | efficiency | peak MB/rank | memory vs single |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['W']} | {r['T_global']} | {r['seconds']:.3f} | "
+                     f"{r['efficiency']:.3f} | {r['peak_mem_mb']:.0f} | {r['mem_ratio']:.2f}x |")
+    (RESULTS / "linear_sp.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

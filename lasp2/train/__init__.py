@@ -1,0 +1,1 @@
+"""Training: data, packing, loop, checkpoints, CLI."""

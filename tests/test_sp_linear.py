@@ -73,9 +73,14 @@ def test_sp_linear_fp32_and_bf16(world_size):
 
 
 def _bidirectional_worker(group):
+    W = dist.get_world_size(group)
     cases = [(f"bidir-{layout}-{dtype}", dict(variant="basic", B=2, T_local=6, H=2, K=3, V=5, dtype=dtype,
                                               strategy="lasp2", layout=layout, causal=False))
              for layout in ("contiguous", "zigzag") for dtype in (torch.float64, torch.float32)]
+    cases += [(f"bidir-docs-{scenario}-{layout}", dict(variant="basic", B=1, T_local=12, H=2, K=3, V=5,
+                                                        dtype=torch.float64, strategy="lasp2", layout=layout,
+                                                        causal=False, cu=cu))
+              for scenario, cu in doc_scenarios(W, 12).items() for layout in ("contiguous", "zigzag")]
     run_cases(cases, lambda **p: compare_linear(group, **p))
 
 

@@ -20,7 +20,8 @@ outputs depend on no gathered state) and the last rank (whose summary nobody use
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import bisect
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -120,29 +121,87 @@ class LASP2Function(torch.autograd.Function):
         return dq, dk, dv, dg, None, None, None, None, None, None, None
 
 
-class BidirectionalLASP2Function(torch.autograd.Function):
-    """Non-causal basic linear attention: o = scale * q (sum over all ranks of k^T v).
+def _doc_pieces(layout: Layout, rank: int, cu_seqlens) -> List[List[Tuple[slice, int]]]:
+    """Per local segment, its tokens split at document boundaries: (local slice, global doc id).
 
-    Communication: forward 1 all-gather of [W, B, H, K, V]; backward 1 all-gather of the same
-    size (the summed G = scale * sum q^T dO). An all-reduce would do as well; the gather keeps
-    one code path (DESIGN §1).
+    Only a segment's first and last piece can belong to a document that other segments also
+    hold; pieces in between are whole documents. Without cu_seqlens the sequence is document 0.
+    """
+    cu = [0, layout.global_len] if cu_seqlens is None else cu_seqlens.tolist()
+    per_segment = []
+    for seg in layout.local_segments(rank):
+        a, b = seg.global_start, seg.global_start + seg.length
+        bounds = [a] + [x for x in cu if a < x < b] + [b]
+        first = bisect.bisect_right(cu, a) - 1
+        per_segment.append([(slice(s - a + seg.local_start, e - a + seg.local_start), first + n)
+                            for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    return per_segment
+
+
+def _document_sums(partial: List[List[torch.Tensor]], pieces, group) -> List[List[torch.Tensor]]:
+    """Per-piece sums [B, H, K, V] -> per-piece sums over the piece's whole document.
+
+    Every segment publishes two rows, its first and its last piece with their document ids
+    (the second row is empty, id -1, when the segment is one piece), in ONE all-gather; a
+    document's total is the sum of every published row with its id. Pieces strictly inside a
+    segment are whole documents already.
+    """
+    rows = []
+    for seg_sums, seg_pieces in zip(partial, pieces):
+        first, last = seg_sums[0], seg_sums[-1]
+        last_id = seg_pieces[-1][1] if len(seg_pieces) > 1 else -1
+        if len(seg_pieces) == 1:
+            last = torch.zeros_like(last)
+        for S, doc in ((first, seg_pieces[0][1]), (last, last_id)):
+            rows.append(torch.cat([S.reshape(-1), S.new_full((1,), float(doc))]))
+    gathered = comm.all_gather(torch.stack(rows), group)
+    gathered = gathered.reshape(-1, gathered.shape[-1])
+    ids, sums = gathered[:, -1], gathered[:, :-1]
+    out = []
+    for seg_sums, seg_pieces in zip(partial, pieces):
+        n_last = len(seg_pieces) - 1
+        out.append([sums[ids == doc].sum(0).view_as(S) if n in (0, n_last) else S
+                    for n, (S, (_, doc)) in enumerate(zip(seg_sums, seg_pieces))])
+    return out
+
+
+class BidirectionalLASP2Function(torch.autograd.Function):
+    """Non-causal basic linear attention: o_i = scale * q_i S_doc(i), with S_d the sum of
+    k^T v over document d, wherever its tokens live (one document without cu_seqlens).
+
+    Communication: forward 1 all-gather of [W, 2 S, B*H*K*V + 1] (per segment: the sums of its
+    first and last document pieces, with their ids); backward 1 all-gather of the same size for
+    G_d = scale * sum q^T dO. An all-reduce would do without documents; the gather keeps one
+    code path (DESIGN §1).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, group):
+    def forward(ctx, q, k, v, scale, layout, group, cu_seqlens):
         dt = compute_dtype(q)
         qf, kf, vf = (t.to(dt).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        S = comm.all_gather(kf.transpose(-1, -2) @ vf, group).sum(0)
-        ctx.save_for_backward(qf, kf, vf, S)
-        ctx.scale, ctx.group, ctx.dtypes = scale, group, (q.dtype, k.dtype, v.dtype)
-        return (scale * qf @ S).transpose(1, 2).to(q.dtype)
+        pieces = _doc_pieces(layout, comm.rank_and_size(group)[0], cu_seqlens)
+        partial = [[kf[:, :, sl].transpose(-1, -2) @ vf[:, :, sl] for sl, _ in seg] for seg in pieces]
+        S = _document_sums(partial, pieces, group)
+        o = torch.empty(*qf.shape[:3], vf.shape[-1], dtype=dt, device=q.device)
+        for seg, seg_S in zip(pieces, S):
+            for (sl, _), S_d in zip(seg, seg_S):
+                o[:, :, sl] = scale * qf[:, :, sl] @ S_d
+        ctx.save_for_backward(qf, kf, vf)
+        ctx.S, ctx.pieces, ctx.scale, ctx.group, ctx.dtypes = S, pieces, scale, group, (q.dtype, k.dtype, v.dtype)
+        return o.transpose(1, 2).to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        qf, kf, vf, S = ctx.saved_tensors
+        qf, kf, vf = ctx.saved_tensors
         dof = do.to(qf.dtype).transpose(1, 2)
-        G = comm.all_gather(ctx.scale * qf.transpose(-1, -2) @ dof, ctx.group).sum(0)
-        dq = ctx.scale * dof @ S.transpose(-1, -2)
-        dk, dv = vf @ G.transpose(-1, -2), kf @ G
-        return (*(t.transpose(1, 2).to(d) for t, d in zip((dq, dk, dv), ctx.dtypes)), None, None)
-
+        partial = [[ctx.scale * qf[:, :, sl].transpose(-1, -2) @ dof[:, :, sl] for sl, _ in seg]
+                   for seg in ctx.pieces]
+        G = _document_sums(partial, ctx.pieces, ctx.group)
+        dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
+        for seg, seg_S, seg_G in zip(ctx.pieces, ctx.S, G):
+            for (sl, _), S_d, G_d in zip(seg, seg_S, seg_G):
+                dq[:, :, sl] = ctx.scale * dof[:, :, sl] @ S_d.transpose(-1, -2)
+                dk[:, :, sl] = vf[:, :, sl] @ G_d.transpose(-1, -2)
+                dv[:, :, sl] = kf[:, :, sl] @ G_d
+        grads = (t.transpose(1, 2).to(d) for t, d in zip((dq, dk, dv), ctx.dtypes))
+        return (*grads, None, None, None, None)

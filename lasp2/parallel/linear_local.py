@@ -35,7 +35,7 @@ class SegmentWork:
                              # ``add_incoming`` adds Λ * P
     decays: torch.Tensor     # Λ [B, H, N + 1, Kg]: segment start -> chunk entries; Λ_N = Â
     outputs: Optional[torch.Tensor] = None  # [B, H, N, C, V]
-    query: Optional[torch.Tensor] = None    # inter_query * Λ, detached: [B, H, N, C, K]
+    q_inter: Optional[torch.Tensor] = None  # inter_query (the tensor autograd keeps anyway)
     final: Optional[torch.Tensor] = None    # Â * P + Ŝ with graph (sliced in forward, where
                                             # grad mode is on): [B, H, K, V]
 
@@ -72,21 +72,24 @@ def add_incoming(w: SegmentWork, P: torch.Tensor) -> None:
     """Step 3 for one segment, P [B, H, K, V] the state entering it (a constant): the entry
     states become S_in + Λ * P, then the inter-chunk term is added with them."""
     w.states = w.states + w.decays.unsqueeze(-1) * P.unsqueeze(2)
-    q_inter = chunk.inter_query(w.c)
-    w.query = (q_inter * w.decays[:, :, :-1].unsqueeze(-2)).detach()
-    w.outputs = w.outputs + q_inter @ w.states[:, :, :-1]
+    w.q_inter = chunk.inter_query(w.c)
+    w.outputs = w.outputs + w.q_inter @ w.states[:, :, :-1]
     w.final = w.states[:, :, -1]
 
 
 def incoming_grad(w: SegmentWork, do_chunks: torch.Tensor) -> torch.Tensor:
-    """G = dL/dP from this segment's own outputs: sum_i (q_i Λ-decayed)^T do_i, [B, H, K, V]."""
-    return torch.einsum("bhnck,bhncv->bhkv", w.query, do_chunks)
+    """G = dL/dP from this segment's own outputs: sum_i (q_i Λ-decayed)^T do_i, [B, H, K, V].
+
+    The decayed query is rebuilt here rather than kept from the forward (one [T, K] tensor less
+    per segment between forward and backward)."""
+    query = w.q_inter.detach() * w.decays[:, :, :-1].detach().unsqueeze(-2)
+    return torch.einsum("bhnck,bhncv->bhkv", query, do_chunks)
 
 
 def output_chunks_of(do: torch.Tensor, w: SegmentWork) -> torch.Tensor:
     """The slice of a [B, T, H, V] output gradient that belongs to ``w``, chunked."""
     sl = slice(w.seg.local_start, w.seg.local_start + w.seg.length)
-    return chunk._to_chunks(do[:, sl], w.c.C, w.query.dtype)
+    return chunk._to_chunks(do[:, sl], w.c.C, w.states.dtype)
 
 
 def assemble(work: List[SegmentWork], dtype: torch.dtype) -> torch.Tensor:

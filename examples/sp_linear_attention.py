@@ -116,14 +116,21 @@ def _report(args, world: int, errors: dict, traffic: list, ok: bool) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--world-size", type=_positive, default=None,
                    help="ranks to start without torchrun (default 2); under torchrun, its world size")
-    p.add_argument("--seq-len", type=int, default=1024, help="global sequence length")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--dim", type=int, default=32, help="key and value head dimension")
+    p.add_argument("--seq-len", type=_positive, default=1024, help="global sequence length")
+    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument("--heads", type=_positive, default=4)
+    p.add_argument("--dim", type=_positive, default=32, help="key and value head dimension")
     p.add_argument("--variant", choices=("basic", "constant", "scalar", "channel"), default="scalar")
     p.add_argument("--strategy", choices=("lasp2", "lasp1"), default="lasp2")
     p.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")

@@ -1,25 +1,17 @@
-"""Run a function on W ranks, under ``torchrun`` or on this machine without it.
+"""Run a function on W ranks: under ``torchrun`` (every process calls :func:`init_from_env`) or,
+without it, on W local processes that :func:`spawn` starts itself (gloo by default) and whose
+results it returns: how the examples and the CLIs run on a laptop or a CI box.
 
-- Under ``torchrun`` every process calls :func:`init_from_env`, which initialises the default
-  process group from the environment that torchrun sets.
-- Otherwise :func:`spawn` starts W local processes itself (gloo by default), runs a function on
-  each and returns their results: how the examples (and the CLIs) run on a laptop or CI box.
+Typical use (``work`` at module level: the ranks import it by name; the guard is needed)::
 
-Typical use (the function must be defined at module level, the ranks import it by name; the
-``__main__`` guard is required by the 'spawn' start method)::
-
-    def work(n):
-        rank, world = dist.get_rank(), dist.get_world_size()
-        ...
-        return result
+    def work(n):  # rank and world size from torch.distributed
+        return dist.get_rank() * n
 
     if __name__ == "__main__":
         if under_torchrun():
-            init_from_env()
-            work(8)
-            dist.destroy_process_group()
+            init_from_env(); work(8); dist.destroy_process_group()
         else:
-            results = spawn(work, 2, 8)  # [result of rank 0, result of rank 1]
+            results = spawn(work, 2, 8)  # [0, 8]: one result per rank
 """
 from __future__ import annotations
 
@@ -97,13 +89,11 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if threads_per_rank is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        threads_per_rank = max(1, (cpus or 1) // world_size)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads_per_rank = threads_per_rank or max(1, cpus // world_size)
     deadline = time.monotonic() + timeout_s
     ctx = mp.get_context("spawn")
-    procs, readers = [], []
-    finished = False
+    procs, readers, finished = [], [], False
     with tempfile.TemporaryDirectory(prefix="lasp2-spawn-") as tmp:
         init_method = "file://" + os.path.join(tmp, "rendezvous")
         try:
@@ -120,9 +110,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
         finally:
             for reader in readers:
                 reader.close()
-            _stop(procs, grace_s=5.0 if finished else 0.0)
-    for rank, p in enumerate(procs):
-        if p.exitcode != 0:
+            stopped = _stop(procs, grace_s=5.0 if finished else 0.0)
+    for rank, p in enumerate(procs):  # a rank slow to exit after reporting (a busy machine) is fine
+        if p.exitcode != 0 and rank not in stopped:
             raise RankFailure(f"rank {rank} returned a result but then {_exit_text(p.exitcode)}",
                               rank=rank, exitcode=p.exitcode)
     return results
@@ -143,30 +133,34 @@ def _collect(procs, readers, deadline: float, timeout_s: float) -> List[Any]:
             except EOFError:
                 procs[rank].join(1.0)
                 code = procs[rank].exitcode
-                failures.append((float("-inf"), RankFailure(
-                    f"rank {rank} {_exit_text(code)} without reporting", rank=rank, exitcode=code)))
+                message = f"rank {rank} {_exit_text(code)} without reporting"
+                failures.append((float("-inf"), RankFailure(message, rank=rank, exitcode=code)))
                 continue
             if status == "ok":
                 results[rank] = payload
             else:
-                when, summary, text = payload
-                failures.append((when, RankFailure(f"rank {rank} failed: {summary}", rank=rank, traceback=text)))
+                when, summary, text = payload  # when: wall-clock time the rank failed
+                error = RankFailure(f"rank {rank} failed: {summary}", rank=rank, traceback=text)
+                failures.append((when, error))
         if failures:
             raise min(failures, key=lambda f: f[0])[1]
     return [results[rank] for rank in range(len(procs))]
 
 
-def _stop(procs, grace_s: float) -> None:
-    """Give the ranks ``grace_s`` to exit, then SIGTERM, then (5 s later) SIGKILL; join all."""
+def _stop(procs, grace_s: float) -> set:
+    """Wait ``grace_s`` for the ranks to exit, SIGTERM, SIGKILL 5 s later; return those signalled."""
+    signalled = set()
     for wait_s, stop in ((grace_s, "terminate"), (5.0, "kill")):
         end = time.monotonic() + wait_s
         for p in procs:
             p.join(max(0.0, end - time.monotonic()))
-        for p in procs:
+        for rank, p in enumerate(procs):
             if p.is_alive():
                 getattr(p, stop)()
+                signalled.add(rank)
     for p in procs:
         p.join()
+    return signalled
 
 
 def _exit_text(code: Optional[int]) -> str:
@@ -195,11 +189,10 @@ def _run_rank(fn, args, config, conn) -> None:
                                 timeout=timedelta(seconds=timeout_s))
         result = fn(*args)
         dist.destroy_process_group()
-        # Plain pickle: multiprocessing's pickler would share tensors through memory that this
-        # process serves, and it is about to exit.
-        data = pickle.dumps(("ok", result))
+        data = pickle.dumps(("ok", result))  # not mp's pickler: its tensors would die with us
     except BaseException as e:  # noqa: BLE001 - report everything, SystemExit included
-        summary = "".join(traceback.format_exception_only(type(e), e)).strip()
+        lines = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
+        summary = lines[0] + (" [continued in .traceback]" if len(lines) > 1 else "")
         data = pickle.dumps(("error", (time.time(), summary, traceback.format_exc())))
     conn.send_bytes(data)
     conn.close()

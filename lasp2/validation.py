@@ -32,6 +32,9 @@ def check_qkv(q, k, v, *, kv_heads_may_differ: bool = False) -> None:
     B, T, H, K = q.shape
     if T < 1:
         raise ValueError("q must hold at least one token (T >= 1 in [B, T, H, K])")
+    if min(q.shape) < 1 or min(k.shape) < 1 or min(v.shape) < 1:
+        raise ValueError(f"q, k, v must have no empty dimension, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
     if k.shape[:2] != (B, T) or v.shape[:2] != (B, T):
         raise ValueError(f"q, k, v must agree on [B, T]: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")

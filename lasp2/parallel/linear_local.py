@@ -127,7 +127,11 @@ def detached_leaves(inputs, grad_enabled: bool) -> list:
 
 
 def leaf_grads(leaves, outputs, grads) -> list:
-    """One ``autograd.grad`` over the kept local graph; None for leaves without grad."""
+    """One ``autograd.grad`` over the kept local graph; None for leaves without grad.
+
+    Outputs that do not depend on any leaf requiring grad (e.g. the final states when only q
+    requires grad) are dropped: autograd refuses outputs without a graph."""
     wanted = [t for t in leaves if t is not None and t.requires_grad]
-    got = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
     return [next(got) if t is not None and t.requires_grad else None for t in leaves]

@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .ops import chunk, naive
+from .ops import chunk, delta
 from .ops.softmax import attention_blockwise, doc_ids_from_cu_seqlens
 from .validation import (check_beta, check_cu_seqlens, check_gate, check_initial_state, check_qkv,
                          check_scale, resolve_scale)
@@ -31,8 +31,8 @@ def linear_attention(
         g: None (basic / no decay), [B, T, H] (constant decay or scalar gate) or [B, T, H, K]
             (per-channel gate); log space, <= 0.
         beta: None, or [B, T, H] in [0, 1] for the delta rule (DeltaNet; Gated DeltaNet with g
-            [B, T, H]). Keys are used as given (not normalised). The delta rule currently runs
-            the per-token recurrence of ``ops/naive.py``: exact but slow.
+            [B, T, H]). Keys are used as given (not normalised). The delta rule runs the
+            chunked WY/UT-transform op of ``ops/delta.py``.
         scale: defaults to K**-0.5.
         causal: False gives bidirectional basic linear attention (no g, beta or states).
         initial_state: [B, H, K, V], or [N, H, K, V] (one per document) with cu_seqlens.
@@ -60,7 +60,7 @@ def linear_attention(
     if beta is not None:
         if g is not None and g.dim() == 4:
             raise ValueError("the delta rule takes a scalar gate g [B, T, H], not a per-channel gate")
-        return naive.naive_linear_attention(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        return delta.delta_linear_attention(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                             output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     return chunk.chunk_linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
                                         output_final_state=output_final_state, cu_seqlens=cu_seqlens)

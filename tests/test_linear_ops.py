@@ -121,7 +121,7 @@ def test_bidirectional_matches_naive():
             assert_close(f"d{n}", a, b, torch.float64)
 
 
-def test_delta_rule_dispatches_to_recurrence():
+def test_delta_rule_matches_recurrence():
     inputs = make_inputs("scalar", 1, 20, 2, 4, 3, seed=6, n_states=1)
     beta = torch.rand(1, 20, 2, dtype=torch.float64)
     k = torch.nn.functional.normalize(inputs["k"], dim=-1)

@@ -47,7 +47,7 @@ def _sp_step(config: str, q, k, v, g, group):
         # The public function always overlaps; the ablation calls the autograd.Function with
         # overlap=False (same code, the gather is waited for before the intra-chunk work).
         layout = Layout("contiguous", dist.get_world_size(group), q.shape[1])
-        o = LASP2Function.apply(q, k, v, g, q.shape[-1] ** -0.5, layout, group, None, 0.0, False, True)
+        o = LASP2Function.apply(q, k, v, g, None, q.shape[-1] ** -0.5, layout, group, None, 0.0, False, True)
     else:
         o = lasp2.sp_linear_attention(q, k, v, g, group=group, strategy=config)
     o.sum().backward()

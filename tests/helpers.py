@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 # Diagonal-gate variants of DESIGN §1 and the shape of their gate.
 DIAGONAL_VARIANTS = ("basic", "constant", "scalar", "channel")
+DELTA_VARIANTS = ("deltanet", "gated_deltanet")
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 BF16_RMS_TOL = 2e-2
 
@@ -43,19 +44,20 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.d
 def make_gate(variant: str, B: int, T: int, H: int, K: int, generator: torch.Generator,
               dtype=torch.float64) -> Optional[torch.Tensor]:
     """Log-space gate for a diagonal variant (None for basic linear attention)."""
-    if variant == "basic":
+    if variant in ("basic", "deltanet"):
         return None
     if variant == "constant":  # Lightning / RetNet: one fixed decay per head
         lam = 1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float64))
         return lam.log().view(1, 1, H).expand(B, T, H).to(dtype).contiguous()
-    shape = (B, T, H) if variant == "scalar" else (B, T, H, K)
+    shape = (B, T, H) if variant in ("scalar", "gated_deltanet") else (B, T, H, K)
     x = torch.randn(shape, generator=generator, dtype=torch.float64) + 2.0
     return F.logsigmoid(x).to(dtype)
 
 
 def make_inputs(variant: str, B: int, T: int, H: int, K: int, V: int, seed: int,
                 dtype=torch.float64, n_states: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """q, k, v, g (maybe None) and an initial state [n_states, H, K, V] (None if n_states is None)."""
+    """q, k, v, g (maybe None), beta (delta variants only) and an initial state
+    [n_states, H, K, V] (None if n_states is None)."""
     gen = torch.Generator().manual_seed(seed)
     out = {
         "q": torch.randn(B, T, H, K, generator=gen, dtype=torch.float64).to(dtype),
@@ -63,6 +65,9 @@ def make_inputs(variant: str, B: int, T: int, H: int, K: int, V: int, seed: int,
         "v": torch.randn(B, T, H, V, generator=gen, dtype=torch.float64).to(dtype),
         "g": make_gate(variant, B, T, H, K, gen, dtype),
     }
+    if variant in DELTA_VARIANTS:  # DeltaNet layers L2-normalise keys; beta = sigmoid(x)
+        out["k"] = F.normalize(out["k"].double(), dim=-1).to(dtype)
+        out["beta"] = torch.sigmoid(torch.randn(B, T, H, generator=gen, dtype=torch.float64)).to(dtype)
     out["initial_state"] = (None if n_states is None else
                             torch.randn(n_states, H, K, V, generator=gen, dtype=torch.float64).float()
                             .to(torch.float64 if dtype == torch.float64 else torch.float32))

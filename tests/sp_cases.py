@@ -25,10 +25,10 @@ def compare_linear(group, *, variant: str, B: int, T_local: int, H: int, K: int,
     inputs = make_inputs(variant, B, T, H, K, V, seed=seed, dtype=dtype)
     cu_t = None if cu is None else torch.tensor(cu)
     weight = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    names = [n for n in ("q", "k", "v", "g") if inputs[n] is not None]
+    names = [n for n in ("q", "k", "v", "g", "beta") if inputs.get(n) is not None]
 
     ref_leaves = {n: inputs[n].clone().requires_grad_() for n in names}
-    o_ref, _ = lasp2.linear_attention(*(ref_leaves.get(n) for n in ("q", "k", "v", "g")),
+    o_ref, _ = lasp2.linear_attention(*(ref_leaves.get(n) for n in ("q", "k", "v", "g", "beta")),
                                       causal=causal, cu_seqlens=cu_t)
     ref_grads = torch.autograd.grad((o_ref.double() * weight).sum(), [ref_leaves[n] for n in names])
 
@@ -38,9 +38,9 @@ def compare_linear(group, *, variant: str, B: int, T_local: int, H: int, K: int,
     leaves = {n: local(inputs[n]).clone().requires_grad_() for n in names}
     call = dict(group=group, causal=causal, strategy=strategy, layout=layout, cu_seqlens=cu_t)
     with torch.no_grad():  # the first call with new shapes may add a one-off agreement check
-        lasp2.sp_linear_attention(*(leaves.get(n) for n in ("q", "k", "v", "g")), **call)
+        lasp2.sp_linear_attention(*(leaves.get(n) for n in ("q", "k", "v", "g", "beta")), **call)
     with comm.track() as fwd_log:
-        o = lasp2.sp_linear_attention(*(leaves.get(n) for n in ("q", "k", "v", "g")), **call)
+        o = lasp2.sp_linear_attention(*(leaves.get(n) for n in ("q", "k", "v", "g", "beta")), **call)
     with comm.track() as bwd_log:
         grads = torch.autograd.grad((o.double() * local(weight)).sum(), [leaves[n] for n in names])
 

@@ -102,7 +102,7 @@ def _validation_cases(group, W: int):
     odd = _inputs(None, 5)
     pos_g = xg["g"].clone()
     pos_g[0, 1, 0] = 0.25  # the same positive entry on every rank
-    beta = torch.full((B, T, H), 0.5)
+    beta = torch.full((B, T, H), 1.5)  # outside [0, 1]
     cu_local = torch.tensor([0, 2, T])  # ends at the local length: a classic mistake
     cu_global = torch.tensor([0, 2, W * T])
     whole = torch.randn(2, 2 * W * 3, 4)
@@ -115,7 +115,9 @@ def _validation_cases(group, W: int):
         "cu_seqlens with B > 1": (
             lambda: sp(*_qkvg(x2)[:3], group=group, cu_seqlens=cu_global), r"cu_seqlens.*B == 1"),
         "positive g": (lambda: sp(xg["q"], xg["k"], xg["v"], pos_g, group=group), r"\bg\b.*<= 0"),
-        "beta (unsupported under SP)": (lambda: sp(q, k, v, None, beta, group=group), r"beta.*not supported"),
+        "beta outside [0, 1]": (lambda: sp(q, k, v, None, beta, group=group), r"beta must lie in \[0, 1\]"),
+        "delta rule with a per-channel gate": (lambda: sp(q, k, v, -torch.ones(B, T, H, K), beta.clamp(0, 1),
+                                                          group=group), r"scalar gate g \[B, T, H\]"),
         "causal=False with g": (
             lambda: sp(*_qkvg(xg), group=group, causal=False), r"causal=False.*g=None"),
         "causal=False with lasp1": (
@@ -434,7 +436,7 @@ def test_group_is_required_without_a_process_group():
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_bad_arguments_raise_value_error_naming_them(world_size):
     counts = _section_results(world_size, "validation")
-    assert counts == [counts[0]] * world_size and counts[0] == 15
+    assert counts == [counts[0]] * world_size and counts[0] == 16
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

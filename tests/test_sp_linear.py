@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import lasp2
 from tests.dist import WORLD_SIZES, run_cases, run_distributed
-from tests.helpers import DIAGONAL_VARIANTS
+from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS
 from tests.sp_cases import compare_linear, run_table
 
 
@@ -116,3 +116,29 @@ def _docs_worker(group):
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_sp_linear_documents(world_size):
     run_distributed(_docs_worker, world_size)
+
+
+def _delta_worker(group):
+    """DeltaNet / Gated DeltaNet: K x K transitions in the same single all-gather."""
+    W = dist.get_world_size(group)
+    cases = []
+    for variant, strategy, layout, T_local in itertools.product(
+            DELTA_VARIANTS, ("lasp2", "lasp1"), ("contiguous", "zigzag"), (1, 38, 70)):
+        if layout == "zigzag" and T_local % 2:
+            T_local += 1
+        cases.append((f"{variant}-{strategy}-{layout}-T{T_local}",
+                      dict(variant=variant, B=2, T_local=T_local, H=2, K=4, V=3, dtype=torch.float64,
+                           strategy=strategy, layout=layout, W=W)))
+    for (scenario, cu), variant, layout in itertools.product(
+            doc_scenarios(W, 12).items(), DELTA_VARIANTS, ("contiguous", "zigzag")):
+        cases.append((f"docs-{scenario}-{variant}-{layout}",
+                      dict(variant=variant, B=1, T_local=12, H=2, K=4, V=3, dtype=torch.float64,
+                           strategy="lasp2", layout=layout, cu=cu, W=W)))
+    cases.append(("gated_deltanet-fp32", dict(variant="gated_deltanet", B=1, T_local=70, H=2, K=8, V=8,
+                                              dtype=torch.float32, strategy="lasp2", layout="zigzag", W=W)))
+    run_cases(cases, lambda W, **p: _expect_contract(compare_linear(group, **p), dict(p, W=W)))
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_sp_delta_rule(world_size):
+    run_distributed(_delta_worker, world_size)

@@ -56,7 +56,8 @@ def sp_linear_attention(
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V]; g: None | [B, T, H] | [B, T, H, K] (log space,
             <= 0) — this rank's shard in ``layout`` (T local; the global length is W * T).
-        beta: the delta rule is not yet supported under sequence parallelism (ValueError).
+        beta: None, or [B, T, H] in [0, 1] for DeltaNet / Gated DeltaNet (g then [B, T, H] or
+            None); keys are used as given (normalise them in the layer, as DeltaNet does).
         group: the sequence-parallel process group (required).
         scale: defaults to K**-0.5. causal: False is bidirectional basic linear attention
             (``strategy="lasp2"`` only, no g).
@@ -67,8 +68,9 @@ def sp_linear_attention(
     Returns:
         o [B, T, H, V], this rank's shard, in q's dtype. Differentiable w.r.t. q, k, v, g.
 
-    Communication (causal, per call): "lasp2": forward 1 all-gather of [W, S, B*H*(K*V + Kg) + 1]
-    fp32 (S = 1 contiguous, 2 zigzag; Kg = 1 or K), backward 1 all-gather of [W, S, B, H, K, V]
+    Communication (causal, per call): "lasp2": forward 1 all-gather of [W, S, B*H*(K*V + a) + 1]
+    fp32 (S = 1 contiguous, 2 zigzag; a = 1 without or with a scalar gate, K per-channel, K*K
+    for the delta rule), backward 1 all-gather of [W, S, B, H, K, V]
     fp32. "lasp1": W - 1 sequential sends of [B, H, K, V] per direction (contiguous). The first
     call with new shapes on a group adds one small agreement check (then cached).
     """
@@ -78,38 +80,34 @@ def sp_linear_attention(
     check_qkv(q, k, v)
     check_scale(scale)
     check_gate(g, q)
-    if beta is not None:
-        check_beta(beta, q)
-        raise ValueError("beta (the delta rule) is not supported by sp_linear_attention yet; "
-                         "run DeltaNet layers with lasp2.linear_attention on one device")
+    check_beta(beta, q)
+    if beta is not None and g is not None and g.dim() == 4:
+        raise ValueError("the delta rule takes a scalar gate g [B, T, H], not a per-channel gate")
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, q.shape[1])
     check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0])
     if not causal:
-        if g is not None:
-            raise ValueError("causal=False supports basic linear attention only: pass g=None")
+        if g is not None or beta is not None:
+            raise ValueError("causal=False supports basic linear attention only: pass g=None and beta=None")
         if strategy != "lasp2":
             raise ValueError("causal=False needs strategy='lasp2' (the LASP-1 ring is causal only)")
-        if cu_seqlens is not None:
-            raise ValueError("causal=False with cu_seqlens is not supported under sequence parallelism "
-                             "yet; pass cu_seqlens=None or run it on one device")
     scale = resolve_scale(scale, q)
     signature = (f"sp_linear_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
-                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} g={_describe(g)} "
+                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} g={_describe(g)} beta={_describe(beta)} "
                  f"docs={cu_seqlens is not None}")
     comm.ensure_agreement(group, signature)
     if world == 1:
-        o, _ = functional.linear_attention(q, k, v, g, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
+        o, _ = functional.linear_attention(q, k, v, g, beta, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
         return o
     if not causal:
-        return BidirectionalLASP2Function.apply(q, k, v, scale, group)
+        return BidirectionalLASP2Function.apply(q, k, v, scale, lay, group, cu_seqlens)
     grad_enabled = torch.is_grad_enabled()
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(q.device)
     if strategy == "lasp1":
-        return LASP1Function.apply(q, k, v, g, scale, lay, group, cu_seqlens, grad_enabled)
+        return LASP1Function.apply(q, k, v, g, beta, scale, lay, group, cu_seqlens, grad_enabled)
     header = comm.signature_code(signature + _cu_digest(cu_seqlens))
-    return LASP2Function.apply(q, k, v, g, scale, lay, group, cu_seqlens, header, True, grad_enabled)
+    return LASP2Function.apply(q, k, v, g, beta, scale, lay, group, cu_seqlens, header, True, grad_enabled)
 
 
 def _check_shard_args(x, group, layout: str, dim: int):
@@ -154,3 +152,73 @@ def unshard(x_local: torch.Tensor, *, group, layout: str = "contiguous", dim: in
         s = lay.segment(j)
         pieces.append(gathered[s.owner].narrow(dim, s.local_start, s.length))
     return torch.cat(pieces, dim=dim)
+
+
+SOFTMAX_STRATEGIES = ("allgather", "ring", "ulysses")
+
+
+def sp_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    strategy: str = "allgather",
+    layout: str = "contiguous",
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Sequence-parallel softmax attention: this rank's shard of ``softmax_attention`` on the
+    whole sequence.
+
+    Args:
+        q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, Dv], H % Hkv == 0 (GQA) — this rank's
+            shard in ``layout`` (T local; the global length is W * T). One floating dtype.
+        group: the sequence-parallel process group (required).
+        scale: defaults to D**-0.5. causal: False gives bidirectional attention.
+        strategy: "allgather" (LASP-2H, one collective per direction), "ring" (K/V rotate
+            around the ring) or "ulysses" (all-to-all to head sharding; needs H % W == 0).
+        layout: "contiguous" or "zigzag" (see ``lasp2.shard``); zigzag balances causal work.
+        cu_seqlens: global [N + 1] cumulative document lengths, identical on every rank (B == 1);
+            no attention across documents, whichever ranks they span.
+
+    Returns:
+        o [B, T, H, Dv], this rank's shard, in q's dtype (computed in fp32 for half precision).
+        Differentiable w.r.t. q, k, v.
+
+    Communication (per call, W > 1): "allgather": forward 1 all-gather of [W, B, T, Hkv, D + Dv]
+    in the input dtype; backward 1 reduce-scatter of the same shape in fp32 (fp64 for fp64).
+    "ring": W - 1 send/recv hops per direction; forward K/V [B, T, Hkv, D + Dv] (input dtype),
+    backward the fp32 dK/dV accumulator of that shape (plus a K/V block on hops 1..W-3).
+    "ulysses": 2 all-to-alls per direction (q, k, v packed, then o; dO, then dq, dk, dv packed),
+    KV heads repeated when W does not divide Hkv. The first call with new shapes on a group adds
+    one small agreement check (then cached).
+    """
+    from ..ops.softmax import doc_ids_from_cu_seqlens
+    from .ring_attention import RingAttentionFunction
+    from .softmax_allgather import AllGatherAttentionFunction
+    from .ulysses import UlyssesAttentionFunction
+
+    check_group(group)
+    check_choice("strategy", strategy, SOFTMAX_STRATEGIES)
+    check_choice("layout", layout, LAYOUTS)
+    check_qkv(q, k, v, kv_heads_may_differ=True)
+    check_scale(scale)
+    rank, world = comm.rank_and_size(group)
+    lay = Layout(layout, world, q.shape[1])
+    check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0])
+    if strategy == "ulysses" and q.shape[2] % world:
+        raise ValueError(f"strategy='ulysses' shards the query heads over the group, so H = {q.shape[2]} "
+                         f"must be a multiple of the group size W = {world}; use a head count divisible "
+                         f"by {world}, or strategy='allgather' or 'ring', which work with any H")
+    scale = resolve_scale(scale, q)
+    signature = (f"sp_softmax_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
+                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={cu_seqlens is not None}")
+    comm.ensure_agreement(group, signature)
+    if world == 1:
+        return functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
+    doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), lay.global_len)
+    fn = {"allgather": AllGatherAttentionFunction, "ring": RingAttentionFunction,
+          "ulysses": UlyssesAttentionFunction}[strategy]
+    return fn.apply(q, k, v, scale, causal, lay, group, doc)

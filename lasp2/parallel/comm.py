@@ -169,3 +169,106 @@ def ensure_agreement(group: ProcessGroup, signature: str) -> None:
     lines = "\n".join(f"  rank {r}: {s}" for r, s in enumerate(everyone))
     raise ValueError("ranks of the sequence-parallel group called the op with different arguments; "
                      "every rank must pass the same shapes, dtypes, strategy and layout:\n" + lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Added for the softmax strategies (LASP-2H all-gather, ring attention, Ulysses).
+#
+# gloo on CPU (verified with torch 2.13): ``reduce_scatter_single`` / ``reduce_scatter_tensor``
+# work, but gloo implements them as an all-reduce of the whole [W, ...] buffer after which each
+# rank keeps its chunk (twice the traffic of a real reduce-scatter; NCCL does the real thing).
+# ``all_to_all_single`` and ``batch_isend_irecv`` work natively. So no fallback is needed here;
+# the byte records below are the logical per-rank traffic of the ideal algorithm, as for
+# ``all_gather``.
+# ---------------------------------------------------------------------------------------------
+
+
+class _WaitAll:
+    """Several in-flight works seen as one (what ``Pending`` expects of its work)."""
+
+    def __init__(self, works):
+        self._works = list(works or [])
+
+    def wait(self):
+        for w in self._works:
+            w.wait()
+        self._works = []
+
+
+def reduce_scatter(x: torch.Tensor, group: ProcessGroup, *, async_op: bool = False):
+    """Sum ``x`` [W, ...] over the ranks and keep this rank's row: returns ``x.shape[1:]``
+    (or a ``Pending`` if async_op).
+
+    Row j of every rank's ``x`` is destined for rank j (the inverse of ``all_gather``'s layout).
+    Communication: 1 reduce-scatter; logical traffic (W - 1) * (bytes of one row) each way.
+    """
+    W = dist.get_world_size(group)
+    if x.shape[0] != W:
+        raise ValueError(f"reduce_scatter expects a [W, ...] buffer with W = {W}, got {tuple(x.shape)}")
+    x = x.contiguous()
+    out = x.new_empty(x.shape[1:])
+    row_bytes = out.numel() * out.element_size()
+    _record("reduce_scatter", (W - 1) * row_bytes, (W - 1) * row_bytes)
+    if W == 1:
+        out.copy_(x[0])
+        return Pending(None, out) if async_op else out
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    # Flat views: gloo wants the input to be W outputs stacked along dim 0 with equal trailing
+    # dims ([W * n] -> [n]), which a [W, ...] -> [...] call does not satisfy.
+    work = scatter(out.view(-1), x.view(-1), group=group, async_op=async_op)
+    return Pending(work, out) if async_op else out
+
+
+def all_to_all(x: torch.Tensor, group: ProcessGroup, *, async_op: bool = False):
+    """Exchange rows: ``x`` is [W, ...] with row j destined for rank j; returns [W, ...] whose
+    row j came from rank j (or a ``Pending`` if async_op).
+
+    Communication: 1 all-to-all; (W - 1) rows sent and (W - 1) rows received per rank.
+    """
+    W = dist.get_world_size(group)
+    if x.shape[0] != W:
+        raise ValueError(f"all_to_all expects a [W, ...] buffer with W = {W}, got {tuple(x.shape)}")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    row_bytes = x[0].numel() * x.element_size()
+    _record("all_to_all", (W - 1) * row_bytes, (W - 1) * row_bytes)
+    if W == 1:
+        out.copy_(x)
+        return Pending(None, out) if async_op else out
+    work = dist.all_to_all_single(out, x, group=group, async_op=async_op)
+    return Pending(work, out) if async_op else out
+
+
+def _p2p_op(op, x: torch.Tensor, peer: int, group: ProcessGroup):
+    """A ``P2POp`` addressing ``peer`` by its rank in ``group`` the way this torch accepts."""
+    import inspect
+
+    if "group_peer" in inspect.signature(dist.P2POp.__init__).parameters:
+        return dist.P2POp(op, x, group=group, group_peer=peer)
+    return dist.P2POp(op, x, dist.get_global_rank(group, peer), group=group)
+
+
+def send_recv(x: Optional[torch.Tensor], dst: Optional[int], like: Optional[torch.Tensor],
+              src: Optional[int], group: ProcessGroup) -> Pending:
+    """Non-blocking: send ``x`` to ``dst`` and receive a tensor shaped like ``like`` from
+    ``src`` (ranks in ``group``; either side may be None). ``wait()`` returns the received
+    tensor (None if nothing was received).
+
+    Both are issued as one ``batch_isend_irecv`` so that a ring step cannot deadlock (NCCL
+    needs the send and the receive of a step in one group; gloo accepts it too).
+    Communication: 1 send and 1 recv (each recorded separately).
+    """
+    ops, out = [], None
+    if x is not None:
+        x = x.contiguous()
+        _record("send", x.numel() * x.element_size(), 0)
+        ops.append(_p2p_op(dist.isend, x, dst, group))
+    if like is not None:
+        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        _record("recv", 0, out.numel() * out.element_size())
+        ops.append(_p2p_op(dist.irecv, out, src, group))
+    works = dist.batch_isend_irecv(ops) if ops else []
+    # Keep the sent tensor alive until the transfer completes (the caller may drop it).
+    pending = Pending(_WaitAll(works), out)
+    pending._keep = x
+    return pending

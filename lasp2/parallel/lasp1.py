@@ -17,18 +17,18 @@ import torch
 
 from . import comm
 from .layout import Layout
-from .linear_local import (SegmentWork, add_incoming, assemble, detached_leaves, incoming_grad,
+from .linear_local import (SegmentWork, add_incoming, apply_transition, assemble, detached_leaves, incoming_grad,
                            leaf_grads, output_chunks_of, summarise, intra_outputs)
 
 
-def lasp1_fwd(q, k, v, g, *, scale: float, layout: Layout, group, cu_seqlens):
+def lasp1_fwd(q, k, v, g, beta, *, scale: float, layout: Layout, group, cu_seqlens):
     """Forward on plain tensors; returns (o [B, T, H, V] with graph, work).
 
     Communication: per local segment j > 0 one recv of [B, H, K, V] from the owner of j - 1 and
     per local segment j < J - 1 one send to the owner of j + 1 (skipped when that is this rank).
     """
     rank = comm.rank_and_size(group)[0]
-    work = summarise(q, k, v, g, scale, layout, rank, cu_seqlens)
+    work = summarise(q, k, v, g, beta, scale, layout, rank, cu_seqlens)
     intra_outputs(work)
     carried = None
     for w in work:  # local order is sequence order in both layouts
@@ -39,7 +39,7 @@ def lasp1_fwd(q, k, v, g, *, scale: float, layout: Layout, group, cu_seqlens):
             P = carried
         else:
             P = comm.recv(w.summary_state.detach(), layout.owner(j - 1), group)
-        out = w.transition.detach().unsqueeze(-1) * P + w.summary_state.detach()
+        out = apply_transition(w.transition.detach(), P) + w.summary_state.detach()
         if j + 1 < layout.num_segments:
             if layout.owner(j + 1) == rank:
                 carried = out
@@ -67,7 +67,7 @@ def lasp1_bwd(do: torch.Tensor, work: List[SegmentWork], layout: Layout, group):
             nxt[i] = carried
         else:
             nxt[i] = comm.recv(w.summary_state.detach(), layout.owner(j + 1), group)
-        D = incoming_grad(w, do_chunks[i]) + w.transition.detach().unsqueeze(-1) * nxt[i]
+        D = incoming_grad(w, do_chunks[i]) + apply_transition(w.transition.detach(), nxt[i], transpose=True)
         if j > 0:
             if layout.owner(j - 1) == rank:
                 carried = D
@@ -80,8 +80,8 @@ class LASP1Function(torch.autograd.Function):
     """Thin autograd wrapper: exactly one gradient per forward input."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, layout, group, cu_seqlens, grad_enabled):
-        leaves = detached_leaves((q, k, v, g), grad_enabled)
+    def forward(ctx, q, k, v, g, beta, scale, layout, group, cu_seqlens, grad_enabled):
+        leaves = detached_leaves((q, k, v, g, beta), grad_enabled)
         with torch.set_grad_enabled(any(t is not None and t.requires_grad for t in leaves)):
             o, work = lasp1_fwd(*leaves, scale=scale, layout=layout, group=group, cu_seqlens=cu_seqlens)
         ctx.leaves, ctx.work, ctx.layout, ctx.group = leaves, work, layout, group
@@ -90,6 +90,6 @@ class LASP1Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         outputs, grads = lasp1_bwd(do, ctx.work, ctx.layout, ctx.group)
-        dq, dk, dv, dg = leaf_grads(ctx.leaves, outputs, grads)
+        dq, dk, dv, dg, dbeta = leaf_grads(ctx.leaves, outputs, grads)
         ctx.work = ctx.leaves = None
-        return dq, dk, dv, dg, None, None, None, None, None
+        return dq, dk, dv, dg, dbeta, None, None, None, None, None

@@ -58,17 +58,18 @@ def _by_segment(gathered: torch.Tensor, layout: Layout) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def lasp2_fwd(q, k, v, g, *, scale: float, layout: Layout, group, cu_seqlens, header: float,
+def lasp2_fwd(q, k, v, g, beta, *, scale: float, layout: Layout, group, cu_seqlens, header: float,
               overlap: bool = True):
     """Forward on plain tensors (leaves may require grad: the graph is kept in the result).
 
     Returns (o [B, T, H, V] with graph, work, A_all [J, B, H, Kg]).
-    Communication: 1 all-gather of [W, S_local, B*H*K*V + B*H*Kg + 1] fp32 (fp64 for fp64 inputs).
+    Communication: 1 all-gather of [W, S_local, B*H*K*V + |Â| + 1] fp32 (fp64 for fp64 inputs),
+    |Â| = B*H*Kg for the diagonal family, B*H*K*K for the delta rule.
     """
     rank = comm.rank_and_size(group)[0]
     B, _, H, K = q.shape
     V = v.shape[-1]
-    work = summarise(q, k, v, g, scale, layout, rank, cu_seqlens)
+    work = summarise(q, k, v, g, beta, scale, layout, rank, cu_seqlens)
     pending = comm.all_gather(_pack(work, header), group, async_op=True)
     if overlap:
         intra_outputs(work)
@@ -79,7 +80,7 @@ def lasp2_fwd(q, k, v, g, *, scale: float, layout: Layout, group, cu_seqlens, he
     rows = _by_segment(gathered, layout)  # [J, n]
     dt = work[0].states.dtype
     S_all = rows[:, : B * H * K * V].reshape(-1, B, H, K, V).to(dt)
-    A_all = rows[:, B * H * K * V: -1].reshape(-1, B, H, work[0].transition.shape[-1]).to(dt)
+    A_all = rows[:, B * H * K * V: -1].reshape(-1, *work[0].transition.shape).to(dt)
     P = fold_forward(S_all, A_all)
     for w in work:
         add_incoming(w, P[w.seg.index])
@@ -105,8 +106,8 @@ class LASP2Function(torch.autograd.Function):
     """Thin autograd wrapper: exactly one gradient per forward input."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, layout, group, cu_seqlens, header, overlap, grad_enabled):
-        leaves = detached_leaves((q, k, v, g), grad_enabled)
+    def forward(ctx, q, k, v, g, beta, scale, layout, group, cu_seqlens, header, overlap, grad_enabled):
+        leaves = detached_leaves((q, k, v, g, beta), grad_enabled)
         with torch.set_grad_enabled(any(t is not None and t.requires_grad for t in leaves)):
             o, work, A_all = lasp2_fwd(*leaves, scale=scale, layout=layout, group=group,
                                        cu_seqlens=cu_seqlens, header=header, overlap=overlap)
@@ -116,9 +117,9 @@ class LASP2Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         outputs, grads = lasp2_bwd(do, ctx.work, ctx.A_all, ctx.layout, ctx.group)
-        dq, dk, dv, dg = leaf_grads(ctx.leaves, outputs, grads)
+        dq, dk, dv, dg, dbeta = leaf_grads(ctx.leaves, outputs, grads)
         ctx.work = ctx.leaves = None  # free the graph
-        return dq, dk, dv, dg, None, None, None, None, None, None, None
+        return dq, dk, dv, dg, dbeta, None, None, None, None, None, None, None
 
 
 def _doc_pieces(layout: Layout, rank: int, cu_seqlens) -> List[List[Tuple[slice, int]]]:

@@ -3,8 +3,9 @@
 Both strategies split each local segment's work the same way (DESIGN §1):
 
 1. ``summarise``: chunk the segment and scan its chunk states from a zero incoming state;
-   the last one is the segment's Ŝ, and Â is its transition (a decay vector, 0 when the segment
-   holds a document start). This is all another rank ever needs from this one.
+   the last one is the segment's Ŝ, and Â is its transition (a decay vector for the diagonal
+   family, a K x K matrix for the delta rule; 0 when the segment holds a document start). This is
+   all another rank ever needs from this one.
 2. ``intra_outputs``: the intra-chunk outputs, which need no state: the bulk of the work,
    done while the summaries travel.
 3. ``add_incoming``: once the incoming state P is known, the chunk-entry states become
@@ -23,17 +24,26 @@ from typing import List, Optional
 
 import torch
 
-from ..ops import chunk
+from ..ops import chunk, delta
 from .layout import Layout, Segment, local_starts
+
+
+def apply_transition(A: torch.Tensor, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """A X (or A^T X) for a transition A that is a decay vector [..., Kg] (diagonal family) or
+    a matrix [..., K, K] (delta rule), and states X [..., K, V]."""
+    if A.dim() == X.dim():
+        return (A.transpose(-1, -2) if transpose else A) @ X
+    return A.unsqueeze(-1) * X
 
 
 @dataclass
 class SegmentWork:
     seg: Segment
-    c: chunk.Chunked
+    c: "chunk.Chunked | delta.DeltaChunked"
     states: torch.Tensor     # [B, H, N + 1, K, V] chunk-entry states; zero incoming state until
-                             # ``add_incoming`` adds Λ * P
-    decays: torch.Tensor     # Λ [B, H, N + 1, Kg]: segment start -> chunk entries; Λ_N = Â
+                             # ``add_incoming`` adds Λ P
+    decays: torch.Tensor     # Λ: segment start -> chunk entries, [B, H, N + 1, Kg] (decay
+                             # vectors) or [B, H, N + 1, K, K] (delta rule); Λ_N = Â
     outputs: Optional[torch.Tensor] = None  # [B, H, N, C, V]
     q_inter: Optional[torch.Tensor] = None  # inter_query (the tensor autograd keeps anyway)
     final: Optional[torch.Tensor] = None    # Â * P + Ŝ with graph (sliced in forward, where
@@ -46,44 +56,55 @@ class SegmentWork:
 
     @property
     def transition(self) -> torch.Tensor:
-        """Â [B, H, Kg]."""
+        """Â [B, H, Kg] or [B, H, K, K]."""
         return self.decays[:, :, -1]
 
 
-def summarise(q, k, v, g, scale: float, layout: Layout, rank: int, cu_seqlens) -> List[SegmentWork]:
-    """Step 1 for every local segment (in local order). Inputs are the rank's [B, T, ...] leaves."""
+def summarise(q, k, v, g, beta, scale: float, layout: Layout, rank: int, cu_seqlens) -> List[SegmentWork]:
+    """Step 1 for every local segment (in local order). Inputs are the rank's [B, T, ...] leaves;
+    ``beta`` None selects the diagonal family (``ops/chunk.py``), else the delta rule
+    (``ops/delta.py``)."""
     work = []
     for seg in layout.local_segments(rank):
         sl = slice(seg.local_start, seg.local_start + seg.length)
-        c = chunk.prepare(q[:, sl], k[:, sl], v[:, sl], None if g is None else g[:, sl], scale,
-                          local_starts(cu_seqlens, seg))
-        a, U = chunk.chunk_transitions(c)
-        work.append(SegmentWork(seg, c, chunk.scan_states(a, U, None), chunk.entry_decays(c)))
+        g_s = None if g is None else g[:, sl]
+        starts = local_starts(cu_seqlens, seg)
+        if beta is None:
+            c = chunk.prepare(q[:, sl], k[:, sl], v[:, sl], g_s, scale, starts)
+            a, U = chunk.chunk_transitions(c)
+            work.append(SegmentWork(seg, c, chunk.scan_states(a, U, None), chunk.entry_decays(c)))
+        else:
+            c = delta.prepare_delta(q[:, sl], k[:, sl], v[:, sl], g_s, beta[:, sl], scale, starts)
+            M, U = delta.delta_chunk_transitions(c)
+            work.append(SegmentWork(seg, c, delta.scan_matrix_states(M, U, None),
+                                    delta.delta_entry_transitions(c, M)))
     return work
 
 
 def intra_outputs(work: List[SegmentWork]) -> None:
     """Step 2: the intra-chunk outputs, which need no state (overlaps the communication)."""
     for w in work:
-        w.outputs = chunk.intra_outputs(w.c)
+        w.outputs = delta.delta_intra_outputs(w.c) if _is_delta(w) else chunk.intra_outputs(w.c)
+
+
+def _is_delta(w: SegmentWork) -> bool:
+    return isinstance(w.c, delta.DeltaChunked)
 
 
 def add_incoming(w: SegmentWork, P: torch.Tensor) -> None:
     """Step 3 for one segment, P [B, H, K, V] the state entering it (a constant): the entry
-    states become S_in + Λ * P, then the inter-chunk term is added with them."""
-    w.states = w.states + w.decays.unsqueeze(-1) * P.unsqueeze(2)
-    w.q_inter = chunk.inter_query(w.c)
+    states become S_in + Λ P, then the inter-chunk term is added with them."""
+    w.states = w.states + apply_transition(w.decays, P.unsqueeze(2))
+    w.q_inter = delta.delta_inter_query(w.c) if _is_delta(w) else chunk.inter_query(w.c)
     w.outputs = w.outputs + w.q_inter @ w.states[:, :, :-1]
     w.final = w.states[:, :, -1]
 
 
 def incoming_grad(w: SegmentWork, do_chunks: torch.Tensor) -> torch.Tensor:
-    """G = dL/dP from this segment's own outputs: sum_i (q_i Λ-decayed)^T do_i, [B, H, K, V].
-
-    The decayed query is rebuilt here rather than kept from the forward (one [T, K] tensor less
-    per segment between forward and backward)."""
-    query = w.q_inter.detach() * w.decays[:, :, :-1].detach().unsqueeze(-2)
-    return torch.einsum("bhnck,bhncv->bhkv", query, do_chunks)
+    """G = dL/dP from this segment's own outputs: sum_n Λ_n^T (Q_n^T dO_n), [B, H, K, V], with
+    Q_n the inter-chunk query of chunk n (entry states are S_in + Λ P)."""
+    per_chunk = torch.einsum("bhnck,bhncv->bhnkv", w.q_inter.detach(), do_chunks)
+    return apply_transition(w.decays[:, :, :-1].detach(), per_chunk, transpose=True).sum(2)
 
 
 def output_chunks_of(do: torch.Tensor, w: SegmentWork) -> torch.Tensor:
@@ -100,11 +121,12 @@ def assemble(work: List[SegmentWork], dtype: torch.dtype) -> torch.Tensor:
 def fold_forward(S_hat: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
     """Prefix fold over segments in sequence order (DESIGN §1, P_0 = 0, P_{j+1} = Â_j P_j + Ŝ_j).
 
-    S_hat [J, B, H, K, V], A_hat [J, B, H, Kg]. Returns the incoming states P [J, B, H, K, V].
+    S_hat [J, B, H, K, V], A_hat [J, B, H, Kg] or [J, B, H, K, K]. Returns the incoming states
+    P [J, B, H, K, V].
     """
     P = torch.zeros_like(S_hat)
     for j in range(1, S_hat.shape[0]):
-        P[j] = A_hat[j - 1].unsqueeze(-1) * P[j - 1] + S_hat[j - 1]
+        P[j] = apply_transition(A_hat[j - 1], P[j - 1]) + S_hat[j - 1]
     return P
 
 
@@ -116,7 +138,7 @@ def fold_backward(G: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
     """
     nxt = torch.zeros_like(G)
     for j in range(G.shape[0] - 2, -1, -1):
-        nxt[j] = G[j + 1] + A_hat[j + 1].unsqueeze(-1) * nxt[j + 1]
+        nxt[j] = G[j + 1] + apply_transition(A_hat[j + 1], nxt[j + 1], transpose=True)
     return nxt
 
 

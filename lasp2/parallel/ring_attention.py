@@ -1,0 +1,152 @@
+"""Ring Attention: the K/V blocks rotate around the ring, merged with online softmax (baseline).
+
+Forward: at step s (0 <= s < W) rank r holds the K/V block of rank ``(r - s) mod W``. It first
+launches the hop that passes this block to r + 1 (and receives the next one from r - 1), then
+computes on the block it holds, so the transfer overlaps the compute; W - 1 hops in all. A block
+whose keys the causal / document mask fully hides is skipped (no compute) but still forwarded.
+Partial results are merged with their log-sum-exps (``merge_attention``). Masks come from the
+global positions of the block's owner under the layout, so contiguous and zigzag both work.
+
+Backward (W - 1 hops, each launched before the step's compute): at step s rank r computes the
+contribution of its queries to block ``b_s = (r + 1 + s) mod W``, i.e. the blocks run in the
+*opposite* order to the forward, so the first two (r + 1 and r + 2) are the last two blocks the
+forward received and are kept from it, and the last one is r's own. The dK/dV accumulator of
+block b travels b - 1 -> b - 2 -> ... -> b (its owner) one step behind: at step s the hop to
+r - 1 carries the accumulator of b_{s-1} (with r's share added) and, for 1 <= s <= W - 3, the K/V
+block that r - 1 needs at step s + 1. Accumulators are fp32 (fp64 for fp64 inputs); K/V stay in
+the input dtype; both travel as one byte buffer (one message per hop).
+
+Memory kept for backward: q, o, lse, the own K/V and up to two received K/V blocks.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from ..ops.softmax import attention_block_bwd, attention_block_fwd, merge_attention
+from . import comm
+from .layout import Layout
+from .softmax_allgather import BLOCK_SIZE, any_visible, compute_dtype, positions_and_docs
+
+
+def _to_bytes(*tensors: torch.Tensor) -> torch.Tensor:
+    """Tensors of any dtypes as one flat uint8 buffer (one message instead of several)."""
+    return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
+
+
+def _from_bytes(buf: torch.Tensor, likes: List[torch.Tensor]) -> List[torch.Tensor]:
+    out, offset = [], 0
+    for like in likes:
+        n = like.numel() * like.element_size()
+        out.append(buf[offset: offset + n].view(like.dtype).view(like.shape))
+        offset += n
+    return out
+
+
+def ring_fwd(q, k, v, *, scale: float, causal: bool, layout: Layout, group,
+             doc: Optional[torch.Tensor], block_size: int = BLOCK_SIZE):
+    """Forward on plain tensors (q [B, T, H, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv]).
+
+    Returns o (q's dtype), lse [B, H, T] (fp32; fp64 for fp64), the K/V blocks kept for the
+    backward {owner: [B, T, Hkv, D + Dv]} and the visibility of every owner's block.
+    Communication: W - 1 hops (send to r + 1, recv from r - 1) of [B, T, Hkv, D + Dv].
+    """
+    rank, W = comm.rank_and_size(group)
+    D, ct = k.shape[-1], compute_dtype(q.dtype)
+    q_pos, q_doc = positions_and_docs(layout, rank, doc, q.device)
+    keep_owners = {(rank + 1) % W, (rank + 2) % W}  # the backward's first two blocks
+    cur = torch.cat([k, v], dim=-1)
+    o = lse = None
+    kept: Dict[int, torch.Tensor] = {}
+    visible = [False] * W
+    for s in range(W):
+        src = (rank - s) % W
+        hop = comm.send_recv(cur, (rank + 1) % W, cur, (rank - 1) % W, group) if s < W - 1 else None
+        k_pos, k_doc = positions_and_docs(layout, src, doc, q.device)
+        visible[src] = any_visible(q_pos, q_doc, k_pos, k_doc, causal)
+        if visible[src]:
+            o_s, lse_s = attention_block_fwd(q, cur[..., :D], cur[..., D:], scale=scale, causal=causal,
+                                             q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc,
+                                             block_size=block_size, out_dtype=ct)
+            o, lse = (o_s, lse_s) if o is None else merge_attention(o, lse, o_s, lse_s)
+        if src in keep_owners and src != rank:
+            kept[src] = cur
+        if hop is not None:
+            cur = hop.wait()
+    # Every query sees at least itself, so o is set; the guard keeps odd masks NaN-free.
+    if o is None:
+        o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=ct)
+        lse = q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=ct)
+    return o.to(q.dtype), lse, kept, visible
+
+
+def ring_bwd(do, q, k, v, o, lse, kept: Dict[int, torch.Tensor], visible: List[bool], *,
+             scale: float, causal: bool, layout: Layout, group, doc: Optional[torch.Tensor],
+             block_size: int = BLOCK_SIZE):
+    """Backward: (dq, dk, dv) of this rank's shard in the dtypes of q, k, v.
+
+    Communication: W - 1 hops to r - 1, each the dK/dV accumulator [B, T, Hkv, D + Dv] fp32
+    (fp64 for fp64) plus, on hops 1..W-3, a K/V block [B, T, Hkv, D + Dv] in the input dtype.
+    """
+    rank, W = comm.rank_and_size(group)
+    D, ct = k.shape[-1], compute_dtype(q.dtype)
+    q_pos, q_doc = positions_and_docs(layout, rank, doc, q.device)
+    delta = (do.to(ct) * o.to(ct)).sum(dim=-1).transpose(1, 2)  # of the whole attention
+    qc = q.to(ct)
+    dq = torch.zeros_like(qc)
+    own = torch.cat([k, v], dim=-1)
+    kept = {**kept, rank: own}
+    acc_like = own.new_empty(own.shape, dtype=ct)
+    kv_cur = kept[(rank + 1) % W]
+    acc_in = partial_prev = None
+    for s in range(W):
+        b = (rank + 1 + s) % W
+        hop, want_kv = None, False
+        if s >= 1:
+            acc_out = partial_prev if acc_in is None else acc_in + partial_prev
+            want_kv = s <= W - 3  # r - 1 computes block b at step s + 1 and kept only two
+            send = _to_bytes(acc_out, *([kv_cur] if want_kv else []))
+            hop = comm.send_recv(send, (rank - 1) % W, send, (rank + 1) % W, group)
+        partial = torch.zeros_like(acc_like)
+        if visible[b]:
+            k_pos, k_doc = positions_and_docs(layout, b, doc, q.device)
+            dq_b, dk_b, dv_b = attention_block_bwd(
+                do, qc, kv_cur[..., :D].to(ct), kv_cur[..., D:].to(ct), None, lse, delta=delta,
+                scale=scale, causal=causal, q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc,
+                block_size=block_size)
+            dq += dq_b
+            partial[..., :D] = dk_b
+            partial[..., D:] = dv_b
+        partial_prev = partial
+        acc_in = None
+        if hop is not None:
+            received = _from_bytes(hop.wait(), [acc_like] + ([own] if want_kv else []))
+            acc_in = received[0]  # block b's accumulator from r + 1 (ranks b - 1 .. r + 1)
+        if want_kv:
+            kv_cur = received[1]  # the block of step s + 1, from r + 1
+        elif s + 1 < W:
+            kv_cur = kept[(rank + 2 + s) % W]  # r + 2 after step 0, the own block last
+    dkv = partial_prev if acc_in is None else acc_in + partial_prev  # own block, every share
+    return dq.to(q.dtype), dkv[..., :D].to(k.dtype), dkv[..., D:].to(v.dtype)
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    """Thin autograd wrapper: exactly one gradient per forward input."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, layout, group, doc):
+        o, lse, kept, visible = ring_fwd(q, k, v, scale=scale, causal=causal, layout=layout,
+                                         group=group, doc=doc)
+        owners = sorted(kept)
+        ctx.save_for_backward(q, k, v, o, lse, *(kept[j] for j in owners))
+        ctx.owners, ctx.visible = owners, visible
+        ctx.args = dict(scale=scale, causal=causal, layout=layout, group=group, doc=doc)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, *blocks = ctx.saved_tensors
+        dq, dk, dv = ring_bwd(do, q, k, v, o, lse, dict(zip(ctx.owners, blocks)), ctx.visible,
+                              **ctx.args)
+        return dq, dk, dv, None, None, None, None, None

@@ -1,0 +1,135 @@
+"""Ulysses: all-to-all from sequence sharding to head sharding and back (baseline).
+
+Forward: ONE all-to-all sends every rank its H / W query heads (and the KV heads they read) for
+all W * T tokens, q, k and v packed in one buffer; plain single-device blockwise attention runs
+on that; ONE all-to-all returns the outputs to sequence sharding. Backward mirrors it: one
+all-to-all of dO in, one of the packed (dQ, dK, dV) out. So 2 all-to-alls per direction.
+
+After the all-to-all the tokens arrive in rank-major slot order (rank 0's T tokens, then rank
+1's, ...), which under zigzag is not sequence order: their global positions are
+``Layout.global_index()`` and the masks are built from those (and the global document ids).
+
+GQA: rank j serves query heads [j H/W, (j+1) H/W). When W divides Hkv, it gets the Hkv / W
+KV heads those read. Otherwise every KV head is first repeated m times (m the smallest divisor of
+H / Hkv with W | Hkv * m): query head h still reads a copy of KV head h // (H / Hkv), and every
+rank gets whole copies. The m copies' gradients are summed on the way back (in fp32, fp64 for
+fp64, since they are partial sums).
+
+Memory kept for backward: the head-sharded q, k, v, o for all W * T tokens (the size of the
+local shards) and lse.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ops.softmax import attention_block_bwd, attention_block_fwd
+from . import comm
+from .layout import Layout
+from .softmax_allgather import BLOCK_SIZE, compute_dtype
+
+
+def kv_replication(H: int, Hkv: int, W: int) -> int:
+    """Smallest m with m | H / Hkv and W | Hkv * m (m = H / Hkv always works when W | H)."""
+    G = H // Hkv
+    return next(m for m in range(1, G + 1) if G % m == 0 and (Hkv * m) % W == 0)
+
+
+def _to_heads(x: torch.Tensor, W: int) -> torch.Tensor:
+    """[B, T, W * h, d] -> [W, B, T, h * d]: row j holds rank j's heads of the local tokens."""
+    B, T = x.shape[:2]
+    return x.reshape(B, T, W, -1).permute(2, 0, 1, 3)
+
+
+def _from_ranks(x: torch.Tensor) -> torch.Tensor:
+    """[W, B, T, n] (row j from rank j) -> [B, W * T, n], tokens in rank-major slot order."""
+    W, B, T, n = x.shape
+    return x.permute(1, 0, 2, 3).reshape(B, W * T, n)
+
+
+def _unpack(x: torch.Tensor, heads_dims):
+    """Split the last dim of [..., n] into contiguous [..., h, d] pieces."""
+    out, offset = [], 0
+    for h, d in heads_dims:
+        out.append(x[..., offset: offset + h * d].reshape(*x.shape[:-1], h, d).contiguous())
+        offset += h * d
+    return out
+
+
+def ulysses_fwd(q, k, v, *, scale: float, causal: bool, layout: Layout, group,
+                doc: Optional[torch.Tensor], block_size: int = BLOCK_SIZE):
+    """Forward on plain tensors (q [B, T, H, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv]).
+
+    Returns o [B, T, H, Dv] (q's dtype) and the head-sharded (q, k, v, o, lse) for backward.
+    Communication: 1 all-to-all of [W, B, T, (H D + Hkv m (D + Dv)) / W] and 1 of
+    [W, B, T, H Dv / W], input dtype.
+    """
+    W = comm.rank_and_size(group)[1]
+    B, T, H, D = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    m = kv_replication(H, Hkv, W)
+    if m > 1:
+        k, v = k.repeat_interleave(m, dim=2), v.repeat_interleave(m, dim=2)
+    hq, hk = H // W, Hkv * m // W
+    send = torch.cat([_to_heads(q, W), _to_heads(k, W), _to_heads(v, W)], dim=-1)
+    full = _from_ranks(comm.all_to_all(send, group))  # [B, W*T, n]: all tokens, my heads
+    qh, kh, vh = _unpack(full, [(hq, D), (hk, D), (hk, Dv)])
+    pos = layout.global_index(q.device)
+    pdoc = None if doc is None else doc[pos]
+    oh, lse = attention_block_fwd(qh, kh, vh, scale=scale, causal=causal, q_pos=pos, k_pos=pos,
+                                  q_doc=pdoc, k_doc=pdoc, block_size=block_size)
+    back = oh.reshape(B, W, T, hq * Dv).transpose(0, 1)  # row j: rank j's tokens
+    o = comm.all_to_all(back, group)  # [W, B, T, hq*Dv], row j: heads of rank j
+    o = o.permute(1, 2, 0, 3).reshape(B, T, H, Dv)
+    return o, (qh, kh, vh, oh, lse)
+
+
+def ulysses_bwd(do, saved, *, scale: float, causal: bool, layout: Layout, group,
+                doc: Optional[torch.Tensor], dtypes, kv_heads: int, block_size: int = BLOCK_SIZE):
+    """Backward: (dq, dk, dv) of this rank's shard in the dtypes ``dtypes`` of (q, k, v);
+    ``kv_heads`` is the caller's Hkv (before replication).
+
+    Communication: 1 all-to-all of dO [W, B, T, H Dv / W] (input dtype) and 1 of the packed
+    [W, B, T, (H D + Hkv m (D + Dv)) / W] gradients (input dtype; fp32 when m > 1).
+    """
+    qh, kh, vh, oh, lse = saved
+    W = comm.rank_and_size(group)[1]
+    B, T, H, Dv = do.shape
+    D, Hk = qh.shape[-1], kh.shape[2]
+    m = Hk * W // kv_heads
+    doh = _from_ranks(comm.all_to_all(_to_heads(do, W), group)).reshape(B, W * T, H // W, Dv)
+    pos = layout.global_index(do.device)
+    pdoc = None if doc is None else doc[pos]
+    if m > 1:  # the m copies' gradients are partial sums: keep them in the compute dtype
+        ct = compute_dtype(qh.dtype)
+        qh, kh, vh = qh.to(ct), kh.to(ct), vh.to(ct)
+    dqh, dkh, dvh = attention_block_bwd(doh, qh, kh, vh, oh, lse, scale=scale, causal=causal,
+                                        q_pos=pos, k_pos=pos, q_doc=pdoc, k_doc=pdoc,
+                                        block_size=block_size)
+    send = torch.cat([x.reshape(B, W, T, -1) for x in (dqh, dkh, dvh)], dim=-1).transpose(0, 1)
+    got = comm.all_to_all(send, group).permute(1, 2, 0, 3)  # [B, T, W, n], W: head groups
+    dq, dk, dv = _unpack(got, [(H // W, D), (Hk, D), (Hk, Dv)])
+    dq = dq.reshape(B, T, H, D)
+    dk, dv = dk.reshape(B, T, Hk * W, D), dv.reshape(B, T, Hk * W, Dv)
+    if m > 1:  # sum the gradients of the m copies of every KV head
+        dk = dk.view(B, T, -1, m, D).sum(3)
+        dv = dv.view(B, T, -1, m, Dv).sum(3)
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
+
+
+class UlyssesAttentionFunction(torch.autograd.Function):
+    """Thin autograd wrapper: exactly one gradient per forward input."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, layout, group, doc):
+        o, saved = ulysses_fwd(q, k, v, scale=scale, causal=causal, layout=layout, group=group, doc=doc)
+        ctx.save_for_backward(*saved)
+        ctx.args = dict(scale=scale, causal=causal, layout=layout, group=group, doc=doc,
+                        dtypes=(q.dtype, k.dtype, v.dtype), kv_heads=k.shape[2])
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        dq, dk, dv = ulysses_bwd(do.contiguous(), ctx.saved_tensors, **ctx.args)
+        return dq, dk, dv, None, None, None, None, None

@@ -14,10 +14,13 @@ Shape legend (fla layout, used everywhere in lasp2):
     cu_seqlens [N + 1] int, global cumulative document lengths
 
 Single-device functions: ``linear_attention``, ``softmax_attention``.
-Sequence-parallel functions: ``sp_linear_attention``, plus ``shard`` / ``unshard``.
+Sequence-parallel functions: ``sp_linear_attention``, ``sp_softmax_attention``, plus ``shard`` /
+``unshard``.
 """
 from .functional import linear_attention, softmax_attention
-from .parallel.api import shard, sp_linear_attention, unshard
+from .parallel.api import shard, sp_linear_attention, sp_softmax_attention, unshard
+from .parallel.parallelize import dp_sp_group, global_token_mean, parallelize
 
-__all__ = ["linear_attention", "softmax_attention", "sp_linear_attention", "shard", "unshard"]
+__all__ = ["linear_attention", "softmax_attention", "sp_linear_attention", "sp_softmax_attention", "shard",
+           "unshard", "parallelize", "global_token_mean", "dp_sp_group"]
 __version__ = "0.1.0"

@@ -1,0 +1,363 @@
+"""Layers, Linear-Llama models and ``lasp2.parallelize``.
+
+One device: config validation, every linear variant runs forward/backward, packed documents equal
+separate sequences, causality, deterministic init.
+Parity (gloo; fp32, and fp64 for a few cases): the debug model trained for 3 optimizer steps
+under SP = 2, DP = 2 (x SP = 1) and DP = 2 x SP = 2 gives the same losses and gradients (every
+step) as one process on the whole batch; pure ("L") and hybrid ("LLLN") models, both layouts,
+packed documents, unequal token counts per rank. One spawn per world size runs the whole table;
+the one-process references run in the pytest process.
+
+The optimizer is SGD with momentum, not Adam: Adam's first steps are ~lr * sign(grad), which
+amplifies fp32 rounding (a one-device fp32 run already differs from fp64 by 1e-4..1e-2 in its
+third-step gradients), so it could not tell an SP bug from rounding at 1e-5.
+"""
+from __future__ import annotations
+
+import contextlib
+import traceback
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+
+import lasp2
+from lasp2.models import LinearLlama, LinearLlamaConfig
+from lasp2.nn import DELTA_VARIANTS, LINEAR_VARIANTS
+from tests.dist import run_distributed
+
+STEPS, LR, MOMENTUM = 3, 0.1, 0.9
+# (loss, gradient) relative tolerances. fp32 SP errors sit at fp32's own noise (a one-device
+# fp32 run differs from fp64 by ~2e-6 here); fp64 shows that no algorithmic error hides below it.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10)}
+
+# --------------------------------------------------------------------------------------------
+# Config.
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(hidden=60, heads=8), "hidden"),
+    (dict(heads=4, kv_heads=3), "kv_heads"),
+    (dict(layer_pattern="LLXN"), "layer_pattern"),
+    (dict(layer_pattern=""), "layer_pattern"),
+    (dict(linear_variant="mamba3"), "linear_variant"),
+    (dict(layers=0), "layers"),
+    (dict(vocab_size=2.5), "vocab_size"),
+    (dict(rope_theta=-1.0), "rope_theta"),
+    (dict(init_std=0.0), "init_std"),
+    (dict(tie_embeddings="yes"), "tie_embeddings"),
+    (dict(hidden=36, heads=4, layer_pattern="LN"), "even head_dim"),  # head_dim 9: RoPE needs even
+    (dict(head_dim=32), "head_dim is derived"),
+    (dict(hiden=64), "unknown LinearLlamaConfig field"),
+])
+def test_config_rejects_bad_fields(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        LinearLlamaConfig.preset("debug", **overrides)
+
+
+def test_presets():
+    c = LinearLlamaConfig.preset("debug")
+    assert (c.hidden, c.heads, c.head_dim, c.layer_types) == (64, 4, 16, ("L", "L", "L", "N"))
+    assert LinearLlamaConfig.preset("debug", layers=6, layer_pattern="LLN").layer_types == ("L", "L", "N") * 2
+    big = LinearLlamaConfig.preset("linear-llama3-1b")
+    assert (big.layers, big.hidden, big.heads, big.head_dim, big.vocab_size) == (16, 2048, 16, 128, 128256)
+    assert LinearLlamaConfig.from_dict(big.to_dict()) == big
+    n = LinearLlama(big, device="meta").num_params()
+    assert 1.3e9 < n < 1.5e9, n
+    with pytest.raises(ValueError, match="unknown preset"):
+        LinearLlamaConfig.preset("llama-7b")
+    with pytest.raises(ValueError, match="LinearLlamaConfig"):
+        LinearLlama({"hidden": 64})
+
+
+def test_init_is_deterministic_and_private():
+    cfg = LinearLlamaConfig.preset("debug", linear_variant="mamba2", tie_embeddings=True)
+    state = torch.get_rng_state()
+    a, b, c = LinearLlama(cfg, seed=3), LinearLlama(cfg, seed=3), LinearLlama(cfg, seed=4)
+    assert torch.equal(state, torch.get_rng_state()), "model construction touched the global RNG"
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.tok_embeddings.weight, c.tok_embeddings.weight)
+    assert a.output.weight is a.tok_embeddings.weight
+    assert all(torch.isfinite(p).all() for p in a.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# One device.
+
+
+@pytest.mark.parametrize("variant", LINEAR_VARIANTS)
+def test_every_variant_forward_backward(variant):
+    cfg = LinearLlamaConfig.preset("debug", linear_variant=variant)
+    model = LinearLlama(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = model(ids)
+    assert logits.shape == (2, 24, cfg.vocab_size) and torch.isfinite(logits).all()
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if "tok_embeddings" not in name:  # embedding rows of unseen tokens are legitimately 0
+            assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+
+
+@pytest.mark.parametrize("variant", ["bla", "retention", "mamba2", "gla", "based", "gated_deltanet"])
+def test_packed_documents_equal_separate_sequences(variant):
+    """With cu_seqlens, states reset, softmax stays within documents and RoPE positions restart:
+    the packed logits equal the logits of each document run alone."""
+    cfg = LinearLlamaConfig.preset("debug", linear_variant=variant)
+    model = LinearLlama(cfg, seed=1).double()
+    lengths = [5, 11, 8]
+    ids = torch.randint(0, cfg.vocab_size, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 5, 16, 24])
+    packed = model(ids, cu_seqlens=cu)
+    alone = torch.cat([model(d) for d in ids.split(lengths, dim=1)], dim=1)
+    assert (packed - alone).abs().max() <= 1e-10 * alone.abs().max()
+
+
+def test_causal():
+    cfg = LinearLlamaConfig.preset("debug", linear_variant="gla")
+    model = LinearLlama(cfg, seed=2).double()
+    ids = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    changed = ids.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % cfg.vocab_size
+    a, b = model(ids), model(changed)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_parallelize_needs_a_mesh():
+    with pytest.raises(ValueError, match="DeviceMesh"):
+        lasp2.parallelize(LinearLlama(LinearLlamaConfig.preset("debug")), {"dp": 1, "sp": 1})
+
+
+# --------------------------------------------------------------------------------------------
+# Parity: data, the one-process reference and the distributed worker.
+
+
+def _case(name: str, dp: int, sp: int, pattern: str = "LLLN", layout: str = "contiguous", variant: str = "bla",
+          docs: bool = False, strategy: str = "lasp2", softmax_strategy: str = "allgather", seed: int = 0,
+          dtype: torch.dtype = torch.float32):
+    name += "-fp64" if dtype == torch.float64 else ""
+    return name, dict(dp=dp, sp=sp, pattern=pattern, layout=layout, variant=variant, docs=docs,
+                      strategy=strategy, softmax_strategy=softmax_strategy, seed=seed, dtype=dtype)
+
+
+def _config(case) -> LinearLlamaConfig:
+    return LinearLlamaConfig.preset("debug", layer_pattern=case["pattern"], linear_variant=case["variant"])
+
+
+def _batches(case, step: int) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    """Every DP rank's (inputs [B, T], labels [B, T], global cu_seqlens or None) for one step.
+
+    Labels are next tokens with ~10% ignored (-100), so ranks hold different token counts; with
+    documents the last token of each document predicts nothing. Documents cross rank and zigzag
+    segment boundaries.
+    """
+    gen = torch.Generator().manual_seed(1000 * case["seed"] + step)
+    B, T = (1, 96) if case["docs"] else (2, 64)
+    out = []
+    for d in range(case["dp"]):
+        ids = torch.randint(0, 256, (B, T + 1), generator=gen)
+        inputs, labels = ids[:, :-1], ids[:, 1:].clone()
+        labels[torch.rand(labels.shape, generator=gen) < 0.1] = -100
+        cu = None
+        if case["docs"]:
+            cu = torch.tensor([0, 21 + 3 * d, 50, 96])
+            labels[0, cu[1:] - 1] = -100
+        out.append((inputs, labels, cu))
+    return out
+
+
+def _flat_grads(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.detach().flatten() for p in model.parameters()])
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The debug model's ops are tiny: threads only add overhead (and contention on 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@_one_thread()
+def _reference(case) -> Dict[str, list]:
+    """One process, whole sequences and the whole global batch: the global token-mean loss."""
+    model = LinearLlama(_config(case), seed=case["seed"]).to(case["dtype"])
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    losses, grads = [], []
+    for step in range(STEPS):
+        loss_sum, n = 0.0, 0
+        for inputs, labels, cu in _batches(case, step):
+            logits = model(inputs, cu_seqlens=cu)
+            loss_sum = loss_sum + F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+            n += int((labels != -100).sum())
+        loss = loss_sum / n
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(_flat_grads(model))
+        opt.step()
+    return dict(losses=losses, grads=grads)
+
+
+def _train_parallel(mesh, case) -> Dict[str, list]:
+    """The same training under lasp2.parallelize: this rank's shard of its DP rank's batch."""
+    sp_group, layout = mesh["sp"].get_group(), case["layout"]
+    model = lasp2.parallelize(LinearLlama(_config(case), seed=case["seed"]).to(case["dtype"]), mesh,
+                              strategy=case["strategy"],
+                              softmax_strategy=case["softmax_strategy"], layout=layout)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    dp_rank = mesh.get_local_rank("dp")
+    losses, grads = [], []
+    for step in range(STEPS):
+        inputs, labels, cu = _batches(case, step)[dp_rank]
+        inputs = lasp2.shard(inputs, group=sp_group, layout=layout)
+        labels = lasp2.shard(labels, group=sp_group, layout=layout)
+        logits = model(inputs, cu_seqlens=cu)
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        loss = lasp2.global_token_mean(loss_sum, (labels != -100).sum(), mesh)
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(_flat_grads(model.module))
+        opt.step()
+    return dict(losses=losses, grads=grads)
+
+
+def _api_errors(mesh) -> Dict[str, str]:
+    """parallelize's argument checks (ValueError messages, keyed by what was wrong)."""
+    out = {}
+    model = LinearLlama(LinearLlamaConfig.preset("debug"))
+    for what, kwargs in (("strategy", dict(strategy="lasp3")), ("softmax_strategy", dict(softmax_strategy="flash")),
+                         ("layout", dict(layout="striped"))):
+        try:
+            lasp2.parallelize(model, mesh, **kwargs)
+        except ValueError as e:
+            out[what] = str(e)
+    wrapped = lasp2.parallelize(model, mesh)
+    for what, arg in (("twice", model), ("wrapped", wrapped)):
+        try:
+            lasp2.parallelize(arg, mesh)
+        except ValueError as e:
+            out[what] = str(e)
+    try:
+        lasp2.parallelize(LinearLlama(LinearLlamaConfig.preset("debug")),
+                          init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("data", "seq")))
+    except ValueError as e:
+        out["mesh_dims"] = str(e)
+    return out
+
+
+def _worker(group, cases, meshes):
+    """Run every case on this rank; a failing case records its traceback and the table goes on
+    (every case's collectives come before anything that can raise in the comparison)."""
+    world = dist.get_world_size(group)
+    mesh_of = {shape: init_device_mesh("cpu", shape, mesh_dim_names=("dp", "sp")) for shape in meshes}
+    results = {}
+    for name, case in cases:
+        assert case["dp"] * case["sp"] == world
+        try:
+            results[name] = _train_parallel(mesh_of[case["dp"], case["sp"]], case)
+        except ValueError as e:
+            if case["variant"] in DELTA_VARIANTS and "cannot run under sequence parallelism" in str(e):
+                results[name] = dict(skipped=str(e))
+            else:
+                results[name] = dict(error=traceback.format_exc())
+        except Exception:  # noqa: BLE001 - reported per case by the caller
+            results[name] = dict(error=traceback.format_exc())
+    results["_api_errors"] = _api_errors(mesh_of[meshes[0]])
+    return results
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _compare(name: str, case, per_rank: List[dict]) -> Optional[str]:
+    """None if every rank matches the one-process reference, else a line naming the problem."""
+    for rank, r in enumerate(per_rank):
+        if "error" in r:
+            return f"{name}: rank {rank} raised:\n{r['error']}"
+    ref = _reference(case)
+    worst_loss = max(abs(l - rl) / abs(rl) for r in per_rank for l, rl in zip(r["losses"], ref["losses"]))
+    sizes = [p.numel() for p in LinearLlama(_config(case), device="meta").parameters()]
+    worst_grad = 0.0  # per parameter tensor, relative to that tensor's largest gradient
+    for r in per_rank:
+        for g, rg in zip(r["grads"], ref["grads"]):
+            worst_grad = max(worst_grad, *(_max_rel(a, b) for a, b in zip(g.split(sizes), rg.split(sizes))))
+    loss_tol, grad_tol = TOL[case["dtype"]]
+    if worst_loss > loss_tol or worst_grad > grad_tol:
+        return (f"{name}: max relative loss error {worst_loss:.2e} (tol {loss_tol:.0e}), gradient error "
+                f"{worst_grad:.2e} (tol {grad_tol:.0e}); losses {per_rank[0]['losses']} vs {ref['losses']}")
+    _SUMMARY[name] = (worst_loss, worst_grad)
+    return None
+
+
+_SUMMARY: Dict[str, Tuple[float, float]] = {}
+
+W2_CASES = [
+    _case("sp2-L-contiguous", 1, 2, "L"),
+    _case("sp2-L-zigzag", 1, 2, "L", "zigzag"),
+    _case("sp2-LLLN-contiguous", 1, 2),
+    _case("sp2-LLLN-zigzag", 1, 2, layout="zigzag"),
+    _case("sp2-LLLN-zigzag-docs", 1, 2, layout="zigzag", docs=True, seed=1),
+    _case("sp2-LLLN-contiguous-docs-lasp1-ring", 1, 2, docs=True, strategy="lasp1", softmax_strategy="ring"),
+    _case("sp2-LLLN-zigzag-ulysses", 1, 2, layout="zigzag", softmax_strategy="ulysses", seed=2),
+    *[_case(f"sp2-LN-zigzag-docs-{v}", 1, 2, "LN", "zigzag", v, docs=True, seed=3)
+      for v in ("lightning", "retention", "mamba2", "gla", "based", "rebased")],
+    _case("dp2-LLLN", 2, 1),
+    _case("sp2-L-contiguous", 1, 2, "L", dtype=torch.float64),
+    _case("sp2-LLLN-zigzag-docs", 1, 2, layout="zigzag", docs=True, seed=1, dtype=torch.float64),
+]
+W2_DELTA_CASES = [_case(f"sp2-LN-zigzag-{v}", 1, 2, "LN", "zigzag", v) for v in DELTA_VARIANTS]
+W4_CASES = [
+    _case("dp2xsp2-L-contiguous", 2, 2, "L"),
+    _case("dp2xsp2-L-zigzag", 2, 2, "L", "zigzag"),
+    _case("dp2xsp2-LLLN-contiguous", 2, 2),
+    _case("dp2xsp2-LLLN-zigzag-docs", 2, 2, layout="zigzag", docs=True, seed=4),
+    _case("dp2xsp2-LLLN-zigzag-docs", 2, 2, layout="zigzag", docs=True, seed=4, dtype=torch.float64),
+]
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return run_distributed(_worker, 2, W2_CASES + W2_DELTA_CASES, [(1, 2), (2, 1)])
+
+
+def _check_table(cases, results):
+    problems = [p for name, case in cases
+                if (p := _compare(name, case, [r[name] for r in results])) is not None]
+    assert not problems, f"{len(problems)} of {len(cases)} cases failed:\n" + "\n".join(problems)
+
+
+def test_parity_sp2_and_dp2(world2):
+    _check_table(W2_CASES, world2)
+
+
+def test_delta_rule_under_sp(world2):
+    skipped = [world2[0][name]["skipped"] for name, _ in W2_DELTA_CASES if "skipped" in world2[0][name]]
+    if skipped:
+        assert len(skipped) == len(W2_DELTA_CASES) and all("skipped" in r[n] for r in world2 for n, _ in W2_DELTA_CASES)
+        assert "beta" in skipped[0]
+        pytest.skip(f"the delta rule has no SP op yet; the layer says: {skipped[0][:160]}")
+    _check_table(W2_DELTA_CASES, world2)
+
+
+def test_parallelize_rejects_bad_arguments(world2):
+    errors = world2[0]["_api_errors"]
+    assert "unknown strategy 'lasp3'" in errors["strategy"]
+    assert "unknown softmax_strategy 'flash'" in errors["softmax_strategy"]
+    assert "unknown layout 'striped'" in errors["layout"]
+    assert "already parallelised" in errors["twice"]
+    assert "already wrapped in DistributedDataParallel" in errors["wrapped"]
+    assert "mesh must have the dims ('dp', 'sp')" in errors["mesh_dims"]
+
+
+def test_parity_dp2_x_sp2():
+    _check_table(W4_CASES, run_distributed(_worker, 4, W4_CASES, [(2, 2)]))

@@ -269,6 +269,7 @@ def entry_decays(c: Chunked) -> torch.Tensor:
 
 
 def _doc_positions(cu_seqlens: torch.Tensor, C: int):
+    """(chunk, column) of every document's first token, then of its last token."""
     starts = cu_seqlens[:-1].long()
     ends = cu_seqlens[1:].long() - 1
     return starts // C, starts % C, ends // C, ends % C

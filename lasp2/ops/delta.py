@@ -66,7 +66,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .chunk import DocMasks, _masked_exp, _to_chunks, compute_dtype, from_chunks
+from .chunk import DocMasks, _doc_positions, _masked_exp, _to_chunks, compute_dtype, from_chunks
 
 DEFAULT_DELTA_CHUNK = 64
 
@@ -265,12 +265,6 @@ def delta_entry_transitions(c: DeltaChunked, M: Optional[torch.Tensor] = None) -
     B, H, _, K, _ = M.shape
     eye = torch.eye(K, dtype=M.dtype, device=M.device).expand(B, H, K, K)
     return scan_matrix_states(M, torch.zeros_like(M), eye)
-
-
-def _doc_positions(cu_seqlens: torch.Tensor, C: int):
-    starts = cu_seqlens[:-1].long()
-    ends = cu_seqlens[1:].long() - 1
-    return starts // C, starts % C, ends // C, ends % C
 
 
 def inject_doc_states(c: DeltaChunked, o: torch.Tensor, U: torch.Tensor, Mp: torch.Tensor,

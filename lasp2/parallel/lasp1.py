@@ -17,8 +17,9 @@ import torch
 
 from . import comm
 from .layout import Layout
-from .linear_local import (SegmentWork, add_incoming, apply_transition, assemble, detached_leaves, incoming_grad,
-                           leaf_grads, output_chunks_of, summarise, intra_outputs)
+from .linear_local import (SegmentWork, add_incoming, apply_transition, assemble, detached_leaves,
+                           grad_targets, inter_backward, intra_outputs, leaf_grads, output_chunks_of,
+                           summarise)
 
 
 def lasp1_fwd(q, k, v, g, beta, *, scale: float, layout: Layout, group, cu_seqlens):
@@ -57,6 +58,7 @@ def lasp1_bwd(do: torch.Tensor, work: List[SegmentWork], layout: Layout, group):
     """
     rank = comm.rank_and_size(group)[0]
     do_chunks = [output_chunks_of(do, w) for w in work]
+    inter = [inter_backward(w, d) for w, d in zip(work, do_chunks)]
     nxt = [None] * len(work)
     carried = None
     for i in range(len(work) - 1, -1, -1):
@@ -67,13 +69,13 @@ def lasp1_bwd(do: torch.Tensor, work: List[SegmentWork], layout: Layout, group):
             nxt[i] = carried
         else:
             nxt[i] = comm.recv(w.summary_state.detach(), layout.owner(j + 1), group)
-        D = incoming_grad(w, do_chunks[i]) + apply_transition(w.transition.detach(), nxt[i], transpose=True)
+        D = inter[i][0] + apply_transition(w.transition.detach(), nxt[i], transpose=True)
         if j > 0:
             if layout.owner(j - 1) == rank:
                 carried = D
             else:
                 comm.send(D, layout.owner(j - 1), group)
-    return [w.outputs for w in work] + [w.final for w in work], do_chunks + nxt
+    return grad_targets(work, do_chunks, inter, nxt)
 
 
 class LASP1Function(torch.autograd.Function):

@@ -29,8 +29,8 @@ from ..ops.chunk import compute_dtype
 from . import comm
 from .layout import Layout
 from .linear_local import (SegmentWork, add_incoming, assemble, detached_leaves, fold_backward,
-                           fold_forward, incoming_grad, leaf_grads, output_chunks_of, summarise,
-                           intra_outputs)
+                           fold_forward, grad_targets, inter_backward, intra_outputs, leaf_grads,
+                           output_chunks_of, summarise)
 
 
 def _pack(work: List[SegmentWork], header: float) -> torch.Tensor:
@@ -94,12 +94,10 @@ def lasp2_bwd(do: torch.Tensor, work: List[SegmentWork], A_all: torch.Tensor, la
     Communication: 1 all-gather of [W, S_local, B, H, K, V] fp32.
     """
     do_chunks = [output_chunks_of(do, w) for w in work]
-    G_local = torch.stack([incoming_grad(w, d) for w, d in zip(work, do_chunks)])
-    G_all = _by_segment(comm.all_gather(G_local, group), layout).to(A_all.dtype)
-    nxt = fold_backward(G_all, A_all)
-    outputs = [w.outputs for w in work] + [w.final for w in work]
-    grads = do_chunks + [nxt[w.seg.index] for w in work]
-    return outputs, grads
+    inter = [inter_backward(w, d) for w, d in zip(work, do_chunks)]
+    G_all = _by_segment(comm.all_gather(torch.stack([G for G, _, _ in inter]), group), layout)
+    nxt = fold_backward(G_all.to(A_all.dtype), A_all)
+    return grad_targets(work, do_chunks, inter, [nxt[w.seg.index] for w in work])
 
 
 class LASP2Function(torch.autograd.Function):

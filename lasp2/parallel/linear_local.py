@@ -9,13 +9,14 @@ Both strategies split each local segment's work the same way (DESIGN §1):
 2. ``intra_outputs``: the intra-chunk outputs, which need no state: the bulk of the work,
    done while the summaries travel.
 3. ``add_incoming``: once the incoming state P is known, the chunk-entry states become
-   S_in + Λ * P (one [N, K, V] update, no extra matmul) and the inter-chunk term is computed
-   with them; the last entry is the segment's final state Â * P + Ŝ.
+   S_in + Λ P (one [N, K, V] update, no extra matmul) and the inter-chunk term is computed
+   with them; the last entry is the segment's final state Â P + Ŝ.
 
-Everything is ordinary differentiable PyTorch on leaves the strategy owns, so the strategy's
-backward is one ``torch.autograd.grad`` call once it knows the gradient reaching each segment's
-final state (D_{j+1} in DESIGN §1). P itself is a constant here: its gradient (G = dL/dP from
-this segment's own outputs) is computed directly by ``incoming_grad``.
+Everything but the inter-chunk matmul is ordinary differentiable PyTorch on leaves the strategy
+owns. In backward, ``inter_backward`` forms that matmul's gradients by hand, which also yields
+G = dL/dP (P is a constant here) at no extra cost; once the strategy knows the gradient reaching
+each segment's final state (D_{j+1} in DESIGN §1), one ``torch.autograd.grad`` call
+(``grad_targets``) finishes the local backward.
 """
 from __future__ import annotations
 
@@ -44,10 +45,9 @@ class SegmentWork:
                              # ``add_incoming`` adds Λ P
     decays: torch.Tensor     # Λ: segment start -> chunk entries, [B, H, N + 1, Kg] (decay
                              # vectors) or [B, H, N + 1, K, K] (delta rule); Λ_N = Â
-    outputs: Optional[torch.Tensor] = None  # [B, H, N, C, V]
-    q_inter: Optional[torch.Tensor] = None  # inter_query (the tensor autograd keeps anyway)
-    final: Optional[torch.Tensor] = None    # Â * P + Ŝ with graph (sliced in forward, where
-                                            # grad mode is on): [B, H, K, V]
+    intra: Optional[torch.Tensor] = None    # intra-chunk outputs with graph [B, H, N, C, V]
+    q_inter: Optional[torch.Tensor] = None  # inter-chunk query Q_n with graph [B, H, N, C, K]
+    outputs: Optional[torch.Tensor] = None  # intra + inter, no graph [B, H, N, C, V]
 
     @property
     def summary_state(self) -> torch.Tensor:
@@ -84,7 +84,8 @@ def summarise(q, k, v, g, beta, scale: float, layout: Layout, rank: int, cu_seql
 def intra_outputs(work: List[SegmentWork]) -> None:
     """Step 2: the intra-chunk outputs, which need no state (overlaps the communication)."""
     for w in work:
-        w.outputs = delta.delta_intra_outputs(w.c) if _is_delta(w) else chunk.intra_outputs(w.c)
+        w.intra = delta.delta_intra_outputs(w.c) if _is_delta(w) else chunk.intra_outputs(w.c)
+        w.outputs = w.intra.detach()
 
 
 def _is_delta(w: SegmentWork) -> bool:
@@ -93,18 +94,44 @@ def _is_delta(w: SegmentWork) -> bool:
 
 def add_incoming(w: SegmentWork, P: torch.Tensor) -> None:
     """Step 3 for one segment, P [B, H, K, V] the state entering it (a constant): the entry
-    states become S_in + Λ P, then the inter-chunk term is added with them."""
+    states become S_in + Λ P, then the inter-chunk term Q_n S_n is added with them.
+
+    The inter-chunk matmul is done outside autograd: its two gradients (dQ = dO S^T and
+    dS = Q^T dO) are formed by ``inter_backward``, which needs dS anyway to build G, so the
+    backward never computes Q^T dO twice.
+    """
     w.states = w.states + apply_transition(w.decays, P.unsqueeze(2))
     w.q_inter = delta.delta_inter_query(w.c) if _is_delta(w) else chunk.inter_query(w.c)
-    w.outputs = w.outputs + w.q_inter @ w.states[:, :, :-1]
-    w.final = w.states[:, :, -1]
+    with torch.no_grad():
+        w.outputs = w.outputs + w.q_inter @ w.states[:, :, :-1]
 
 
-def incoming_grad(w: SegmentWork, do_chunks: torch.Tensor) -> torch.Tensor:
-    """G = dL/dP from this segment's own outputs: sum_n Λ_n^T (Q_n^T dO_n), [B, H, K, V], with
-    Q_n the inter-chunk query of chunk n (entry states are S_in + Λ P)."""
-    per_chunk = torch.einsum("bhnck,bhncv->bhnkv", w.q_inter.detach(), do_chunks)
-    return apply_transition(w.decays[:, :, :-1].detach(), per_chunk, transpose=True).sum(2)
+def inter_backward(w: SegmentWork, do_chunks: torch.Tensor):
+    """The inter-chunk term's gradients and G = dL/dP from this segment's own outputs.
+
+    Returns (G [B, H, K, V], dQ [B, H, N, C, K], dS [B, H, N + 1, K, V]) where dS holds
+    Q_n^T dO_n for the chunk-entry states and a zero last entry for the caller to fill with the
+    gradient reaching the segment's final state. G = sum_n Λ_n^T dS_n, since the entry states
+    are S_in + Λ P.
+    """
+    S = w.states.detach()
+    dS = torch.zeros_like(S)
+    dS[:, :, :-1] = w.q_inter.detach().transpose(-1, -2) @ do_chunks
+    dQ = do_chunks @ S[:, :, :-1].transpose(-1, -2)
+    G = apply_transition(w.decays[:, :, :-1].detach(), dS[:, :, :-1], transpose=True).sum(2)
+    return G, dQ, dS
+
+
+def grad_targets(work: List[SegmentWork], do_chunks, inter_grads, final_grads):
+    """(outputs, grads) for the one ``autograd.grad`` over the local graph: the intra outputs
+    get dO, the inter queries dQ, the entry states dS with the final state's gradient
+    (D_{j+1}) in the last entry."""
+    outputs, grads = [], []
+    for w, do, (_, dQ, dS), final in zip(work, do_chunks, inter_grads, final_grads):
+        dS[:, :, -1] = final
+        outputs += [w.intra, w.q_inter, w.states]
+        grads += [do, dQ, dS]
+    return outputs, grads
 
 
 def output_chunks_of(do: torch.Tensor, w: SegmentWork) -> torch.Tensor:

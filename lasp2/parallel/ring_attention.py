@@ -56,16 +56,17 @@ def ring_fwd(q, k, v, *, scale: float, causal: bool, layout: Layout, group,
     D, ct = k.shape[-1], compute_dtype(q.dtype)
     q_pos, q_doc = positions_and_docs(layout, rank, doc, q.device)
     keep_owners = {(rank + 1) % W, (rank + 2) % W}  # the backward's first two blocks
+    # Decided up front (host-side, O(T) each) so that the loop below only launches work.
+    visible = [any_visible(q_pos, q_doc, *positions_and_docs(layout, j, doc, q.device), causal)
+               for j in range(W)]
     cur = torch.cat([k, v], dim=-1)
     o = lse = None
     kept: Dict[int, torch.Tensor] = {}
-    visible = [False] * W
     for s in range(W):
         src = (rank - s) % W
         hop = comm.send_recv(cur, (rank + 1) % W, cur, (rank - 1) % W, group) if s < W - 1 else None
-        k_pos, k_doc = positions_and_docs(layout, src, doc, q.device)
-        visible[src] = any_visible(q_pos, q_doc, k_pos, k_doc, causal)
-        if visible[src]:
+        if visible[src]:  # a hidden block costs no compute but still travels on
+            k_pos, k_doc = positions_and_docs(layout, src, doc, q.device)
             o_s, lse_s = attention_block_fwd(q, cur[..., :D], cur[..., D:], scale=scale, causal=causal,
                                              q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc,
                                              block_size=block_size, out_dtype=ct)

@@ -54,14 +54,12 @@ def allgather_fwd(q, k, v, *, scale: float, causal: bool, layout: Layout, group,
     mask = dict(scale=scale, causal=causal, block_size=block_size, out_dtype=ct)
     # The diagonal slot needs nothing from the others: compute it while the gather runs.
     o, lse = attention_block_fwd(q, k, v, q_pos=q_pos, k_pos=q_pos, q_doc=q_doc, k_doc=q_doc, **mask)
+    visible = [any_visible(q_pos, q_doc, *positions_and_docs(layout, j, doc, q.device), causal)
+               for j in range(W)]
     kv_all = pending.wait()
-    visible = [True] * W
     for j in range(W):
-        if j == rank:
-            continue
-        k_pos, k_doc = positions_and_docs(layout, j, doc, q.device)
-        visible[j] = any_visible(q_pos, q_doc, k_pos, k_doc, causal)
-        if visible[j]:  # a slot the mask fully hides costs no compute
+        if j != rank and visible[j]:  # a slot the mask fully hides costs no compute
+            k_pos, k_doc = positions_and_docs(layout, j, doc, q.device)
             o_j, lse_j = attention_block_fwd(q, kv_all[j, ..., :D], kv_all[j, ..., D:], q_pos=q_pos,
                                              k_pos=k_pos, q_doc=q_doc, k_doc=k_doc, **mask)
             o, lse = merge_attention(o, lse, o_j, lse_j)

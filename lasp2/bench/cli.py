@@ -1,0 +1,171 @@
+"""``lasp2 bench`` and ``lasp2 plan`` (registered by lasp2/cli.py through ``add_parser``)."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+QUICK = dict(seq_lens=(512, 1024), heads=4, dim=32, repeats=2, world_sizes=(2,))
+DEFAULT = dict(seq_lens=(4096, 8192, 16384), heads=8, dim=64, repeats=5, world_sizes=(2,))
+
+
+def add_parser(subparsers) -> None:
+    b = subparsers.add_parser(
+        "bench", help="measure sequence-parallel attention strategies against the ideal",
+        description="Measure fwd+bwd time, tokens/s, efficiency vs the single-device ideal, peak memory and "
+                    "communication per rank for every strategy of a suite, baselines in the same run. Not "
+                    "under torchrun it starts W gloo ranks (1 thread each) per world size itself; under "
+                    "torchrun it uses the given ranks (NCCL on GPUs), the first W of them for each W.")
+    b.add_argument("--suite", choices=("linear", "softmax", "model"), default="linear",
+                   help="linear: lasp2, lasp1 | softmax: allgather, ring, ulysses | model: lasp2.models")
+    b.add_argument("--world-sizes", type=int, nargs="+", metavar="W", help="SP group sizes (default 2)")
+    lens = b.add_mutually_exclusive_group()
+    lens.add_argument("--seq-lens", type=int, nargs="+", metavar="T",
+                      help="GLOBAL sequence lengths, split over W ranks (default 4096 8192 16384)")
+    lens.add_argument("--local-lens", type=int, nargs="+", metavar="T",
+                      help="tokens PER RANK instead (weak scaling: the global length is W x T)")
+    b.add_argument("--heads", type=int, help="query heads H (default 8)")
+    b.add_argument("--kv-heads", type=int, help="key/value heads for the softmax suite (default: --heads)")
+    b.add_argument("--dim", type=int, help="head dimension K = V (default 64)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
+    b.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
+    b.add_argument("--repeats", type=int, help="timed calls per point (default 5)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed calls per point before the tracked one")
+    b.add_argument("--out", type=Path, help="output directory (default ./lasp2_bench_<suite>)")
+    b.add_argument("--quick", action="store_true",
+                   help="tiny sizes for a smoke run (< 2 min): global 512 1024, H=4, D=32, 2 repeats")
+    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    b.add_argument("--note", help="a line added to results.md (e.g. what else ran on the machine)")
+    b.add_argument("--quiet", action="store_true", help="no progress output")
+    b.add_argument("--from-json", type=Path, metavar="RESULTS_JSON",
+                   help="measure nothing: rewrite results.md and the plots of an existing results.json "
+                        "(e.g. from a machine without matplotlib) into --out (default: its directory)")
+    b.set_defaults(func=run_bench)
+
+    p = subparsers.add_parser(
+        "plan", help="predict step time, communication and memory per strategy; recommend one",
+        description="Analytical alpha-beta model (lasp2/bench/cost_model.py). Presets are assumptions and "
+                    "are printed with the plan. --projection prints the 16-128 GPU x 2K-2048K table; "
+                    "--validate fits the model on this machine and compares with lasp2 bench results.")
+    p.add_argument("--model", choices=("linear-llama3-1b", "linear-llama3-8b"), default="linear-llama3-1b")
+    for flag in ("--hidden", "--layers", "--heads", "--kv-heads", "--ffn", "--vocab"):
+        p.add_argument(flag, type=int, help="override the preset")
+    p.add_argument("--layer-pattern", help="'L' linear / 'N' softmax, cycled over layers (e.g. LLLN)")
+    p.add_argument("--gpus", type=int, nargs="+", default=[16, 32, 64, 128], metavar="W")
+    p.add_argument("--seq-lens", type=int, nargs="+", metavar="T", help="GLOBAL tokens per sequence "
+                   "(default 2K..2048K, powers of two)")
+    p.add_argument("--network", choices=("cluster", "nvlink", "infiniband"), default="cluster",
+                   help="cluster: NVLink inside nodes of 8, InfiniBand across (default)")
+    p.add_argument("--device", choices=("h100", "h200"), default="h100")
+    p.add_argument("--mfu", type=float, help="achieved fraction of peak FLOP/s (default 0.40)")
+    p.add_argument("--projection", action="store_true", help="the scaling table for linear and LLLN hybrid")
+    p.add_argument("--validate", type=Path, nargs="+", metavar="RESULTS_JSON",
+                   help="fit alpha/beta/compute on this machine, predict these lasp2 bench results")
+    p.add_argument("--out", type=Path, help="also write the markdown here")
+    p.set_defaults(func=run_plan)
+
+
+def _usage(e: Exception):
+    from lasp2.cli import UsageError
+
+    return UsageError(str(e).splitlines()[0])
+
+
+def bench_spec(args):
+    """The BenchSpec of these flags (quick fills only what was not given)."""
+    from .harness import BenchSpec, check_spec
+
+    base = QUICK if args.quick else DEFAULT
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
+    spec = BenchSpec(suite=args.suite, world_sizes=tuple(pick("world_sizes")),
+                     seq_lens=tuple(args.local_lens or pick("seq_lens")), seq_is_global=args.local_lens is None,
+                     batch=args.batch, heads=pick("heads"), kv_heads=args.kv_heads, dim=pick("dim"),
+                     dtype=args.dtype, layout=args.layout, repeats=pick("repeats"), warmup=args.warmup)
+    try:
+        check_spec(spec)
+    except ValueError as e:
+        raise _usage(e) from None
+    return spec
+
+
+def rerender(args) -> int:
+    import json
+
+    from . import report
+    from .harness import BenchSpec
+
+    try:
+        data = json.loads(args.from_json.read_text())
+        recs, meta = data["records"], data["meta"]
+        fields = {f: recs[0][f] for f in BenchSpec.__dataclass_fields__ if f in recs[0]}
+        spec = BenchSpec(**{**fields, "suite": recs[0]["suite"], "world_sizes": tuple(sorted({r["W"] for r in recs})),
+                            "seq_lens": tuple(sorted({r["T_global"] for r in recs}))})
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise _usage(ValueError(f"--from-json {args.from_json}: not a lasp2 bench results.json ({e})")) from None
+    try:
+        paths = report.write_all(recs, meta, spec, args.out or args.from_json.parent, not args.no_plots)
+    except RuntimeError as e:
+        raise _usage(e) from None
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from lasp2.launch import RankFailure, under_torchrun
+
+    from . import harness, report
+
+    if args.from_json:
+        return rerender(args)
+    spec = bench_spec(args)
+    if not args.no_plots:
+        try:
+            report.matplotlib_pyplot()  # fail now, not after minutes of measuring
+        except RuntimeError as e:
+            raise _usage(e) from None
+    out = args.out or Path(f"lasp2_bench_{spec.suite}")
+    try:
+        per_w = harness.run_torchrun(spec, not args.quiet) if under_torchrun() else \
+            harness.run_spawned(spec, not args.quiet)
+    except ValueError as e:
+        raise _usage(e) from None
+    except RankFailure as e:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "failure.txt").write_text(e.traceback or str(e))
+        print(f"lasp2 bench: error: {e} (traceback in {out / 'failure.txt'})", file=sys.stderr)
+        return 1
+    if per_w is None:  # a torchrun rank other than 0
+        return 0
+    meta = {"command": "lasp2 " + shlex.join(args.argv), "torch": torch.__version__, "hardware": report.hardware(cuda=under_torchrun() and torch.cuda.is_available()),
+            "launcher": "torchrun" if under_torchrun() else "self-launched gloo, 1 thread per rank",
+            "note": args.note}
+    records = report.build_records(spec, per_w, meta)
+    paths = report.write_all(records, meta, spec, out, not args.no_plots)
+    if not args.quiet:
+        print(report.markdown(records, meta, spec))
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def run_plan(args) -> int:
+    from . import plan_render
+
+    parts = []
+    try:
+        if args.projection or not args.validate:
+            parts.append(plan_render.render(args))
+        if args.validate:
+            from .validate import validate
+
+            parts.append(validate(args.validate))
+    except (ValueError, FileNotFoundError) as e:
+        raise _usage(e) from None
+    text = "\n".join(parts)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0

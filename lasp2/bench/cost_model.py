@@ -1,0 +1,242 @@
+"""Analytical latency-bandwidth (alpha-beta) cost model of one sequence-parallel attention layer.
+
+Used by ``lasp2 plan`` (whole-model predictions, :mod:`lasp2.bench.plan`) and validated against
+``lasp2 bench`` measurements (:mod:`lasp2.bench.validate`). Everything here is closed-form so
+that it can be unit-tested against hand-computed values.
+
+Collectives over W ranks, each costed as the ring algorithm (what NCCL uses for large
+all-gathers and what comm.py's byte accounting assumes); ``b`` is the *whole* buffer:
+
+    all-gather      gathered buffer b (b / W from each rank): time (W-1)(alpha + beta b/W),
+                    each rank sends and receives (W-1)/W * b
+    reduce-scatter  input buffer b on every rank, b / W kept:  same time and bytes as all-gather
+    all-to-all      b on every rank, b / W to each peer:       same time and bytes (pairwise)
+    P2P hop         m bytes: p2p_alpha + p2p_beta m; a chain of W-1 *dependent* hops (LASP-1's
+                    running state) costs (W-1)(p2p_alpha + p2p_beta m) and cannot overlap
+
+``alpha`` is the per-step latency inside one collective; ``p2p_alpha`` is the latency of one
+dependent hop, which also pays a launch, a synchronisation and the small fold kernel on the
+critical path, so it is larger. Reduction arithmetic in reduce-scatter is ignored. NCCL's
+tree/PAT all-gather algorithms have log(W) latency: the ring form is the conservative choice
+for LASP-2.
+
+Compute: a rank's time is FLOPs / rate; backward costs ``BWD_FACTOR`` x forward (2 for
+matmuls; softmax attention recomputes scores: 2.5). Overlap is modelled exactly as the library
+implements it: LASP-2's forward all-gather overlaps the intra-chunk work, LASP-2H's forward
+all-gather overlaps the diagonal block, ring hops overlap one block each; LASP-2's and LASP-2H's
+backward collectives and every Ulysses all-to-all are exposed. Causal softmax work is assumed
+balanced (zigzag layout) unless ``layout="contiguous"``, where the last rank does 2W/(W+1) of
+the mean.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+BWD_FACTOR = {"linear": 2.0, "softmax": 2.5}
+FP32 = 4
+LINEAR_STRATEGIES = ("lasp2", "lasp1")
+SOFTMAX_STRATEGIES = ("allgather", "ring", "ulysses")
+
+
+@dataclass(frozen=True)
+class Link:
+    """One interconnect level. alpha, p2p_alpha in seconds; bandwidth in bytes/s per GPU and
+    direction, as achieved by the collective library (not the link's peak); p2p_bandwidth the
+    same for point-to-point sends when it differs (gloo's loopback sends are several times
+    faster per byte than its collectives; on NCCL they are about equal)."""
+
+    name: str
+    alpha: float
+    bandwidth: float
+    p2p_alpha: float
+    p2p_bandwidth: Optional[float] = None
+
+    @property
+    def beta(self) -> float:
+        return 1.0 / self.bandwidth
+
+    @property
+    def p2p_beta(self) -> float:
+        return 1.0 / (self.p2p_bandwidth or self.bandwidth)
+
+    def scaled(self, factor: float) -> "Link":
+        """Every cost stretched by ``factor`` (ranks sharing CPU cores)."""
+        return Link(self.name, self.alpha * factor, self.bandwidth / factor, self.p2p_alpha * factor,
+                    self.p2p_bandwidth / factor if self.p2p_bandwidth else None)
+
+
+@dataclass(frozen=True)
+class Network:
+    """Two-level cluster: a ring or exchange spanning more than one node is bound by the
+    inter-node link (one NIC per GPU assumed)."""
+
+    intra: Link
+    inter: Link
+    gpus_per_node: int = 8
+
+    def link(self, W: int) -> Link:
+        return self.intra if W <= self.gpus_per_node else self.inter
+
+
+def all_gather_time(W: int, gathered_bytes: float, link: Link) -> float:
+    return (W - 1) * (link.alpha + link.beta * gathered_bytes / W) if W > 1 else 0.0
+
+
+def reduce_scatter_time(W: int, buffer_bytes: float, link: Link) -> float:
+    return all_gather_time(W, buffer_bytes, link)
+
+
+def all_to_all_time(W: int, buffer_bytes: float, link: Link) -> float:
+    return all_gather_time(W, buffer_bytes, link)
+
+
+def collective_bytes_per_rank(W: int, buffer_bytes: float) -> float:
+    """Bytes each rank sends (and receives) in a ring all-gather, reduce-scatter or all-to-all."""
+    return (W - 1) / W * buffer_bytes
+
+
+def p2p_time(nbytes: float, link: Link) -> float:
+    return link.p2p_alpha + link.p2p_beta * nbytes
+
+
+def chain_time(W: int, nbytes: float, link: Link) -> float:
+    """W - 1 dependent hops of ``nbytes`` (the LASP-1 running state), one after the other."""
+    return (W - 1) * p2p_time(nbytes, link)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention layer on one rank: T is the *local* length; elt the bytes per element of
+    the activations (2 for bf16); chunk the linear-attention chunk size."""
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    Hkv: Optional[int] = None
+    elt: int = 2
+    chunk: int = 64
+    gate_dim: int = 1  # 1: scalar gate / constant decay, K: per-channel gate, 0: no gate
+
+    @property
+    def kv_heads(self) -> int:
+        return self.Hkv or self.H
+
+
+def linear_core_flops(s: Shape) -> tuple:
+    """Forward FLOPs of chunked linear attention on the local shard: (intra, inter).
+
+    Per token and head: intra-chunk Q K^T and (masked) A V on full C x C blocks, 2C(K + V);
+    inter-chunk q S and the state update K^T V, 4KV.
+    """
+    tokens = s.B * s.T * s.H
+    return tokens * 2 * s.chunk * (s.K + s.V), tokens * 4 * s.K * s.V
+
+
+def softmax_core_flops(s: Shape, W: int) -> float:
+    """Forward FLOPs of causal softmax attention per rank with balanced work: T local queries
+    against W T / 2 keys on average, 2(K + V) FLOPs per query-key pair and head."""
+    return s.B * s.T * (W * s.T / 2) * s.H * 2 * (s.K + s.V)
+
+
+def imbalance(strategy: str, W: int, layout: str) -> float:
+    """Slowest rank's causal softmax work over the mean: contiguous shards give the last rank
+    W of the W(W+1)/2 diagonal-or-below blocks; zigzag and Ulysses are balanced."""
+    if strategy in ("allgather", "ring") and layout == "contiguous":
+        return 2 * W / (W + 1)
+    return 1.0
+
+
+def ulysses_kv_replication(H: int, Hkv: int, W: int) -> int:
+    """Smallest m with m | H/Hkv and W | Hkv m (lasp2.parallel.ulysses does the same)."""
+    G = H // Hkv
+    return next(m for m in range(1, G + 1) if G % m == 0 and (Hkv * m) % W == 0)
+
+
+@dataclass
+class LayerCost:
+    """fwd+bwd of one layer on the slowest rank. ``comm`` is the exposed communication time;
+    ``bytes_sent`` per rank (fwd + bwd); ``calls`` communication calls per rank (fwd, bwd);
+    ``transient`` the largest buffer the strategy allocates while the layer runs, ``saved``
+    what it keeps for backward, both beyond the local shard's own activations."""
+
+    strategy: str
+    compute: float
+    comm: float
+    bytes_sent: float
+    calls: tuple
+    transient: float
+    saved: float
+
+    @property
+    def time(self) -> float:
+        return self.compute + self.comm
+
+
+def linear_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, segments: int = 1) -> LayerCost:
+    """Linear attention (lasp2 or lasp1, or "ideal": the local op alone) at ``rate`` FLOP/s.
+
+    lasp2: fwd 1 all-gather of W*segments rows of [B H (K V + gate_dim)] fp32 (+ a 4-byte header)
+    overlapping the intra-chunk work; bwd 1 all-gather of W*segments [B H K V] fp32, exposed.
+    lasp1: W-1 dependent hops of one [B H K V] fp32 state per direction (2W-2 under zigzag).
+    """
+    intra, inter = linear_core_flops(s)
+    t_fwd = (intra + inter) / rate
+    compute = t_fwd * (1 + BWD_FACTOR["linear"])
+    state = s.B * s.H * s.K * s.V * FP32
+    if strategy == "ideal" or W == 1:
+        return LayerCost(strategy, compute, 0.0, 0.0, (0, 0), 0.0, 0.0)
+    if strategy == "lasp2":
+        row = state + s.B * s.H * s.gate_dim * FP32 + FP32
+        fwd = max(0.0, all_gather_time(W, W * segments * row, link) - intra / rate)
+        bwd = all_gather_time(W, W * segments * state, link)
+        sent = collective_bytes_per_rank(W, W * segments * (row + state))
+        return LayerCost(strategy, compute, fwd + bwd, sent, (1, 1), W * segments * row, segments * (state + row))
+    if strategy == "lasp1":
+        hops = segments * W - 1
+        t = hops * p2p_time(state, link)
+        return LayerCost(strategy, compute, 2 * t, 2 * segments * state, (2 * segments, 2 * segments), 2 * state,
+                         segments * state)
+    raise ValueError(f"unknown linear strategy {strategy!r}; choose from {LINEAR_STRATEGIES}")
+
+
+def softmax_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, layout: str = "zigzag") -> LayerCost:
+    """Causal softmax attention (allgather = LASP-2H, ring, ulysses, or "ideal": 1/W of the
+    whole sequence's work with no communication). Raises ValueError when Ulysses cannot shard
+    the heads (H % W != 0).
+
+    allgather: fwd 1 all-gather of all K/V [W B T Hkv (K + V)] overlapping the diagonal block,
+    kept for backward; bwd 1 reduce-scatter of fp32 dK/dV, exposed. ring: W-1 hops of K/V fwd
+    and of fp32 dK/dV + K/V bwd, each overlapping one block. ulysses: all-to-alls of packed
+    q,k,v and of o fwd, of dO and packed grads bwd (fp32 when KV heads are replicated)."""
+    t_fwd = softmax_core_flops(s, W) / rate * imbalance(strategy, W, layout)
+    compute = t_fwd * (1 + BWD_FACTOR["softmax"])
+    t_bwd = t_fwd * BWD_FACTOR["softmax"]
+    kv = s.B * s.T * s.kv_heads * (s.K + s.V) * s.elt  # this rank's K and V
+    kv32 = kv * FP32 / s.elt
+    if strategy == "ideal" or W == 1:
+        return LayerCost(strategy, compute, 0.0, 0.0, (0, 0), 0.0, 0.0)
+    if strategy == "allgather":
+        fwd = max(0.0, all_gather_time(W, W * kv, link) - t_fwd / W)
+        bwd = reduce_scatter_time(W, W * kv32, link)
+        sent = collective_bytes_per_rank(W, W * (kv + kv32))
+        return LayerCost(strategy, compute, fwd + bwd, sent, (1, 1), W * kv32, W * kv)
+    if strategy == "ring":
+        fwd = (W - 1) * max(0.0, p2p_time(kv, link) - t_fwd / W)
+        bwd = (W - 1) * max(0.0, p2p_time(kv32 + kv, link) - t_bwd / W)
+        sent = (W - 1) * (2 * kv + kv32)
+        return LayerCost(strategy, compute, fwd + bwd, sent, (2 * (W - 1), 2 * (W - 1)), 2 * (kv + kv32),
+                         2 * kv)
+    if strategy == "ulysses":
+        if s.H % W:
+            raise ValueError(f"ulysses needs H % W == 0 (H={s.H}, W={W})")
+        rep = ulysses_kv_replication(s.H, s.kv_heads, W)
+        qkv = s.B * s.T * (s.H * s.K + s.kv_heads * rep * (s.K + s.V)) * s.elt
+        o = s.B * s.T * s.H * s.V * s.elt
+        grads = qkv * (FP32 / s.elt if rep > 1 else 1)
+        t = sum(all_to_all_time(W, b, link) for b in (qkv, o, o, grads))
+        sent = collective_bytes_per_rank(W, qkv + 2 * o + grads)
+        return LayerCost(strategy, compute, t, sent, (2, 2), 2 * (qkv + o), qkv + o)
+    raise ValueError(f"unknown softmax strategy {strategy!r}; choose from {SOFTMAX_STRATEGIES}")

@@ -1,0 +1,161 @@
+"""What ``lasp2 bench`` measures: one suite per family of layers, each a set of configurations
+run side by side on the same inputs, with the single-device ideal as the baseline.
+
+A suite is any object with (the ``model`` suite plugs in through this protocol):
+
+    configs()                           names, the baseline "ideal" included
+    skip_reason(config, spec, W)        None, or why the configuration cannot run at W
+    inputs(spec, T_local, W, rank, device, group) -> dict of this rank's tensors ("leaves" need
+                                           grads, "do" is the output gradient)
+    forward(config, x, group, spec)     this rank's output (the harness runs backward on it)
+
+The ideal is what a rank would take if sequence parallelism cost nothing: the one-device op
+doing exactly 1/W of the whole sequence's work, run on every rank at once (so that ranks
+sharing a CPU or a node contend as they do in the SP run) and never communicating.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+IDEAL = "ideal"
+
+
+def _dtype(spec) -> torch.dtype:
+    return getattr(torch, spec.dtype)
+
+
+def _randn(gen, *shape, spec, device):
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=_dtype(spec)).requires_grad_()
+
+
+class LinearSuite:
+    """Causal linear attention with a scalar decay gate (Lightning/Mamba2-style): LASP-2 (one
+    all-gather per direction), LASP-1 (ring chain) and the ideal, ``linear_attention`` on the
+    local shard."""
+
+    name = "linear"
+    strategies = ("lasp2", "lasp1")
+
+    def configs(self):
+        return list(self.strategies) + [IDEAL]
+
+    def skip_reason(self, config, spec, W):
+        return None
+
+    def inputs(self, spec, T, W, rank, device, group):
+        gen = torch.Generator().manual_seed(1000 + rank)
+        B, H, D = spec.batch, spec.heads, spec.dim
+        q, k, v = (_randn(gen, B, T, H, D, spec=spec, device=device) for _ in range(3))
+        g = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 4).to(device).requires_grad_()
+        do = torch.randn(B, T, H, D, generator=gen).to(device=device, dtype=_dtype(spec))
+        return {"leaves": (q, k, v, g), "do": do}
+
+    def forward(self, config, x, group, spec):
+        import lasp2
+
+        q, k, v, g = x["leaves"]
+        if config == IDEAL:
+            return lasp2.linear_attention(q, k, v, g)[0]
+        return lasp2.sp_linear_attention(q, k, v, g, group=group, strategy=config, layout=spec.layout)
+
+
+class SoftmaxSuite:
+    """Causal softmax attention (GQA with ``kv_heads``): all-gather (LASP-2H), ring, Ulysses.
+
+    The ideal gives every rank T_local queries against W T_local / 2 keys with no mask: the same
+    number of query-key pairs as 1/W of the causal triangle of the whole sequence.
+    """
+
+    name = "softmax"
+    strategies = ("allgather", "ring", "ulysses")
+
+    def configs(self):
+        return list(self.strategies) + [IDEAL]
+
+    def skip_reason(self, config, spec, W):
+        if config == "ulysses" and spec.heads % W:
+            return f"ulysses needs heads % W == 0 (heads={spec.heads}, W={W})"
+        return None
+
+    def inputs(self, spec, T, W, rank, device, group):
+        gen = torch.Generator().manual_seed(2000 + rank)
+        B, H, Hkv, D = spec.batch, spec.heads, spec.kv_heads or spec.heads, spec.dim
+        q = _randn(gen, B, T, H, D, spec=spec, device=device)
+        k, v = (_randn(gen, B, T, Hkv, D, spec=spec, device=device) for _ in range(2))
+        n_keys = max(1, W * T // 2)
+        k_ideal, v_ideal = (_randn(gen, B, n_keys, Hkv, D, spec=spec, device=device) for _ in range(2))
+        do = torch.randn(B, T, H, D, generator=gen).to(device=device, dtype=_dtype(spec))
+        return {"leaves": (q, k, v, k_ideal, v_ideal), "do": do}
+
+    def forward(self, config, x, group, spec):
+        import lasp2
+        from lasp2.ops.softmax import attention_blockwise
+
+        q, k, v, k_ideal, v_ideal = x["leaves"]
+        if config == IDEAL:
+            return attention_blockwise(q, k_ideal, v_ideal, causal=False)
+        return lasp2.sp_softmax_attention(q, k, v, group=group, strategy=config, layout=spec.layout)
+
+
+class ModelSuite:
+    """A whole Linear-Llama3 forward and backward (``lasp2.models``): 4 blocks "LLLN" (one
+    softmax layer in four, the paper's hybrid), hidden = heads x dim, SwiGLU 4 x hidden, basic
+    linear attention, vocabulary 256, loss gradient on the logits. Configurations are
+    (linear, softmax) strategy pairs, attached as each attention module's ``SPContext`` (what
+    ``lasp2.parallelize`` does, without its DDP wrapper: gradient all-reduce is the same for
+    every strategy and is not what is compared). The ideal is the same model on the local
+    tokens with no SP; its softmax layer does 1/W of the causal work of the whole sequence only
+    approximately (T_local^2 / 2 pairs instead of W T_local^2 / 2), which slightly flatters it.
+    """
+
+    name = "model"
+    strategies = ("lasp2+allgather", "lasp2+ring", "lasp1+ring")
+
+    def configs(self):
+        return list(self.strategies) + [IDEAL]
+
+    def skip_reason(self, config, spec, W):
+        return None
+
+    def inputs(self, spec, T, W, rank, device, group):
+        from lasp2.models import LinearLlama, LinearLlamaConfig
+        from lasp2.nn import LinearAttention, SoftmaxAttention, SPContext
+
+        hidden = spec.heads * spec.dim
+        cfg = LinearLlamaConfig(vocab_size=256, hidden=hidden, layers=4, heads=spec.heads,
+                                kv_heads=spec.kv_heads or spec.heads, mlp_hidden=4 * hidden, layer_pattern="LLLN")
+        models = {}
+        for c in self.configs():
+            m = LinearLlama(cfg, seed=0, device=device).to(_dtype(spec))
+            if c != IDEAL:
+                lin, soft = c.split("+")
+                for mod in m.modules():
+                    if isinstance(mod, (LinearAttention, SoftmaxAttention)):
+                        mod.sp = SPContext(group, lin if isinstance(mod, LinearAttention) else soft, spec.layout)
+            models[c] = m
+        gen = torch.Generator().manual_seed(3000 + rank)
+        ids = torch.randint(0, 256, (spec.batch, T), generator=gen).to(device)
+        do = torch.randn(spec.batch, T, 256, generator=gen).to(device=device, dtype=_dtype(spec))
+        return {"leaves": [p for m in models.values() for p in m.parameters()], "do": do, "ids": ids,
+                "models": models}
+
+    def forward(self, config, x, group, spec):
+        return x["models"][config](x["ids"])
+
+
+SUITES = {"linear": LinearSuite, "softmax": SoftmaxSuite, "model": ModelSuite}
+SUITE_NAMES = ("linear", "softmax", "model")
+
+
+def get_suite(name: str):
+    """The suite called ``name``; ``model`` needs the ``lasp2.models`` package (clear error
+    when this installation does not have it)."""
+    if name == "model" and importlib.util.find_spec("lasp2.models") is None:
+        raise ValueError("--suite model needs the lasp2.models package (Linear-Llama3), which this "
+                         "installation does not have; use --suite linear or --suite softmax")
+    if name in SUITES:
+        return SUITES[name]()
+    raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITE_NAMES)}")

@@ -1,0 +1,230 @@
+"""lasp2 bench / lasp2 plan: a smoke run of the CLI, its errors, and the cost model's formulas
+against hand-computed values. Benchmarks are not timed here: only files, fields and formulas."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lasp2.bench import cost_model as cm
+from lasp2.bench import plan
+from lasp2.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+LINK = cm.Link("test", alpha=1e-5, bandwidth=1e9, p2p_alpha=2e-5)  # beta = 1 ns per byte
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+# ------------------------------------------------------------------ the smoke run of the CLI
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "linear"
+    cmd = [sys.executable, "-m", "lasp2", "bench", "--quick", "--suite", "linear", "--world-sizes", "2",
+           "--out", str(out)] + ([] if HAVE_MPL else ["--no-plots"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), proc
+
+
+def test_quick_bench_writes_every_file_and_field(quick_run):
+    out, data, proc = quick_run
+    assert "W=2 T=512" in proc.stdout  # progress lines while it ran
+    md = (out / "results.md").read_text()
+    assert "| W | T global | T local | strategy |" in md and "lasp2 bench --quick" in md
+    if HAVE_MPL:
+        for name in ("time_vs_T.png", "efficiency_vs_W.png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    recs = data["records"]
+    assert sorted((r["T_global"], r["strategy"]) for r in recs) == sorted(
+        (T, s) for T in (512, 1024) for s in ("lasp2", "lasp1", "ideal"))
+    for r in recs:
+        assert r["W"] == 2 and r["T_local"] == r["T_global"] // 2 and r["skipped"] is None
+        assert r["time_s"] > 0 and r["time_s"] == max(r["per_rank_time_s"]) and len(r["per_rank_time_s"]) == 2
+        assert r["tokens_per_s"] == pytest.approx(r["T_global"] / r["time_s"])
+        assert 0 < r["efficiency"] and len(r["per_rank_peak_mem_mb"]) == 2 and r["peak_mem_mb"] >= 0
+        assert len(r["bytes_sent_per_rank"]) == len(r["bytes_received_per_rank"]) == 2
+        assert all(len(t) == 2 for t in r["per_rank_times_s"])  # --quick: 2 repeats
+        assert r["torch"] and r["hardware"] and r["command"].startswith("lasp2 bench --quick")
+    by = {(r["T_global"], r["strategy"]): r for r in recs}
+    assert by[(512, "ideal")]["efficiency"] == 1.0
+    assert by[(512, "ideal")]["comm_fwd"] == {} and by[(512, "ideal")]["bytes_sent_per_rank"] == [0, 0]
+    assert by[(512, "lasp2")]["comm_fwd"] == {"all_gather": 1} == by[(512, "lasp2")]["comm_bwd"]
+    assert by[(512, "lasp1")]["comm_fwd"] == {"send": 1, "recv": 1} == by[(512, "lasp1")]["comm_bwd"]
+
+
+def test_measured_bytes_match_the_cost_model(quick_run):
+    """comm.track()'s per-rank bytes equal the model's for the quick shape (H=4, K=V=32, fp32)."""
+    recs = quick_run[1]["records"]
+    shape = cm.Shape(B=1, T=256, H=4, K=32, V=32, elt=4)
+    for strategy in ("lasp2", "lasp1"):
+        rec = next(r for r in recs if r["strategy"] == strategy and r["T_global"] == 512)
+        model = cm.linear_layer(strategy, 2, shape, 1e9, LINK).bytes_sent
+        if strategy == "lasp2":  # both ranks send (W-1)/W of each gathered buffer
+            assert rec["bytes_sent_per_rank"] == [model, model] == rec["bytes_received_per_rank"]
+        else:  # the chain: rank 0 sends in forward, rank 1 in backward; model counts per direction
+            assert sum(rec["bytes_sent_per_rank"]) == model
+
+
+def test_from_json_rewrites_the_report_without_measuring(quick_run, tmp_path):
+    out = quick_run[0]
+    argv = ["bench", "--from-json", str(out / "results.json"), "--out", str(tmp_path)]
+    assert main(argv + ([] if HAVE_MPL else ["--no-plots"])) == 0
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text()) == quick_run[1]
+    assert main(["bench", "--from-json", str(tmp_path / "missing.json")]) == 2
+
+
+# ------------------------------------------------------------------------------- CLI errors
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--world-sizes", "0"], "--world-sizes"),
+    (["bench", "--seq-lens", "1000", "--world-sizes", "3"], "--seq-lens 1000"),
+    (["bench", "--local-lens", "7", "--layout", "zigzag"], "--local-lens 7"),
+    (["bench", "--heads", "8", "--kv-heads", "3"], "--kv-heads 3"),
+    (["bench", "--suite", "bogus"], "invalid choice"),
+    (["bench", "--seq-lens", "512", "--local-lens", "256"], "not allowed with"),
+    (["plan", "--layer-pattern", "LXS"], "layer pattern"),
+    (["plan", "--gpus", "3", "--seq-lens", "1000"], "does not split"),
+    (["plan", "--mfu", "2"], "--mfu"),
+    ([], "a command is required"),
+])
+def test_bad_flags_give_one_error_line(argv, needle, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and err.strip().count("\n") == 0, err
+
+
+def test_model_suite_without_the_models_package_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lasp2.models", None)  # as if the package were not installed
+    assert main(["bench", "--suite", "model"]) == 2
+    err = capsys.readouterr().err
+    assert "lasp2.models" in err and err.strip().count("\n") == 0
+
+
+def test_missing_matplotlib_is_a_clear_error_before_anything_runs():
+    code = ("import sys; sys.modules['matplotlib'] = None; from lasp2.cli import main; "
+            "sys.exit(main(['bench', '--quick', '--out', 'unused']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert proc.returncode == 2 and "pip install 'lasp2[bench]'" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "launching" not in proc.stdout
+
+
+# -------------------------------------------------------------------- cost model formulas
+def test_collective_formulas_by_hand():
+    # ring all-gather of an 8 MB buffer over 4 ranks: 3 steps of (10 us + 2 MB at 1 GB/s)
+    assert cm.all_gather_time(4, 8e6, LINK) == pytest.approx(3 * (1e-5 + 2e-3))
+    assert cm.reduce_scatter_time(4, 8e6, LINK) == pytest.approx(3 * (1e-5 + 2e-3))
+    assert cm.all_to_all_time(4, 8e6, LINK) == pytest.approx(3 * (1e-5 + 2e-3))
+    assert cm.collective_bytes_per_rank(4, 8e6) == pytest.approx(6e6)  # (W-1)/W of the buffer
+    assert cm.p2p_time(1e6, LINK) == pytest.approx(2e-5 + 1e-3)
+    assert cm.chain_time(4, 1e6, LINK) == pytest.approx(3 * (2e-5 + 1e-3))
+    assert cm.all_gather_time(1, 8e6, LINK) == 0.0 and cm.chain_time(1, 1e6, LINK) == 0.0
+
+
+def test_linear_layer_by_hand():
+    s = cm.Shape(B=1, T=1024, H=2, K=4, V=4, elt=4, chunk=64)
+    intra, inter = cm.linear_core_flops(s)
+    assert (intra, inter) == (1024 * 2 * 2 * 64 * 8, 1024 * 2 * 4 * 16)
+    state, row = 2 * 4 * 4 * 4, 2 * 4 * 4 * 4 + 2 * 1 * 4 + 4  # [B,H,K,V] fp32; + gate + header
+    rate = 1e9
+    lasp2 = cm.linear_layer("lasp2", 4, s, rate, LINK)
+    assert lasp2.compute == pytest.approx(3 * (intra + inter) / rate)
+    # the forward gather (3 x 10 us) hides under the intra-chunk work (2.1 ms); backward is exposed
+    assert lasp2.comm == pytest.approx(3 * (1e-5 + 1e-9 * state))
+    assert lasp2.bytes_sent == 3 * (row + state) and lasp2.calls == (1, 1)
+    slow = cm.linear_layer("lasp2", 4, s, 1e12, LINK)  # intra work now 2 us: the gather shows
+    assert slow.comm == pytest.approx(3 * (1e-5 + 1e-9 * row) - intra / 1e12 + 3 * (1e-5 + 1e-9 * state))
+    lasp1 = cm.linear_layer("lasp1", 4, s, rate, LINK)
+    assert lasp1.comm == pytest.approx(2 * 3 * (2e-5 + 1e-9 * state)) and lasp1.bytes_sent == 2 * state
+    assert cm.linear_layer("lasp1", 4, s, rate, LINK, segments=2).comm == pytest.approx(2 * 7 * (2e-5 + 1e-9 * state))
+    assert cm.linear_layer("ideal", 4, s, rate, LINK).comm == 0.0
+
+
+def test_softmax_layer_by_hand():
+    s = cm.Shape(B=1, T=512, H=8, K=16, V=16, Hkv=2, elt=2)
+    W, rate = 4, 1e12
+    t_fwd = (512 * (4 * 512 / 2) * 8 * 2 * 32) / rate
+    kv, kv32 = 512 * 2 * 32 * 2, 512 * 2 * 32 * 4
+    ag = cm.softmax_layer("allgather", W, s, rate, LINK)
+    assert ag.compute == pytest.approx(3.5 * t_fwd)
+    assert ag.comm == pytest.approx(max(0, 3 * (1e-5 + 1e-9 * kv) - t_fwd / 4) + 3 * (1e-5 + 1e-9 * kv32))
+    assert ag.bytes_sent == 3 * (kv + kv32) and ag.saved == 4 * kv
+    ring = cm.softmax_layer("ring", W, s, rate, LINK)
+    assert ring.comm == pytest.approx(3 * max(0, 2e-5 + 1e-9 * kv - t_fwd / 4)
+                                      + 3 * max(0, 2e-5 + 1e-9 * (kv + kv32) - 2.5 * t_fwd / 4))
+    assert cm.ulysses_kv_replication(8, 2, 4) == 2 and cm.ulysses_kv_replication(8, 8, 4) == 1
+    uly = cm.softmax_layer("ulysses", W, s, rate, LINK)
+    qkv, o = 512 * (8 * 16 + 2 * 2 * 32) * 2, 512 * 8 * 16 * 2
+    grads = qkv * 2  # fp32 because KV heads are replicated
+    assert uly.bytes_sent == pytest.approx(0.75 * (qkv + 2 * o + grads))
+    with pytest.raises(ValueError, match="H % W"):
+        cm.softmax_layer("ulysses", 3, s, rate, LINK)
+    contiguous = cm.softmax_layer("ring", W, s, rate, LINK, layout="contiguous")
+    assert contiguous.compute == pytest.approx(ag.compute * 2 * 4 / 5)  # last rank: 2W/(W+1)
+
+
+def test_model_level_prediction_by_hand():
+    m = plan.ModelConfig("tiny", hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=100, pattern="LN")
+    assert m.kinds() == ["L", "N"] and m.head_dim == 16
+    per_layer = 64 * (4 * 16 + 2 * 2 * 16) + 4 * 16 * 64 + 3 * 64 * 128
+    assert m.params() == 2 * per_layer + 2 * 100 * 64
+    dev = plan.Device("test", 1e12, 0.5, 1e12)
+    net = plan.Network(LINK, LINK, 8)
+    p = plan.predict(m, 4, 4096, net, dev, ("lasp2", "allgather"))
+    shape = cm.Shape(B=1, T=1024, H=4, K=16, V=16, Hkv=2)
+    lin = cm.linear_layer("lasp2", 4, cm.Shape(B=1, T=1024, H=4, K=16, V=16), 5e11, LINK)
+    soft = cm.softmax_layer("allgather", 4, shape, 5e11, LINK)
+    assert p.time == pytest.approx(3 * m.dense_flops_per_token() * 1024 / 5e11 + lin.time + soft.time)
+    assert p.memory == pytest.approx(16 * m.params() / 4 + m.activation_bytes_per_token() * 1024
+                                     + lin.saved + soft.saved + max(lin.transient, soft.transient))
+    preds = [plan.predict(m, 4, 4096, net, dev, pair) for pair in plan.strategy_pairs(m)]
+    assert len(preds) == 6 and plan.recommend(preds).time == min(x.time for x in preds)
+    small = plan.Device("small", 1e12, 0.5, 1.0)  # nothing fits in one byte
+    assert plan.recommend([plan.predict(m, 4, 4096, net, small, ("lasp2", "ring"))]) is None
+    with pytest.raises(ValueError, match="layer pattern"):
+        plan.ModelConfig("bad", 64, 2, 4, 2, 128, pattern="LQ")
+
+
+def test_plan_cli_prints_predictions_and_a_labelled_projection(capsys, tmp_path):
+    assert main(["plan", "--gpus", "16", "--seq-lens", "65536", "--layer-pattern", "LLLN"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended: **" in out and "lasp2 + allgather (LASP-2H)" in out and "Assumptions" in out
+    assert main(["plan", "--projection", "--out", str(tmp_path / "p.md")]) == 0
+    text = (tmp_path / "p.md").read_text()
+    assert "PROJECTION" in text and "| 2048K |" in text and "W=128" in text and "Speed-up of lasp2 over lasp1" in text
+
+
+def test_validation_fit_recovers_a_known_machine():
+    """Records generated by the model itself: the fit returns its rate and c0, and the W = 4
+    predictions (cores shared 2x) reproduce the generated times."""
+    from lasp2.bench import validate as v
+
+    link = cm.Link("gloo-like", alpha=3e-4, bandwidth=4e8, p2p_alpha=1e-4, p2p_bandwidth=2e9)
+    assert link.p2p_beta == pytest.approx(5e-10) and link.scaled(2).p2p_alpha == pytest.approx(2e-4)
+    assert link.scaled(2).bandwidth == pytest.approx(2e8) and link.scaled(2).p2p_beta == pytest.approx(1e-9)
+    rate, c0, cores = 5e9, 2e-3, 2
+
+    def rec(strategy, W, T_local):
+        r = {"suite": "linear", "strategy": strategy, "baseline": strategy == "ideal", "W": W, "T_local": T_local,
+             "T_global": W * T_local, "batch": 1, "heads": 4, "dim": 64, "kv_heads": None, "dtype": "float32",
+             "layout": "contiguous"}
+        r["time_s"] = v.predict_record(r, rate, c0, link, cores)
+        return r
+
+    for strategy in ("ideal", "lasp2", "lasp1"):
+        fit_rate, fit_c0 = v.fit_compute([rec(strategy, 2, t) for t in (1024, 2048, 4096)], link, cores)
+        assert fit_rate == pytest.approx(rate, rel=1e-6) and fit_c0 == pytest.approx(c0, rel=1e-6)
+        r4 = rec(strategy, 4, 8192)
+        assert v.predict_record(r4, fit_rate, fit_c0, link, cores) == pytest.approx(r4["time_s"], rel=1e-6)
+    assert v._linfit([1, 2, 3], [0.5, 2.5, 4.5]) == pytest.approx((0.0, 19 / 14))  # intercept < 0: through the origin

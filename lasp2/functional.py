@@ -9,8 +9,10 @@ from .ops import chunk, delta
 from .ops.softmax import attention_blockwise, doc_ids_from_cu_seqlens
 from .validation import (check_beta, check_cu_seqlens, check_gate, check_initial_state, check_qkv,
                          check_scale, resolve_scale)
+from .ops.precision import no_autocast
 
 
+@no_autocast
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,6 +68,7 @@ def linear_attention(
                                         output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
+@no_autocast
 def softmax_attention(
     q: torch.Tensor,
     k: torch.Tensor,

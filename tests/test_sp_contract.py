@@ -9,7 +9,8 @@ beyond numerical agreement (that is ``test_sp_linear.py``):
   byte count of the LASP-2 forward gather;
 - a group of size 1 is exactly the single-device op;
 - inference (no_grad, inputs without grad);
-- ``shard`` / ``unshard`` against an independent definition of the layouts.
+- ``shard`` / ``unshard`` against an independent definition of the layouts;
+- an enclosing ``torch.autocast`` region changes no output or gradient (bf16 inputs too).
 
 Spawning costs seconds, so there is ONE spawn per world size (1, 2, 4): the worker runs every
 section as a table of cases and returns a report per section; each test below asserts on its
@@ -378,6 +379,46 @@ def _roundtrip(group, W: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# 7. Autocast: the ops pick their own precision (fp32 states and summaries), so an enclosing
+#    torch.autocast region changes nothing, bf16 inputs included (it used to turn the gathered
+#    fp32 summaries, header included, into bf16 and fail the agreement check).
+
+
+def _fwd_bwd(fn, leaves: Dict[str, torch.Tensor], seed: int, autocast: bool):
+    """Forward (inside an autocast region if asked), backward outside it, as PyTorch advises."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        o = fn(leaves)
+    o.backward(torch.randn(o.shape, generator=torch.Generator().manual_seed(seed)).to(o.dtype))
+    return o.detach(), {n: t.grad for n, t in leaves.items()}
+
+
+def _autocast_case(group, *, op, strategy, layout, dtype):
+    _, local = _local_inputs(group, layout, "scalar" if op == "linear" else None)
+    local = {n: t.to(dtype) for n, t in local.items()}
+    call = dict(group=group, strategy=strategy, layout=layout)
+    if op == "linear":
+        fn = lambda d: lasp2.sp_linear_attention(*_args(d), **call)  # noqa: E731
+    else:
+        fn = lambda d: lasp2.sp_softmax_attention(d["q"], d["k"], d["v"], **call)  # noqa: E731
+    o_plain, g_plain = _fwd_bwd(fn, local, seed=5, autocast=False)
+    o_auto, g_auto = _fwd_bwd(fn, local, seed=5, autocast=True)
+    assert o_auto.dtype == dtype, f"output dtype {o_auto.dtype}, expected the inputs' {dtype}"
+    assert torch.equal(o_auto, o_plain), "autocast changed the output"
+    for n in g_plain:
+        assert torch.equal(g_auto[n], g_plain[n]), f"autocast changed d{n}"
+
+
+def _autocast(group) -> int:
+    cases = [(f"linear-{s}-{l}-{str(dt)[6:]}", dict(op="linear", strategy=s, layout=l, dtype=dt))
+             for s, l in _STRATEGY_LAYOUTS for dt in (torch.float32, torch.bfloat16)]
+    cases += [(f"softmax-{s}-{l}", dict(op="softmax", strategy=s, layout=l, dtype=torch.bfloat16))
+              for s in ("allgather", "ring") for l in ("contiguous", "zigzag")]
+    run_cases(cases, lambda **p: _autocast_case(group, **p))
+    return len(cases)
+
+
+# ---------------------------------------------------------------------------------------------
 # The one worker per world size, and its cached result.
 
 
@@ -393,6 +434,7 @@ def _worker(group):
         report["q_only_grad"] = _section(lambda: _q_only_grad(group))
     report["inference"] = _section(lambda: _inference(group, W))
     report["roundtrip"] = _section(lambda: _roundtrip(group, W))
+    report["autocast"] = _section(lambda: _autocast(group))
     return report
 
 
@@ -482,3 +524,8 @@ def test_only_q_requires_grad(world_size):
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_shard_unshard_roundtrip(world_size):
     assert _section_results(world_size, "roundtrip") == [6] * world_size
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_autocast_changes_nothing(world_size):
+    assert _section_results(world_size, "autocast") == [12] * world_size

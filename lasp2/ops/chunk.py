@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+from .precision import no_autocast
 
 DEFAULT_CHUNK = 64
 DEFAULT_CHUNK_PER_CHANNEL = 16  # the per-channel intra term is [C, C, K] per chunk: keep C small
@@ -212,6 +213,7 @@ class _StateScan(torch.autograd.Function):
         return S
 
     @staticmethod
+    @no_autocast
     def backward(ctx, dS: torch.Tensor):
         a, S = ctx.saved_tensors
         N = a.shape[2]

@@ -67,6 +67,7 @@ from typing import Optional, Tuple
 import torch
 
 from .chunk import DocMasks, _doc_positions, _masked_exp, _to_chunks, compute_dtype, from_chunks
+from .precision import no_autocast
 
 DEFAULT_DELTA_CHUNK = 64
 
@@ -234,6 +235,7 @@ class _MatrixStateScan(torch.autograd.Function):
         return S
 
     @staticmethod
+    @no_autocast
     def backward(ctx, dS: torch.Tensor):
         M, S = ctx.saved_tensors
         N = M.shape[2]

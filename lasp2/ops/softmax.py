@@ -36,11 +36,11 @@ compute dtype because callers merge partial results with it.
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from .precision import no_autocast
 
 __all__ = [
     "attention_reference",
@@ -484,6 +484,7 @@ class BlockwiseAttention(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @no_autocast
     def backward(ctx, do, dlse):
         q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc = ctx.saved_tensors
         if do is None and dlse is None:

@@ -13,6 +13,7 @@ from . import comm
 from .lasp1 import LASP1Function
 from .lasp2 import BidirectionalLASP2Function, LASP2Function
 from .layout import LAYOUTS, Layout
+from ..ops.precision import no_autocast
 
 LINEAR_STRATEGIES = ("lasp2", "lasp1")
 
@@ -33,9 +34,10 @@ def _describe(t: Optional[torch.Tensor]) -> str:
 def _cu_digest(cu_seqlens: Optional[torch.Tensor]) -> str:
     if cu_seqlens is None:
         return "none"
-    return hashlib.sha1(cu_seqlens.to(torch.long).cpu().numpy().tobytes()).hexdigest()[:12]
+    return hashlib.sha1(str(cu_seqlens.tolist()).encode()).hexdigest()[:12]
 
 
+@no_autocast
 def sp_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -157,6 +159,7 @@ def unshard(x_local: torch.Tensor, *, group, layout: str = "contiguous", dim: in
 SOFTMAX_STRATEGIES = ("allgather", "ring", "ulysses")
 
 
+@no_autocast
 def sp_softmax_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -214,7 +217,10 @@ def sp_softmax_attention(
                          f"by {world}, or strategy='allgather' or 'ring', which work with any H")
     scale = resolve_scale(scale, q)
     signature = (f"sp_softmax_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
-                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={cu_seqlens is not None}")
+                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={_cu_digest(cu_seqlens)}")
+    # The document boundaries are part of the signature (unlike the linear strategies, there is no
+    # fp32 buffer to carry a header for free): a new cu_seqlens costs one small agreement gather
+    # the first time it is seen, shared by every layer that sees it next.
     comm.ensure_agreement(group, signature)
     if world == 1:
         return functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)

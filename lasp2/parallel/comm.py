@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import hashlib
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
@@ -139,9 +140,12 @@ def recv(like: torch.Tensor, peer: int, group: ProcessGroup) -> torch.Tensor:
 # strategies or layouts would otherwise pair mismatched collectives (a hang, an abort, or a wrong
 # answer). The first call with a given signature on a group runs one extra small collective that
 # compares the signatures of all ranks; later calls with that signature skip it, so steady-state
-# calls keep the one-collective contract. The cache is per group (weakly referenced).
+# calls keep the one-collective contract. The cache is per group (weakly referenced) and keeps
+# the most recent _MAX_VERIFIED signatures (softmax signatures include the document boundaries,
+# which change with every packed batch); every rank evicts identically when they call identically.
 # ---------------------------------------------------------------------------------------------
-_verified: "weakref.WeakKeyDictionary[ProcessGroup, set]" = weakref.WeakKeyDictionary()
+_verified: "weakref.WeakKeyDictionary[ProcessGroup, OrderedDict[str, None]]" = weakref.WeakKeyDictionary()
+_MAX_VERIFIED = 1024
 
 
 def signature_code(signature: str) -> float:
@@ -156,13 +160,16 @@ def ensure_agreement(group: ProcessGroup, signature: str) -> None:
     fixed-size code plus, only on disagreement, 1 ``all_gather_object`` to report the
     differences; nothing afterwards.
     """
-    seen = _verified.setdefault(group, set())
+    seen = _verified.setdefault(group, OrderedDict())
     if signature in seen:
+        seen.move_to_end(signature)
         return
     code = torch.tensor([signature_code(signature)], dtype=torch.float64)
     codes = all_gather(code, group)
     if bool((codes == code).all()):
-        seen.add(signature)
+        seen[signature] = None
+        if len(seen) > _MAX_VERIFIED:
+            seen.popitem(last=False)
         return
     everyone: List[Optional[str]] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, signature, group=group)

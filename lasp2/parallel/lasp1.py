@@ -20,6 +20,7 @@ from .layout import Layout
 from .linear_local import (SegmentWork, add_incoming, apply_transition, assemble, detached_leaves,
                            grad_targets, inter_backward, intra_outputs, leaf_grads, output_chunks_of,
                            summarise)
+from ..ops.precision import no_autocast
 
 
 def lasp1_fwd(q, k, v, g, beta, *, scale: float, layout: Layout, group, cu_seqlens):
@@ -90,6 +91,7 @@ class LASP1Function(torch.autograd.Function):
         return o.detach()
 
     @staticmethod
+    @no_autocast
     def backward(ctx, do):
         outputs, grads = lasp1_bwd(do, ctx.work, ctx.layout, ctx.group)
         dq, dk, dv, dg, dbeta = leaf_grads(ctx.leaves, outputs, grads)

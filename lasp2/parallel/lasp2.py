@@ -21,7 +21,7 @@ outputs depend on no gathered state) and the last rank (whose summary nobody use
 from __future__ import annotations
 
 import bisect
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -31,6 +31,7 @@ from .layout import Layout
 from .linear_local import (SegmentWork, add_incoming, assemble, detached_leaves, fold_backward,
                            fold_forward, grad_targets, inter_backward, intra_outputs, leaf_grads,
                            output_chunks_of, summarise)
+from ..ops.precision import no_autocast
 
 
 def _pack(work: List[SegmentWork], header: float) -> torch.Tensor:
@@ -113,6 +114,7 @@ class LASP2Function(torch.autograd.Function):
         return o.detach()
 
     @staticmethod
+    @no_autocast
     def backward(ctx, do):
         outputs, grads = lasp2_bwd(do, ctx.work, ctx.A_all, ctx.layout, ctx.group)
         dq, dk, dv, dg, dbeta = leaf_grads(ctx.leaves, outputs, grads)
@@ -190,6 +192,7 @@ class BidirectionalLASP2Function(torch.autograd.Function):
         return o.transpose(1, 2).to(q.dtype)
 
     @staticmethod
+    @no_autocast
     def backward(ctx, do):
         qf, kf, vf = ctx.saved_tensors
         dof = do.to(qf.dtype).transpose(1, 2)

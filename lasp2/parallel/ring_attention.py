@@ -28,6 +28,7 @@ from ..ops.softmax import attention_block_bwd, attention_block_fwd, merge_attent
 from . import comm
 from .layout import Layout
 from .softmax_allgather import BLOCK_SIZE, any_visible, compute_dtype, positions_and_docs
+from ..ops.precision import no_autocast
 
 
 def _to_bytes(*tensors: torch.Tensor) -> torch.Tensor:
@@ -146,6 +147,7 @@ class RingAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @no_autocast
     def backward(ctx, do):
         q, k, v, o, lse, *blocks = ctx.saved_tensors
         dq, dk, dv = ring_bwd(do, q, k, v, o, lse, dict(zip(ctx.owners, blocks)), ctx.visible,

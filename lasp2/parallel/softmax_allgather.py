@@ -28,6 +28,7 @@ import torch
 from ..ops.softmax import attention_block_bwd, attention_block_fwd, merge_attention
 from . import comm
 from .layout import Layout
+from ..ops.precision import no_autocast
 
 BLOCK_SIZE = 256  # tile size of the blockwise kernels (rows of a query block and a key block)
 
@@ -113,6 +114,7 @@ class AllGatherAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @no_autocast
     def backward(ctx, do):
         q, o, lse, kv_all = ctx.saved_tensors
         dq, dk, dv = allgather_bwd(do, q, o, lse, kv_all, ctx.visible, **ctx.args)

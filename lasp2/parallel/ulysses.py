@@ -28,6 +28,7 @@ from ..ops.softmax import attention_block_bwd, attention_block_fwd
 from . import comm
 from .layout import Layout
 from .softmax_allgather import BLOCK_SIZE, compute_dtype
+from ..ops.precision import no_autocast
 
 
 def kv_replication(H: int, Hkv: int, W: int) -> int:
@@ -130,6 +131,7 @@ class UlyssesAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @no_autocast
     def backward(ctx, do):
         dq, dk, dv = ulysses_bwd(do.contiguous(), ctx.saved_tensors, **ctx.args)
         return dq, dk, dv, None, None, None, None, None

@@ -46,8 +46,11 @@ def doc_scenarios(W: int, L: int = T_LOCAL) -> Dict[str, List[int]]:
 
 
 def compare(group, *, strategy: str, layout: str, causal: bool, heads: str, docs: Optional[str],
-            dtype: torch.dtype = torch.float64, scale: Optional[float] = None, seed: int = 0):
-    """Run one case against the single-device op; return the ops recorded per direction."""
+            dtype: torch.dtype = torch.float64, scale: Optional[float] = None, seed: int = 0,
+            sum_loss: bool = False):
+    """Run one case against the single-device op; return the ops recorded per direction.
+    ``sum_loss``: backward from o.sum(), whose cotangent reaches the op as an expanded
+    (stride-0) tensor, instead of a random weight."""
     W = dist.get_world_size(group)
     H, Hkv = HEADS[heads]
     T = W * T_LOCAL
@@ -57,11 +60,11 @@ def compare(group, *, strategy: str, layout: str, causal: bool, heads: str, docs
     full = [torch.randn(B, T, h, d, generator=gen, dtype=torch.float64)
             for h, d in ((H, D), (Hkv, D), (Hkv, DV), (H, DV))]
     q, k, v = (x.to(dtype) for x in full[:3])
-    weight = full[3]  # a random cotangent for the backward
+    weight = torch.ones_like(full[3]).expand_as(full[3]) if sum_loss else full[3]  # the cotangent
 
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     o_ref = lasp2.softmax_attention(*ref_leaves, scale=scale, causal=causal, cu_seqlens=cu)
-    ref_grads = torch.autograd.grad((o_ref.double() * weight).sum(), ref_leaves)
+    ref_grads = torch.autograd.grad(o_ref.sum() if sum_loss else (o_ref.double() * weight).sum(), ref_leaves)
 
     def local(x):
         return lasp2.shard(x, group=group, layout=layout)
@@ -73,7 +76,7 @@ def compare(group, *, strategy: str, layout: str, causal: bool, heads: str, docs
     with comm.track() as fwd_log:
         o = lasp2.sp_softmax_attention(*leaves, **call)
     with comm.track() as bwd_log:
-        grads = torch.autograd.grad((o.double() * local(weight)).sum(), leaves)
+        grads = torch.autograd.grad(o.sum() if sum_loss else (o.double() * local(weight)).sum(), leaves)
 
     # Every collective has run: now compare.
     assert o.dtype == dtype and all(g.dtype == dtype for g in grads)
@@ -122,6 +125,9 @@ def _cases(W: int):
                                                   heads="gqa1", docs=None, dtype=torch.float32, scale=0.3)))
         out.append((f"{s}-{lay}-bf16", dict(kind="compare", strategy=s, layout=lay, causal=True,
                                             heads="gqa2", docs="cut-mid-rank", dtype=torch.bfloat16)))
+        if lay == "zigzag":
+            out.append((f"{s}-sum-loss", dict(kind="compare", strategy=s, layout=lay, causal=True,
+                                              heads="gqa1", docs="mixed", sum_loss=True)))
     out.append(("skips-hidden-blocks", dict(kind="skips")))
     out.append(("bad-input", dict(kind="errors")))
     return out
@@ -186,6 +192,12 @@ def check_errors(group) -> None:
             lasp2.sp_softmax_attention(q3, k3, v3, group=group, strategy="ulysses")
         # The same heads work with the other strategies (no ValueError, finite output).
         assert torch.isfinite(lasp2.sp_softmax_attention(q3, k3, v3, group=group, strategy="ring")).all()
+        # Document boundaries that differ on one rank: ValueError on every rank, every strategy.
+        rank = dist.get_rank(group)
+        cu = torch.tensor([0, 5 if rank == 1 else 3, 8 * W])
+        for strategy in ("allgather", "ring", "ulysses"):
+            with pytest.raises(ValueError, match="different arguments"):
+                lasp2.sp_softmax_attention(q, k, v, group=group, strategy=strategy, cu_seqlens=cu)
 
 
 def _worker(group):

@@ -1,0 +1,218 @@
+"""``lasp2 train`` (registered by lasp2/cli.py through ``add_parser``).
+
+Flags are generated from :class:`TrainConfig` (``--seq-len`` for ``seq_len``) and, in the
+"model" group, from :class:`lasp2.models.LinearLlamaConfig` (``--hidden``, ``--kv-heads``, ...,
+overriding the preset). Only the flags given reach the config; the rest keep its defaults.
+
+Not under torchrun the command starts dp x sp local gloo ranks itself (``lasp2.launch.spawn``;
+``--device cuda`` uses NCCL, one GPU per rank); under torchrun it uses the launched ranks (NCCL
+on GPUs) with a process-group timeout of ``--timeout-s``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import typing
+from pathlib import Path
+
+from .config import DEVICES, DOC_SEPS, DTYPES, TASKS, TrainConfig, flag
+
+MODEL_PREFIX = "model__"
+# LinearLlamaConfig fields that TrainConfig sets under its own name (--linear, --layer-pattern).
+MODEL_FIELDS_SKIPPED = ("layer_pattern", "linear_variant")
+
+EXAMPLES = """examples:
+  lasp2 train                                  # MQAR, debug preset, SP=2 on 2 local CPU ranks (~2 min)
+  lasp2 train --no-state-passing --out ablate  # the same without LASP-2 state passing: recall collapses
+  lasp2 train --task text --data book.txt --seq-len 4096 --sp 4 --steps 200
+  lasp2 train --resume lasp2_train --steps 600 # continue a run (identical losses to an uninterrupted one)
+  torchrun --nproc-per-node 8 -m lasp2 train --preset linear-llama3-1b --sp 4 --seq-len 65536 --dtype bfloat16
+"""
+
+
+def _choices():
+    from ..models import PRESETS
+    from ..nn import LINEAR_VARIANTS
+    from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
+    from ..parallel.layout import LAYOUTS
+
+    return {"preset": tuple(PRESETS), "task": TASKS, "dtype": DTYPES, "device": DEVICES, "doc_sep": DOC_SEPS,
+            "layout": LAYOUTS, "strategy": LINEAR_STRATEGIES, "softmax_strategy": SOFTMAX_STRATEGIES,
+            "linear": tuple(LINEAR_VARIANTS)}
+
+
+def _base_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def _add_field_flags(group, cls, *, dest_prefix: str = "", skip=(), choices=None, defaults=None):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in skip or f.metadata.get("flag") is False:
+            continue
+        kind = _base_type(hints[f.name])
+        default = defaults.get(f.name) if defaults is not None else f.default
+        text = f.metadata.get("help", f.name.replace("_", " "))
+        kwargs = dict(dest=dest_prefix + f.name, default=argparse.SUPPRESS)
+        if kind is bool and default is False:
+            group.add_argument(f"--{flag(f.name)}", action="store_true", help=text, **kwargs)
+            continue
+        if kind is bool:
+            group.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction,
+                               help=f"{text} (default: {default})", **kwargs)
+            continue
+        if choices and f.name in choices:
+            kwargs["choices"] = choices[f.name]
+        shown = "" if default is None or default is dataclasses.MISSING else f" (default: {default})"
+        group.add_argument(f"--{flag(f.name)}", type=kind, metavar=f.name.upper().split("_")[-1] if "choices"
+                           not in kwargs else None, help=text + shown, **kwargs)
+
+
+def add_parser(subparsers) -> None:
+    from ..models import PRESETS, LinearLlamaConfig
+
+    p = subparsers.add_parser(
+        "train", help="train a Linear-Llama model with LASP-2 sequence parallelism (MQAR or text)",
+        description="Train Linear-Llama (pure linear or hybrid) with sequence parallelism over --sp ranks and data "
+                    "parallelism over --dp. Writes OUT/metrics.jsonl (one JSON object per step), OUT/config.json, "
+                    "OUT/loss.png and OUT/checkpoints/step-NNNNNN/. Not under torchrun it starts dp x sp local "
+                    "gloo ranks itself; under torchrun it uses the launched ranks (NCCL on GPUs).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_field_flags(p.add_argument_group("training"), TrainConfig, choices=_choices())
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that already holds checkpoints (they are deleted)")
+    model = p.add_argument_group("model (override fields of the --preset; debug: "
+                                 + ", ".join(f"{k}={v}" for k, v in PRESETS["debug"].items()) + ")")
+    _add_field_flags(model, LinearLlamaConfig, dest_prefix=MODEL_PREFIX, skip=MODEL_FIELDS_SKIPPED,
+                     defaults={})
+    p.set_defaults(func=run)
+
+
+def config_from_args(args) -> TrainConfig:
+    """The TrainConfig of the given flags (ValueError on bad values)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    model = {k[len(MODEL_PREFIX):]: v for k, v in vars(args).items() if k.startswith(MODEL_PREFIX)}
+    if given.get("resume") and "out" not in given:
+        from .checkpoint import find
+
+        given["out"] = str(find(given["resume"]).parents[1])  # continue in the resumed run's directory
+    return TrainConfig(**given, model=model)
+
+
+def _usage(e: Exception):
+    from ..cli import UsageError
+
+    text = str(e).strip().splitlines()
+    return UsageError(text[0] if text else type(e).__name__)
+
+
+def _check_out(cfg: TrainConfig, overwrite: bool) -> None:
+    ckpts = Path(cfg.out) / "checkpoints"
+    if cfg.resume or not ckpts.is_dir() or not any(ckpts.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"--out {cfg.out} already holds checkpoints of a run; continue it with --resume {cfg.out}, "
+                         f"choose another --out, or pass --overwrite to delete them")
+    shutil.rmtree(ckpts)
+
+
+def summary_text(summary: dict, cfg: TrainConfig) -> str:
+    m = cfg.model_config()
+    what = "MQAR" if cfg.task == "mqar" else f"text from {cfg.data}"
+    parts = [f"Trained Linear-Llama '{cfg.preset}' (layers {''.join(m.layer_types)}, linear '{m.linear_variant}') "
+             f"on {what} for steps {summary['start_step'] + 1}-{summary['steps']} with SP={cfg.sp} x DP={cfg.dp} "
+             f"({cfg.strategy}/{cfg.softmax_strategy}, {cfg.layout}"
+             f"{', NO state passing' if cfg.no_state_passing else ''}) on {summary['world']} rank(s)"]
+    if "final_loss" in summary:
+        chance = f"; chance {1 / cfg.mqar_values:.3f}" if cfg.task == "mqar" else ""
+        parts.append(f"final loss {summary['final_loss']:.4f}, accuracy {summary['final_accuracy']:.3f} "
+                     f"(mean of the last 10 steps {summary['accuracy_last10']:.3f}{chance}), "
+                     f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_mem_mb']:,.0f} MB per rank")
+    parts.append(f"wall time {summary['wall_s']:.1f} s")
+    files = ["metrics.jsonl", "config.json"]
+    if str(summary.get("plot", "")).endswith(".png"):
+        files.append("loss.png")
+    elif summary.get("plot"):
+        parts.append(f"plot {summary['plot']}")
+    if summary.get("checkpoint"):
+        files.append(str(Path(summary["checkpoint"]).relative_to(summary["out"])))
+    return "; ".join(parts) + f". Output: {summary['out']}/ ({', '.join(files)})."
+
+
+def run(args) -> int:
+    from ..launch import RankFailure, init_from_env, spawn, under_torchrun
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        raise _usage(e) from None
+    if under_torchrun():
+        import os
+
+        try:  # the same check fails on every rank: rank 0 says it, the others just exit
+            cfg.resolve_world(int(os.environ["WORLD_SIZE"]))
+        except ValueError as e:
+            if os.environ["RANK"] == "0":
+                raise _usage(e) from None
+            return 2
+        return _run_torchrun(cfg, args, init_from_env)
+    try:
+        cfg.resolve_world(cfg.world)
+        _check_out(cfg, args.overwrite)
+        if cfg.resume:  # fail here, before starting any rank
+            from . import checkpoint
+
+            ckpt = checkpoint.find(cfg.resume)
+            checkpoint.check_compatible(checkpoint.read_meta(ckpt), cfg, ckpt)
+    except ValueError as e:
+        raise _usage(e) from None
+    from .loop import run_rank
+
+    backend = "nccl" if cfg.device == "cuda" else "gloo"
+    try:
+        # spawn's limit covers the whole run; a failing rank stops the others at once anyway.
+        results = spawn(run_rank, cfg.world, cfg.to_dict(), backend=backend,
+                        timeout_s=max(cfg.timeout_s, 7 * 86400.0))
+    except RankFailure as e:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "failure.txt").write_text(e.traceback or str(e))
+        print(f"lasp2 train: error: {e} (traceback in {out / 'failure.txt'})", file=sys.stderr)
+        return 1
+    print(summary_text(results[0], cfg))
+    return 0
+
+
+def _run_torchrun(cfg: TrainConfig, args, init_from_env) -> int:
+    import traceback
+
+    import torch.distributed as dist
+
+    from .loop import train
+
+    backend = "gloo" if cfg.device == "cpu" else None  # None: nccl with CUDA, else gloo
+    rank, world = init_from_env(backend=backend, timeout_s=cfg.timeout_s)
+    try:
+        cfg.resolve_world(world)
+        if rank == 0:
+            _check_out(cfg, args.overwrite)
+        summary = train(cfg)
+        if summary is not None:
+            print(summary_text(summary, cfg))
+        return 0
+    except Exception as e:  # noqa: BLE001 - one line per failing rank, the traceback in a file
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"failure-rank{rank}.txt").write_text(traceback.format_exc())
+        first = str(e).strip().splitlines()
+        print(f"lasp2 train: error: rank {rank}: {type(e).__name__}: {first[0] if first else ''} "
+              f"(traceback in {out / f'failure-rank{rank}.txt'})", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+

@@ -105,13 +105,6 @@ def test_bad_flags_give_one_error_line(argv, needle, capsys):
     assert code == 2 and needle in err and err.strip().count("\n") == 0, err
 
 
-def test_model_suite_without_the_models_package_is_a_clear_error(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lasp2.models", None)  # as if the package were not installed
-    assert main(["bench", "--suite", "model"]) == 2
-    err = capsys.readouterr().err
-    assert "lasp2.models" in err and err.strip().count("\n") == 0
-
-
 def test_missing_matplotlib_is_a_clear_error_before_anything_runs():
     code = ("import sys; sys.modules['matplotlib'] = None; from lasp2.cli import main; "
             "sys.exit(main(['bench', '--quick', '--out', 'unused']))")

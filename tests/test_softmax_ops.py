@@ -2,7 +2,6 @@
 backward against the oracle's autograd, the log-sum-exp merge, key-subset backward (what ring
 attention relies on) and gradcheck."""
 
-import math
 
 import pytest
 import torch

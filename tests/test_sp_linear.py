@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import lasp2
 from tests.dist import WORLD_SIZES, run_cases, run_distributed
 from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS
-from tests.sp_cases import compare_linear, run_table
+from tests.sp_cases import compare_linear
 
 
 def _expect_contract(result, params):

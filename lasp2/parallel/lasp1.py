@@ -51,7 +51,7 @@ def lasp1_fwd(q, k, v, g, beta, *, scale: float, layout: Layout, group, cu_seqle
     return assemble(work, q.dtype), work
 
 
-def lasp1_bwd(do: torch.Tensor, work: List[SegmentWork], layout: Layout, group):
+def lasp1_bwd(o: torch.Tensor, do: torch.Tensor, work: List[SegmentWork], layout: Layout, group):
     """Gradients reaching each segment's outputs and final state, by the reverse chain.
 
     Communication: per local segment j < J - 1 one recv from the owner of j + 1, per local
@@ -76,7 +76,7 @@ def lasp1_bwd(do: torch.Tensor, work: List[SegmentWork], layout: Layout, group):
                 carried = D
             else:
                 comm.send(D, layout.owner(j - 1), group)
-    return grad_targets(work, do_chunks, inter, nxt)
+    return grad_targets(o, do, work, inter, nxt)
 
 
 class LASP1Function(torch.autograd.Function):
@@ -87,13 +87,13 @@ class LASP1Function(torch.autograd.Function):
         leaves = detached_leaves((q, k, v, g, beta), grad_enabled)
         with torch.set_grad_enabled(any(t is not None and t.requires_grad for t in leaves)):
             o, work = lasp1_fwd(*leaves, scale=scale, layout=layout, group=group, cu_seqlens=cu_seqlens)
-        ctx.leaves, ctx.work, ctx.layout, ctx.group = leaves, work, layout, group
+        ctx.o, ctx.leaves, ctx.work, ctx.layout, ctx.group = o, leaves, work, layout, group
         return o.detach()
 
     @staticmethod
     @no_autocast
     def backward(ctx, do):
-        outputs, grads = lasp1_bwd(do, ctx.work, ctx.layout, ctx.group)
+        outputs, grads = lasp1_bwd(ctx.o, do, ctx.work, ctx.layout, ctx.group)
         dq, dk, dv, dg, dbeta = leaf_grads(ctx.leaves, outputs, grads)
-        ctx.work = ctx.leaves = None
+        ctx.o = ctx.work = ctx.leaves = None
         return dq, dk, dv, dg, dbeta, None, None, None, None, None

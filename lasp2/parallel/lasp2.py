@@ -88,8 +88,10 @@ def lasp2_fwd(q, k, v, g, beta, *, scale: float, layout: Layout, group, cu_seqle
     return assemble(work, q.dtype), work, A_all
 
 
-def lasp2_bwd(do: torch.Tensor, work: List[SegmentWork], A_all: torch.Tensor, layout: Layout, group):
-    """From dL/do [B, T, H, V]: the gradients reaching each segment's outputs and final state.
+def lasp2_bwd(o: torch.Tensor, do: torch.Tensor, work: List[SegmentWork], A_all: torch.Tensor, layout: Layout,
+              group):
+    """From dL/do [B, T, H, V] for the output o (with graph): the gradients reaching the local
+    outputs and each segment's final state.
 
     Returns (grad tensors, grad outputs) for one ``torch.autograd.grad`` call.
     Communication: 1 all-gather of [W, S_local, B, H, K, V] fp32.
@@ -98,7 +100,7 @@ def lasp2_bwd(do: torch.Tensor, work: List[SegmentWork], A_all: torch.Tensor, la
     inter = [inter_backward(w, d) for w, d in zip(work, do_chunks)]
     G_all = _by_segment(comm.all_gather(torch.stack([G for G, _, _ in inter]), group), layout)
     nxt = fold_backward(G_all.to(A_all.dtype), A_all)
-    return grad_targets(work, do_chunks, inter, [nxt[w.seg.index] for w in work])
+    return grad_targets(o, do, work, inter, [nxt[w.seg.index] for w in work])
 
 
 class LASP2Function(torch.autograd.Function):
@@ -110,15 +112,16 @@ class LASP2Function(torch.autograd.Function):
         with torch.set_grad_enabled(any(t is not None and t.requires_grad for t in leaves)):
             o, work, A_all = lasp2_fwd(*leaves, scale=scale, layout=layout, group=group,
                                        cu_seqlens=cu_seqlens, header=header, overlap=overlap)
-        ctx.leaves, ctx.work, ctx.A_all, ctx.layout, ctx.group = leaves, work, A_all, layout, group
+        # ctx.o shares its storage with the returned output: keeping its graph costs no memory.
+        ctx.o, ctx.leaves, ctx.work, ctx.A_all, ctx.layout, ctx.group = o, leaves, work, A_all, layout, group
         return o.detach()
 
     @staticmethod
     @no_autocast
     def backward(ctx, do):
-        outputs, grads = lasp2_bwd(do, ctx.work, ctx.A_all, ctx.layout, ctx.group)
+        outputs, grads = lasp2_bwd(ctx.o, do, ctx.work, ctx.A_all, ctx.layout, ctx.group)
         dq, dk, dv, dg, dbeta = leaf_grads(ctx.leaves, outputs, grads)
-        ctx.work = ctx.leaves = None  # free the graph
+        ctx.o = ctx.work = ctx.leaves = None  # free the graph
         return dq, dk, dv, dg, dbeta, None, None, None, None, None, None, None
 
 

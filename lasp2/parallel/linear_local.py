@@ -47,7 +47,8 @@ class SegmentWork:
                              # vectors) or [B, H, N + 1, K, K] (delta rule); Λ_N = Â
     intra: Optional[torch.Tensor] = None    # intra-chunk outputs with graph [B, H, N, C, V]
     q_inter: Optional[torch.Tensor] = None  # inter-chunk query Q_n with graph [B, H, N, C, K]
-    outputs: Optional[torch.Tensor] = None  # intra + inter, no graph [B, H, N, C, V]
+    outputs: Optional[torch.Tensor] = None  # intra + inter with graph [B, H, N, C, V]; replaces
+                                            # ``intra``, released by ``assemble``
 
     @property
     def summary_state(self) -> torch.Tensor:
@@ -85,7 +86,6 @@ def intra_outputs(work: List[SegmentWork]) -> None:
     """Step 2: the intra-chunk outputs, which need no state (overlaps the communication)."""
     for w in work:
         w.intra = delta.delta_intra_outputs(w.c) if _is_delta(w) else chunk.intra_outputs(w.c)
-        w.outputs = w.intra.detach()
 
 
 def _is_delta(w: SegmentWork) -> bool:
@@ -98,39 +98,39 @@ def add_incoming(w: SegmentWork, P: torch.Tensor) -> None:
 
     The inter-chunk matmul is done outside autograd: its two gradients (dQ = dO S^T and
     dS = Q^T dO) are formed by ``inter_backward``, which needs dS anyway to build G, so the
-    backward never computes Q^T dO twice.
+    backward never computes Q^T dO twice. Its result joins the graph through one addition, which
+    saves nothing, so the intra-chunk outputs are freed here instead of living until backward.
     """
     w.states = w.states + apply_transition(w.decays, P.unsqueeze(2))
     w.q_inter = delta.delta_inter_query(w.c) if _is_delta(w) else chunk.inter_query(w.c)
     with torch.no_grad():
-        w.outputs = w.outputs + w.q_inter @ w.states[:, :, :-1]
+        inter = w.q_inter @ w.states[:, :, :-1]
+    w.outputs, w.intra = w.intra + inter, None
 
 
 def inter_backward(w: SegmentWork, do_chunks: torch.Tensor):
     """The inter-chunk term's gradients and G = dL/dP from this segment's own outputs.
 
-    Returns (G [B, H, K, V], dQ [B, H, N, C, K], dS [B, H, N + 1, K, V]) where dS holds
-    Q_n^T dO_n for the chunk-entry states and a zero last entry for the caller to fill with the
-    gradient reaching the segment's final state. G = sum_n Λ_n^T dS_n, since the entry states
-    are S_in + Λ P.
+    Returns (G [B, H, K, V], dQ [B, H, N, C, K], dS [B, H, N, K, V]) where dS_n = Q_n^T dO_n is
+    the gradient of the chunk-entry states. G = sum_n Λ_n^T dS_n, since the entry states are
+    S_in + Λ P.
     """
-    S = w.states.detach()
-    dS = torch.zeros_like(S)
-    dS[:, :, :-1] = w.q_inter.detach().transpose(-1, -2) @ do_chunks
-    dQ = do_chunks @ S[:, :, :-1].transpose(-1, -2)
-    G = apply_transition(w.decays[:, :, :-1].detach(), dS[:, :, :-1], transpose=True).sum(2)
+    dS = w.q_inter.detach().transpose(-1, -2) @ do_chunks
+    dQ = do_chunks @ w.states[:, :, :-1].detach().transpose(-1, -2)
+    G = apply_transition(w.decays[:, :, :-1].detach(), dS, transpose=True).sum(2)
     return G, dQ, dS
 
 
-def grad_targets(work: List[SegmentWork], do_chunks, inter_grads, final_grads):
-    """(outputs, grads) for the one ``autograd.grad`` over the local graph: the intra outputs
-    get dO, the inter queries dQ, the entry states dS with the final state's gradient
-    (D_{j+1}) in the last entry."""
-    outputs, grads = [], []
-    for w, do, (_, dQ, dS), final in zip(work, do_chunks, inter_grads, final_grads):
-        dS[:, :, -1] = final
-        outputs += [w.intra, w.q_inter, w.states]
-        grads += [do, dQ, dS]
+def grad_targets(o: torch.Tensor, do: torch.Tensor, work: List[SegmentWork], inter_grads, final_grads):
+    """(outputs, grads) for the one ``autograd.grad`` over the local graph: the local output
+    ``o`` (from ``assemble``, with graph) gets dO, which reaches the intra-chunk part; the inter
+    queries get dQ, the states [N + 1] dS with the final state's gradient (D_{j+1}) appended.
+    (One target for all the states: separate views of the entry and final states would each
+    expand their gradient to the full [N + 1] size inside autograd.)"""
+    outputs, grads = [o], [do]
+    for w, (_, dQ, dS), final in zip(work, inter_grads, final_grads):
+        outputs += [w.q_inter, w.states]
+        grads += [dQ, torch.cat([dS, final.unsqueeze(2).to(dS.dtype)], dim=2)]
     return outputs, grads
 
 
@@ -141,8 +141,12 @@ def output_chunks_of(do: torch.Tensor, w: SegmentWork) -> torch.Tensor:
 
 
 def assemble(work: List[SegmentWork], dtype: torch.dtype) -> torch.Tensor:
-    """Local output [B, T, H, V] from the segments' chunked outputs."""
-    return torch.cat([chunk.from_chunks(w.outputs, w.seg.length) for w in work], dim=1).to(dtype)
+    """Local output [B, T, H, V] with graph from the segments' chunked outputs, which it then
+    releases: the caller's output is then the only copy held until backward."""
+    o = torch.cat([chunk.from_chunks(w.outputs, w.seg.length) for w in work], dim=1).to(dtype)
+    for w in work:
+        w.outputs = None
+    return o
 
 
 def fold_forward(S_hat: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,13 @@
 Baseline: one process, 1 thread, fwd+bwd of ``linear_attention`` on T_local tokens (the ideal:
 each rank doing only its own share). Then W ranks, 1 thread each, on W * T_local tokens:
 ``lasp2`` (overlap on and off) and ``lasp1``. Efficiency = t(baseline) / t(SP), where t(SP) is
-the slowest rank's median fwd+bwd time. Every configuration runs in the same invocation and
+the slowest rank's median fwd+bwd time. ``ideal-concurrent`` runs the one-device op on every
+rank at once without communication: the gap between it and the single process is the cost of
+W processes sharing this machine's cores, caches and memory bandwidth, and the gap between it
+and lasp2 is what the algorithm itself costs. Every configuration runs in the same invocation and
 the configurations are interleaved repeat by repeat so that machine noise hits them alike.
-Peak memory per rank is ru_maxrss above the RSS after inputs were built, relative to the
-baseline process measured the same way. Writes benchmarks/results/linear_sp.{json,md}.
+Peak memory per rank is ru_maxrss of one fwd+bwd above the RSS after inputs were built, each
+configuration in its own fresh processes, relative to the single process measured the same way. Writes benchmarks/results/linear_sp.{json,md}.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONFIGS = ("lasp2", "lasp2-no-overlap", "lasp1")
+CONFIGS = ("lasp2", "lasp2-no-overlap", "lasp1", "ideal-concurrent")
 
 
 def _inputs(T: int, H: int, D: int, seed: int):
@@ -43,7 +46,11 @@ def _sp_step(config: str, q, k, v, g, group):
     from lasp2.parallel.lasp2 import LASP2Function
     from lasp2.parallel.layout import Layout
 
-    if config == "lasp2-no-overlap":
+    if config == "ideal-concurrent":
+        # Every rank runs the one-device op on its own shard at the same time, with no
+        # communication: what the ranks would take if sharing the machine were the only cost.
+        o, _ = lasp2.linear_attention(q, k, v, g)
+    elif config == "lasp2-no-overlap":
         # The public function always overlaps; the ablation calls the autograd.Function with
         # overlap=False (same code, the gather is waited for before the intra-chunk work).
         layout = Layout("contiguous", dist.get_world_size(group), q.shape[1])
@@ -53,12 +60,33 @@ def _sp_step(config: str, q, k, v, g, group):
     o.sum().backward()
 
 
+def _peak_main(config: str, T_local: int, H: int, D: int) -> float:
+    """Peak resident memory (MB) of one fwd+bwd of ``config`` above the RSS after the inputs
+    were built, in a fresh process (ru_maxrss only grows, so each config gets its own)."""
+    import lasp2
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    q, k, v, g = _inputs(T_local, H, D, seed=rank)
+    # A tiny warm-up first, so that one-time costs (libraries, gloo buffers) are not counted.
+    small = [t[:, :64].detach().requires_grad_() for t in (q, k, v, g)]
+    if config == "single-process":
+        lasp2.linear_attention(*small)[0].sum().backward()
+    else:
+        _sp_step(config, *small, dist.group.WORLD)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if config == "single-process":
+        o, _ = lasp2.linear_attention(q, k, v, g)
+        o.sum().backward()
+    else:
+        _sp_step(config, q, k, v, g, dist.group.WORLD)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
 def _rank_main(T_local: int, H: int, D: int, repeats: int):
-    """One SP rank: returns {config: [seconds per repeat]} and its peak memory above inputs."""
+    """One SP rank: returns {config: [seconds per repeat]}."""
     group = dist.group.WORLD
     rank = dist.get_rank()
     q, k, v, g = _inputs(T_local, H, D, seed=rank)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = {c: [] for c in CONFIGS}
     for i in range(repeats + 1):
         for c in CONFIGS:
@@ -68,15 +96,13 @@ def _rank_main(T_local: int, H: int, D: int, repeats: int):
             if i:
                 times[c].append(time.perf_counter() - t0)
             q.grad = k.grad = v.grad = g.grad = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"times": times, "peak_mem_mb": (peak - base) / 1024}
+    return {"times": times}
 
 
 def _baseline_main(T_local: int, H: int, D: int, repeats: int):
     import lasp2
 
     q, k, v, g = _inputs(T_local, H, D, seed=0)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
@@ -85,8 +111,7 @@ def _baseline_main(T_local: int, H: int, D: int, repeats: int):
         if i:
             times.append(time.perf_counter() - t0)
         q.grad = k.grad = v.grad = g.grad = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"times": times, "peak_mem_mb": (peak - base) / 1024}
+    return {"times": times}
 
 
 def main() -> None:
@@ -106,18 +131,19 @@ def main() -> None:
     base = spawn(_baseline_main, 1, args.local_len, args.heads, args.dim, args.repeats,
                  threads_per_rank=1)[0]
     t_base = statistics.median(base["times"])
-    print(f"single process, T={args.local_len}: {t_base:.3f} s, peak {base['peak_mem_mb']:.0f} MB")
+    base_peak = spawn(_peak_main, 1, "single-process", args.local_len, args.heads, args.dim, threads_per_rank=1)[0]
+    print(f"single process, T={args.local_len}: {t_base:.3f} s, peak {base_peak:.0f} MB")
     rows = [{"config": "single-process", "W": 1, "T_global": args.local_len, "seconds": t_base,
-             "efficiency": 1.0, "peak_mem_mb": base["peak_mem_mb"], "mem_ratio": 1.0}]
+             "efficiency": 1.0, "peak_mem_mb": base_peak, "mem_ratio": 1.0}]
     for W in args.world_size:
         ranks = spawn(_rank_main, W, args.local_len, args.heads, args.dim, args.repeats, threads_per_rank=1)
         for c in CONFIGS:
             per_rank = [statistics.median(r["times"][c]) for r in ranks]
             t = max(per_rank)
-            peak = max(r["peak_mem_mb"] for r in ranks)
+            peak = max(spawn(_peak_main, W, c, args.local_len, args.heads, args.dim, threads_per_rank=1))
             rows.append({"config": c, "W": W, "T_global": W * args.local_len, "seconds": t,
                          "per_rank_seconds": per_rank, "efficiency": t_base / t, "peak_mem_mb": peak,
-                         "mem_ratio": peak / base["peak_mem_mb"]})
+                         "mem_ratio": peak / base_peak})
             print(f"W={W} {c:>17}: {t:.3f} s, efficiency {t_base / t:.3f}, peak/rank {peak:.0f} MB")
     if args.quick:
         return

@@ -101,7 +101,10 @@ def add_incoming(w: SegmentWork, P: torch.Tensor) -> None:
     backward never computes Q^T dO twice. Its result joins the graph through one addition, which
     saves nothing, so the intra-chunk outputs are freed here instead of living until backward.
     """
-    w.states = w.states + apply_transition(w.decays, P.unsqueeze(2))
+    if w.decays.dim() == w.states.dim():  # delta rule: Λ_n are K x K matrices
+        w.states = w.states + w.decays @ P.unsqueeze(2)
+    else:  # one fused op: no [N + 1, K, V] temporary for Λ P
+        w.states = torch.addcmul(w.states, w.decays.unsqueeze(-1), P.unsqueeze(2))
     w.q_inter = delta.delta_inter_query(w.c) if _is_delta(w) else chunk.inter_query(w.c)
     with torch.no_grad():
         inter = w.q_inter @ w.states[:, :, :-1]
@@ -117,7 +120,11 @@ def inter_backward(w: SegmentWork, do_chunks: torch.Tensor):
     """
     dS = w.q_inter.detach().transpose(-1, -2) @ do_chunks
     dQ = do_chunks @ w.states[:, :, :-1].detach().transpose(-1, -2)
-    G = apply_transition(w.decays[:, :, :-1].detach(), dS, transpose=True).sum(2)
+    Lam = w.decays[:, :, :-1].detach()
+    if Lam.dim() == dS.dim() - 1 and Lam.shape[-1] == 1:  # scalar decays: a batched matmul over
+        G = torch.einsum("bhn,bhnkv->bhkv", Lam.squeeze(-1), dS)  # n, no [N, K, V] temporary
+    else:
+        G = apply_transition(Lam, dS, transpose=True).sum(2)
     return G, dQ, dS
 
 

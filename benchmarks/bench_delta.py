@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lasp2.ops.delta import delta_linear_attention  # noqa: E402
+from lasp2.bench.report import cpu_model  # noqa: E402
 from lasp2.ops.naive import naive_linear_attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,15 +77,6 @@ def measure_interleaved(variant: str, plan, H: int, D: int) -> list:
     return rows
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,7 +107,7 @@ def main() -> None:
         for r in (by[("chunk", args.chunk_length)], by[("chunk", args.recurrence_length)]):
             r["speedup_tokens_per_s_vs_recurrence"] = r["tokens_per_s"] / rec["tokens_per_s"]
     meta = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
-            "cpu": cpu_name(), "cores": os.cpu_count(),
+            "cpu": cpu_model(), "cores": os.cpu_count(),
             "threads": args.threads, "load_average_at_end": os.getloadavg(),
             "config": {"B": 1, "H": args.heads, "K": args.dim, "V": args.dim, "dtype": "float32",
                        "chunk_size": 64, "repeats": args.repeats,

@@ -40,6 +40,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lasp2  # noqa: E402
+from lasp2.bench.report import cpu_model  # noqa: E402
 from lasp2.ops.softmax import attention_block_bwd, attention_block_fwd, merge_attention  # noqa: E402
 from lasp2.parallel.layout import Layout  # noqa: E402
 from lasp2.parallel.softmax_allgather import any_visible, positions_and_docs  # noqa: E402
@@ -211,15 +212,6 @@ def kv_bytes(strategy: str, W: int, T: int, cfg: dict) -> int:
     m = next(m for m in range(1, H // Hkv + 1) if (H // Hkv) % m == 0 and (Hkv * m) % W == 0)
     return T * (Hkv * m // W) * 2 * D * 4
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

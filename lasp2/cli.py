@@ -15,6 +15,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .cpu_allocator import tune_cpu_allocator
+
 SUBCOMMAND_MODULES = ("lasp2.bench.cli", "lasp2.train.cli")
 
 
@@ -38,6 +40,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    tune_cpu_allocator()  # before any large tensor exists; see lasp2/cpu_allocator.py
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from lasp2.bench.report import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("lasp2", "lasp2-no-overlap", "lasp1", "ideal-concurrent")
@@ -114,6 +115,40 @@ def _baseline_main(T_local: int, H: int, D: int, repeats: int):
     return {"times": times}
 
 
+def _set_allocator(allocator: str) -> None:
+    for name in [k for k in os.environ if k.startswith("MALLOC_")]:
+        del os.environ[name]
+    if allocator == "tuned":
+        from lasp2.cpu_allocator import tune_cpu_allocator
+
+        if not tune_cpu_allocator():
+            raise SystemExit("could not tune the allocator (not glibc?): run with --allocators default")
+
+
+def _measure(spawn, args, allocator: str) -> list:
+    """Baseline and every SP configuration with one allocator setting; rows for the report."""
+    # The baseline runs in its own spawned process with 1 thread, exactly like a rank.
+    base = spawn(_baseline_main, 1, args.local_len, args.heads, args.dim, args.repeats,
+                 threads_per_rank=1)[0]
+    t_base = statistics.median(base["times"])
+    base_peak = spawn(_peak_main, 1, "single-process", args.local_len, args.heads, args.dim, threads_per_rank=1)[0]
+    print(f"[{allocator} allocator] single process, T={args.local_len}: {t_base:.3f} s, peak {base_peak:.0f} MB")
+    rows = [{"allocator": allocator, "config": "single-process", "W": 1, "T_global": args.local_len,
+             "seconds": t_base, "efficiency": 1.0, "peak_mem_mb": base_peak, "mem_ratio": 1.0}]
+    for W in args.world_size:
+        ranks = spawn(_rank_main, W, args.local_len, args.heads, args.dim, args.repeats, threads_per_rank=1)
+        for c in CONFIGS:
+            per_rank = [statistics.median(r["times"][c]) for r in ranks]
+            t = max(per_rank)
+            peak = max(spawn(_peak_main, W, c, args.local_len, args.heads, args.dim, threads_per_rank=1))
+            rows.append({"allocator": allocator, "config": c, "W": W, "T_global": W * args.local_len,
+                         "seconds": t, "per_rank_seconds": per_rank, "efficiency": t_base / t,
+                         "peak_mem_mb": peak, "mem_ratio": peak / base_peak})
+            print(f"[{allocator} allocator] W={W} {c:>17}: {t:.3f} s, efficiency {t_base / t:.3f}, "
+                  f"peak/rank {peak:.0f} MB")
+    return rows
+
+
 def main() -> None:
     from lasp2.launch import spawn
 
@@ -124,31 +159,19 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--allocators", nargs="+", choices=("default", "tuned"), default=["default", "tuned"],
+                   help="glibc malloc as it comes, and/or with lasp2.cpu_allocator.tune_cpu_allocator()")
     args = p.parse_args()
     if args.quick:
         args.local_len, args.repeats = 1024, 2
-    # The baseline runs in its own spawned process with 1 thread, exactly like a rank.
-    base = spawn(_baseline_main, 1, args.local_len, args.heads, args.dim, args.repeats,
-                 threads_per_rank=1)[0]
-    t_base = statistics.median(base["times"])
-    base_peak = spawn(_peak_main, 1, "single-process", args.local_len, args.heads, args.dim, threads_per_rank=1)[0]
-    print(f"single process, T={args.local_len}: {t_base:.3f} s, peak {base_peak:.0f} MB")
-    rows = [{"config": "single-process", "W": 1, "T_global": args.local_len, "seconds": t_base,
-             "efficiency": 1.0, "peak_mem_mb": base_peak, "mem_ratio": 1.0}]
-    for W in args.world_size:
-        ranks = spawn(_rank_main, W, args.local_len, args.heads, args.dim, args.repeats, threads_per_rank=1)
-        for c in CONFIGS:
-            per_rank = [statistics.median(r["times"][c]) for r in ranks]
-            t = max(per_rank)
-            peak = max(spawn(_peak_main, W, c, args.local_len, args.heads, args.dim, threads_per_rank=1))
-            rows.append({"config": c, "W": W, "T_global": W * args.local_len, "seconds": t,
-                         "per_rank_seconds": per_rank, "efficiency": t_base / t, "peak_mem_mb": peak,
-                         "mem_ratio": peak / base_peak})
-            print(f"W={W} {c:>17}: {t:.3f} s, efficiency {t_base / t:.3f}, peak/rank {peak:.0f} MB")
+    rows = []
+    for allocator in args.allocators:
+        _set_allocator(allocator)  # spawned processes read glibc's MALLOC_* settings at start-up
+        rows += _measure(spawn, args, allocator)
     if args.quick:
         return
     meta = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu": cpu_model(), "cores": os.cpu_count(),
             "config": {"T_local": args.local_len, "H": args.heads, "K": args.dim, "V": args.dim,
                        "dtype": "float32", "gate": "scalar", "threads_per_rank": 1, "repeats": args.repeats}}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -156,11 +179,13 @@ def main() -> None:
     lines = [f"# Sequence-parallel linear attention, weak scaling ({meta['command']})", "",
              f"torch {meta['torch']}, {meta['cores']} cores; T_local={args.local_len}, H={args.heads}, "
              f"K=V={args.dim}, fp32, scalar gate, 1 thread per rank; median of {args.repeats} "
-             f"(slowest rank).", "",
-             "| config | W | T_global | fwd+bwd (s) | efficiency | peak MB/rank | memory vs single |",
-             "|---|---|---|---|---|---|---|"]
+             f"(slowest rank). Allocator 'default': glibc malloc as it comes; 'tuned': "
+             f"lasp2.cpu_allocator.tune_cpu_allocator() (what the lasp2 command line uses); efficiency "
+             f"and memory are relative to the single process with the same allocator.", "",
+             "| allocator | config | W | T_global | fwd+bwd (s) | efficiency | peak MB/rank | memory vs single |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['W']} | {r['T_global']} | {r['seconds']:.3f} | "
+        lines.append(f"| {r['allocator']} | {r['config']} | {r['W']} | {r['T_global']} | {r['seconds']:.3f} | "
                      f"{r['efficiency']:.3f} | {r['peak_mem_mb']:.0f} | {r['mem_ratio']:.2f}x |")
     (RESULTS / "linear_sp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

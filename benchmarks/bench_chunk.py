@@ -122,7 +122,7 @@ def main() -> None:
              f"torch {meta['torch']}, {meta['cores']} cores, {args.threads} threads; B=1, H={args.heads}, "
              f"K=V={args.dim}, fp32, scalar gate; median of {args.repeats} after a warm-up. Allocator "
              f"'default': glibc malloc as it comes; 'tuned': lasp2.cpu_allocator.tune_cpu_allocator() "
-             f"(what the lasp2 command line uses).", "",
+             f"(what --tuned-allocator of lasp2 train and lasp2 bench applies).", "",
              "| op | T | allocator | fwd+bwd (s) | peak memory (MB) | MB per 1K tokens |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['op']} | {r['T']} | {r['allocator']} | {r['seconds']:.3f} | {r['peak_mem_mb']:.0f} | "

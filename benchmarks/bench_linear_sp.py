@@ -180,7 +180,7 @@ def main() -> None:
              f"torch {meta['torch']}, {meta['cores']} cores; T_local={args.local_len}, H={args.heads}, "
              f"K=V={args.dim}, fp32, scalar gate, 1 thread per rank; median of {args.repeats} "
              f"(slowest rank). Allocator 'default': glibc malloc as it comes; 'tuned': "
-             f"lasp2.cpu_allocator.tune_cpu_allocator() (what the lasp2 command line uses); efficiency "
+             f"lasp2.cpu_allocator.tune_cpu_allocator() (what --tuned-allocator of lasp2 train and lasp2 bench applies); efficiency "
              f"and memory are relative to the single process with the same allocator.", "",
              "| allocator | config | W | T_global | fwd+bwd (s) | efficiency | peak MB/rank | memory vs single |",
              "|---|---|---|---|---|---|---|---|"]

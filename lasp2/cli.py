@@ -15,8 +15,6 @@ import importlib
 import sys
 from typing import List, Optional
 
-from .cpu_allocator import tune_cpu_allocator
-
 SUBCOMMAND_MODULES = ("lasp2.bench.cli", "lasp2.train.cli")
 
 
@@ -40,7 +38,6 @@ def build_parser() -> Parser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    tune_cpu_allocator()  # before any large tensor exists; see lasp2/cpu_allocator.py
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

@@ -9,11 +9,12 @@ takes ~2x as long as with the thresholds raised (``benchmarks/bench_chunk.py`` m
 one run). PyTorch's CPU performance guide recommends a caching allocator (jemalloc, tcmalloc)
 for the same reason; raising glibc's thresholds gets most of that without a new library.
 
-:func:`tune_cpu_allocator` is opt-in: importing lasp2 changes nothing. The ``lasp2`` command
-line calls it first thing (so ``lasp2 train`` / ``bench`` ranks, and torchrun ranks that run the
-command, use it); set ``LASP2_DEFAULT_ALLOCATOR=1`` to keep glibc's defaults. Memory freed by
-torch then stays in the process for reuse (peak resident memory is unchanged; the resident
-size no longer shrinks between steps).
+:func:`tune_cpu_allocator` is opt-in: importing lasp2 changes nothing; ``lasp2 train`` and
+``lasp2 bench`` apply it with ``--tuned-allocator`` (ranks they start inherit the settings
+through the environment). The cost is memory: freed blocks stay in the process and the heap
+fragments, so peak resident memory grows (1.7x for the chunked op at T = 32768; a debug-preset
+run with 786,432 tokens per step and SP = 4 that fits this 24 GiB machine with glibc's defaults
+is killed for memory with the tuning). Speed for moderate lengths, defaults for the longest.
 """
 from __future__ import annotations
 

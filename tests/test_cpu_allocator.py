@@ -31,3 +31,14 @@ def test_importing_lasp2_changes_nothing_and_tuning_sets_both_thresholds():
 def test_user_values_win_and_the_opt_out_is_honoured():
     assert _probe(MALLOC_MMAP_THRESHOLD_="4194304")[1:3] == ["True", "4194304"]
     assert _probe(LASP2_DEFAULT_ALLOCATOR="1")[1:3] == ["False", "None"]
+
+
+def test_train_and_bench_take_it_as_a_flag_and_it_is_off_by_default():
+    from lasp2.cli import build_parser
+    from lasp2.train.config import TrainConfig
+
+    assert TrainConfig().tuned_allocator is False
+    parser = build_parser()
+    assert parser.parse_args(["bench", "--tuned-allocator"]).tuned_allocator is True
+    assert parser.parse_args(["bench"]).tuned_allocator is False
+    assert parser.parse_args(["train", "--tuned-allocator"]).tuned_allocator is True

@@ -36,6 +36,9 @@ def add_parser(subparsers) -> None:
     b.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke run (< 2 min): global 512 1024, H=4, D=32, 2 repeats")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    b.add_argument("--tuned-allocator", action="store_true",
+                   help="CPU: keep large tensors on glibc's heap (lasp2/cpu_allocator.py): faster at long "
+                        "sequences, more resident memory; results.json records it")
     b.add_argument("--note", help="a line added to results.md (e.g. what else ran on the machine)")
     b.add_argument("--quiet", action="store_true", help="no progress output")
     b.add_argument("--from-json", type=Path, metavar="RESULTS_JSON",
@@ -120,6 +123,10 @@ def run_bench(args) -> int:
 
     if args.from_json:
         return rerender(args)
+    if args.tuned_allocator:  # before any large tensor; the spawned ranks inherit it
+        from lasp2.cpu_allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
     spec = bench_spec(args)
     if not args.no_plots:
         try:

@@ -150,6 +150,10 @@ def run(args) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         raise _usage(e) from None
+    if cfg.tuned_allocator:  # before any large tensor; ranks started from here inherit it
+        from ..cpu_allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
     if under_torchrun():
         import os
 

@@ -41,18 +41,19 @@ def apply_transition(A: torch.Tensor, X: torch.Tensor, transpose: bool = False) 
 class SegmentWork:
     seg: Segment
     c: "chunk.Chunked | delta.DeltaChunked"
-    states: torch.Tensor     # [B, H, N + 1, K, V] chunk-entry states; zero incoming state until
-                             # ``add_incoming`` adds Λ P
+    states: torch.Tensor     # [B, H, N + 1, K, V] chunk-entry states for a zero incoming state
+                             # (with graph); the real ones are states + Λ P (``entry_states``)
     decays: torch.Tensor     # Λ: segment start -> chunk entries, [B, H, N + 1, Kg] (decay
                              # vectors) or [B, H, N + 1, K, K] (delta rule); Λ_N = Â
     intra: Optional[torch.Tensor] = None    # intra-chunk outputs with graph [B, H, N, C, V]
     q_inter: Optional[torch.Tensor] = None  # inter-chunk query Q_n with graph [B, H, N, C, K]
     outputs: Optional[torch.Tensor] = None  # intra + inter with graph [B, H, N, C, V]; replaces
                                             # ``intra``, released by ``assemble``
+    P: Optional[torch.Tensor] = None        # the incoming state [B, H, K, V], a constant
 
     @property
     def summary_state(self) -> torch.Tensor:
-        """Ŝ before ``add_incoming``; the segment's final state after it."""
+        """Ŝ: the state leaving the segment for a zero incoming state."""
         return self.states[:, :, -1]
 
     @property
@@ -92,22 +93,39 @@ def _is_delta(w: SegmentWork) -> bool:
     return isinstance(w.c, delta.DeltaChunked)
 
 
-def add_incoming(w: SegmentWork, P: torch.Tensor) -> None:
-    """Step 3 for one segment, P [B, H, K, V] the state entering it (a constant): the entry
-    states become S_in + Λ P, then the inter-chunk term Q_n S_n is added with them.
+def entry_states(w: SegmentWork) -> torch.Tensor:
+    """The chunk-entry states S_in(0) + Λ P [B, H, N, K, V], without graph (a temporary: never
+    kept between forward and backward)."""
+    S, Lam = w.states[:, :, :-1].detach(), w.decays[:, :, :-1].detach()
+    if Lam.dim() == S.dim():  # delta rule: Λ_n are K x K matrices
+        return S + Lam @ w.P.unsqueeze(2)
+    return torch.addcmul(S, Lam.unsqueeze(-1), w.P.unsqueeze(2))
 
-    The inter-chunk matmul is done outside autograd: its two gradients (dQ = dO S^T and
-    dS = Q^T dO) are formed by ``inter_backward``, which needs dS anyway to build G, so the
-    backward never computes Q^T dO twice. Its result joins the graph through one addition, which
-    saves nothing, so the intra-chunk outputs are freed here instead of living until backward.
+
+def transition_grad(Lam: torch.Tensor, dX: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """dL/dΛ for X = Λ P (``apply_transition``) given dL/dX [B, H, M, K, V], P [B, H, K, V]."""
+    if Lam.dim() == dX.dim():  # matrices: dΛ_n = dX_n P^T
+        return dX @ P.unsqueeze(2).transpose(-1, -2)
+    if Lam.shape[-1] == 1:  # scalar decays
+        return torch.einsum("bhnkv,bhkv->bhn", dX, P).unsqueeze(-1)
+    return torch.einsum("bhnkv,bhkv->bhnk", dX, P)
+
+
+def add_incoming(w: SegmentWork, P: torch.Tensor) -> None:
+    """Step 3 for one segment, P [B, H, K, V] the state entering it (a constant): the inter-chunk
+    term Q_n S_n with the entry states S_n = S_in(0) + Λ_n P.
+
+    The entry states exist only for this matmul, outside autograd; so does the matmul: its
+    gradients (dQ = dO S^T, dS = Q^T dO, and through S those of the zero-state scan and of Λ) are
+    formed by ``inter_backward`` / ``grad_targets``, which need dS anyway to build G, so backward
+    never computes Q^T dO twice and no second copy of the states is kept. The inter term joins the
+    graph through one addition, which saves nothing, so the intra-chunk outputs are freed here
+    instead of living until backward.
     """
-    if w.decays.dim() == w.states.dim():  # delta rule: Λ_n are K x K matrices
-        w.states = w.states + w.decays @ P.unsqueeze(2)
-    else:  # one fused op: no [N + 1, K, V] temporary for Λ P
-        w.states = torch.addcmul(w.states, w.decays.unsqueeze(-1), P.unsqueeze(2))
+    w.P = P
     w.q_inter = delta.delta_inter_query(w.c) if _is_delta(w) else chunk.inter_query(w.c)
     with torch.no_grad():
-        inter = w.q_inter @ w.states[:, :, :-1]
+        inter = w.q_inter @ entry_states(w)
     w.outputs, w.intra = w.intra + inter, None
 
 
@@ -119,7 +137,7 @@ def inter_backward(w: SegmentWork, do_chunks: torch.Tensor):
     S_in + Λ P.
     """
     dS = w.q_inter.detach().transpose(-1, -2) @ do_chunks
-    dQ = do_chunks @ w.states[:, :, :-1].detach().transpose(-1, -2)
+    dQ = do_chunks @ entry_states(w).transpose(-1, -2)
     Lam = w.decays[:, :, :-1].detach()
     if Lam.dim() == dS.dim() - 1 and Lam.shape[-1] == 1:  # scalar decays: a batched matmul over
         G = torch.einsum("bhn,bhnkv->bhkv", Lam.squeeze(-1), dS)  # n, no [N, K, V] temporary
@@ -131,13 +149,15 @@ def inter_backward(w: SegmentWork, do_chunks: torch.Tensor):
 def grad_targets(o: torch.Tensor, do: torch.Tensor, work: List[SegmentWork], inter_grads, final_grads):
     """(outputs, grads) for the one ``autograd.grad`` over the local graph: the local output
     ``o`` (from ``assemble``, with graph) gets dO, which reaches the intra-chunk part; the inter
-    queries get dQ, the states [N + 1] dS with the final state's gradient (D_{j+1}) appended.
+    queries get dQ; the zero-state scan's states [N + 1] get dS with the final state's gradient
+    (D_{j+1}) appended, and Λ its share <dS, P>.
     (One target for all the states: separate views of the entry and final states would each
     expand their gradient to the full [N + 1] size inside autograd.)"""
     outputs, grads = [o], [do]
     for w, (_, dQ, dS), final in zip(work, inter_grads, final_grads):
-        outputs += [w.q_inter, w.states]
-        grads += [dQ, torch.cat([dS, final.unsqueeze(2).to(dS.dtype)], dim=2)]
+        dS_all = torch.cat([dS, final.unsqueeze(2).to(dS.dtype)], dim=2)  # entry states, then final
+        outputs += [w.q_inter, w.states, w.decays]  # states + Λ P: the same dS reaches both terms
+        grads += [dQ, dS_all, transition_grad(w.decays, dS_all, w.P)]
     return outputs, grads
 
 

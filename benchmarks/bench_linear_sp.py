@@ -35,14 +35,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("lasp2", "lasp2-no-overlap", "lasp1", "ideal-concurrent")
 
 
-def _inputs(T: int, H: int, D: int, seed: int):
+def _inputs(T: int, H: int, D: int, seed: int, delta: bool) -> tuple:
+    """(q, k, v, g) with a scalar gate, or with ``delta`` (q, k, v, g, beta) for Gated DeltaNet
+    (unit-norm keys, as the DeltaNet layers feed the op). Leaves that require grad."""
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, T, H, D, generator=gen).requires_grad_() for _ in range(3))
-    g = F.logsigmoid(torch.randn(1, T, H, generator=gen) + 4).requires_grad_()
-    return q, k, v, g
+    q, k, v = (torch.randn(1, T, H, D, generator=gen) for _ in range(3))
+    g = F.logsigmoid(torch.randn(1, T, H, generator=gen) + 4)
+    xs = (q, F.normalize(k, dim=-1) if delta else k, v, g)
+    if delta:
+        xs += (torch.sigmoid(torch.randn(1, T, H, generator=gen)),)
+    return tuple(t.requires_grad_() for t in xs)
 
 
-def _sp_step(config: str, q, k, v, g, group):
+def _sp_step(config: str, xs: tuple, group):
     import lasp2
     from lasp2.parallel.lasp2 import LASP2Function
     from lasp2.parallel.layout import Layout
@@ -50,68 +55,73 @@ def _sp_step(config: str, q, k, v, g, group):
     if config == "ideal-concurrent":
         # Every rank runs the one-device op on its own shard at the same time, with no
         # communication: what the ranks would take if sharing the machine were the only cost.
-        o, _ = lasp2.linear_attention(q, k, v, g)
+        o, _ = lasp2.linear_attention(*xs)
     elif config == "lasp2-no-overlap":
         # The public function always overlaps; the ablation calls the autograd.Function with
         # overlap=False (same code, the gather is waited for before the intra-chunk work).
+        q, k, v, g, beta = (*xs, None)[:5]
         layout = Layout("contiguous", dist.get_world_size(group), q.shape[1])
-        o = LASP2Function.apply(q, k, v, g, None, q.shape[-1] ** -0.5, layout, group, None, 0.0, False, True)
+        o = LASP2Function.apply(q, k, v, g, beta, q.shape[-1] ** -0.5, layout, group, None, 0.0, False, True)
     else:
-        o = lasp2.sp_linear_attention(q, k, v, g, group=group, strategy=config)
+        o = lasp2.sp_linear_attention(*xs, group=group, strategy=config)
     o.sum().backward()
 
 
-def _peak_main(config: str, T_local: int, H: int, D: int) -> float:
+def _clear_grads(xs: tuple) -> None:
+    for t in xs:
+        t.grad = None
+
+
+def _peak_main(config: str, T_local: int, H: int, D: int, delta: bool) -> float:
     """Peak resident memory (MB) of one fwd+bwd of ``config`` above the RSS after the inputs
     were built, in a fresh process (ru_maxrss only grows, so each config gets its own)."""
     import lasp2
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    q, k, v, g = _inputs(T_local, H, D, seed=rank)
+    xs = _inputs(T_local, H, D, rank, delta)
     # A tiny warm-up first, so that one-time costs (libraries, gloo buffers) are not counted.
-    small = [t[:, :64].detach().requires_grad_() for t in (q, k, v, g)]
+    small = tuple(t[:, :64].detach().requires_grad_() for t in xs)
     if config == "single-process":
         lasp2.linear_attention(*small)[0].sum().backward()
     else:
-        _sp_step(config, *small, dist.group.WORLD)
+        _sp_step(config, small, dist.group.WORLD)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if config == "single-process":
-        o, _ = lasp2.linear_attention(q, k, v, g)
+        o, _ = lasp2.linear_attention(*xs)
         o.sum().backward()
     else:
-        _sp_step(config, q, k, v, g, dist.group.WORLD)
+        _sp_step(config, xs, dist.group.WORLD)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 
 
-def _rank_main(T_local: int, H: int, D: int, repeats: int):
+def _rank_main(T_local: int, H: int, D: int, repeats: int, delta: bool):
     """One SP rank: returns {config: [seconds per repeat]}."""
     group = dist.group.WORLD
-    rank = dist.get_rank()
-    q, k, v, g = _inputs(T_local, H, D, seed=rank)
+    xs = _inputs(T_local, H, D, dist.get_rank(), delta)
     times = {c: [] for c in CONFIGS}
     for i in range(repeats + 1):
         for c in CONFIGS:
             dist.barrier(group)
             t0 = time.perf_counter()
-            _sp_step(c, q, k, v, g, group)
+            _sp_step(c, xs, group)
             if i:
                 times[c].append(time.perf_counter() - t0)
-            q.grad = k.grad = v.grad = g.grad = None
+            _clear_grads(xs)
     return {"times": times}
 
 
-def _baseline_main(T_local: int, H: int, D: int, repeats: int):
+def _baseline_main(T_local: int, H: int, D: int, repeats: int, delta: bool):
     import lasp2
 
-    q, k, v, g = _inputs(T_local, H, D, seed=0)
+    xs = _inputs(T_local, H, D, 0, delta)
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        o, _ = lasp2.linear_attention(q, k, v, g)
+        o, _ = lasp2.linear_attention(*xs)
         o.sum().backward()
         if i:
             times.append(time.perf_counter() - t0)
-        q.grad = k.grad = v.grad = g.grad = None
+        _clear_grads(xs)
     return {"times": times}
 
 
@@ -128,19 +138,22 @@ def _set_allocator(allocator: str) -> None:
 def _measure(spawn, args, allocator: str) -> list:
     """Baseline and every SP configuration with one allocator setting; rows for the report."""
     # The baseline runs in its own spawned process with 1 thread, exactly like a rank.
-    base = spawn(_baseline_main, 1, args.local_len, args.heads, args.dim, args.repeats,
+    base = spawn(_baseline_main, 1, args.local_len, args.heads, args.dim, args.repeats, args.delta,
                  threads_per_rank=1)[0]
     t_base = statistics.median(base["times"])
-    base_peak = spawn(_peak_main, 1, "single-process", args.local_len, args.heads, args.dim, threads_per_rank=1)[0]
+    base_peak = spawn(_peak_main, 1, "single-process", args.local_len, args.heads, args.dim, args.delta,
+                      threads_per_rank=1)[0]
     print(f"[{allocator} allocator] single process, T={args.local_len}: {t_base:.3f} s, peak {base_peak:.0f} MB")
     rows = [{"allocator": allocator, "config": "single-process", "W": 1, "T_global": args.local_len,
              "seconds": t_base, "efficiency": 1.0, "peak_mem_mb": base_peak, "mem_ratio": 1.0}]
     for W in args.world_size:
-        ranks = spawn(_rank_main, W, args.local_len, args.heads, args.dim, args.repeats, threads_per_rank=1)
+        ranks = spawn(_rank_main, W, args.local_len, args.heads, args.dim, args.repeats, args.delta,
+                      threads_per_rank=1)
         for c in CONFIGS:
             per_rank = [statistics.median(r["times"][c]) for r in ranks]
             t = max(per_rank)
-            peak = max(spawn(_peak_main, W, c, args.local_len, args.heads, args.dim, threads_per_rank=1))
+            peak = max(spawn(_peak_main, W, c, args.local_len, args.heads, args.dim, args.delta,
+                             threads_per_rank=1))
             rows.append({"allocator": allocator, "config": c, "W": W, "T_global": W * args.local_len,
                          "seconds": t, "per_rank_seconds": per_rank, "efficiency": t_base / t,
                          "peak_mem_mb": peak, "mem_ratio": peak / base_peak})
@@ -161,6 +174,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--allocators", nargs="+", choices=("default", "tuned"), default=["default", "tuned"],
                    help="glibc malloc as it comes, and/or with lasp2.cpu_allocator.tune_cpu_allocator()")
+    p.add_argument("--delta", action="store_true",
+                   help="Gated DeltaNet (beta, scalar gate, unit-norm keys) instead of the scalar-gate "
+                        "diagonal variant; writes linear_sp_delta.{json,md}")
     args = p.parse_args()
     if args.quick:
         args.local_len, args.repeats = 1024, 2
@@ -170,15 +186,17 @@ def main() -> None:
         rows += _measure(spawn, args, allocator)
     if args.quick:
         return
+    variant = "Gated DeltaNet (beta, scalar gate)" if args.delta else "scalar gate"
     meta = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
             "cpu": cpu_model(), "cores": os.cpu_count(),
             "config": {"T_local": args.local_len, "H": args.heads, "K": args.dim, "V": args.dim,
-                       "dtype": "float32", "gate": "scalar", "threads_per_rank": 1, "repeats": args.repeats}}
+                       "dtype": "float32", "variant": variant, "threads_per_rank": 1, "repeats": args.repeats}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "linear_sp.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    name = "linear_sp_delta" if args.delta else "linear_sp"
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Sequence-parallel linear attention, weak scaling ({meta['command']})", "",
              f"torch {meta['torch']}, {meta['cores']} cores; T_local={args.local_len}, H={args.heads}, "
-             f"K=V={args.dim}, fp32, scalar gate, 1 thread per rank; median of {args.repeats} "
+             f"K=V={args.dim}, fp32, {variant}, 1 thread per rank; median of {args.repeats} "
              f"(slowest rank). Allocator 'default': glibc malloc as it comes; 'tuned': "
              f"lasp2.cpu_allocator.tune_cpu_allocator() (what --tuned-allocator of lasp2 train and lasp2 bench applies); efficiency "
              f"and memory are relative to the single process with the same allocator.", "",
@@ -187,7 +205,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['allocator']} | {r['config']} | {r['W']} | {r['T_global']} | {r['seconds']:.3f} | "
                      f"{r['efficiency']:.3f} | {r['peak_mem_mb']:.0f} | {r['mem_ratio']:.2f}x |")
-    (RESULTS / "linear_sp.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -98,14 +98,21 @@ def entry_states(w: SegmentWork) -> torch.Tensor:
     kept between forward and backward)."""
     S, Lam = w.states[:, :, :-1].detach(), w.decays[:, :, :-1].detach()
     if Lam.dim() == S.dim():  # delta rule: Λ_n are K x K matrices
-        return S + Lam @ w.P.unsqueeze(2)
+        return S + _stacked(Lam, w.P).reshape(S.shape)
     return torch.addcmul(S, Lam.unsqueeze(-1), w.P.unsqueeze(2))
+
+
+def _stacked(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """[B, H, M, R, C] @ [B, H, C, D] as one [B, H, M * R, C] @ [B, H, C, D] matmul, [B, H, M * R, D]
+    (broadcasting Y over M instead would copy it M times)."""
+    B, H, M, R, C = X.shape
+    return X.reshape(B, H, M * R, C) @ Y
 
 
 def transition_grad(Lam: torch.Tensor, dX: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     """dL/dΛ for X = Λ P (``apply_transition``) given dL/dX [B, H, M, K, V], P [B, H, K, V]."""
     if Lam.dim() == dX.dim():  # matrices: dΛ_n = dX_n P^T
-        return dX @ P.unsqueeze(2).transpose(-1, -2)
+        return _stacked(dX, P.transpose(-1, -2)).reshape(*dX.shape[:-1], P.shape[-2])
     if Lam.shape[-1] == 1:  # scalar decays
         return torch.einsum("bhnkv,bhkv->bhn", dX, P).unsqueeze(-1)
     return torch.einsum("bhnkv,bhkv->bhnk", dX, P)
@@ -141,6 +148,9 @@ def inter_backward(w: SegmentWork, do_chunks: torch.Tensor):
     Lam = w.decays[:, :, :-1].detach()
     if Lam.dim() == dS.dim() - 1 and Lam.shape[-1] == 1:  # scalar decays: a batched matmul over
         G = torch.einsum("bhn,bhnkv->bhkv", Lam.squeeze(-1), dS)  # n, no [N, K, V] temporary
+    elif Lam.dim() == dS.dim():  # matrices: sum_n Λ_n^T dS_n is one matmul over stacked rows
+        B, H, N, K, V = dS.shape
+        G = Lam.reshape(B, H, N * K, K).transpose(-1, -2) @ dS.reshape(B, H, N * K, V)
     else:
         G = apply_transition(Lam, dS, transpose=True).sum(2)
     return G, dQ, dS

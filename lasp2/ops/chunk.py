@@ -34,10 +34,21 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+
 from .precision import no_autocast
 
 DEFAULT_CHUNK = 64
 DEFAULT_CHUNK_PER_CHANNEL = 16  # the per-channel intra term is [C, C, K] per chunk: keep C small
+
+
+def default_chunk_size(K: int, V: int, per_channel: bool = False) -> int:
+    """The chunk length C for head dims K, V: the intra-chunk [C, C] scores cost C per token and
+    the states K x V per chunk, so C tracks the head size between 16 and 64 (small heads would
+    otherwise spend most memory and time on [64, 64] score blocks: 4x the memory at K = V = 16).
+    Per-channel gates form [C, C, K] per chunk and always use 16."""
+    if per_channel:
+        return DEFAULT_CHUNK_PER_CHANNEL
+    return max(16, min(DEFAULT_CHUNK, 1 << (max(K, V) - 1).bit_length()))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -137,7 +148,7 @@ def prepare(
     """
     dt = compute_dtype(q)
     if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK_PER_CHANNEL if (g is not None and g.dim() == 4) else DEFAULT_CHUNK
+        chunk_size = default_chunk_size(q.shape[-1], v.shape[-1], per_channel=g is not None and g.dim() == 4)
     C = chunk_size
     T = q.shape[1]
     gc = Cs = None

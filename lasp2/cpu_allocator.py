@@ -12,9 +12,10 @@ for the same reason; raising glibc's thresholds gets most of that without a new 
 :func:`tune_cpu_allocator` is opt-in: importing lasp2 changes nothing; ``lasp2 train`` and
 ``lasp2 bench`` apply it with ``--tuned-allocator`` (ranks they start inherit the settings
 through the environment). The cost is memory: freed blocks stay in the process and the heap
-fragments, so peak resident memory grows (1.7x for the chunked op at T = 32768; a debug-preset
-run with 786,432 tokens per step and SP = 4 that fits this 24 GiB machine with glibc's defaults
-is killed for memory with the tuning). Speed for moderate lengths, defaults for the longest.
+fragments, so peak resident memory grows (1.7x for the chunked op at T = 32768; on the 24 GiB
+development machine a debug-preset run with 786,432 tokens per step and SP = 4, which fitted
+with glibc's defaults at 5.3 GB per rank, was killed for memory with the tuning). Speed for
+moderate lengths, defaults for the longest.
 """
 from __future__ import annotations
 

@@ -98,7 +98,7 @@ def lasp2_bwd(o: torch.Tensor, do: torch.Tensor, work: List[SegmentWork], A_all:
     """
     do_chunks = [output_chunks_of(do, w) for w in work]
     inter = [inter_backward(w, d) for w, d in zip(work, do_chunks)]
-    G_all = _by_segment(comm.all_gather(torch.stack([G for G, _, _ in inter]), group), layout)
+    G_all = _by_segment(comm.all_gather(torch.stack([G for G, _ in inter]), group), layout)
     nxt = fold_backward(G_all.to(A_all.dtype), A_all)
     return grad_targets(o, do, work, inter, [nxt[w.seg.index] for w in work])
 

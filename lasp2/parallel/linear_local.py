@@ -26,6 +26,7 @@ from typing import List, Optional
 import torch
 
 from ..ops import chunk, delta
+from ..ops.precision import no_autocast
 from .layout import Layout, Segment, local_starts
 
 
@@ -118,33 +119,47 @@ def transition_grad(Lam: torch.Tensor, dX: torch.Tensor, P: torch.Tensor) -> tor
     return torch.einsum("bhnkv,bhkv->bhnk", dX, P)
 
 
+class _InterTerm(torch.autograd.Function):
+    """Q_n S_n for the entry states S_n of ``w`` (``entry_states``), formed on the fly in forward
+    and again in backward, never kept. Backward returns dQ = dO S^T only: dS = Q^T dO is formed by
+    ``inter_backward`` before the local backward starts (the strategy needs G from it), so this
+    node computes dQ when autograd reaches it and frees it right after, as the one-device op does."""
+
+    @staticmethod
+    def forward(ctx, q_inter: torch.Tensor, w: "SegmentWork") -> torch.Tensor:
+        ctx.w = w
+        return q_inter @ entry_states(w)
+
+    @staticmethod
+    @no_autocast
+    def backward(ctx, d_inter: torch.Tensor):
+        return d_inter @ entry_states(ctx.w).transpose(-1, -2), None
+
+
 def add_incoming(w: SegmentWork, P: torch.Tensor) -> None:
     """Step 3 for one segment, P [B, H, K, V] the state entering it (a constant): the inter-chunk
     term Q_n S_n with the entry states S_n = S_in(0) + Λ_n P.
 
-    The entry states exist only for this matmul, outside autograd; so does the matmul: its
-    gradients (dQ = dO S^T, dS = Q^T dO, and through S those of the zero-state scan and of Λ) are
-    formed by ``inter_backward`` / ``grad_targets``, which need dS anyway to build G, so backward
-    never computes Q^T dO twice and no second copy of the states is kept. The inter term joins the
-    graph through one addition, which saves nothing, so the intra-chunk outputs are freed here
-    instead of living until backward.
+    The entry states exist only inside that matmul (``_InterTerm``), so no second copy of the
+    states is kept; their gradient dS = Q^T dO (and through it those of the zero-state scan and
+    of Λ) is formed by ``inter_backward`` / ``grad_targets``, which need dS anyway to build G, so
+    backward never computes Q^T dO twice. The inter term joins the intra-chunk outputs through one
+    addition, which saves nothing, so the intra-chunk outputs are freed here instead of living
+    until backward.
     """
     w.P = P
     w.q_inter = delta.delta_inter_query(w.c) if _is_delta(w) else chunk.inter_query(w.c)
-    with torch.no_grad():
-        inter = w.q_inter @ entry_states(w)
-    w.outputs, w.intra = w.intra + inter, None
+    w.outputs, w.intra = w.intra + _InterTerm.apply(w.q_inter, w), None
 
 
 def inter_backward(w: SegmentWork, do_chunks: torch.Tensor):
-    """The inter-chunk term's gradients and G = dL/dP from this segment's own outputs.
+    """The entry states' gradient and G = dL/dP from this segment's own outputs.
 
-    Returns (G [B, H, K, V], dQ [B, H, N, C, K], dS [B, H, N, K, V]) where dS_n = Q_n^T dO_n is
-    the gradient of the chunk-entry states. G = sum_n Λ_n^T dS_n, since the entry states are
-    S_in + Λ P.
+    Returns (G [B, H, K, V], dS [B, H, N, K, V]) where dS_n = Q_n^T dO_n is the gradient of the
+    chunk-entry states. G = sum_n Λ_n^T dS_n, since the entry states are S_in + Λ P. (dQ comes
+    from ``_InterTerm`` during the local backward.)
     """
     dS = w.q_inter.detach().transpose(-1, -2) @ do_chunks
-    dQ = do_chunks @ entry_states(w).transpose(-1, -2)
     Lam = w.decays[:, :, :-1].detach()
     if Lam.dim() == dS.dim() - 1 and Lam.shape[-1] == 1:  # scalar decays: a batched matmul over
         G = torch.einsum("bhn,bhnkv->bhkv", Lam.squeeze(-1), dS)  # n, no [N, K, V] temporary
@@ -153,21 +168,21 @@ def inter_backward(w: SegmentWork, do_chunks: torch.Tensor):
         G = Lam.reshape(B, H, N * K, K).transpose(-1, -2) @ dS.reshape(B, H, N * K, V)
     else:
         G = apply_transition(Lam, dS, transpose=True).sum(2)
-    return G, dQ, dS
+    return G, dS
 
 
 def grad_targets(o: torch.Tensor, do: torch.Tensor, work: List[SegmentWork], inter_grads, final_grads):
     """(outputs, grads) for the one ``autograd.grad`` over the local graph: the local output
-    ``o`` (from ``assemble``, with graph) gets dO, which reaches the intra-chunk part; the inter
-    queries get dQ; the zero-state scan's states [N + 1] get dS with the final state's gradient
-    (D_{j+1}) appended, and Λ its share <dS, P>.
+    ``o`` (from ``assemble``, with graph) gets dO, which reaches the intra-chunk part and, through
+    ``_InterTerm``, the inter queries; the zero-state scan's states [N + 1] get dS with the final
+    state's gradient (D_{j+1}) appended, and Λ its share <dS, P>.
     (One target for all the states: separate views of the entry and final states would each
     expand their gradient to the full [N + 1] size inside autograd.)"""
     outputs, grads = [o], [do]
-    for w, (_, dQ, dS), final in zip(work, inter_grads, final_grads):
+    for w, (_, dS), final in zip(work, inter_grads, final_grads):
         dS_all = torch.cat([dS, final.unsqueeze(2).to(dS.dtype)], dim=2)  # entry states, then final
-        outputs += [w.q_inter, w.states, w.decays]  # states + Λ P: the same dS reaches both terms
-        grads += [dQ, dS_all, transition_grad(w.decays, dS_all, w.P)]
+        outputs += [w.states, w.decays]  # states + Λ P: the same dS reaches both terms
+        grads += [dS_all, transition_grad(w.decays, dS_all, w.P)]
     return outputs, grads
 
 

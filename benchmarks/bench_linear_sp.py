@@ -137,18 +137,25 @@ def _set_allocator(allocator: str) -> None:
 
 def _measure(spawn, args, allocator: str) -> list:
     """Baseline and every SP configuration with one allocator setting; rows for the report."""
-    # The baseline runs in its own spawned process with 1 thread, exactly like a rank.
-    base = spawn(_baseline_main, 1, args.local_len, args.heads, args.dim, args.repeats, args.delta,
-                 threads_per_rank=1)[0]
-    t_base = statistics.median(base["times"])
+    # The baseline runs in its own spawned process with 1 thread, exactly like a rank, once
+    # before and once after the SP runs (the machine's speed drifts; its samples are pooled).
+    def baseline_times() -> list:
+        return spawn(_baseline_main, 1, args.local_len, args.heads, args.dim, args.repeats, args.delta,
+                     threads_per_rank=1)[0]["times"]
+
+    base_times = baseline_times()
     base_peak = spawn(_peak_main, 1, "single-process", args.local_len, args.heads, args.dim, args.delta,
                       threads_per_rank=1)[0]
-    print(f"[{allocator} allocator] single process, T={args.local_len}: {t_base:.3f} s, peak {base_peak:.0f} MB")
-    rows = [{"allocator": allocator, "config": "single-process", "W": 1, "T_global": args.local_len,
-             "seconds": t_base, "efficiency": 1.0, "peak_mem_mb": base_peak, "mem_ratio": 1.0}]
+    rows, sp_runs = [], {}
     for W in args.world_size:
-        ranks = spawn(_rank_main, W, args.local_len, args.heads, args.dim, args.repeats, args.delta,
-                      threads_per_rank=1)
+        sp_runs[W] = spawn(_rank_main, W, args.local_len, args.heads, args.dim, args.repeats, args.delta,
+                           threads_per_rank=1)
+    base_times += baseline_times()
+    t_base = statistics.median(base_times)
+    print(f"[{allocator} allocator] single process, T={args.local_len}: {t_base:.3f} s, peak {base_peak:.0f} MB")
+    rows.append({"allocator": allocator, "config": "single-process", "W": 1, "T_global": args.local_len,
+                 "seconds": t_base, "efficiency": 1.0, "peak_mem_mb": base_peak, "mem_ratio": 1.0})
+    for W, ranks in sp_runs.items():
         for c in CONFIGS:
             per_rank = [statistics.median(r["times"][c]) for r in ranks]
             t = max(per_rank)

@@ -19,7 +19,8 @@ Sequence-parallel functions: ``sp_linear_attention``, ``sp_softmax_attention``, 
 """
 from .functional import linear_attention, softmax_attention
 from .parallel.api import shard, sp_linear_attention, sp_softmax_attention, unshard
-from .parallel.parallelize import dp_sp_group, global_token_mean, parallelize
+from .models.parallelize import parallelize
+from .parallel.mesh import dp_sp_group, global_token_mean
 
 __all__ = ["linear_attention", "softmax_attention", "sp_linear_attention", "sp_softmax_attention", "shard",
            "unshard", "parallelize", "global_token_mean", "dp_sp_group"]

@@ -127,6 +127,24 @@ def test_causal():
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients():
+    """The switch at the block call site: each block runs again in backward (its forward pre-hook
+    fires twice), the gradients are bitwise those without it, and parameter names do not change."""
+    cfg = LinearLlamaConfig.preset("debug", linear_variant="mamba2")
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    grads, calls = {}, {}
+    for ac in (False, True):
+        model = LinearLlama(cfg, seed=5).double()
+        model.activation_checkpointing = ac
+        calls[ac] = 0
+        model.layers[1].register_forward_pre_hook(lambda *_, ac=ac: calls.__setitem__(ac, calls[ac] + 1))
+        F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        grads[ac] = {n: p.grad for n, p in model.named_parameters()}
+    assert (calls[False], calls[True]) == (1, 2)
+    assert grads[False].keys() == grads[True].keys()
+    assert all(torch.equal(grads[False][n], grads[True][n]) for n in grads[False])
+
+
 def test_parallelize_needs_a_mesh():
     with pytest.raises(ValueError, match="DeviceMesh"):
         lasp2.parallelize(LinearLlama(LinearLlamaConfig.preset("debug")), {"dp": 1, "sp": 1})
@@ -138,10 +156,11 @@ def test_parallelize_needs_a_mesh():
 
 def _case(name: str, dp: int, sp: int, pattern: str = "LLLN", layout: str = "contiguous", variant: str = "bla",
           docs: bool = False, strategy: str = "lasp2", softmax_strategy: str = "allgather", seed: int = 0,
-          dtype: torch.dtype = torch.float32):
+          dtype: torch.dtype = torch.float32, ac: bool = False):
     name += "-fp64" if dtype == torch.float64 else ""
+    name += "-ac" if ac else ""
     return name, dict(dp=dp, sp=sp, pattern=pattern, layout=layout, variant=variant, docs=docs,
-                      strategy=strategy, softmax_strategy=softmax_strategy, seed=seed, dtype=dtype)
+                      strategy=strategy, softmax_strategy=softmax_strategy, seed=seed, dtype=dtype, ac=ac)
 
 
 def _config(case) -> LinearLlamaConfig:
@@ -211,7 +230,8 @@ def _train_parallel(mesh, case) -> Dict[str, list]:
     sp_group, layout = mesh["sp"].get_group(), case["layout"]
     model = lasp2.parallelize(LinearLlama(_config(case), seed=case["seed"]).to(case["dtype"]), mesh,
                               strategy=case["strategy"],
-                              softmax_strategy=case["softmax_strategy"], layout=layout)
+                              softmax_strategy=case["softmax_strategy"], layout=layout,
+                              activation_checkpointing=case["ac"])
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     dp_rank = mesh.get_local_rank("dp")
     losses, grads = [], []
@@ -314,6 +334,7 @@ W2_CASES = [
     _case("dp2-LLLN", 2, 1),
     _case("sp2-L-contiguous", 1, 2, "L", dtype=torch.float64),
     _case("sp2-LLLN-zigzag-docs", 1, 2, layout="zigzag", docs=True, seed=1, dtype=torch.float64),
+    _case("sp2-LLLN-zigzag-docs", 1, 2, layout="zigzag", docs=True, seed=1, dtype=torch.float64, ac=True),
 ]
 W2_DELTA_CASES = [_case(f"sp2-LN-zigzag-{v}", 1, 2, "LN", "zigzag", v) for v in DELTA_VARIANTS]
 W4_CASES = [

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..nn import LinearAttention, RMSNorm, SoftmaxAttention, SwiGLU
 from .config import LinearLlamaConfig
@@ -47,6 +48,11 @@ class LinearLlama(nn.Module):
     (on the same kind of device) and the global RNG is never touched. ``device="meta"`` leaves
     the model unmaterialised (call ``to_empty(device=...)`` and then ``init_weights(seed)``, which
     also re-ties the embeddings).
+
+    ``activation_checkpointing`` (default False; ``lasp2.parallelize(..., activation_checkpointing=True)``
+    sets it): when grad is enabled, every block is called through ``torch.utils.checkpoint``
+    (non-reentrant), so only block inputs stay alive between forward and backward and each block
+    is recomputed in backward. Parameter names do not change.
     """
 
     def __init__(self, config: LinearLlamaConfig, *, seed: int = 0, device="cpu"):
@@ -55,6 +61,7 @@ class LinearLlama(nn.Module):
             raise ValueError(f"config must be a LinearLlamaConfig, got {type(config).__name__}; "
                              f"e.g. LinearLlamaConfig.preset('debug')")
         self.config = config
+        self.activation_checkpointing = False
         with torch.device("meta"):
             self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden)
             self.layers = nn.ModuleList(Block(config, t) for t in config.layer_types)
@@ -99,8 +106,12 @@ class LinearLlama(nn.Module):
             raise ValueError(f"input_ids must be an int tensor [B, T], got {tuple(input_ids.shape)} "
                              f"{input_ids.dtype}")
         x = self.tok_embeddings(input_ids)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cu_seqlens=cu_seqlens)
+            if recompute:
+                x = checkpoint(block, x, cu_seqlens=cu_seqlens, use_reentrant=False)
+            else:
+                x = block(x, cu_seqlens=cu_seqlens)
         return self.output(self.norm(x))
 
     def num_params(self) -> int:

@@ -11,8 +11,8 @@ Per step, on every rank of a (dp, sp) mesh:
 4. rank 0 appends a line to ``OUT/metrics.jsonl`` and updates the progress bar; checkpoints
    every ``save_every`` steps and at the end.
 
-**``no_state_passing`` (ablation).** After ``parallelize`` the attention modules' SP contexts
-are removed (``module.sp = None``), so every layer runs the single-device op on this rank's
+**``no_state_passing`` (ablation).** ``parallelize(..., state_passing=False)`` gives the attention
+modules no SP context (``module.sp is None``), so every layer runs the single-device op on this rank's
 tokens only: linear layers call ``lasp2.linear_attention`` starting from a zero state, softmax
 layers attend to local keys only. Each contiguous run of global tokens a rank holds is processed
 as an independent sequence (one per rank under ``contiguous``; two under ``zigzag``, fed as two
@@ -38,12 +38,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from .. import global_token_mean, parallelize
 from ..models import LinearLlama
-from ..nn import LinearAttention, SoftmaxAttention
+from ..models.parallelize import parallelize
 from ..parallel import comm
 from ..parallel.layout import Layout
-from ..parallel.parallelize import dp_sp_group
+from ..parallel.mesh import dp_sp_group, global_token_mean
 from . import checkpoint
 from .config import TrainConfig
 from .data import MicroBatch, RankData
@@ -80,23 +79,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def enable_activation_checkpointing(model: LinearLlama) -> None:
-    """Recompute each block in backward (``torch.utils.checkpoint``, non-reentrant): only block
-    inputs stay alive between forward and backward. The blocks keep their parameter names (the
-    forward is replaced on the instance, no wrapper module), so checkpoints do not depend on it.
-    Every rank recomputes the same blocks in the same order, so the SP collectives inside the
-    recomputation pair up across ranks as in the forward."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.layers:
-        plain = block.forward
-
-        def forward(x, *, cu_seqlens=None, _plain=plain):
-            return checkpoint(_plain, x, cu_seqlens=cu_seqlens, use_reentrant=False)
-
-        block.forward = forward
 
 
 # ---- the no-state-passing ablation ---------------------------------------------------------------
@@ -182,13 +164,8 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     group = dp_sp_group(mesh)
 
     model = LinearLlama(cfg.model_config(), seed=cfg.seed, device=device).to(DTYPES[cfg.dtype])
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    ddp = parallelize(model, mesh, strategy=cfg.strategy, softmax_strategy=cfg.softmax_strategy, layout=cfg.layout)
-    if cfg.no_state_passing:
-        for m in model.modules():
-            if isinstance(m, (LinearAttention, SoftmaxAttention)):
-                m.sp = None
+    ddp = parallelize(model, mesh, strategy=cfg.strategy, softmax_strategy=cfg.softmax_strategy, layout=cfg.layout,
+                      activation_checkpointing=cfg.activation_checkpointing, state_passing=not cfg.no_state_passing)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

@@ -49,8 +49,10 @@ def _inputs(T: int, H: int, D: int, seed: int, delta: bool) -> tuple:
 
 def _sp_step(config: str, xs: tuple, group):
     import lasp2
-    from lasp2.parallel.lasp2 import LASP2Function
+    from lasp2.parallel import strategies
+    from lasp2.parallel.context import LinearCall
     from lasp2.parallel.layout import Layout
+    from lasp2.parallel.linear_sp import LinearSPFunction
 
     if config == "ideal-concurrent":
         # Every rank runs the one-device op on its own shard at the same time, with no
@@ -61,7 +63,8 @@ def _sp_step(config: str, xs: tuple, group):
         # overlap=False (same code, the gather is waited for before the intra-chunk work).
         q, k, v, g, beta = (*xs, None)[:5]
         layout = Layout("contiguous", dist.get_world_size(group), q.shape[1])
-        o = LASP2Function.apply(q, k, v, g, beta, q.shape[-1] ** -0.5, layout, group, None, 0.0, False, True)
+        call = LinearCall(group, layout, q.shape[-1] ** -0.5, overlap=False)
+        o = LinearSPFunction.apply(q, k, v, g, beta, call, strategies.linear("lasp2").exchange)
     else:
         o = lasp2.sp_linear_attention(*xs, group=group, strategy=config)
     o.sum().backward()

@@ -10,6 +10,8 @@ DEFAULT = dict(seq_lens=(4096, 8192, 16384), heads=8, dim=64, repeats=5, world_s
 
 
 def add_parser(subparsers) -> None:
+    from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
+
     b = subparsers.add_parser(
         "bench", help="measure sequence-parallel attention strategies against the ideal",
         description="Measure fwd+bwd time, tokens/s, efficiency vs the single-device ideal, peak memory and "
@@ -17,7 +19,8 @@ def add_parser(subparsers) -> None:
                     "under torchrun it starts W gloo ranks (1 thread each) per world size itself; under "
                     "torchrun it uses the given ranks (NCCL on GPUs), the first W of them for each W.")
     b.add_argument("--suite", choices=("linear", "softmax", "model"), default="linear",
-                   help="linear: lasp2, lasp1 | softmax: allgather, ring, ulysses | model: lasp2.models")
+                   help=f"linear: {', '.join(LINEAR_STRATEGIES)} | softmax: {', '.join(SOFTMAX_STRATEGIES)} | "
+                        "model: lasp2.models")
     b.add_argument("--world-sizes", type=int, nargs="+", metavar="W", help="SP group sizes (default 2)")
     lens = b.add_mutually_exclusive_group()
     lens.add_argument("--seq-lens", type=int, nargs="+", metavar="T",

@@ -33,10 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, softmax
+
 BWD_FACTOR = {"linear": 2.0, "softmax": 2.5}
 FP32 = 4
-LINEAR_STRATEGIES = ("lasp2", "lasp1")
-SOFTMAX_STRATEGIES = ("allgather", "ring", "ulysses")
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def softmax_core_flops(s: Shape, W: int) -> float:
 def imbalance(strategy: str, W: int, layout: str) -> float:
     """Slowest rank's causal softmax work over the mean: contiguous shards give the last rank
     W of the W(W+1)/2 diagonal-or-below blocks; zigzag and Ulysses are balanced."""
-    if strategy in ("allgather", "ring") and layout == "contiguous":
+    if strategy in SOFTMAX_STRATEGIES and softmax(strategy).work_follows_layout and layout == "contiguous":
         return 2 * W / (W + 1)
     return 1.0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
+from ..parallel.strategies import LINEAR, LINEAR_STRATEGIES, SOFTMAX, SOFTMAX_STRATEGIES
 from .cost_model import Link, Network, Shape, linear_layer, softmax_layer
 
 NVLINK = Link("NVLink4 (intra-node)", alpha=5e-6, bandwidth=300e9, p2p_alpha=20e-6)
@@ -117,14 +118,23 @@ class Prediction:
 
 def strategy_pairs(model: ModelConfig) -> List[tuple]:
     """(linear strategy, softmax strategy) combinations that matter for this layer pattern."""
-    lin = ["lasp2", "lasp1"] if "L" in model.pattern else [None]
-    soft = ["allgather", "ring", "ulysses"] if "N" in model.pattern else [None]
+    lin = list(LINEAR_STRATEGIES) if "L" in model.pattern else [None]
+    soft = list(SOFTMAX_STRATEGIES) if "N" in model.pattern else [None]
     return [(a, b) for a in lin for b in soft]
 
 
+def by_pattern(linear_pattern: Optional[str], softmax_pattern: Optional[str]) -> tuple:
+    """The (linear, softmax) pair of the registry with these communication patterns."""
+    lin = next(n for n, e in LINEAR.items() if e.pattern == linear_pattern) if linear_pattern else None
+    soft = next(n for n, e in SOFTMAX.items() if e.pattern == softmax_pattern) if softmax_pattern else None
+    return lin, soft
+
+
 def label(pair: tuple) -> str:
+    """"a + b"; LASP-2H is the pair that all-gathers in both kinds of layer."""
     text = " + ".join(x for x in pair if x)
-    return text + " (LASP-2H)" if pair == ("lasp2", "allgather") else text
+    hybrid = all(x and reg[x].pattern == "all-gather" for x, reg in zip(pair, (LINEAR, SOFTMAX)))
+    return text + " (LASP-2H)" if hybrid else text
 
 
 def predict(model: ModelConfig, W: int, seq_len: int, network: Network, device: Device, pair: tuple,

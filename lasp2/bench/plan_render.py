@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import List
 
-from .plan import (DEVICES, MODELS, NETWORKS, ModelConfig, assumptions, label, plan_table, predict, recommend,
-                   strategy_pairs)
+from .plan import (DEVICES, MODELS, NETWORKS, ModelConfig, assumptions, by_pattern, label, plan_table, predict,
+                   recommend, strategy_pairs)
 
 PROJ_GPUS = [16, 32, 64, 128]
 PROJ_LENS = [2048 << i for i in range(11)]  # 2K .. 2048K
@@ -100,8 +100,8 @@ def projection(model: ModelConfig, network, device) -> str:
              "the presets listed here.", ""]
     tput = lambda p, W, T: f"{p.tokens_per_s_per_gpu:,.0f}" + ("" if p.fits else " (OOM)")  # noqa: E731
     mem = lambda p, W, T: f"{p.memory / 1e9:.1f}" + ("" if p.fits else " (OOM)")  # noqa: E731
-    for pattern, new, old in (("L", ("lasp2", None), ("lasp1", None)),
-                              ("LLLN", ("lasp2", "allgather"), ("lasp1", "ring"))):
+    for pattern, new, old in (("L", by_pattern("all-gather", None), by_pattern("chain", None)),
+                              ("LLLN", by_pattern("all-gather", "all-gather"), by_pattern("chain", "ring"))):
         m = replace(model, pattern=pattern, name=f"{model.name.split(' ')[0]}" + (" hybrid" if "N" in pattern else ""))
         kind = "pure linear" if pattern == "L" else "1 softmax layer in 4 (LLLN)"
         lines += [f"## {m.name}: {kind}", "", *_header(m, network, device),

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
+
 IDEAL = "ideal"
 
 
@@ -31,12 +33,12 @@ def _randn(gen, *shape, spec, device):
 
 
 class LinearSuite:
-    """Causal linear attention with a scalar decay gate (Lightning/Mamba2-style): LASP-2 (one
-    all-gather per direction), LASP-1 (ring chain) and the ideal, ``linear_attention`` on the
-    local shard."""
+    """Causal linear attention with a scalar decay gate (Lightning/Mamba2-style): every linear
+    strategy of the registry (``lasp2.parallel.strategies``) and the ideal, ``linear_attention``
+    on the local shard."""
 
     name = "linear"
-    strategies = ("lasp2", "lasp1")
+    strategies = LINEAR_STRATEGIES
 
     def configs(self):
         return list(self.strategies) + [IDEAL]
@@ -69,7 +71,7 @@ class SoftmaxSuite:
     """
 
     name = "softmax"
-    strategies = ("allgather", "ring", "ulysses")
+    strategies = SOFTMAX_STRATEGIES
 
     def configs(self):
         return list(self.strategies) + [IDEAL]

@@ -9,13 +9,13 @@ import torch
 from .. import functional
 from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_qkv, check_scale,
                           resolve_scale)
-from . import comm
-from .lasp1 import LASP1Function
-from .lasp2 import BidirectionalLASP2Function, LASP2Function
+from . import comm, strategies
+from .context import LinearCall
+from .lasp2 import BidirectionalLASP2Function
 from .layout import LAYOUTS, Layout
+from .linear_sp import LinearSPFunction
+from .strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..ops.precision import no_autocast
-
-LINEAR_STRATEGIES = ("lasp2", "lasp1")
 
 
 def check_group(group) -> None:
@@ -51,6 +51,7 @@ def sp_linear_attention(
     strategy: str = "lasp2",
     layout: str = "contiguous",
     cu_seqlens: Optional[torch.Tensor] = None,
+    scan_blocks: Optional[int] = None,
 ) -> torch.Tensor:
     """Sequence-parallel linear attention: this rank's shard of ``linear_attention`` on the
     whole sequence.
@@ -63,9 +64,13 @@ def sp_linear_attention(
         group: the sequence-parallel process group (required).
         scale: defaults to K**-0.5. causal: False is bidirectional basic linear attention
             (``strategy="lasp2"`` only, no g).
-        strategy: "lasp2" (one all-gather per direction) or "lasp1" (ring chain of P2P hops).
+        strategy: a linear strategy of the registry (``lasp2.parallel.strategies``): "lasp2"
+            (one all-gather per direction), "lasp1" (ring chain of P2P hops).
         layout: "contiguous" or "zigzag" (see ``lasp2.shard``).
         cu_seqlens: global [N + 1] cumulative document lengths, identical on every rank (B == 1).
+        scan_blocks: pipeline blocks of a pipelined strategy's chain (the state split along V;
+            1..V); None picks k* = sqrt((J - 2) s / alpha) for an InfiniBand-class link
+            (``strategies.default_blocks``; ``lasp2 plan`` gives k* for your network).
 
     Returns:
         o [B, T, H, V], this rank's shard, in q's dtype. Differentiable w.r.t. q, k, v, g.
@@ -77,7 +82,7 @@ def sp_linear_attention(
     call with new shapes on a group adds one small agreement check (then cached).
     """
     check_group(group)
-    check_choice("strategy", strategy, LINEAR_STRATEGIES)
+    entry = strategies.linear(strategy)
     check_choice("layout", layout, LAYOUTS)
     check_qkv(q, k, v)
     check_scale(scale)
@@ -91,25 +96,32 @@ def sp_linear_attention(
     if not causal:
         if g is not None or beta is not None:
             raise ValueError("causal=False supports basic linear attention only: pass g=None and beta=None")
-        if strategy != "lasp2":
-            raise ValueError("causal=False needs strategy='lasp2' (the LASP-1 ring is causal only)")
+        if not entry.bidirectional:
+            both = [n for n, e in strategies.LINEAR.items() if e.bidirectional]
+            raise ValueError(f"causal=False needs strategy={both[0]!r} (strategy={strategy!r} is causal only)")
+    if scan_blocks is not None:
+        if not entry.pipelined:
+            pipelined = [n for n, e in strategies.LINEAR.items() if e.pipelined]
+            raise ValueError(f"scan_blocks applies to a pipelined strategy ({', '.join(pipelined) or 'none'}), "
+                             f"not strategy={strategy!r}; drop scan_blocks or change the strategy")
+        if isinstance(scan_blocks, bool) or not isinstance(scan_blocks, int) or not 1 <= scan_blocks <= v.shape[-1]:
+            raise ValueError(f"scan_blocks must be an int in [1, V={v.shape[-1]}] (the state splits along V), "
+                             f"got {scan_blocks!r}")
     scale = resolve_scale(scale, q)
     signature = (f"sp_linear_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
                  f"q={_describe(q)} k={_describe(k)} v={_describe(v)} g={_describe(g)} beta={_describe(beta)} "
-                 f"docs={cu_seqlens is not None}")
+                 f"docs={cu_seqlens is not None} blocks={scan_blocks}")
     comm.ensure_agreement(group, signature)
     if world == 1:
         o, _ = functional.linear_attention(q, k, v, g, beta, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
         return o
     if not causal:
         return BidirectionalLASP2Function.apply(q, k, v, scale, lay, group, cu_seqlens)
-    grad_enabled = torch.is_grad_enabled()
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(q.device)
-    if strategy == "lasp1":
-        return LASP1Function.apply(q, k, v, g, beta, scale, lay, group, cu_seqlens, grad_enabled)
-    header = comm.signature_code(signature + _cu_digest(cu_seqlens))
-    return LASP2Function.apply(q, k, v, g, beta, scale, lay, group, cu_seqlens, header, True, grad_enabled)
+    call = LinearCall(group, lay, scale, cu_seqlens, header=comm.signature_code(signature + _cu_digest(cu_seqlens)),
+                      grad_enabled=torch.is_grad_enabled(), blocks=scan_blocks)
+    return LinearSPFunction.apply(q, k, v, g, beta, call, entry.exchange)
 
 
 def _check_shard_args(x, group, layout: str, dim: int):
@@ -156,8 +168,6 @@ def unshard(x_local: torch.Tensor, *, group, layout: str = "contiguous", dim: in
     return torch.cat(pieces, dim=dim)
 
 
-SOFTMAX_STRATEGIES = ("allgather", "ring", "ulysses")
-
 
 @no_autocast
 def sp_softmax_attention(
@@ -199,19 +209,16 @@ def sp_softmax_attention(
     one small agreement check (then cached).
     """
     from ..ops.softmax import doc_ids_from_cu_seqlens
-    from .ring_attention import RingAttentionFunction
-    from .softmax_allgather import AllGatherAttentionFunction
-    from .ulysses import UlyssesAttentionFunction
 
     check_group(group)
-    check_choice("strategy", strategy, SOFTMAX_STRATEGIES)
+    entry = strategies.softmax(strategy)
     check_choice("layout", layout, LAYOUTS)
     check_qkv(q, k, v, kv_heads_may_differ=True)
     check_scale(scale)
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, q.shape[1])
     check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0])
-    if strategy == "ulysses" and q.shape[2] % world:
+    if entry.heads_divisible and q.shape[2] % world:
         raise ValueError(f"strategy='ulysses' shards the query heads over the group, so H = {q.shape[2]} "
                          f"must be a multiple of the group size W = {world}; use a head count divisible "
                          f"by {world}, or strategy='allgather' or 'ring', which work with any H")
@@ -225,6 +232,4 @@ def sp_softmax_attention(
     if world == 1:
         return functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
     doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), lay.global_len)
-    fn = {"allgather": AllGatherAttentionFunction, "ring": RingAttentionFunction,
-          "ulysses": UlyssesAttentionFunction}[strategy]
-    return fn.apply(q, k, v, scale, causal, lay, group, doc)
+    return entry.load().apply(q, k, v, scale, causal, lay, group, doc)

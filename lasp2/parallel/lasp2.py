@@ -14,9 +14,8 @@ Backward:
 Cached for backward: the local autograd graph, P (one state per local segment) and the W
 gathered transitions Â (vectors, not states).
 
-The local graph is built inside ``forward`` on detached leaves and kept for ``backward``: this
-is what lets the backward issue its collective on *every* rank, including rank 0 (whose
-outputs depend on no gathered state) and the last rank (whose summary nobody uses).
+The local work and the autograd Function are shared with the other linear strategies
+(``linear_sp``); this module is the exchange (``AllGatherExchange``) and the bidirectional op.
 """
 from __future__ import annotations
 
@@ -27,10 +26,9 @@ import torch
 
 from ..ops.chunk import compute_dtype
 from . import comm
+from .context import LinearCall
 from .layout import Layout
-from .linear_local import (SegmentWork, add_incoming, assemble, detached_leaves, fold_backward,
-                           fold_forward, grad_targets, inter_backward, intra_outputs, leaf_grads,
-                           output_chunks_of, summarise)
+from .linear_local import SegmentWork, fold_backward, fold_forward
 from ..ops.precision import no_autocast
 
 
@@ -59,70 +57,42 @@ def _by_segment(gathered: torch.Tensor, layout: Layout) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def lasp2_fwd(q, k, v, g, beta, *, scale: float, layout: Layout, group, cu_seqlens, header: float,
-              overlap: bool = True):
-    """Forward on plain tensors (leaves may require grad: the graph is kept in the result).
+class AllGatherExchange:
+    """LASP-2's exchange (``linear_sp`` protocol): one all-gather of every segment's summary.
 
-    Returns (o [B, T, H, V] with graph, work, A_all [J, B, H, Kg]).
-    Communication: 1 all-gather of [W, S_local, B*H*K*V + |Â| + 1] fp32 (fp64 for fp64 inputs),
-    |Â| = B*H*Kg for the diagonal family, B*H*K*K for the delta rule.
+    Forward: pack [Ŝ, Â, header] per local segment, launch ONE async all-gather, run the
+    intra-chunk work while it is in flight (``call.overlap``), check the headers, fold
+    (``fold_forward``). Saved for backward: the gathered transitions Â [J, B, H, Kg | K, K].
+    Backward: ONE all-gather of G and the suffix fold (``fold_backward``).
+    Communication: forward 1 all-gather of [W, S_local, B*H*K*V + |Â| + 1] fp32 (fp64 for fp64
+    inputs), |Â| = B*H*Kg for the diagonal family, B*H*K*K for the delta rule; backward
+    1 all-gather of [W, S_local, B, H, K, V].
     """
-    rank = comm.rank_and_size(group)[0]
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    work = summarise(q, k, v, g, beta, scale, layout, rank, cu_seqlens)
-    pending = comm.all_gather(_pack(work, header), group, async_op=True)
-    if overlap:
-        intra_outputs(work)
-    gathered = pending.wait()
-    if not overlap:
-        intra_outputs(work)
-    _check_headers(gathered, header)
-    rows = _by_segment(gathered, layout)  # [J, n]
-    dt = work[0].states.dtype
-    S_all = rows[:, : B * H * K * V].reshape(-1, B, H, K, V).to(dt)
-    A_all = rows[:, B * H * K * V: -1].reshape(-1, *work[0].transition.shape).to(dt)
-    P = fold_forward(S_all, A_all)
-    for w in work:
-        add_incoming(w, P[w.seg.index])
-    return assemble(work, q.dtype), work, A_all
 
-
-def lasp2_bwd(o: torch.Tensor, do: torch.Tensor, work: List[SegmentWork], A_all: torch.Tensor, layout: Layout,
-              group):
-    """From dL/do [B, T, H, V] for the output o (with graph): the gradients reaching the local
-    outputs and each segment's final state.
-
-    Returns (grad tensors, grad outputs) for one ``torch.autograd.grad`` call.
-    Communication: 1 all-gather of [W, S_local, B, H, K, V] fp32.
-    """
-    do_chunks = [output_chunks_of(do, w) for w in work]
-    inter = [inter_backward(w, d) for w, d in zip(work, do_chunks)]
-    G_all = _by_segment(comm.all_gather(torch.stack([G for G, _ in inter]), group), layout)
-    nxt = fold_backward(G_all.to(A_all.dtype), A_all)
-    return grad_targets(o, do, work, inter, [nxt[w.seg.index] for w in work])
-
-
-class LASP2Function(torch.autograd.Function):
-    """Thin autograd wrapper: exactly one gradient per forward input."""
+    name = "lasp2"
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, layout, group, cu_seqlens, header, overlap, grad_enabled):
-        leaves = detached_leaves((q, k, v, g, beta), grad_enabled)
-        with torch.set_grad_enabled(any(t is not None and t.requires_grad for t in leaves)):
-            o, work, A_all = lasp2_fwd(*leaves, scale=scale, layout=layout, group=group,
-                                       cu_seqlens=cu_seqlens, header=header, overlap=overlap)
-        # ctx.o shares its storage with the returned output: keeping its graph costs no memory.
-        ctx.o, ctx.leaves, ctx.work, ctx.A_all, ctx.layout, ctx.group = o, leaves, work, A_all, layout, group
-        return o.detach()
+    def forward(work: List[SegmentWork], call: LinearCall, local_work):
+        B, H, K, V = work[0].summary_state.shape
+        pending = comm.all_gather(_pack(work, call.header), call.group, async_op=True)
+        if call.overlap:
+            local_work()
+        gathered = pending.wait()
+        if not call.overlap:
+            local_work()
+        _check_headers(gathered, call.header)
+        rows = _by_segment(gathered, call.layout)  # [J, n]
+        dt = work[0].states.dtype
+        S_all = rows[:, : B * H * K * V].reshape(-1, B, H, K, V).to(dt)
+        A_all = rows[:, B * H * K * V: -1].reshape(-1, *work[0].transition.shape).to(dt)
+        P = fold_forward(S_all, A_all)
+        return [P[w.seg.index] for w in work], A_all
 
     @staticmethod
-    @no_autocast
-    def backward(ctx, do):
-        outputs, grads = lasp2_bwd(ctx.o, do, ctx.work, ctx.A_all, ctx.layout, ctx.group)
-        dq, dk, dv, dg, dbeta = leaf_grads(ctx.leaves, outputs, grads)
-        ctx.o = ctx.work = ctx.leaves = None  # free the graph
-        return dq, dk, dv, dg, dbeta, None, None, None, None, None, None, None
+    def backward(G: List[torch.Tensor], work: List[SegmentWork], call: LinearCall, A_all: torch.Tensor):
+        G_all = _by_segment(comm.all_gather(torch.stack(G), call.group), call.layout)
+        nxt = fold_backward(G_all.to(A_all.dtype), A_all)
+        return [nxt[w.seg.index] for w in work]
 
 
 def _doc_pieces(layout: Layout, rank: int, cu_seqlens) -> List[List[Tuple[slice, int]]]:

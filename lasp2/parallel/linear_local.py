@@ -201,6 +201,19 @@ def assemble(work: List[SegmentWork], dtype: torch.dtype) -> torch.Tensor:
     return o
 
 
+def compose(later, earlier):
+    """The summary of two adjacent segments, ``earlier`` then ``later`` (DESIGN §1):
+    (Â2, X2) ∘ (Â1, X1) = (Â2 Â1, Â2 X1 + X2). Associative, not commutative.
+
+    Each argument is (Â, X) with Â [..., Kg] (decay vectors, multiplied elementwise) or
+    [..., K, K] (matrices), X [..., K, V] (a state, or any term the transitions act on: the
+    backward scans compose (Â^T, G) the same way). Returns the composed (Â, X).
+    """
+    (A2, X2), (A1, X1) = later, earlier
+    A = A2 @ A1 if A2.dim() == X2.dim() else A2 * A1
+    return A, apply_transition(A2, X1) + X2
+
+
 def fold_forward(S_hat: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
     """Prefix fold over segments in sequence order (DESIGN §1, P_0 = 0, P_{j+1} = Â_j P_j + Ŝ_j).
 

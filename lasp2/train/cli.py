@@ -35,7 +35,7 @@ EXAMPLES = """examples:
 def _choices():
     from ..models import PRESETS
     from ..nn import LINEAR_VARIANTS
-    from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
+    from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
     from ..parallel.layout import LAYOUTS
 
     return {"preset": tuple(PRESETS), "task": TASKS, "dtype": DTYPES, "device": DEVICES, "doc_sep": DOC_SEPS,

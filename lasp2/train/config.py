@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from ..models import PRESETS, LinearLlamaConfig
-from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
+from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..parallel.layout import LAYOUTS
 
 TASKS = ("mqar", "text")

@@ -1,0 +1,47 @@
+"""Per-call state of the linear sequence-parallel strategies, bundled once (issue 11 item 6).
+
+``sp_linear_attention`` validates its arguments and builds one :class:`LinearCall`; every linear
+strategy (``lasp2``, ``lasp1``, ``allscan``, ``tree``) and the shared autograd Function take that
+object instead of a growing list of positional parameters. A new strategy option or backend adds
+a field here (with a default), not a parameter to every function in between.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .layout import Layout
+
+
+@dataclass(frozen=True, eq=False)
+class LinearCall:
+    """Everything a linear SP strategy needs to know about one call, besides the tensors.
+
+    group: the SP process group (rank and size come from it).
+    layout: where every token lives (``Layout``: contiguous or zigzag, W, T local).
+    scale: the resolved query scale (float).
+    cu_seqlens: global int [N + 1] document boundaries on the inputs' device, or None.
+    header: fp32-exact code of the call's signature (``comm.signature_code``); strategies that
+        carry a buffer check it against the other ranks' (agreement, DESIGN §2).
+    grad_enabled: whether autograd was on at the call (the Function's forward runs without it).
+    overlap: launch the exchange before the intra-chunk work (False only for benchmarks).
+    blocks: pipeline blocks of the ``allscan`` chain (states split along V); None lets the
+        strategy registry choose (``strategies.pipeline_blocks``).
+
+    ``eq=False``: identity semantics (cu_seqlens is a tensor; the object is never compared).
+    """
+
+    group: object
+    layout: Layout
+    scale: float
+    cu_seqlens: Optional[torch.Tensor] = None
+    header: float = 0.0
+    grad_enabled: bool = True
+    overlap: bool = True
+    blocks: Optional[int] = None
+
+    @property
+    def world(self) -> int:
+        return self.layout.world

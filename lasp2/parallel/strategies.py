@@ -1,0 +1,142 @@
+"""The strategy registry: the ONE list of sequence-parallel strategy names (DESIGN §3).
+
+Every other place that needs strategy names or properties reads this module: the public API's
+validation and dispatch (``api.py``), ``TrainConfig`` and the CLI choices, the bench suites, the
+cost model and the planner. Adding a strategy is one entry here (plus its exchange module).
+
+Linear strategies share the local work and the autograd Function (``linear_sp``) and differ only
+in their *exchange* (how summaries become incoming states). Each entry carries the properties
+the rest of the code asks about and the terms the cost model needs, per direction:
+
+    pattern        "all-gather" | "chain" | "pipelined-chain" | "tree"
+    steps(J, k)    dependent communication steps on the critical path, for J = W * S segments
+                   (S = 1 contiguous, 2 zigzag) and k pipeline blocks (1 except ``allscan``)
+    message(state, transition, k)
+                   bytes of one step's message (state = one [B, H, K, V] fp32 state,
+                   transition = one Â in fp32)
+    received(J, S) states (or summaries, for ``tree``) a rank receives per direction
+
+The all-gather strategy's steps/message are those of one ring all-gather of J summaries.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+from .lasp1 import ChainExchange
+from .lasp2 import AllGatherExchange
+
+
+@dataclass(frozen=True)
+class LinearStrategy:
+    """A causal linear SP strategy: its exchange (``linear_sp`` protocol) and properties."""
+
+    name: str
+    exchange: object
+    summary: str                       # one line for --help and tables
+    pattern: str
+    bidirectional: bool                # causal=False supported (basic linear attention)
+    steps: Callable[[int, int], int]
+    message: Callable[[float, float, int], float]
+    received: Callable[[int, int], float]
+    overlaps_intra: bool               # forward exchange runs while the intra-chunk work does
+    pipelined: bool = False            # takes a block count (``scan_blocks``)
+
+    @property
+    def causal_only(self) -> bool:
+        return not self.bidirectional
+
+
+@dataclass(frozen=True)
+class SoftmaxStrategy:
+    """A softmax SP strategy. ``load()`` returns its autograd Function (imported lazily)."""
+
+    name: str
+    load: Callable[[], type]
+    summary: str
+    pattern: str
+    heads_divisible: bool = False      # needs H % W == 0 (Ulysses shards heads)
+    work_follows_layout: bool = True   # causal work per rank as the layout places the queries
+                                       # (unbalanced under contiguous); False: balanced anyway
+
+
+LINEAR: Dict[str, LinearStrategy] = {s.name: s for s in (
+    LinearStrategy("lasp2", AllGatherExchange, "one all-gather of every segment's summary per direction",
+                   "all-gather", True, steps=lambda J, k: J - 1, message=lambda s, a, k: s + a,
+                   received=lambda J, S: J - S, overlaps_intra=True),
+    LinearStrategy("lasp1", ChainExchange, "LASP-1 ring chain: the whole state hops segment to segment",
+                   "chain", False, steps=lambda J, k: J - 1, message=lambda s, a, k: s,
+                   received=lambda J, S: S if J > S else 0, overlaps_intra=False),
+)}
+
+
+def _softmax(module: str, cls: str):
+    def load():
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+    return load
+
+
+SOFTMAX: Dict[str, SoftmaxStrategy] = {s.name: s for s in (
+    SoftmaxStrategy("allgather", _softmax("softmax_allgather", "AllGatherAttentionFunction"),
+                    "LASP-2H: one all-gather of K/V forward, one reduce-scatter of dK/dV backward", "all-gather"),
+    SoftmaxStrategy("ring", _softmax("ring_attention", "RingAttentionFunction"),
+                    "ring attention: K/V blocks rotate around the ring", "ring"),
+    SoftmaxStrategy("ulysses", _softmax("ulysses", "UlyssesAttentionFunction"),
+                    "Ulysses: all-to-all from sequence to head sharding", "all-to-all", heads_divisible=True,
+                    work_follows_layout=False),
+)}
+
+LINEAR_STRATEGIES: Tuple[str, ...] = tuple(LINEAR)
+SOFTMAX_STRATEGIES: Tuple[str, ...] = tuple(SOFTMAX)
+
+
+def linear(name: str) -> LinearStrategy:
+    """The registry entry; ValueError naming the choices for an unknown name."""
+    if name not in LINEAR:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(map(repr, LINEAR_STRATEGIES))}")
+    return LINEAR[name]
+
+
+def softmax(name: str) -> SoftmaxStrategy:
+    if name not in SOFTMAX:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(map(repr, SOFTMAX_STRATEGIES))}")
+    return SOFTMAX[name]
+
+
+def pipeline_blocks(segments: int, state_time: float, hop_latency: float, max_blocks: int) -> int:
+    """Block count k of a pipelined chain over ``segments`` segments that minimises its latency
+    (J + k - 2)(alpha + s / k): k* = sqrt((J - 2) s / alpha), rounded to the better neighbour
+    and clamped to [1, max_blocks] (the state splits along V, so at most V blocks).
+
+    state_time: s, seconds to send one whole state; hop_latency: alpha, seconds per hop.
+    """
+    J = segments
+    if J <= 2 or state_time <= 0 or max_blocks <= 1:
+        return 1
+    if hop_latency <= 0:
+        return max_blocks
+    best = math.sqrt((J - 2) * state_time / hop_latency)
+
+    def cost(k: int) -> float:
+        return (J + k - 2) * (hop_latency + state_time / k)
+
+    candidates = {min(max_blocks, max(1, c)) for c in (math.floor(best), math.ceil(best))}
+    return min(sorted(candidates), key=cost)
+
+
+# Default link for choosing the block count when the caller gives none: an InfiniBand-class
+# point-to-point hop (25 us latency, 40 GB/s per GPU; the planner's "infiniband" network). The
+# planner (``lasp2 plan``) reports k* for the user's own network; pass it as ``scan_blocks``.
+DEFAULT_HOP_LATENCY = 25e-6
+DEFAULT_HOP_BANDWIDTH = 40e9
+
+
+def default_blocks(segments: int, state_bytes: int, V: int, requested: Optional[int] = None) -> int:
+    """The block count ``allscan`` uses: ``requested`` if given, else ``pipeline_blocks`` on the
+    default link."""
+    if requested is not None:
+        return min(int(requested), V)
+    return pipeline_blocks(segments, state_bytes / DEFAULT_HOP_BANDWIDTH, DEFAULT_HOP_LATENCY, V)

@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lasp2  # noqa: E402
 from lasp2.bench.report import cpu_model  # noqa: E402
-from lasp2.ops.softmax import attention_block_bwd, attention_block_fwd, merge_attention  # noqa: E402
+from lasp2.ops.softmax import AttentionMask, attention_block_bwd, attention_block_fwd, merge_attention  # noqa: E402
 from lasp2.parallel.layout import Layout  # noqa: E402
-from lasp2.parallel.softmax_allgather import any_visible, positions_and_docs  # noqa: E402
+from lasp2.parallel.softmax_common import any_visible, positions_and_docs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("allgather", "ring", "ulysses")
@@ -168,11 +168,11 @@ def _rank_compute(layout: Layout, rank: int, q, k, v, do, block_size: int = 256)
             slots.append((k_pos, k[:, k_pos], v[:, k_pos]))
     o = lse = None
     for k_pos, kj, vj in slots:
-        o_j, lse_j = attention_block_fwd(ql, kj, vj, q_pos=q_pos, k_pos=k_pos, block_size=block_size)
+        o_j, lse_j = attention_block_fwd(ql, kj, vj, AttentionMask(True, q_pos, k_pos), block_size=block_size)
         o, lse = (o_j, lse_j) if o is None else merge_attention(o, lse, o_j, lse_j)
     delta = (dol * o).sum(-1).transpose(1, 2)
     for k_pos, kj, vj in slots:
-        attention_block_bwd(dol, ql, kj, vj, None, lse, delta=delta, q_pos=q_pos, k_pos=k_pos,
+        attention_block_bwd(dol, ql, kj, vj, None, lse, AttentionMask(True, q_pos, k_pos), delta=delta,
                             block_size=block_size)
 
 

@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from .ops.common import default_scale
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -131,4 +133,5 @@ def check_choice(name: str, value, choices) -> None:
 
 
 def resolve_scale(scale: Optional[float], q: torch.Tensor) -> float:
-    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+    """The scale to use for q [..., K]: ``scale``, or K**-0.5 when it is None."""
+    return default_scale(scale, q.shape[-1])

@@ -156,7 +156,7 @@ def test_softmax_layer_by_hand():
     ring = cm.softmax_layer("ring", W, s, rate, LINK)
     assert ring.comm == pytest.approx(3 * max(0, 2e-5 + 1e-9 * kv - t_fwd / 4)
                                       + 3 * max(0, 2e-5 + 1e-9 * (kv + kv32) - 2.5 * t_fwd / 4))
-    assert cm.ulysses_kv_replication(8, 2, 4) == 2 and cm.ulysses_kv_replication(8, 8, 4) == 1
+    assert cm.kv_replication(8, 2, 4) == 2 and cm.kv_replication(8, 8, 4) == 1
     uly = cm.softmax_layer("ulysses", W, s, rate, LINK)
     qkv, o = 512 * (8 * 16 + 2 * 2 * 32) * 2, 512 * 8 * 16 * 2
     grads = qkv * 2  # fp32 because KV heads are replicated

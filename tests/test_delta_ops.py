@@ -17,7 +17,7 @@ import lasp2
 from lasp2.ops.delta import (delta_chunk_transitions, delta_entry_transitions, delta_inter_query,
                              delta_intra_outputs, delta_linear_attention, prepare_delta,
                              scan_matrix_states)
-from lasp2.ops.chunk import from_chunks
+from lasp2.ops.common import from_chunks
 from lasp2.ops.naive import naive_linear_attention
 from tests.helpers import assert_close
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lasp2.ops.softmax import (
+    AttentionMask,
     BlockwiseAttention,
     attention_block_bwd,
     attention_block_fwd,
@@ -231,8 +232,8 @@ def test_lse_gradient():
 def test_does_not_modify_inputs():
     q, k, v, do = make_qkv(1, 9, 9, 2, 1, 4, 4, torch.float32)
     copies = [t.clone() for t in (q, k, v, do)]
-    o, lse = attention_block_fwd(q, k, v, causal=True, block_size=4)
-    attention_block_bwd(do, q, k, v, o, lse, causal=True, block_size=4)
+    o, lse = attention_block_fwd(q, k, v, AttentionMask(causal=True), block_size=4)
+    attention_block_bwd(do, q, k, v, o, lse, AttentionMask(causal=True), block_size=4)
     for t, c in zip((q, k, v, do), copies):
         assert torch.equal(t, c)
 
@@ -247,12 +248,10 @@ def test_merge_of_two_key_sets(causal):
     qp, kp = kw["q_pos"], kw["k_pos"]
     perm = torch.randperm(tk, generator=torch.Generator().manual_seed(1))
     a, b = perm[:23], perm[23:]  # two disjoint, unsorted key sets
-    o1, l1 = attention_block_fwd(q, k[:, a], v[:, a], causal=causal, q_pos=qp, k_pos=kp[a],
-                                 block_size=8)
-    o2, l2 = attention_block_fwd(q, k[:, b], v[:, b], causal=causal, q_pos=qp, k_pos=kp[b],
-                                 block_size=8)
+    o1, l1 = attention_block_fwd(q, k[:, a], v[:, a], AttentionMask(causal, qp, kp[a]), block_size=8)
+    o2, l2 = attention_block_fwd(q, k[:, b], v[:, b], AttentionMask(causal, qp, kp[b]), block_size=8)
     o, lse = merge_attention(o1, l1, o2, l2)
-    o_all, lse_all = attention_block_fwd(q, k, v, causal=causal, q_pos=qp, k_pos=kp)
+    o_all, lse_all = attention_block_fwd(q, k, v, AttentionMask(causal, qp, kp))
     assert rel_err(o, o_all) <= 1e-12
     assert rel_err(lse, lse_all) <= 1e-12
     o_swapped, lse_swapped = merge_attention(o2, l2, o1, l1)
@@ -263,10 +262,8 @@ def test_merge_with_masked_side():
     q, k, v, _ = make_qkv(1, 10, 20, 2, 2, 4, 4, torch.float32)
     qp = torch.arange(10)
     # Keys at positions 10..19 are all in the future of every query: that side is empty.
-    o_past, l_past = attention_block_fwd(q, k[:, :10], v[:, :10], causal=True, q_pos=qp,
-                                         k_pos=torch.arange(10))
-    o_fut, l_fut = attention_block_fwd(q, k[:, 10:], v[:, 10:], causal=True, q_pos=qp,
-                                       k_pos=torch.arange(10, 20))
+    o_past, l_past = attention_block_fwd(q, k[:, :10], v[:, :10], AttentionMask(True, qp, torch.arange(10)))
+    o_fut, l_fut = attention_block_fwd(q, k[:, 10:], v[:, 10:], AttentionMask(True, qp, torch.arange(10, 20)))
     assert torch.isneginf(l_fut).all() and (o_fut == 0).all()
     for o, lse in (merge_attention(o_past, l_past, o_fut, l_fut),
                    merge_attention(o_fut, l_fut, o_past, l_past)):
@@ -282,8 +279,8 @@ def test_merge_with_masked_side():
 
 def test_merge_dtypes():
     q, k, v, _ = make_qkv(1, 6, 8, 2, 1, 4, 4, torch.bfloat16)
-    o1, l1 = attention_block_fwd(q, k[:, :4], v[:, :4], causal=False)
-    o2, l2 = attention_block_fwd(q, k[:, 4:], v[:, 4:], causal=False, out_dtype=torch.float32)
+    o1, l1 = attention_block_fwd(q, k[:, :4], v[:, :4], AttentionMask(causal=False))
+    o2, l2 = attention_block_fwd(q, k[:, 4:], v[:, 4:], AttentionMask(causal=False), out_dtype=torch.float32)
     assert o1.dtype == torch.bfloat16 and o2.dtype == torch.float32
     o, lse = merge_attention(o1, l1, o2, l2)
     assert o.dtype == torch.float32 and lse.dtype == torch.float32
@@ -297,8 +294,9 @@ def test_bwd_on_key_subsets(causal, hkv):
     tq, tk, kw = scenario("docs", causal)
     kw["q_pos"] = kw["k_pos"] = torch.arange(tk)
     q, k, v, do = make_qkv(1, tq, tk, 4, hkv, 8, 6, torch.float64, seed=7)
-    o, lse = attention_block_fwd(q, k, v, causal=causal, block_size=16, **kw)
-    dq, dk, dv = attention_block_bwd(do, q, k, v, o, lse, causal=causal, block_size=16, **kw)
+    mask = AttentionMask(causal, **kw)
+    o, lse = attention_block_fwd(q, k, v, mask, block_size=16)
+    dq, dk, dv = attention_block_bwd(do, q, k, v, o, lse, mask, block_size=16)
     delta = (do * o).sum(-1).transpose(1, 2)
     perm = torch.randperm(tk, generator=torch.Generator().manual_seed(2))
     dq_sum = torch.zeros_like(dq)
@@ -308,7 +306,7 @@ def test_bwd_on_key_subsets(causal, hkv):
         # Half the subsets use the caller's delta, half let the function compute it.
         extra = dict(delta=delta) if len(idx) % 2 else {}
         dq_i, dk_i, dv_i = attention_block_bwd(
-            do, q, k[:, idx], v[:, idx], o, lse, causal=causal, block_size=8, **sub, **extra
+            do, q, k[:, idx], v[:, idx], o, lse, AttentionMask(causal, **sub), block_size=8, **extra
         )
         dq_sum += dq_i
         assert rel_err(dk_i, dk[:, idx]) <= 1e-10
@@ -325,7 +323,7 @@ def test_gradcheck_with_lse():
     inputs = [t.requires_grad_() for t in (q, k, v)]
 
     def f(q, k, v):
-        return BlockwiseAttention.apply(q, k, v, 0.7, True, None, None, docs, docs, 4)
+        return BlockwiseAttention.apply(q, k, v, AttentionMask(True, None, None, docs, docs), 0.7, 4)
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -336,7 +334,7 @@ def test_gradcheck_with_empty_rows():
     k_pos = torch.arange(5) + 2  # queries 0 and 1 see no key
 
     def f(q, k, v):
-        return BlockwiseAttention.apply(q, k, v, 0.5, True, None, k_pos, None, None, 3)[0]
+        return BlockwiseAttention.apply(q, k, v, AttentionMask(True, None, k_pos), 0.5, 3)[0]
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -344,9 +342,9 @@ def test_gradcheck_with_empty_rows():
 def test_backward_returns_one_gradient_per_input():
     q, k, v, do = make_qkv(1, 5, 5, 2, 1, 3, 3, torch.float64)
     q.requires_grad_()
-    o, lse = BlockwiseAttention.apply(q, k, v, 0.5, True, None, None, None, None, 4)
+    o, lse = BlockwiseAttention.apply(q, k, v, AttentionMask(causal=True), 0.5, 4)
     grads = BlockwiseAttention.backward(o.grad_fn, do, None)
-    assert len(grads) == 10 and grads[0] is not None and all(g is None for g in grads[3:])
+    assert len(grads) == 6 and grads[0] is not None and all(g is None for g in grads[3:])
 
 
 # ----------------------------------------------------------------------------- doc ids

@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..parallel.softmax_common import kv_replication
 from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, softmax
 
 BWD_FACTOR = {"linear": 2.0, "softmax": 2.5}
@@ -149,12 +150,6 @@ def imbalance(strategy: str, W: int, layout: str) -> float:
     return 1.0
 
 
-def ulysses_kv_replication(H: int, Hkv: int, W: int) -> int:
-    """Smallest m with m | H/Hkv and W | Hkv m (lasp2.parallel.ulysses does the same)."""
-    G = H // Hkv
-    return next(m for m in range(1, G + 1) if G % m == 0 and (Hkv * m) % W == 0)
-
-
 @dataclass
 class LayerCost:
     """fwd+bwd of one layer on the slowest rank. ``comm`` is the exposed communication time;
@@ -232,7 +227,7 @@ def softmax_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, layo
     if strategy == "ulysses":
         if s.H % W:
             raise ValueError(f"ulysses needs H % W == 0 (H={s.H}, W={W})")
-        rep = ulysses_kv_replication(s.H, s.kv_heads, W)
+        rep = kv_replication(s.H, s.kv_heads, W)
         qkv = s.B * s.T * (s.H * s.K + s.kv_heads * rep * (s.K + s.V)) * s.elt
         o = s.B * s.T * s.H * s.V * s.elt
         grads = qkv * (FP32 / s.elt if rep > 1 else 1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
+from ..models.config import PRESETS
 from ..parallel.strategies import LINEAR, LINEAR_STRATEGIES, SOFTMAX, SOFTMAX_STRATEGIES
 from .cost_model import Link, Network, Shape, linear_layer, softmax_layer
 
@@ -95,9 +96,16 @@ class ModelConfig:
         return 2 * self.layers * (6 * d + 2 * self.kv_heads * self.head_dim + 3 * self.ffn) + 2 * self.vocab
 
 
+def from_preset(name: str, label: str) -> ModelConfig:
+    """The shape of ``lasp2.models`` preset ``name`` (read from it, never copied)."""
+    p = PRESETS[name]
+    return ModelConfig(label, p["hidden"], p["layers"], p["heads"], p["kv_heads"], p["mlp_hidden"],
+                       vocab=p["vocab_size"], pattern=p["layer_pattern"], tied=p["tie_embeddings"])
+
+
 MODELS = {
-    # = lasp2.models PRESETS["linear-llama3-1b"] (the paper's model): 16 heads of 128
-    "linear-llama3-1b": ModelConfig("Linear-Llama3-1B", 2048, 16, 16, 8, 8192, tied=True),
+    # The paper's model, as lasp2.models builds it: 16 heads of 128.
+    "linear-llama3-1b": from_preset("linear-llama3-1b", "Linear-Llama3-1B"),
     "linear-llama3-8b": ModelConfig("Linear-Llama3-8B", 4096, 32, 32, 8, 14336),
 }
 

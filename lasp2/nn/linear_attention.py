@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..functional import linear_attention
+from ..ops.common import compute_dtype
 from ..parallel.api import sp_linear_attention
 from .context import SPContext
 from .feature_maps import ReBasedFeatureMap, TaylorFeatureMap
@@ -152,7 +153,7 @@ class LinearAttention(nn.Module):
         """g in log space, fp32 (fp64 for fp64 x): None, [B, T, H] or [B, T, H, K] (gla)."""
         B, T, _ = x.shape
         H = self.heads
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 at least
+        dtype = compute_dtype(x.dtype)  # fp32 at least
         if self.variant in ("lightning", "retention"):
             return fixed_log_decay(self.variant, H, x.device).to(dtype).view(1, 1, H).expand(B, T, H)
         if self.variant in ("mamba2", "gated_deltanet"):
@@ -167,15 +168,8 @@ class LinearAttention(nn.Module):
         if self.sp is None:
             o, _ = linear_attention(q, k, v, g, beta, scale=self.scale, cu_seqlens=cu_seqlens)
             return o
-        try:
-            return sp_linear_attention(q, k, v, g, beta, group=self.sp.group, scale=self.scale,
-                                       strategy=self.sp.strategy, layout=self.sp.layout, cu_seqlens=cu_seqlens)
-        except ValueError as e:
-            if beta is None:
-                raise
-            raise ValueError(f"LinearAttention(variant={self.variant!r}) cannot run under sequence "
-                             f"parallelism with this lasp2 build: {e}. Use another variant, or run "
-                             f"without lasp2.parallelize (one device)") from e
+        return sp_linear_attention(q, k, v, g, beta, group=self.sp.group, scale=self.scale,
+                                   strategy=self.sp.strategy, layout=self.sp.layout, cu_seqlens=cu_seqlens)
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape

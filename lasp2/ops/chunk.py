@@ -35,6 +35,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .common import (ChunkedShape, DocMasks, causal_pair, compute_dtype, doc_positions, from_chunks,
+                     masked_exp, segment_starts, to_chunks)
 from .precision import no_autocast
 
 DEFAULT_CHUNK = 64
@@ -51,64 +53,8 @@ def default_chunk_size(K: int, V: int, per_channel: bool = False) -> int:
     return max(16, min(DEFAULT_CHUNK, 1 << (max(K, V) - 1).bit_length()))
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp64 stays fp64 (tests); everything else computes and keeps states in fp32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _to_chunks(x: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T, H, D] -> [B, H, N, C, D], zero-padded at the end."""
-    B, T, H, D = x.shape
-    N = -(-T // C)
-    x = x.to(dtype)
-    if N * C != T:
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, N * C - T))
-    return x.view(B, N, C, H, D).permute(0, 3, 1, 2, 4).contiguous()
-
-
-def from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
-    """[B, H, N, C, D] -> [B, T, H, D] (drops the padding)."""
-    B, H, N, C, D = x.shape
-    return x.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, D)[:, :T]
-
-
 @dataclass
-class DocMasks:
-    """Document structure of one (padded) segment, chunked. All bool.
-
-    pair  [N, C, C]  j <= i and same document (the causal intra mask)
-    cont  [N, C]     no document start in the chunk at or before i: the state entering the
-                     chunk reaches token i
-    last  [N, C]     token j belongs to the document that is open at the chunk's end
-    chunk_cont [N]   the chunk has no document start (its transition is non-zero)
-    """
-
-    pair: torch.Tensor
-    cont: torch.Tensor
-    last: torch.Tensor
-    chunk_cont: torch.Tensor
-
-    @staticmethod
-    def build(starts: torch.Tensor, C: int) -> "DocMasks":
-        T = starts.numel()
-        N = -(-T // C)
-        s = torch.zeros(N * C, dtype=torch.long, device=starts.device)
-        s[:T] = starts.long()
-        s = s.view(N, C)
-        in_chunk = s.cumsum(-1)  # document index within the chunk, 0 = continuing document
-        seg = s.flatten().cumsum(0).view(N, C)  # document index within the segment
-        causal = torch.ones(C, C, dtype=torch.bool, device=s.device).tril()
-        pair = causal & (seg[:, :, None] == seg[:, None, :])
-        return DocMasks(
-            pair=pair,
-            cont=in_chunk == 0,
-            last=seg == seg[:, -1:],
-            chunk_cont=in_chunk[:, -1] == 0,
-        )
-
-
-@dataclass
-class Chunked:
+class Chunked(ChunkedShape):
     """One segment prepared for the chunk form. q is pre-multiplied by ``scale``.
 
     q, k [B, H, N, C, K]; v [B, H, N, C, V]; g, Cs None | [B, H, N, C, Kg] (Cs = inclusive
@@ -122,14 +68,6 @@ class Chunked:
     Cs: Optional[torch.Tensor]
     docs: Optional[DocMasks]
     T: int
-
-    @property
-    def C(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def N(self) -> int:
-        return self.q.shape[2]
 
 
 def prepare(
@@ -146,24 +84,17 @@ def prepare(
     q, k [B, T, H, K]; v [B, T, H, V]; g None | [B, T, H] | [B, T, H, K] (log space);
     starts None | bool [T] (document starts; needs B == 1 to be meaningful per document).
     """
-    dt = compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     if chunk_size is None:
         chunk_size = default_chunk_size(q.shape[-1], v.shape[-1], per_channel=g is not None and g.dim() == 4)
     C = chunk_size
     T = q.shape[1]
     gc = Cs = None
     if g is not None:
-        gc = _to_chunks(g if g.dim() == 4 else g.unsqueeze(-1), C, dt)
+        gc = to_chunks(g if g.dim() == 4 else g.unsqueeze(-1), C, dt)
         Cs = gc.cumsum(3)
-    docs = None if starts is None or not bool(starts.any()) else DocMasks.build(starts, C)
-    return Chunked(_to_chunks(q, C, dt) * scale, _to_chunks(k, C, dt), _to_chunks(v, C, dt), gc, Cs, docs, T)
-
-
-def _masked_exp(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """exp(x) where mask, exactly 0 elsewhere, with finite gradients (mask applied in log space)."""
-    if mask is None:
-        return x.exp()
-    return torch.where(mask, x, torch.full_like(x, float("-inf"))).exp()
+    docs = DocMasks.maybe(starts, C)
+    return Chunked(to_chunks(q, C, dt) * scale, to_chunks(k, C, dt), to_chunks(v, C, dt), gc, Cs, docs, T)
 
 
 def intra_outputs(c: Chunked) -> torch.Tensor:
@@ -172,17 +103,17 @@ def intra_outputs(c: Chunked) -> torch.Tensor:
     if c.docs is not None:
         mask = c.docs.pair  # [N, C, C]
     else:
-        mask = torch.ones(C, C, dtype=torch.bool, device=c.q.device).tril()
+        mask = causal_pair(C, c.q.device)
     if c.Cs is None:
         A = (c.q @ c.k.transpose(-1, -2)).masked_fill(~mask, 0.0)
     elif c.Cs.shape[-1] == 1:
         Cs = c.Cs[..., 0]
-        A = (c.q @ c.k.transpose(-1, -2)) * _masked_exp(Cs[..., :, None] - Cs[..., None, :], mask)
+        A = (c.q @ c.k.transpose(-1, -2)) * masked_exp(Cs[..., :, None] - Cs[..., None, :], mask)
     else:
         # Per-channel gates do not factor into one matmul without dividing by a decay, so the
         # [C, C, K] decay tensor is formed explicitly, exponent masked before exp.
         diff = c.Cs[..., :, None, :] - c.Cs[..., None, :, :]  # [B, H, N, C, C, K]
-        A = (c.q[..., :, None, :] * c.k[..., None, :, :] * _masked_exp(diff, mask[..., None])).sum(-1)
+        A = (c.q[..., :, None, :] * c.k[..., None, :, :] * masked_exp(diff, mask[..., None])).sum(-1)
     return A @ c.v
 
 
@@ -198,7 +129,7 @@ def chunk_transitions(c: Chunked) -> Tuple[Optional[torch.Tensor], torch.Tensor]
             a = c.docs.chunk_cont.to(c.k.dtype)[None, None, :, None, None].expand(*c.k.shape[:3], 1, 1)
     else:
         Cs_last = c.Cs[..., -1:, :]  # [B, H, N, 1, Kg]
-        k_w = c.k * _masked_exp(Cs_last - c.Cs, last_mask)
+        k_w = c.k * masked_exp(Cs_last - c.Cs, last_mask)
         a = Cs_last.transpose(-1, -2).exp()  # [B, H, N, Kg, 1]
         if c.docs is not None:
             a = a * c.docs.chunk_cont[:, None, None].to(a.dtype)
@@ -252,7 +183,7 @@ def inter_query(c: Chunked) -> torch.Tensor:
     cont = None if c.docs is None else c.docs.cont[..., None]
     if c.Cs is None:
         return c.q if cont is None else c.q * cont
-    return c.q * _masked_exp(c.Cs, cont)
+    return c.q * masked_exp(c.Cs, cont)
 
 
 def inter_outputs(c: Chunked, S_in: torch.Tensor) -> torch.Tensor:
@@ -278,14 +209,7 @@ def entry_decays(c: Chunked) -> torch.Tensor:
     if c.docs is None:
         return log_decay.exp()
     reach = torch.cat([c.docs.chunk_cont.new_ones(1), c.docs.chunk_cont.cumprod(0).bool()])
-    return _masked_exp(log_decay, reach[:, None])
-
-
-def _doc_positions(cu_seqlens: torch.Tensor, C: int):
-    """(chunk, column) of every document's first token, then of its last token."""
-    starts = cu_seqlens[:-1].long()
-    ends = cu_seqlens[1:].long() - 1
-    return starts // C, starts % C, ends // C, ends % C
+    return masked_exp(log_decay, reach[:, None])
 
 
 def inject_doc_states(c: Chunked, o: torch.Tensor, U: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -296,7 +220,7 @@ def inject_doc_states(c: Chunked, o: torch.Tensor, U: torch.Tensor, cu_seqlens: 
     open at the chunk's end, the chunk's state contribution gets exp(Cs_last - Cs_{s-1}) h0_d.
     Later chunks see h0_d through the scanned state. Returns updated (o, U).
     """
-    n, col, _, _ = _doc_positions(cu_seqlens, c.C)
+    n, col, _, _ = doc_positions(cu_seqlens, c.C)
     h0 = h0.to(U.dtype).unsqueeze(0)  # [1, Nd, H, K, V]
     h0 = h0.transpose(1, 2)  # [1, H, Nd, K, V]
     q_d = c.q[:, :, n]  # [1, H, Nd, C, K]
@@ -307,7 +231,7 @@ def inject_doc_states(c: Chunked, o: torch.Tensor, U: torch.Tensor, cu_seqlens: 
     else:
         Cs_d = c.Cs[:, :, n]  # [1, H, Nd, C, Kg]
         before_start = _gather_col(Cs_d, col) - _gather_col(c.g[:, :, n], col)  # Cs_{s-1}
-        w = _masked_exp(Cs_d - before_start, same[..., None])
+        w = masked_exp(Cs_d - before_start, same[..., None])
     o = o.index_add(2, n, (q_d * w) @ h0)
     if c.Cs is None:
         w_last = w[..., -1:, :].transpose(-1, -2)  # [1, H, Nd, 1, 1]
@@ -326,7 +250,7 @@ def doc_final_states(c: Chunked, S_in: torch.Tensor, cu_seqlens: torch.Tensor,
     and end inside one chunk never pass their injected h0 (``h0[d]``) through S_in, so it is
     added here.
     """
-    n_s, col_s, m, col = _doc_positions(cu_seqlens, c.C)
+    n_s, col_s, m, col = doc_positions(cu_seqlens, c.C)
     if c.docs is not None:
         pair, cont = c.docs.pair[m, col], c.docs.cont[m, col]  # [Nd, C], [Nd]
     else:
@@ -339,8 +263,8 @@ def doc_final_states(c: Chunked, S_in: torch.Tensor, cu_seqlens: torch.Tensor,
     else:
         Cs_d = c.Cs[:, :, m]  # [1, H, Nd, C, Kg]
         Cs_end = _gather_col(Cs_d, col)  # [1, H, Nd, 1, Kg]
-        w = _masked_exp(Cs_end - Cs_d, pair[..., None])
-        carry = _masked_exp(Cs_end.transpose(-1, -2), cont[None, None, :, None, None])
+        w = masked_exp(Cs_end - Cs_d, pair[..., None])
+        carry = masked_exp(Cs_end.transpose(-1, -2), cont[None, None, :, None, None])
     ht = (k_d * w).transpose(-1, -2) @ v_d + carry * S_in[:, :, m]
     same_chunk = (n_s == m) & (torch.arange(len(m), device=m.device) > 0)
     if h0 is not None and bool(same_chunk.any()):
@@ -349,7 +273,7 @@ def doc_final_states(c: Chunked, S_in: torch.Tensor, cu_seqlens: torch.Tensor,
             w0 = same_chunk.to(ht.dtype)[None, None, :, None, None]
         else:
             before_start = _gather_col(Cs_d, col_s) - _gather_col(c.g[:, :, m], col_s)
-            w0 = _masked_exp((Cs_end - before_start).transpose(-1, -2),
+            w0 = masked_exp((Cs_end - before_start).transpose(-1, -2),
                              same_chunk[None, None, :, None, None])
         ht = ht + w0 * h0c
     return ht[0].transpose(0, 1)  # [Nd, H, K, V]
@@ -380,11 +304,7 @@ def chunk_linear_attention(
     Returns o [B, T, H, V] in q's dtype and the final state(s) (fp32; fp64 for fp64 inputs).
     """
     T = q.shape[1]
-    starts = None
-    if cu_seqlens is not None:
-        starts = torch.zeros(T, dtype=torch.bool, device=q.device)
-        starts[cu_seqlens[:-1].long()] = True
-        starts[0] = False  # document 0 is the segment's continuing document: it gets S0
+    starts = segment_starts(cu_seqlens, T, q.device)
     c = prepare(q, k, v, g, scale, starts, chunk_size)
     a, U = chunk_transitions(c)
     o = intra_outputs(c)
@@ -413,7 +333,7 @@ def bidirectional_linear_attention(
     q, k [B, T, H, K]; v [B, T, H, V]; returns [B, T, H, V] in q's dtype. Sums in fp32 (fp64
     for fp64 inputs). With documents, one [K, V] sum per document (a loop over documents).
     """
-    dt = compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     q, k, v, out_dtype = q.to(dt) * scale, k.to(dt), v.to(dt), q.dtype
     if cu_seqlens is None:
         return (q.transpose(1, 2) @ (k.transpose(1, 2).transpose(-1, -2) @ v.transpose(1, 2))

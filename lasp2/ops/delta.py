@@ -38,7 +38,7 @@ Every exponent is "later minus earlier" of a non-increasing cumulative sum (<= 0
 must not interact are masked in the exponent (-inf) before ``exp``: nothing overflows, nothing is
 divided by a decay, gradients stay finite.
 
-Documents (``starts``, masks from ``chunk.DocMasks``): a start token resets the state before
+Documents (``starts``, masks from ``common.DocMasks``): a start token resets the state before
 its own transition. L and A only couple tokens of one document, so T is block diagonal by
 document. The exp(Cs) factor in w and Q_eff is taken relative to the token's *own document
 entry* (exp(Cs_i - Cs_{s-1}) for a document starting at s inside the chunk; exp(Cs_i) for the
@@ -66,14 +66,15 @@ from typing import Optional, Tuple
 
 import torch
 
-from .chunk import DocMasks, _doc_positions, _masked_exp, _to_chunks, compute_dtype, from_chunks
+from .common import (ChunkedShape, DocMasks, causal_pair, compute_dtype, doc_positions, from_chunks,
+                     masked_exp, segment_starts, to_chunks)
 from .precision import no_autocast
 
 DEFAULT_DELTA_CHUNK = 64
 
 
 @dataclass
-class DeltaChunked:
+class DeltaChunked(ChunkedShape):
     """One segment prepared for the delta-rule chunk form. q is pre-multiplied by ``scale``.
 
     q, k [B, H, N, C, K]; v [B, H, N, C, V]; beta [B, H, N, C]; g, Cs None | [B, H, N, C]
@@ -97,14 +98,6 @@ class DeltaChunked:
     u: torch.Tensor
     A: torch.Tensor
 
-    @property
-    def C(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def N(self) -> int:
-        return self.q.shape[2]
-
 
 def prepare_delta(
     q: torch.Tensor,
@@ -122,12 +115,12 @@ def prepare_delta(
     starts None | bool [T] (document starts; meaningful per document with B == 1).
     Computes in fp32 (fp64 for fp64 inputs).
     """
-    dt = compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     C, T = int(chunk_size), q.shape[1]
-    qc, kc, vc = _to_chunks(q, C, dt) * scale, _to_chunks(k, C, dt), _to_chunks(v, C, dt)
-    bc = _to_chunks(beta.unsqueeze(-1), C, dt)[..., 0]  # [B, H, N, C]; zero on pad tokens
-    docs = None if starts is None or not bool(starts.any()) else DocMasks.build(starts, C)
-    pair = docs.pair if docs is not None else torch.ones(C, C, dtype=torch.bool, device=qc.device).tril()
+    qc, kc, vc = to_chunks(q, C, dt) * scale, to_chunks(k, C, dt), to_chunks(v, C, dt)
+    bc = to_chunks(beta.unsqueeze(-1), C, dt)[..., 0]  # [B, H, N, C]; zero on pad tokens
+    docs = DocMasks.maybe(starts, C)
+    pair = docs.pair if docs is not None else causal_pair(C, qc.device)
 
     gc = Cs = Cd = None
     if g is None:
@@ -135,7 +128,7 @@ def prepare_delta(
         decay = None if docs is None else pair.to(dt)
         entry = None  # exp(Cd) == 1
     else:
-        gc = _to_chunks(g.unsqueeze(-1), C, dt)[..., 0]  # [B, H, N, C]
+        gc = to_chunks(g.unsqueeze(-1), C, dt)[..., 0]  # [B, H, N, C]
         Cs = gc.cumsum(-1)
         if docs is None:
             Cd = Cs
@@ -147,7 +140,7 @@ def prepare_delta(
             first = pair.to(torch.uint8).argmax(-1)  # [N, C]; argmax returns the first maximum
             base = (Cs - gc).gather(-1, first.expand_as(Cs))
             Cd = Cs - base
-        decay = _masked_exp(Cs[..., :, None] - Cs[..., None, :], pair)  # [B, H, N, C, C]
+        decay = masked_exp(Cs[..., :, None] - Cs[..., None, :], pair)  # [B, H, N, C, C]
         entry = Cd.exp()
 
     # The UT system (I + L) X = [beta exp(Cd) k | beta v], both right-hand sides in one solve.
@@ -194,7 +187,7 @@ def _doc_transitions(c: DeltaChunked) -> Tuple[torch.Tensor, torch.Tensor]:
         entry_last = None
     else:
         Cs_last = c.Cs[..., -1:]
-        kd = c.k * _masked_exp(Cs_last - c.Cs, last)[..., None]
+        kd = c.k * masked_exp(Cs_last - c.Cs, last)[..., None]
         entry_last = c.Cd[..., -1].exp()  # [B, H, N]
     kdT = kd.transpose(-1, -2)
     eye = torch.eye(Kdim, dtype=c.k.dtype, device=c.k.device)
@@ -277,7 +270,7 @@ def inject_doc_states(c: DeltaChunked, o: torch.Tensor, U: torch.Tensor, Mp: tor
 
     In the start's chunk n: o_i += Q'_i h0_d for the document's tokens; if d is the chunk's last
     document, U_n += M'_n h0_d. Mp = M' and Qp = Q' of the chunk form. Returns (o, U)."""
-    n, col, _, _ = _doc_positions(cu_seqlens, c.C)
+    n, col, _, _ = doc_positions(cu_seqlens, c.C)
     h0 = h0.to(U.dtype).transpose(0, 1).unsqueeze(0)  # [1, H, Nd, K, V]
     same = c.docs.pair[n, :, col]  # [Nd, C]: token i is in document d, at or after its start
     o = o.index_add(2, n, (Qp[:, :, n] * same[..., None].to(Qp.dtype)) @ h0)
@@ -294,7 +287,7 @@ def doc_final_states(c: DeltaChunked, S_in: torch.Tensor, cu_seqlens: torch.Tens
     continues into chunk m, else its own h0_d, zero when none):
     ht_d = Kd^T u + (exp(Cd_e) I - Kd^T w) E, Kd_j = k_j exp(Cs_e - Cs_j) over j <= e in d.
     """
-    _, _, m, col = _doc_positions(cu_seqlens, c.C)
+    _, _, m, col = doc_positions(cu_seqlens, c.C)
     if c.docs is not None:
         pair, cont = c.docs.pair[m, col], c.docs.cont[m, col]  # [Nd, C], [Nd]
     else:
@@ -308,7 +301,7 @@ def doc_final_states(c: DeltaChunked, S_in: torch.Tensor, cu_seqlens: torch.Tens
     else:
         idx = col.view(1, 1, -1, 1).expand(*k_d.shape[:3], 1)
         Cs_e = c.Cs[:, :, m].gather(-1, idx)  # [1, H, Nd, 1]
-        kd = k_d * _masked_exp(Cs_e - c.Cs[:, :, m], pair)[..., None]
+        kd = k_d * masked_exp(Cs_e - c.Cs[:, :, m], pair)[..., None]
         diag = c.Cd[:, :, m].gather(-1, idx).exp()[..., None] * eye  # [1, H, Nd, K, K]
     kdT = kd.transpose(-1, -2)
     ht = kdT @ c.u[:, :, m]
@@ -346,11 +339,7 @@ def delta_linear_attention(
     if beta is None:
         raise ValueError("delta_linear_attention needs beta [B, T, H]; use chunk_linear_attention without it")
     T = q.shape[1]
-    starts = None
-    if cu_seqlens is not None:
-        starts = torch.zeros(T, dtype=torch.bool, device=q.device)
-        starts[cu_seqlens[:-1].long()] = True
-        starts[0] = False  # document 0 is the segment's continuing document: it gets S0
+    starts = segment_starts(cu_seqlens, T, q.device)
     c = prepare_delta(q, k, v, g, beta, scale, starts, chunk_size)
     Mp, U = _doc_transitions(c)
     M = _mask_reset(c, Mp)

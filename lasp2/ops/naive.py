@@ -31,9 +31,7 @@ from typing import Optional, Tuple
 
 import torch
 
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .common import compute_dtype, default_scale
 
 
 def _recurrent_one_sequence(q, k, v, g, beta, scale, h0):
@@ -81,8 +79,8 @@ def naive_linear_attention(
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt, out_dtype = _compute_dtype(q), q.dtype
-    scale = K ** -0.5 if scale is None else scale
+    dt, out_dtype = compute_dtype(q.dtype), q.dtype
+    scale = default_scale(scale, K)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     g = None if g is None else g.to(dt)
     beta = None if beta is None else beta.to(dt)
@@ -121,8 +119,8 @@ def naive_bidirectional_linear_attention(
     q, k [B, T, H, K]; v [B, T, H, V]; returns o [B, T, H, V] in q's dtype.
     """
     B, T, H, K = q.shape
-    dt = _compute_dtype(q)
-    scale = K ** -0.5 if scale is None else scale
+    dt = compute_dtype(q.dtype)
+    scale = default_scale(scale, K)
     bounds = [0, T] if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):

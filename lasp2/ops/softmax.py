@@ -24,7 +24,8 @@ Shape legend (fla layout, ``[batch, time, heads, dim]``)::
     q_doc  [Tq] int64           document id of each query (default None: one document)
     k_doc  [Tk] int64           document id of each key   (given together with q_doc)
 
-Mask: key j is visible to query i iff ``k_pos[j] <= q_pos[i]`` (when ``causal``) and
+Mask (``attention_mask.AttentionMask``, one frozen value: causal, q_pos, k_pos, q_doc,
+k_doc): key j is visible to query i iff ``k_pos[j] <= q_pos[i]`` (when ``causal``) and
 ``k_doc[j] == q_doc[i]`` (when document ids are given). Positions need not be sorted or
 contiguous (zigzag shards, permuted key sets). A query with no visible key outputs 0 and has
 lse = -inf; nothing produces NaN, forward or backward.
@@ -36,13 +37,17 @@ compute dtype because callers merge partial results with it.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .attention_mask import MASKED, SKIP, AttentionMask
+from .common import compute_dtype, default_scale
 from .precision import no_autocast
 
 __all__ = [
+    "AttentionMask",
     "attention_reference",
     "attention_block_fwd",
     "attention_block_bwd",
@@ -54,24 +59,7 @@ __all__ = [
 
 _NEG_INF = float("-inf")
 
-# Codes of the per-(query block, key block) plan.
-_SKIP, _FULL, _MASKED = 0, 1, 2
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64; everything else (fp32, fp16, bf16) is computed in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _default_scale(scale: Optional[float], d: int) -> float:
-    return d ** -0.5 if scale is None else float(scale)
-
-
-def _default_pos(pos: Optional[Tensor], n: int, device: torch.device) -> Tensor:
-    return torch.arange(n, device=device, dtype=torch.int64) if pos is None else pos
 
 
 def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
@@ -90,66 +78,6 @@ def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     cu = cu_seqlens.to(torch.int64)
     tokens = torch.arange(total, device=cu.device, dtype=torch.int64)
     return torch.searchsorted(cu, tokens, right=True) - 1
-
-
-def _visible(
-    q_pos: Tensor, k_pos: Tensor, q_doc: Optional[Tensor], k_doc: Optional[Tensor], causal: bool
-) -> Optional[Tensor]:
-    """[Tq, Tk] bool mask of visible keys, or None when every key is visible."""
-    allowed = None
-    if causal:
-        allowed = k_pos[None, :] <= q_pos[:, None]
-    if q_doc is not None:
-        same = q_doc[:, None] == k_doc[None, :]
-        allowed = same if allowed is None else allowed & same
-    return allowed
-
-
-def _block_min_max(x: Tensor, bs: int) -> List[Tuple[int, int]]:
-    """(min, max) of each length-``bs`` block of a 1-D int tensor, with a single host sync."""
-    n = x.numel()
-    if n == 0:
-        return []
-    nb = -(-n // bs)
-    pad = nb * bs - n
-    # Pad by repeating the last element: it does not change any block's min or max.
-    xp = torch.cat([x, x[-1:].expand(pad)]) if pad else x
-    xp = xp.view(nb, bs)
-    return [tuple(r) for r in torch.stack([xp.amin(1), xp.amax(1)], 1).tolist()]
-
-
-def _block_plan(
-    q_pos: Tensor,
-    k_pos: Tensor,
-    q_doc: Optional[Tensor],
-    k_doc: Optional[Tensor],
-    causal: bool,
-    bs: int,
-) -> List[List[int]]:
-    """For each (query block, key block): _SKIP, _FULL (no mask needed) or _MASKED.
-
-    Decided from block min/max only (conservative: a block is skipped or declared fully
-    visible only when that is certain), so it costs O(T / bs) host work and never looks at
-    [Tq, Tk].
-    """
-    qp, kp = _block_min_max(q_pos, bs), _block_min_max(k_pos, bs)
-    qd = _block_min_max(q_doc, bs) if q_doc is not None else None
-    kd = _block_min_max(k_doc, bs) if k_doc is not None else None
-    plan = []
-    for i, (qp_lo, qp_hi) in enumerate(qp):
-        row = []
-        for j, (kp_lo, kp_hi) in enumerate(kp):
-            hidden, full = False, True
-            if causal:
-                hidden = kp_lo > qp_hi  # every key is after every query
-                full = kp_hi <= qp_lo  # every key is at or before every query
-            if qd is not None:
-                (qd_lo, qd_hi), (kd_lo, kd_hi) = qd[i], kd[j]
-                hidden = hidden or kd_hi < qd_lo or kd_lo > qd_hi  # document ranges disjoint
-                full = full and qd_lo == qd_hi == kd_lo == kd_hi  # all in one document
-            row.append(_SKIP if hidden else (_FULL if full else _MASKED))
-        plan.append(row)
-    return plan
 
 
 def _split_heads(q: Tensor, hkv: int, ct: torch.dtype) -> Tensor:
@@ -181,6 +109,49 @@ def _lse_to_public(lse: Tensor) -> Tensor:
     return lse.transpose(2, 3).reshape(b, hkv * g, t)
 
 
+class _Tiles:
+    """What the blockwise forward and backward share: heads split for GQA, q scaled, the mask
+    with positions resolved, and the plan of [block, block] tiles."""
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask],
+                 scale: Optional[float], block_size: int):
+        self.b, self.tq, h, d = q.shape
+        self.tk, self.hkv = k.shape[1], k.shape[2]
+        if h % self.hkv or k.shape[0] != self.b or v.shape[:2] != k.shape[:2]:
+            raise ValueError(f"softmax attention needs q [B, Tq, H, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] "
+                             f"with H % Hkv == 0; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        self.g, self.ct = h // self.hkv, compute_dtype(q.dtype)
+        self.scale = default_scale(scale, d)
+        self.mask = (mask or AttentionMask()).resolved(self.tq, self.tk, q.device)
+        self.bs = int(block_size)
+        # Fold the scale into q once instead of scaling every score tile.
+        # Not in place: _split_heads may return a view of the caller's q (fp32, Hkv == 1).
+        self.qh = _split_heads(q, self.hkv, self.ct) * self.scale  # [B, Hkv, Tq, G, D]
+        self.kh = k.to(self.ct).permute(0, 2, 1, 3).contiguous()  # [B, Hkv, Tk, D]
+        self.vh = v.to(self.ct).permute(0, 2, 1, 3).contiguous()  # [B, Hkv, Tk, Dv]
+
+    def query_blocks(self):
+        """(q0, q1, that row of the plan) for every query block."""
+        for i, row in enumerate(self.mask.plan(self.bs)):
+            yield i * self.bs, min((i + 1) * self.bs, self.tq), row
+
+    def key_blocks(self, row):
+        """(k0, k1, code) for every key block of a plan row that is not skipped."""
+        for j, code in enumerate(row):
+            if code != SKIP:
+                yield j * self.bs, min((j + 1) * self.bs, self.tk), code
+
+    def scores(self, qb: Tensor, q0: int, q1: int, k0: int, k1: int, code: int) -> Tensor:
+        """The masked score tile [B, Hkv, n G, bk] of query rows qb (masked entries -inf)."""
+        s = torch.matmul(qb, self.kh[:, :, k0:k1].transpose(-1, -2))
+        if code == MASKED:
+            allowed = self.mask.tile(slice(q0, q1), slice(k0, k1))
+            n, bk = q1 - q0, k1 - k0
+            s = s.view(self.b, self.hkv, n, self.g, bk).masked_fill_(~allowed[:, None, :], _NEG_INF)
+            s = s.view(self.b, self.hkv, n * self.g, bk)
+        return s
+
+
 # ----------------------------------------------------------------------------- reference
 
 
@@ -209,16 +180,15 @@ def attention_reference(
     """
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    ct = _compute_dtype(q.dtype)
-    scale = _default_scale(scale, d)
-    q_pos = _default_pos(q_pos, tq, q.device)
-    k_pos = _default_pos(k_pos, tk, q.device)
+    ct = compute_dtype(q.dtype)
+    scale = default_scale(scale, d)
+    mask = AttentionMask(causal, q_pos, k_pos, q_doc, k_doc).resolved(tq, tk, q.device)
 
     # GQA the obvious way: repeat every kv head for the G query heads that read it.
     kf = k.to(ct).repeat_interleave(h // hkv, dim=2)
     vf = v.to(ct).repeat_interleave(h // hkv, dim=2)
     s = torch.einsum("bihd,bjhd->bhij", q.to(ct), kf) * scale
-    allowed = _visible(q_pos, k_pos, q_doc, k_doc, causal)
+    allowed = mask.visible()
     if allowed is not None:
         s = s.masked_fill(~allowed, _NEG_INF)
     # Softmax by hand so that an all-masked row gives 0 instead of 0/0: the max shift is a
@@ -239,13 +209,9 @@ def attention_block_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    mask: Optional[AttentionMask] = None,
     *,
     scale: Optional[float] = None,
-    causal: bool = True,
-    q_pos: Optional[Tensor] = None,
-    k_pos: Optional[Tensor] = None,
-    q_doc: Optional[Tensor] = None,
-    k_doc: Optional[Tensor] = None,
     block_size: int = 256,
     out_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
@@ -254,8 +220,8 @@ def attention_block_fwd(
 
     Args:
         q: [B, Tq, H, D]; k: [B, Tk, Hkv, D]; v: [B, Tk, Hkv, Dv].
-        scale: default D ** -0.5.  causal, q_pos, k_pos, q_doc, k_doc: the mask (module doc).
-        block_size: rows of a query block and of a key block.
+        mask: which keys each query sees (``AttentionMask``); None: causal, positions arange.
+        scale: default D ** -0.5.  block_size: rows of a query block and of a key block.
         out_dtype: dtype of o, default q's dtype. Callers that merge several partial results
             (ring attention) can ask for fp32 to keep the accumulator exact.
 
@@ -264,46 +230,19 @@ def attention_block_fwd(
         rows with no visible key, whose o is 0). Not differentiable by itself; see
         ``BlockwiseAttention``.
     """
-    b, tq, h, d = q.shape
-    tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
-    assert h % hkv == 0 and k.shape[0] == v.shape[0] == b and v.shape[1] == tk
-    assert (q_doc is None) == (k_doc is None), "give document ids for both queries and keys"
-    g = h // hkv
-    ct = _compute_dtype(q.dtype)
-    scale = _default_scale(scale, d)
-    q_pos = _default_pos(q_pos, tq, q.device)
-    k_pos = _default_pos(k_pos, tk, q.device)
-    bs = int(block_size)
+    t = _Tiles(q, k, v, mask, scale, block_size)
+    b, hkv, g, dv = t.b, t.hkv, t.g, v.shape[3]
+    o = t.qh.new_zeros(b, hkv, t.tq, g, dv)
+    lse = t.qh.new_full((b, hkv, t.tq, g), _NEG_INF)
 
-    # Fold the scale into q once instead of scaling every score tile.
-    # Not in place: _split_heads may return a view of the caller's q (fp32, Hkv == 1).
-    qh = _split_heads(q, hkv, ct) * scale  # [B, Hkv, Tq, G, D]
-    kh = k.to(ct).permute(0, 2, 1, 3).contiguous()  # [B, Hkv, Tk, D]
-    vh = v.to(ct).permute(0, 2, 1, 3).contiguous()  # [B, Hkv, Tk, Dv]
-    o = qh.new_zeros(b, hkv, tq, g, dv)
-    lse = qh.new_full((b, hkv, tq, g), _NEG_INF)
-    plan = _block_plan(q_pos, k_pos, q_doc, k_doc, causal, bs)
-
-    for i, row in enumerate(plan):
-        q0, q1 = i * bs, min((i + 1) * bs, tq)
+    for q0, q1, row in t.query_blocks():
         n = q1 - q0
-        qb = qh[:, :, q0:q1].reshape(b, hkv, n * g, d)  # a view: (t, g) rows are adjacent
-        m = qh.new_full((b, hkv, n * g), _NEG_INF)  # running max of the scores
-        l = qh.new_zeros(b, hkv, n * g)  # running sum of exp(s - m)
-        acc = qh.new_zeros(b, hkv, n * g, dv)  # running sum of exp(s - m) v
-        for j, code in enumerate(row):
-            if code == _SKIP:
-                continue
-            k0, k1 = j * bs, min((j + 1) * bs, tk)
-            s = torch.matmul(qb, kh[:, :, k0:k1].transpose(-1, -2))  # [B, Hkv, n*G, bk]
-            if code == _MASKED:
-                allowed = _visible(
-                    q_pos[q0:q1], k_pos[k0:k1],
-                    None if q_doc is None else q_doc[q0:q1],
-                    None if k_doc is None else k_doc[k0:k1], causal,
-                )
-                s = s.view(b, hkv, n, g, k1 - k0).masked_fill_(~allowed[:, None, :], _NEG_INF)
-                s = s.view(b, hkv, n * g, k1 - k0)
+        qb = t.qh[:, :, q0:q1].reshape(b, hkv, n * g, -1)  # a view: (t, g) rows are adjacent
+        m = t.qh.new_full((b, hkv, n * g), _NEG_INF)  # running max of the scores
+        l = t.qh.new_zeros(b, hkv, n * g)  # running sum of exp(s - m)
+        acc = t.qh.new_zeros(b, hkv, n * g, dv)  # running sum of exp(s - m) v
+        for k0, k1, code in t.key_blocks(row):
+            s = t.scores(qb, q0, q1, k0, k1, code)  # [B, Hkv, n*G, bk]
             m_new = torch.maximum(m, s.amax(dim=-1))
             # A row that has seen only masked keys keeps m = -inf; shifting by 0 there makes
             # exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN.
@@ -311,7 +250,7 @@ def attention_block_fwd(
             p = s.sub_(m_safe.unsqueeze(-1)).exp_()
             alpha = torch.exp(m - m_safe)  # rescales the old statistics to the new max
             l = l.mul_(alpha).add_(p.sum(dim=-1))
-            acc = acc.mul_(alpha.unsqueeze(-1)).add_(torch.matmul(p, vh[:, :, k0:k1]))
+            acc = acc.mul_(alpha.unsqueeze(-1)).add_(torch.matmul(p, t.vh[:, :, k0:k1]))
             m = m_new
         # Rows with l == 0 saw no visible key: o = 0 (acc is 0 there) and lse = log 0 = -inf.
         nonempty = l > 0
@@ -331,13 +270,9 @@ def attention_block_bwd(
     v: Tensor,
     o: Optional[Tensor],
     lse: Tensor,
+    mask: Optional[AttentionMask] = None,
     *,
     scale: Optional[float] = None,
-    causal: bool = True,
-    q_pos: Optional[Tensor] = None,
-    k_pos: Optional[Tensor] = None,
-    q_doc: Optional[Tensor] = None,
-    k_doc: Optional[Tensor] = None,
     block_size: int = 256,
     delta: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -354,7 +289,7 @@ def attention_block_bwd(
         o: [B, Tq, H, Dv], the forward output; only used to form delta, may be None when
             ``delta`` is given.
         lse: [B, H, Tq], the forward log-sum-exp (-inf on rows with no visible key).
-        scale, causal, q_pos, k_pos, q_doc, k_doc, block_size: as in the forward.
+        mask, scale, block_size: as in the forward.
         delta: optional [B, H, Tq] = rowsum(dO * O) in the compute dtype (fp32, fp64 for fp64),
             precomputed by a caller that runs this on several key blocks. A gradient ``dlse``
             of lse can be folded in as ``delta - dlse``.
@@ -363,16 +298,9 @@ def attention_block_bwd(
         dq [B, Tq, H, D] (q's dtype), dk [B, Tk, Hkv, D] (k's dtype), dv [B, Tk, Hkv, Dv]
         (v's dtype); dk and dv are summed over the G query heads of each kv head.
     """
-    b, tq, h, d = q.shape
-    tk, hkv, dv_ = k.shape[1], k.shape[2], v.shape[3]
-    assert h % hkv == 0 and (q_doc is None) == (k_doc is None)
-    g = h // hkv
-    ct = _compute_dtype(q.dtype)
-    scale = _default_scale(scale, d)
-    q_pos = _default_pos(q_pos, tq, q.device)
-    k_pos = _default_pos(k_pos, tk, q.device)
-    bs = int(block_size)
-
+    t = _Tiles(q, k, v, mask, scale, block_size)
+    b, hkv, g, ct = t.b, t.hkv, t.g, t.ct
+    d, dv_ = q.shape[3], v.shape[3]
     if delta is None:
         # delta_i = sum_e dO_ie O_ie = sum_j P_ij dP_ij: the softmax Jacobian's row term.
         delta = (do.to(ct) * o.to(ct)).sum(dim=-1).transpose(1, 2)  # [B, H, Tq]
@@ -382,38 +310,21 @@ def attention_block_bwd(
     lse_h = _lse_to_internal(lse.to(ct), hkv)
     lse_h = lse_h.masked_fill(lse_h == _NEG_INF, float("inf")).contiguous()
 
-    qh = _split_heads(q, hkv, ct) * scale  # scaled q: S = qh k^T and dK = dS^T qh
-    doh = _split_heads(do, hkv, ct)  # [B, Hkv, Tq, G, Dv]
-    kh = k.to(ct).permute(0, 2, 1, 3).contiguous()
-    vh = v.to(ct).permute(0, 2, 1, 3).contiguous()
-    dqh = torch.zeros_like(qh)
-    dkh = torch.zeros_like(kh)
-    dvh = torch.zeros_like(vh)
-    plan = _block_plan(q_pos, k_pos, q_doc, k_doc, causal, bs)
+    doh = _split_heads(do, hkv, ct)  # [B, Hkv, Tq, G, Dv]; t.qh is the scaled q: dK = dS^T qh
+    dqh = torch.zeros_like(t.qh)
+    dkh = torch.zeros_like(t.kh)
+    dvh = torch.zeros_like(t.vh)
 
-    for i, row in enumerate(plan):
-        q0, q1 = i * bs, min((i + 1) * bs, tq)
+    for q0, q1, row in t.query_blocks():
         n = q1 - q0
-        qb = qh[:, :, q0:q1].reshape(b, hkv, n * g, d)
+        qb = t.qh[:, :, q0:q1].reshape(b, hkv, n * g, d)
         dob = doh[:, :, q0:q1].reshape(b, hkv, n * g, dv_)
         lse_b = lse_h[:, :, q0:q1].reshape(b, hkv, n * g, 1)
         delta_b = delta_h[:, :, q0:q1].reshape(b, hkv, n * g, 1)
         dqb = dqh[:, :, q0:q1].view(b, hkv, n * g, d)  # accumulate in place into dqh
-        for j, code in enumerate(row):
-            if code == _SKIP:
-                continue
-            k0, k1 = j * bs, min((j + 1) * bs, tk)
-            kb, vb = kh[:, :, k0:k1], vh[:, :, k0:k1]
-            s = torch.matmul(qb, kb.transpose(-1, -2))  # [B, Hkv, n*G, bk]
-            if code == _MASKED:
-                allowed = _visible(
-                    q_pos[q0:q1], k_pos[k0:k1],
-                    None if q_doc is None else q_doc[q0:q1],
-                    None if k_doc is None else k_doc[k0:k1], causal,
-                )
-                s = s.view(b, hkv, n, g, k1 - k0).masked_fill_(~allowed[:, None, :], _NEG_INF)
-                s = s.view(b, hkv, n * g, k1 - k0)
-            p = s.sub_(lse_b).exp_()  # the final softmax probabilities of this tile
+        for k0, k1, code in t.key_blocks(row):
+            kb, vb = t.kh[:, :, k0:k1], t.vh[:, :, k0:k1]
+            p = t.scores(qb, q0, q1, k0, k1, code).sub_(lse_b).exp_()  # this tile's final softmax
             # The G query heads of a group are rows of p, so these matmuls also sum over G.
             dvh[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), dob)
             dp = torch.matmul(dob, vb.transpose(-1, -2))
@@ -421,7 +332,7 @@ def attention_block_bwd(
             dqb += torch.matmul(ds, kb)
             dkh[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
 
-    dq = _merge_heads(dqh.mul_(scale)).to(q.dtype)
+    dq = _merge_heads(dqh.mul_(t.scale)).to(q.dtype)
     dk = dkh.permute(0, 2, 1, 3).to(k.dtype)
     dv = dvh.permute(0, 2, 1, 3).to(v.dtype)
     return dq, dk.contiguous(), dv.contiguous()
@@ -441,7 +352,7 @@ def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tuple
     """
     out_dtype = torch.promote_types(o1.dtype, o2.dtype)
     lse_dtype = torch.promote_types(lse1.dtype, lse2.dtype)
-    ct = torch.promote_types(_compute_dtype(out_dtype), _compute_dtype(lse_dtype))
+    ct = torch.promote_types(compute_dtype(out_dtype), compute_dtype(lse_dtype))
     lse1, lse2 = lse1.to(ct), lse2.to(ct)
     m = torch.maximum(lse1, lse2)
     m_safe = torch.where(m == _NEG_INF, torch.zeros_like(m), m)
@@ -464,21 +375,18 @@ def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tuple
 class BlockwiseAttention(torch.autograd.Function):
     """Autograd wrapper of ``attention_block_fwd`` / ``attention_block_bwd``.
 
-    ``apply(q, k, v, scale, causal, q_pos, k_pos, q_doc, k_doc, block_size) -> (o, lse)``
-    with shapes and dtypes as in ``attention_block_fwd``. Saves q, k, v, o, lse (and the
-    small position / document vectors), so memory stays linear in T. Gradients flow to q, k,
-    v from both o and lse (a gradient of lse enters as ``delta - dlse``); the other inputs
-    get None.
+    ``apply(q, k, v, mask, scale, block_size) -> (o, lse)`` with shapes and dtypes as in
+    ``attention_block_fwd`` (``mask`` an ``AttentionMask`` or None). Saves q, k, v, o, lse (the
+    mask holds only small position / document vectors), so memory stays linear in T. Gradients
+    flow to q, k, v from both o and lse (a gradient of lse enters as ``delta - dlse``); the
+    other inputs get None.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, q_pos, k_pos, q_doc, k_doc, block_size):
-        o, lse = attention_block_fwd(
-            q, k, v, scale=scale, causal=causal, q_pos=q_pos, k_pos=k_pos,
-            q_doc=q_doc, k_doc=k_doc, block_size=block_size,
-        )
-        ctx.save_for_backward(q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc)
-        ctx.scale, ctx.causal, ctx.block_size = scale, causal, block_size
+    def forward(ctx, q, k, v, mask, scale, block_size):
+        o, lse = attention_block_fwd(q, k, v, mask, scale=scale, block_size=block_size)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mask, ctx.scale, ctx.block_size = mask, scale, block_size
         # Unused outputs (often lse) arrive as None instead of zero tensors.
         ctx.set_materialize_grads(False)
         return o, lse
@@ -486,10 +394,10 @@ class BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     @no_autocast
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, q_pos, k_pos, q_doc, k_doc = ctx.saved_tensors
+        q, k, v, o, lse = ctx.saved_tensors
         if do is None and dlse is None:
-            return (None,) * 10
-        ct = _compute_dtype(q.dtype)
+            return (None,) * 6
+        ct = compute_dtype(q.dtype)
         if do is None:
             do = torch.zeros_like(o)
             delta = torch.zeros_like(lse)
@@ -498,11 +406,9 @@ class BlockwiseAttention(torch.autograd.Function):
         if dlse is not None:
             # d lse_i / d s_ij = P_ij, so dS gains P * dlse: the same as lowering delta.
             delta = delta - torch.nan_to_num(dlse.to(ct), nan=0.0, posinf=0.0, neginf=0.0)
-        dq, dk, dv = attention_block_bwd(
-            do, q, k, v, None, lse, scale=ctx.scale, causal=ctx.causal, q_pos=q_pos,
-            k_pos=k_pos, q_doc=q_doc, k_doc=k_doc, block_size=ctx.block_size, delta=delta,
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        dq, dk, dv = attention_block_bwd(do, q, k, v, None, lse, ctx.mask, scale=ctx.scale,
+                                         block_size=ctx.block_size, delta=delta)
+        return dq, dk, dv, None, None, None
 
 
 def attention_blockwise(
@@ -532,8 +438,6 @@ def attention_blockwise(
         inputs). lse is differentiable as well (its gradient reaches q and k); rows with no
         visible key have o = 0, lse = -inf and zero gradients.
     """
-    scale = _default_scale(scale, q.shape[-1])
-    o, lse = BlockwiseAttention.apply(
-        q, k, v, scale, causal, q_pos, k_pos, q_doc, k_doc, block_size
-    )
+    mask = AttentionMask(causal, q_pos, k_pos, q_doc, k_doc)
+    o, lse = BlockwiseAttention.apply(q, k, v, mask, default_scale(scale, q.shape[-1]), block_size)
     return (o, lse) if return_lse else o

@@ -209,6 +209,7 @@ def sp_softmax_attention(
     one small agreement check (then cached).
     """
     from ..ops.softmax import doc_ids_from_cu_seqlens
+    from .softmax_common import SoftmaxCall
 
     check_group(group)
     entry = strategies.softmax(strategy)
@@ -232,4 +233,4 @@ def sp_softmax_attention(
     if world == 1:
         return functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
     doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), lay.global_len)
-    return entry.load().apply(q, k, v, scale, causal, lay, group, doc)
+    return entry.load().apply(q, k, v, SoftmaxCall(scale, causal, lay, group, doc))

@@ -24,7 +24,7 @@ from typing import List, Tuple
 
 import torch
 
-from ..ops.chunk import compute_dtype
+from ..ops.common import compute_dtype
 from . import comm
 from .context import LinearCall
 from .layout import Layout
@@ -151,7 +151,7 @@ class BidirectionalLASP2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, layout, group, cu_seqlens):
-        dt = compute_dtype(q)
+        dt = compute_dtype(q.dtype)
         qf, kf, vf = (t.to(dt).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         pieces = _doc_pieces(layout, comm.rank_and_size(group)[0], cu_seqlens)
         partial = [[kf[:, :, sl].transpose(-1, -2) @ vf[:, :, sl] for sl, _ in seg] for seg in pieces]

@@ -26,6 +26,7 @@ from typing import List, Optional
 import torch
 
 from ..ops import chunk, delta
+from ..ops.common import from_chunks, to_chunks
 from ..ops.precision import no_autocast
 from .layout import Layout, Segment, local_starts
 
@@ -189,13 +190,13 @@ def grad_targets(o: torch.Tensor, do: torch.Tensor, work: List[SegmentWork], int
 def output_chunks_of(do: torch.Tensor, w: SegmentWork) -> torch.Tensor:
     """The slice of a [B, T, H, V] output gradient that belongs to ``w``, chunked."""
     sl = slice(w.seg.local_start, w.seg.local_start + w.seg.length)
-    return chunk._to_chunks(do[:, sl], w.c.C, w.states.dtype)
+    return to_chunks(do[:, sl], w.c.C, w.states.dtype)
 
 
 def assemble(work: List[SegmentWork], dtype: torch.dtype) -> torch.Tensor:
     """Local output [B, T, H, V] with graph from the segments' chunked outputs, which it then
     releases: the caller's output is then the only copy held until backward."""
-    o = torch.cat([chunk.from_chunks(w.outputs, w.seg.length) for w in work], dim=1).to(dtype)
+    o = torch.cat([from_chunks(w.outputs, w.seg.length) for w in work], dim=1).to(dtype)
     for w in work:
         w.outputs = None
     return o

@@ -20,15 +20,15 @@ Memory kept for backward: q, o, lse, the own K/V and up to two received K/V bloc
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
+from ..ops.common import compute_dtype
+from ..ops.precision import no_autocast
 from ..ops.softmax import attention_block_bwd, attention_block_fwd, merge_attention
 from . import comm
-from .layout import Layout
-from .softmax_allgather import BLOCK_SIZE, any_visible, compute_dtype, positions_and_docs
-from ..ops.precision import no_autocast
+from .softmax_common import SoftmaxCall
 
 
 def _to_bytes(*tensors: torch.Tensor) -> torch.Tensor:
@@ -45,32 +45,27 @@ def _from_bytes(buf: torch.Tensor, likes: List[torch.Tensor]) -> List[torch.Tens
     return out
 
 
-def ring_fwd(q, k, v, *, scale: float, causal: bool, layout: Layout, group,
-             doc: Optional[torch.Tensor], block_size: int = BLOCK_SIZE):
+def ring_fwd(q, k, v, call: SoftmaxCall):
     """Forward on plain tensors (q [B, T, H, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv]).
 
     Returns o (q's dtype), lse [B, H, T] (fp32; fp64 for fp64), the K/V blocks kept for the
     backward {owner: [B, T, Hkv, D + Dv]} and the visibility of every owner's block.
     Communication: W - 1 hops (send to r + 1, recv from r - 1) of [B, T, Hkv, D + Dv].
     """
-    rank, W = comm.rank_and_size(group)
+    rank, W = call.rank_and_size()
     D, ct = k.shape[-1], compute_dtype(q.dtype)
-    q_pos, q_doc = positions_and_docs(layout, rank, doc, q.device)
     keep_owners = {(rank + 1) % W, (rank + 2) % W}  # the backward's first two blocks
     # Decided up front (host-side, O(T) each) so that the loop below only launches work.
-    visible = [any_visible(q_pos, q_doc, *positions_and_docs(layout, j, doc, q.device), causal)
-               for j in range(W)]
+    visible = call.visibility(rank, q.device)
     cur = torch.cat([k, v], dim=-1)
     o = lse = None
     kept: Dict[int, torch.Tensor] = {}
     for s in range(W):
         src = (rank - s) % W
-        hop = comm.send_recv(cur, (rank + 1) % W, cur, (rank - 1) % W, group) if s < W - 1 else None
+        hop = comm.send_recv(cur, (rank + 1) % W, cur, (rank - 1) % W, call.group) if s < W - 1 else None
         if visible[src]:  # a hidden block costs no compute but still travels on
-            k_pos, k_doc = positions_and_docs(layout, src, doc, q.device)
-            o_s, lse_s = attention_block_fwd(q, cur[..., :D], cur[..., D:], scale=scale, causal=causal,
-                                             q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc,
-                                             block_size=block_size, out_dtype=ct)
+            o_s, lse_s = attention_block_fwd(q, cur[..., :D], cur[..., D:], call.mask(rank, src, q.device),
+                                             scale=call.scale, block_size=call.block_size, out_dtype=ct)
             o, lse = (o_s, lse_s) if o is None else merge_attention(o, lse, o_s, lse_s)
         if src in keep_owners and src != rank:
             kept[src] = cur
@@ -83,17 +78,14 @@ def ring_fwd(q, k, v, *, scale: float, causal: bool, layout: Layout, group,
     return o.to(q.dtype), lse, kept, visible
 
 
-def ring_bwd(do, q, k, v, o, lse, kept: Dict[int, torch.Tensor], visible: List[bool], *,
-             scale: float, causal: bool, layout: Layout, group, doc: Optional[torch.Tensor],
-             block_size: int = BLOCK_SIZE):
+def ring_bwd(do, q, k, v, o, lse, kept: Dict[int, torch.Tensor], visible: List[bool], call: SoftmaxCall):
     """Backward: (dq, dk, dv) of this rank's shard in the dtypes of q, k, v.
 
     Communication: W - 1 hops to r - 1, each the dK/dV accumulator [B, T, Hkv, D + Dv] fp32
     (fp64 for fp64) plus, on hops 1..W-3, a K/V block [B, T, Hkv, D + Dv] in the input dtype.
     """
-    rank, W = comm.rank_and_size(group)
+    rank, W = call.rank_and_size()
     D, ct = k.shape[-1], compute_dtype(q.dtype)
-    q_pos, q_doc = positions_and_docs(layout, rank, doc, q.device)
     delta = (do.to(ct) * o.to(ct)).sum(dim=-1).transpose(1, 2)  # of the whole attention
     qc = q.to(ct)
     dq = torch.zeros_like(qc)
@@ -109,14 +101,12 @@ def ring_bwd(do, q, k, v, o, lse, kept: Dict[int, torch.Tensor], visible: List[b
             acc_out = partial_prev if acc_in is None else acc_in + partial_prev
             want_kv = s <= W - 3  # r - 1 computes block b at step s + 1 and kept only two
             send = _to_bytes(acc_out, *([kv_cur] if want_kv else []))
-            hop = comm.send_recv(send, (rank - 1) % W, send, (rank + 1) % W, group)
+            hop = comm.send_recv(send, (rank - 1) % W, send, (rank + 1) % W, call.group)
         partial = torch.zeros_like(acc_like)
         if visible[b]:
-            k_pos, k_doc = positions_and_docs(layout, b, doc, q.device)
             dq_b, dk_b, dv_b = attention_block_bwd(
-                do, qc, kv_cur[..., :D].to(ct), kv_cur[..., D:].to(ct), None, lse, delta=delta,
-                scale=scale, causal=causal, q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc,
-                block_size=block_size)
+                do, qc, kv_cur[..., :D].to(ct), kv_cur[..., D:].to(ct), None, lse,
+                call.mask(rank, b, q.device), scale=call.scale, block_size=call.block_size, delta=delta)
             dq += dq_b
             partial[..., :D] = dk_b
             partial[..., D:] = dv_b
@@ -134,22 +124,19 @@ def ring_bwd(do, q, k, v, o, lse, kept: Dict[int, torch.Tensor], visible: List[b
 
 
 class RingAttentionFunction(torch.autograd.Function):
-    """Thin autograd wrapper: exactly one gradient per forward input."""
+    """Thin autograd wrapper: ``apply(q, k, v, call)``, exactly one gradient per forward input."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, layout, group, doc):
-        o, lse, kept, visible = ring_fwd(q, k, v, scale=scale, causal=causal, layout=layout,
-                                         group=group, doc=doc)
+    def forward(ctx, q, k, v, call: SoftmaxCall):
+        o, lse, kept, visible = ring_fwd(q, k, v, call)
         owners = sorted(kept)
         ctx.save_for_backward(q, k, v, o, lse, *(kept[j] for j in owners))
-        ctx.owners, ctx.visible = owners, visible
-        ctx.args = dict(scale=scale, causal=causal, layout=layout, group=group, doc=doc)
+        ctx.owners, ctx.visible, ctx.call = owners, visible, call
         return o
 
     @staticmethod
     @no_autocast
     def backward(ctx, do):
         q, k, v, o, lse, *blocks = ctx.saved_tensors
-        dq, dk, dv = ring_bwd(do, q, k, v, o, lse, dict(zip(ctx.owners, blocks)), ctx.visible,
-                              **ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = ring_bwd(do, q, k, v, o, lse, dict(zip(ctx.owners, blocks)), ctx.visible, ctx.call)
+        return dq, dk, dv, None

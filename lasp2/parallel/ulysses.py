@@ -20,21 +20,13 @@ local shards) and lse.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
+from ..ops.common import compute_dtype
+from ..ops.precision import no_autocast
 from ..ops.softmax import attention_block_bwd, attention_block_fwd
 from . import comm
-from .layout import Layout
-from .softmax_allgather import BLOCK_SIZE, compute_dtype
-from ..ops.precision import no_autocast
-
-
-def kv_replication(H: int, Hkv: int, W: int) -> int:
-    """Smallest m with m | H / Hkv and W | Hkv * m (m = H / Hkv always works when W | H)."""
-    G = H // Hkv
-    return next(m for m in range(1, G + 1) if G % m == 0 and (Hkv * m) % W == 0)
+from .softmax_common import SoftmaxCall, kv_replication
 
 
 def _to_heads(x: torch.Tensor, W: int) -> torch.Tensor:
@@ -58,15 +50,14 @@ def _unpack(x: torch.Tensor, heads_dims):
     return out
 
 
-def ulysses_fwd(q, k, v, *, scale: float, causal: bool, layout: Layout, group,
-                doc: Optional[torch.Tensor], block_size: int = BLOCK_SIZE):
+def ulysses_fwd(q, k, v, call: SoftmaxCall):
     """Forward on plain tensors (q [B, T, H, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv]).
 
     Returns o [B, T, H, Dv] (q's dtype) and the head-sharded (q, k, v, o, lse) for backward.
     Communication: 1 all-to-all of [W, B, T, (H D + Hkv m (D + Dv)) / W] and 1 of
     [W, B, T, H Dv / W], input dtype.
     """
-    W = comm.rank_and_size(group)[1]
+    group, W = call.group, call.rank_and_size()[1]
     B, T, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     m = kv_replication(H, Hkv, W)
@@ -76,18 +67,15 @@ def ulysses_fwd(q, k, v, *, scale: float, causal: bool, layout: Layout, group,
     send = torch.cat([_to_heads(q, W), _to_heads(k, W), _to_heads(v, W)], dim=-1)
     full = _from_ranks(comm.all_to_all(send, group))  # [B, W*T, n]: all tokens, my heads
     qh, kh, vh = _unpack(full, [(hq, D), (hk, D), (hk, Dv)])
-    pos = layout.global_index(q.device)
-    pdoc = None if doc is None else doc[pos]
-    oh, lse = attention_block_fwd(qh, kh, vh, scale=scale, causal=causal, q_pos=pos, k_pos=pos,
-                                  q_doc=pdoc, k_doc=pdoc, block_size=block_size)
+    oh, lse = attention_block_fwd(qh, kh, vh, call.global_mask(q.device), scale=call.scale,
+                                  block_size=call.block_size)
     back = oh.reshape(B, W, T, hq * Dv).transpose(0, 1)  # row j: rank j's tokens
     o = comm.all_to_all(back, group)  # [W, B, T, hq*Dv], row j: heads of rank j
     o = o.permute(1, 2, 0, 3).reshape(B, T, H, Dv)
     return o, (qh, kh, vh, oh, lse)
 
 
-def ulysses_bwd(do, saved, *, scale: float, causal: bool, layout: Layout, group,
-                doc: Optional[torch.Tensor], dtypes, kv_heads: int, block_size: int = BLOCK_SIZE):
+def ulysses_bwd(do, saved, call: SoftmaxCall, dtypes, kv_heads: int):
     """Backward: (dq, dk, dv) of this rank's shard in the dtypes ``dtypes`` of (q, k, v);
     ``kv_heads`` is the caller's Hkv (before replication).
 
@@ -95,19 +83,16 @@ def ulysses_bwd(do, saved, *, scale: float, causal: bool, layout: Layout, group,
     [W, B, T, (H D + Hkv m (D + Dv)) / W] gradients (input dtype; fp32 when m > 1).
     """
     qh, kh, vh, oh, lse = saved
-    W = comm.rank_and_size(group)[1]
+    group, W = call.group, call.rank_and_size()[1]
     B, T, H, Dv = do.shape
     D, Hk = qh.shape[-1], kh.shape[2]
     m = Hk * W // kv_heads
     doh = _from_ranks(comm.all_to_all(_to_heads(do, W), group)).reshape(B, W * T, H // W, Dv)
-    pos = layout.global_index(do.device)
-    pdoc = None if doc is None else doc[pos]
     if m > 1:  # the m copies' gradients are partial sums: keep them in the compute dtype
         ct = compute_dtype(qh.dtype)
         qh, kh, vh = qh.to(ct), kh.to(ct), vh.to(ct)
-    dqh, dkh, dvh = attention_block_bwd(doh, qh, kh, vh, oh, lse, scale=scale, causal=causal,
-                                        q_pos=pos, k_pos=pos, q_doc=pdoc, k_doc=pdoc,
-                                        block_size=block_size)
+    dqh, dkh, dvh = attention_block_bwd(doh, qh, kh, vh, oh, lse, call.global_mask(do.device),
+                                        scale=call.scale, block_size=call.block_size)
     send = torch.cat([x.reshape(B, W, T, -1) for x in (dqh, dkh, dvh)], dim=-1).transpose(0, 1)
     got = comm.all_to_all(send, group).permute(1, 2, 0, 3)  # [B, T, W, n], W: head groups
     dq, dk, dv = _unpack(got, [(H // W, D), (Hk, D), (Hk, Dv)])
@@ -120,18 +105,17 @@ def ulysses_bwd(do, saved, *, scale: float, causal: bool, layout: Layout, group,
 
 
 class UlyssesAttentionFunction(torch.autograd.Function):
-    """Thin autograd wrapper: exactly one gradient per forward input."""
+    """Thin autograd wrapper: ``apply(q, k, v, call)``, exactly one gradient per forward input."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, layout, group, doc):
-        o, saved = ulysses_fwd(q, k, v, scale=scale, causal=causal, layout=layout, group=group, doc=doc)
+    def forward(ctx, q, k, v, call: SoftmaxCall):
+        o, saved = ulysses_fwd(q, k, v, call)
         ctx.save_for_backward(*saved)
-        ctx.args = dict(scale=scale, causal=causal, layout=layout, group=group, doc=doc,
-                        dtypes=(q.dtype, k.dtype, v.dtype), kv_heads=k.shape[2])
+        ctx.call, ctx.dtypes, ctx.kv_heads = call, (q.dtype, k.dtype, v.dtype), k.shape[2]
         return o
 
     @staticmethod
     @no_autocast
     def backward(ctx, do):
-        dq, dk, dv = ulysses_bwd(do.contiguous(), ctx.saved_tensors, **ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = ulysses_bwd(do.contiguous(), ctx.saved_tensors, ctx.call, ctx.dtypes, ctx.kv_heads)
+        return dq, dk, dv, None

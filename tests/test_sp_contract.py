@@ -441,7 +441,7 @@ def _worker(group):
 @functools.lru_cache(maxsize=None)
 def _spawn(world_size: int):
     try:
-        return run_distributed(_worker, world_size, timeout=60)
+        return run_distributed(_worker, world_size, timeout=180)
     except DistributedError as e:  # cached too, so that one broken spawn is not re-run per test
         return str(e)
 

@@ -14,11 +14,12 @@ from tests.helpers import assert_close, make_inputs
 
 def compare_linear(group, *, variant: str, B: int, T_local: int, H: int, K: int, V: int,
                    dtype: torch.dtype, strategy: str, layout: str, causal: bool = True,
-                   cu: Optional[list] = None, seed: int = 0) -> Dict[str, int]:
+                   cu: Optional[list] = None, seed: int = 0, **extra) -> Dict[str, int]:
     """Compare ``sp_linear_attention`` with ``linear_attention``: o and every gradient.
 
     Returns the number of all-gathers in forward and in backward (from ``comm.track``), and the
-    P2P sends, for the caller's contract checks. Collectives run before any assert.
+    P2P sends, receives and bytes received per direction, for the caller's contract checks.
+    Collectives run before any assert. ``extra`` goes to ``sp_linear_attention`` (e.g. scan_blocks).
     """
     W = torch.distributed.get_world_size(group)
     T = W * T_local
@@ -36,7 +37,7 @@ def compare_linear(group, *, variant: str, B: int, T_local: int, H: int, K: int,
         return lasp2.shard(x, group=group, layout=layout)
 
     leaves = {n: local(inputs[n]).clone().requires_grad_() for n in names}
-    call = dict(group=group, causal=causal, strategy=strategy, layout=layout, cu_seqlens=cu_t)
+    call = dict(group=group, causal=causal, strategy=strategy, layout=layout, cu_seqlens=cu_t, **extra)
     with torch.no_grad():  # the first call with new shapes may add a one-off agreement check
         lasp2.sp_linear_attention(*(leaves.get(n) for n in ("q", "k", "v", "g", "beta")), **call)
     with comm.track() as fwd_log:
@@ -49,7 +50,8 @@ def compare_linear(group, *, variant: str, B: int, T_local: int, H: int, K: int,
         assert_close(f"d{n}", got, local(ref), dtype, whole=ref)
     return {"fwd_gathers": fwd_log.count("all_gather"), "bwd_gathers": bwd_log.count("all_gather"),
             "fwd_sends": fwd_log.count("send"), "bwd_sends": bwd_log.count("send"),
-            "fwd_bytes": fwd_log.bytes_sent}
+            "fwd_bytes": fwd_log.bytes_sent, "fwd_recvs": fwd_log.count("recv"), "bwd_recvs": bwd_log.count("recv"),
+            "fwd_recv_bytes": fwd_log.bytes_received, "bwd_recv_bytes": bwd_log.bytes_received}
 
 
 def run_table(cases, check: Callable[..., Dict[str, int]], group, expect: Callable) -> None:

@@ -14,6 +14,7 @@ import pytest
 from lasp2.bench import cost_model as cm
 from lasp2.bench import plan
 from lasp2.cli import main
+from lasp2.parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -45,7 +46,7 @@ def test_quick_bench_writes_every_file_and_field(quick_run):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     recs = data["records"]
     assert sorted((r["T_global"], r["strategy"]) for r in recs) == sorted(
-        (T, s) for T in (512, 1024) for s in ("lasp2", "lasp1", "ideal"))
+        (T, s) for T in (512, 1024) for s in (*LINEAR_STRATEGIES, "ideal"))
     for r in recs:
         assert r["W"] == 2 and r["T_local"] == r["T_global"] // 2 and r["skipped"] is None
         assert r["time_s"] > 0 and r["time_s"] == max(r["per_rank_time_s"]) and len(r["per_rank_time_s"]) == 2
@@ -58,19 +59,20 @@ def test_quick_bench_writes_every_file_and_field(quick_run):
     assert by[(512, "ideal")]["efficiency"] == 1.0
     assert by[(512, "ideal")]["comm_fwd"] == {} and by[(512, "ideal")]["bytes_sent_per_rank"] == [0, 0]
     assert by[(512, "lasp2")]["comm_fwd"] == {"all_gather": 1} == by[(512, "lasp2")]["comm_bwd"]
-    assert by[(512, "lasp1")]["comm_fwd"] == {"send": 1, "recv": 1} == by[(512, "lasp1")]["comm_bwd"]
+    for p2p in ("lasp1", "allscan", "tree"):  # W = 2: one hop (one block, one round) each way
+        assert by[(512, p2p)]["comm_fwd"] == {"send": 1, "recv": 1} == by[(512, p2p)]["comm_bwd"], p2p
 
 
 def test_measured_bytes_match_the_cost_model(quick_run):
     """comm.track()'s per-rank bytes equal the model's for the quick shape (H=4, K=V=32, fp32)."""
     recs = quick_run[1]["records"]
     shape = cm.Shape(B=1, T=256, H=4, K=32, V=32, elt=4)
-    for strategy in ("lasp2", "lasp1"):
+    for strategy in LINEAR_STRATEGIES:
         rec = next(r for r in recs if r["strategy"] == strategy and r["T_global"] == 512)
         model = cm.linear_layer(strategy, 2, shape, 1e9, LINK).bytes_sent
         if strategy == "lasp2":  # both ranks send (W-1)/W of each gathered buffer
             assert rec["bytes_sent_per_rank"] == [model, model] == rec["bytes_received_per_rank"]
-        else:  # the chain: rank 0 sends in forward, rank 1 in backward; model counts per direction
+        else:  # P2P: rank 0 sends in forward, rank 1 in backward; model counts per direction
             assert sum(rec["bytes_sent_per_rank"]) == model
 
 
@@ -182,7 +184,7 @@ def test_model_level_prediction_by_hand():
     assert p.memory == pytest.approx(16 * m.params() / 4 + m.activation_bytes_per_token() * 1024
                                      + lin.saved + soft.saved + max(lin.transient, soft.transient))
     preds = [plan.predict(m, 4, 4096, net, dev, pair) for pair in plan.strategy_pairs(m)]
-    assert len(preds) == 6 and plan.recommend(preds).time == min(x.time for x in preds)
+    assert len(preds) == len(LINEAR_STRATEGIES) * len(SOFTMAX_STRATEGIES) and plan.recommend(preds).time == min(x.time for x in preds)
     small = plan.Device("small", 1e12, 0.5, 1.0)  # nothing fits in one byte
     assert plan.recommend([plan.predict(m, 4, 4096, net, small, ("lasp2", "ring"))]) is None
     with pytest.raises(ValueError, match="layer pattern"):

@@ -114,3 +114,37 @@ def test_fold_backward_is_the_gradient_of_the_forward_fold(variant):
     N = fold_backward(G, A)
     assert max_rel_err(N, dS) <= TOL
     assert bool((N[-1] == 0).all()), "nothing follows the last segment"
+
+
+def _in_memory_deliver(d, outgoing):
+    """Round d of the doubling scan with every element in this process: i receives i - 2^d's."""
+    return {i + (1 << d): s for i, s in outgoing.items()}
+
+
+@pytest.mark.parametrize("matrices", [False, True])
+def test_tree_scan_matches_the_sequential_folds(matrices):
+    """``tree.doubling_scan`` (recursive doubling over J elements, any J) gives fold_forward's P
+    on (Â, Ŝ) in sequence order and fold_backward's N on (Â^T, G) in reverse order."""
+    from lasp2.parallel.tree import doubling_scan, tree_rounds
+
+    gen = torch.Generator().manual_seed(8)
+    for J in range(1, 10):
+        shape = (J, B, H, K, K) if matrices else (J, B, H, K)
+        A = torch.rand(*shape, generator=gen, dtype=torch.float64) * (0.5 if matrices else 1.0)
+        S = torch.randn(J, B, H, K, V, generator=gen, dtype=torch.float64)
+        rounds = []
+
+        def deliver(d, outgoing):
+            rounds.append(d)
+            return _in_memory_deliver(d, outgoing)
+
+        P = doubling_scan({j: (A[j], S[j]) for j in range(J)}, J, deliver)
+        ref = fold_forward(S, A)
+        for j in range(J):
+            assert max_rel_err(P[j], ref[j], ref.abs().max() + 1) <= TOL, f"J={J} P_{j}"
+        assert len(rounds) == tree_rounds(J) == (J - 1).bit_length(), f"J={J}: {len(rounds)} rounds"
+        At = A.transpose(-1, -2) if matrices else A
+        N = doubling_scan({J - 1 - j: (At[j], S[j]) for j in range(J)}, J, _in_memory_deliver)
+        ref = fold_backward(S, A)
+        for j in range(J):
+            assert max_rel_err(N[J - 1 - j], ref[j], ref.abs().max() + 1) <= TOL, f"J={J} N_{j}"

@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--suite", choices=("linear", "softmax", "model"), default="linear",
                    help=f"linear: {', '.join(LINEAR_STRATEGIES)} | softmax: {', '.join(SOFTMAX_STRATEGIES)} | "
                         "model: lasp2.models")
+    b.add_argument("--strategies", type=lambda s: tuple(x for x in s.split(",") if x), metavar="A,B,...",
+                   help="measure only these configurations of the suite (comma-separated; the ideal always)")
     b.add_argument("--world-sizes", type=int, nargs="+", metavar="W", help="SP group sizes (default 2)")
     lens = b.add_mutually_exclusive_group()
     lens.add_argument("--seq-lens", type=int, nargs="+", metavar="T",
@@ -87,7 +89,8 @@ def bench_spec(args):
     spec = BenchSpec(suite=args.suite, world_sizes=tuple(pick("world_sizes")),
                      seq_lens=tuple(args.local_lens or pick("seq_lens")), seq_is_global=args.local_lens is None,
                      batch=args.batch, heads=pick("heads"), kv_heads=args.kv_heads, dim=pick("dim"),
-                     dtype=args.dtype, layout=args.layout, repeats=pick("repeats"), warmup=args.warmup)
+                     dtype=args.dtype, layout=args.layout, repeats=pick("repeats"), warmup=args.warmup,
+                     strategies=args.strategies)
     try:
         check_spec(spec)
     except ValueError as e:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..parallel.softmax_common import kv_replication
-from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, softmax
+from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, linear, pipeline_blocks, softmax
 
 BWD_FACTOR = {"linear": 2.0, "softmax": 2.5}
 FP32 = 4
@@ -170,12 +170,25 @@ class LayerCost:
         return self.compute + self.comm
 
 
-def linear_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, segments: int = 1) -> LayerCost:
-    """Linear attention (lasp2 or lasp1, or "ideal": the local op alone) at ``rate`` FLOP/s.
+def scan_blocks(W: int, s: Shape, link: Link, segments: int = 1) -> int:
+    """The block count k the model picks for a pipelined chain: k* = sqrt((J - 2) s / alpha) for
+    J = W * segments segments, s = one state's transfer time, alpha = one hop's latency."""
+    state = s.B * s.H * s.K * s.V * FP32
+    return pipeline_blocks(W * segments, state * link.p2p_beta, link.p2p_alpha, s.V)
 
-    lasp2: fwd 1 all-gather of W*segments rows of [B H (K V + gate_dim)] fp32 (+ a 4-byte header)
-    overlapping the intra-chunk work; bwd 1 all-gather of W*segments [B H K V] fp32, exposed.
-    lasp1: W-1 dependent hops of one [B H K V] fp32 state per direction (2W-2 under zigzag).
+
+def linear_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, segments: int = 1,
+                 blocks: Optional[int] = None) -> LayerCost:
+    """Linear attention (a registered strategy, or "ideal": the local op alone) at ``rate`` FLOP/s.
+
+    all-gather (lasp2): fwd 1 all-gather of W*segments rows of [B H (K V + gate_dim)] fp32 (+ a
+    4-byte header) overlapping the intra-chunk work; bwd 1 all-gather of W*segments [B H K V]
+    fp32, exposed. P2P strategies (the registry's ``steps``/``message``/``received`` terms), with
+    J = W*segments: lasp1 J-1 dependent hops of one [B H K V] fp32 state per direction; allscan
+    J+k-2 hops of state/k (k = ``blocks`` or ``scan_blocks``); tree ceil(log2 J) rounds of one
+    summary (state + Â). A strategy that overlaps the intra-chunk work hides up to one step of
+    its forward behind it (the first hop or round is issued before that work; the later ones
+    wait for predecessors that finish it at the same time); backward steps are exposed.
     """
     intra, inter = linear_core_flops(s)
     t_fwd = (intra + inter) / rate
@@ -189,12 +202,18 @@ def linear_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, segme
         bwd = all_gather_time(W, W * segments * state, link)
         sent = collective_bytes_per_rank(W, W * segments * (row + state))
         return LayerCost(strategy, compute, fwd + bwd, sent, (1, 1), W * segments * row, segments * (state + row))
-    if strategy == "lasp1":
-        hops = segments * W - 1
-        t = hops * p2p_time(state, link)
-        return LayerCost(strategy, compute, 2 * t, 2 * segments * state, (2 * segments, 2 * segments), 2 * state,
-                         segments * state)
-    raise ValueError(f"unknown linear strategy {strategy!r}; choose from {LINEAR_STRATEGIES}")
+    if strategy not in LINEAR_STRATEGIES:
+        raise ValueError(f"unknown linear strategy {strategy!r}; choose from {LINEAR_STRATEGIES}")
+    entry, J = linear(strategy), W * segments
+    trans = s.B * s.H * s.gate_dim * FP32  # one Â (diagonal family; the 1B presets use scalar gates)
+    k = (blocks or scan_blocks(W, s, link, segments)) if entry.pipelined else 1
+    hop = p2p_time(entry.message(state, trans, k), link)
+    t = entry.steps(J, k) * hop
+    fwd = t - min(hop, intra / rate) if entry.overlaps_intra else t
+    unit = entry.message(state, trans, 1)  # bytes of one whole message (state or summary)
+    msgs = entry.received(J, segments)
+    return LayerCost(strategy, compute, fwd + t, 2 * msgs * unit, (2 * msgs * k, 2 * msgs * k), 2 * unit,
+                     segments * state)
 
 
 def softmax_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, layout: str = "zigzag") -> LayerCost:

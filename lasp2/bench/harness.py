@@ -45,6 +45,13 @@ class BenchSpec:
     layout: str = "contiguous"
     repeats: int = 5
     warmup: int = 1
+    strategies: Optional[Tuple[str, ...]] = None  # a subset of the suite's configurations (None: all)
+
+    def configs(self, suite) -> List[str]:
+        """The suite's configurations this run measures (the baseline always)."""
+        from .suites import IDEAL
+
+        return [c for c in suite.configs() if self.strategies is None or c in self.strategies or c == IDEAL]
 
     def local_len(self, T: int, W: int) -> int:
         return T // W if self.seq_is_global else T
@@ -55,7 +62,12 @@ class BenchSpec:
 
 def check_spec(spec: BenchSpec) -> None:
     """ValueError naming the flag for every combination that cannot run (before anything starts)."""
-    get_suite(spec.suite)
+    suite = get_suite(spec.suite)
+    if spec.strategies is not None:
+        unknown = [s for s in spec.strategies if s not in suite.configs()]
+        if unknown or not spec.strategies:
+            raise ValueError(f"--strategies {','.join(spec.strategies)}: {', '.join(unknown) or 'empty'} not in the "
+                             f"{spec.suite} suite; choose from {', '.join(suite.configs())}")
     flag = "--seq-lens" if spec.seq_is_global else "--local-lens"
     for name, value, low in (("--heads", spec.heads, 1), ("--dim", spec.dim, 1), ("--batch", spec.batch, 1),
                              ("--repeats", spec.repeats, 1), ("--warmup", spec.warmup, 0)):
@@ -157,7 +169,7 @@ def measure_rank(spec: BenchSpec, W: int, group, device: torch.device, progress:
     suite = get_suite(spec.suite)
     rank = dist.get_rank(group)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    configs = suite.configs()
+    configs = spec.configs(suite)
     active = [c for c in configs if suite.skip_reason(c, spec, W) is None]
     lengths = sorted(set(spec.seq_lens))
     bar = _progress_bar(rank == 0 and progress, len(lengths) * len(active) * (spec.warmup + spec.repeats + 1), W)

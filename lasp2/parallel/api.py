@@ -65,7 +65,8 @@ def sp_linear_attention(
         scale: defaults to K**-0.5. causal: False is bidirectional basic linear attention
             (``strategy="lasp2"`` only, no g).
         strategy: a linear strategy of the registry (``lasp2.parallel.strategies``): "lasp2"
-            (one all-gather per direction), "lasp1" (ring chain of P2P hops).
+            (one all-gather per direction), "lasp1" (ring chain of P2P hops), "allscan"
+            (pipelined chain of state blocks), "tree" (log-depth scan); the last three are causal.
         layout: "contiguous" or "zigzag" (see ``lasp2.shard``).
         cu_seqlens: global [N + 1] cumulative document lengths, identical on every rank (B == 1).
         scan_blocks: pipeline blocks of a pipelined strategy's chain (the state split along V;
@@ -78,7 +79,10 @@ def sp_linear_attention(
     Communication (causal, per call): "lasp2": forward 1 all-gather of [W, S, B*H*(K*V + a) + 1]
     fp32 (S = 1 contiguous, 2 zigzag; a = 1 without or with a scalar gate, K per-channel, K*K
     for the delta rule), backward 1 all-gather of [W, S, B, H, K, V]
-    fp32. "lasp1": W - 1 sequential sends of [B, H, K, V] per direction (contiguous). The first
+    fp32. "lasp1": W - 1 sequential sends of [B, H, K, V] per direction (contiguous). "allscan":
+    per direction one [B, H, K, V] state received per segment in k blocks, J + k - 2 block hops
+    (J = W contiguous, 2W zigzag). "tree": ceil(log2 J) rounds of P2P exchanges of one summary
+    [B*H*(K*V + a)] per segment. The first
     call with new shapes on a group adds one small agreement check (then cached).
     """
     check_group(group)

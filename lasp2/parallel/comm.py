@@ -246,13 +246,13 @@ def all_to_all(x: torch.Tensor, group: ProcessGroup, *, async_op: bool = False):
     return Pending(work, out) if async_op else out
 
 
-def _p2p_op(op, x: torch.Tensor, peer: int, group: ProcessGroup):
+def _p2p_op(op, x: torch.Tensor, peer: int, group: ProcessGroup, tag: int = 0):
     """A ``P2POp`` addressing ``peer`` by its rank in ``group`` the way this torch accepts."""
     import inspect
 
     if "group_peer" in inspect.signature(dist.P2POp.__init__).parameters:
-        return dist.P2POp(op, x, group=group, group_peer=peer)
-    return dist.P2POp(op, x, dist.get_global_rank(group, peer), group=group)
+        return dist.P2POp(op, x, group=group, tag=tag, group_peer=peer)
+    return dist.P2POp(op, x, dist.get_global_rank(group, peer), group=group, tag=tag)
 
 
 def send_recv(x: Optional[torch.Tensor], dst: Optional[int], like: Optional[torch.Tensor],
@@ -279,3 +279,38 @@ def send_recv(x: Optional[torch.Tensor], dst: Optional[int], like: Optional[torc
     pending = Pending(_WaitAll(works), out)
     pending._keep = x
     return pending
+
+
+# ---------------------------------------------------------------------------------------------
+# Added for the scan strategies (``allscan``'s pipelined chain, ``tree``'s log-depth rounds):
+# several tagged point-to-point messages in flight at once.
+# ---------------------------------------------------------------------------------------------
+
+
+class PendingMany(Pending):
+    """In-flight sends and receives; ``wait()`` returns the received tensors, in order."""
+
+    def __init__(self, works, received: List[torch.Tensor], keep: List[torch.Tensor]):
+        super().__init__(_WaitAll(works), received)
+        self._keep = keep  # sent tensors stay alive until the transfer completes
+
+
+def p2p(sends: List[Tuple[torch.Tensor, int]], recvs: List[Tuple[torch.Tensor, int]], group: ProcessGroup,
+        tag: int = 0) -> PendingMany:
+    """Non-blocking: send each (tensor, peer) and receive a tensor shaped like each (like, peer)
+    (peers are ranks in ``group``), all with ``tag``, as one ``batch_isend_irecv``. Messages between
+    the same two ranks with the same tag are matched in the order they are issued.
+    Communication: len(sends) sends and len(recvs) recvs (each recorded separately).
+    """
+    ops, keep, out = [], [], []
+    for x, peer in sends:
+        x = x.contiguous()
+        _record("send", x.numel() * x.element_size(), 0)
+        ops.append(_p2p_op(dist.isend, x, peer, group, tag))
+        keep.append(x)
+    for like, peer in recvs:
+        buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+        _record("recv", 0, buf.numel() * buf.element_size())
+        ops.append(_p2p_op(dist.irecv, buf, peer, group, tag))
+        out.append(buf)
+    return PendingMany(dist.batch_isend_irecv(ops) if ops else [], out, keep)

@@ -24,8 +24,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
+from .allscan import PipelinedChainExchange
 from .lasp1 import ChainExchange
 from .lasp2 import AllGatherExchange
+from .tree import TreeExchange, tree_rounds
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,14 @@ LINEAR: Dict[str, LinearStrategy] = {s.name: s for s in (
     LinearStrategy("lasp1", ChainExchange, "LASP-1 ring chain: the whole state hops segment to segment",
                    "chain", False, steps=lambda J, k: J - 1, message=lambda s, a, k: s,
                    received=lambda J, S: S if J > S else 0, overlaps_intra=False),
+    LinearStrategy("allscan", PipelinedChainExchange,
+                   "pipelined chain (ZeCO All-Scan): the state travels in k blocks along V",
+                   "pipelined-chain", False, steps=lambda J, k: J + k - 2 if J > 1 else 0,
+                   message=lambda s, a, k: s / k, received=lambda J, S: S if J > S else 0,
+                   overlaps_intra=True, pipelined=True),
+    LinearStrategy("tree", TreeExchange, "log-depth scan: ceil(log2 J) rounds of (Â, Ŝ) exchanges",
+                   "tree", False, steps=lambda J, k: tree_rounds(J), message=lambda s, a, k: s + a,
+                   received=lambda J, S: S * tree_rounds(J), overlaps_intra=True),
 )}
 
 

@@ -1,0 +1,123 @@
+"""``strategy="allscan"``: the pipelined chain (ZeCO's All-Scan, arXiv 2507.01004; issue 14).
+
+The running state travels segment to segment in sequence order, as in LASP-1, but split into k
+blocks along V: the owner of segment j receives block b of P_j, forwards block b of
+P_{j+1} = Â_j P_j + Ŝ_j at once, and only then waits for block b + 1, so the next rank starts
+while this one is still receiving. Latency (J + k - 2) block hops instead of (J - 1) whole-state
+hops; every rank receives one state per local segment and direction, whatever W.
+
+Why blocks along V (for every variant): the transition acts on the state from the left,
+P -> Â P, for the diagonal family (Â = diag(a)) and for the delta rule (Â a K x K matrix) alike,
+so the columns of P never mix and any split along V is exact with the whole Â. A split along K
+would only be exact for diagonal Â (the delta rule's Â mixes rows). One split serves all five
+variants with one code path; it also needs no slicing of Â. The backward (D_j = G_j +
+Â_j^T D_{j+1}) is the same chain in reverse and splits along V for the same reason.
+
+Overlap: every receive is posted first; the first segment's owner (whose incoming state is zero)
+sends before its intra-chunk work, and every other rank does its intra-chunk work while the
+chain reaches it. The block count k comes from the call (``scan_blocks``) or the cost model's
+k* = sqrt((J - 2) s / alpha) (``strategies.default_blocks``). Under zigzag the chain runs through
+the 2W segments in sequence order (0 -> W-1 over the ranks, then back), as LASP-1's does.
+
+Communication (per direction): per local segment j > 0 whose predecessor is on another rank, k
+recvs (one state [B, H, K, V] in all, fp32; fp64 for fp64 inputs) from the owner of j - 1; per
+local segment j < J - 1 whose successor is on another rank, k sends to it. P2P only, tag = block.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from . import comm
+from .context import LinearCall
+from .linear_local import SegmentWork, apply_transition
+
+
+def _blocks(call: LinearCall, like: torch.Tensor) -> List[slice]:
+    from .strategies import default_blocks
+
+    V = like.shape[-1]
+    k = default_blocks(call.layout.num_segments, like.numel() * 4, V, call.blocks)
+    bounds = [V * b // k for b in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _chain(items, call: LinearCall, neighbour, step, before_wait=None):
+    """Run the chain over this rank's segments in ``items`` (processing order: sequence order
+    forward, reverse backward). ``neighbour(j, -1 | +1)`` gives the segment feeding segment j and the
+    one it feeds (None at the ends). ``step(i, X_in, sl)`` -> block ``sl`` of X_out for item i.
+    ``before_wait`` (the intra-chunk work) runs once, before the first wait for a message.
+    Returns X_in per item.
+    """
+    group, layout = call.group, call.layout
+    rank = comm.rank_and_size(group)[0]
+    like = items[0][1]
+    blocks = _blocks(call, like)
+    incoming = {}
+    for i, (j, _) in enumerate(items):  # post every receive from another rank first
+        src = neighbour(j, -1)
+        if src is not None and layout.owner(src) != rank:
+            incoming[i] = [comm.p2p([], [(like[..., sl], layout.owner(src))], group, tag=b)
+                           for b, sl in enumerate(blocks)]
+    sends, X_in, carried = [], [None] * len(items), None
+    started = before_wait is None
+    for i, (j, _) in enumerate(items):
+        src, dst = neighbour(j, -1), neighbour(j, +1)
+        if src is not None and not started:  # everything that needs no message is done: wait
+            before_wait()
+            started = True
+        remote_out = dst is not None and layout.owner(dst) != rank
+        X = torch.zeros_like(like) if src is None else (carried if i not in incoming else torch.empty_like(like))
+        out = torch.empty_like(like) if dst is not None else None
+        for b, sl in enumerate(blocks):
+            if i in incoming:
+                X[..., sl] = incoming[i][b].wait()[0]
+            if out is not None:
+                out[..., sl] = step(i, X, sl)
+                if remote_out:
+                    sends.append(comm.p2p([(out[..., sl], layout.owner(dst))], [], group, tag=b))
+        X_in[i], carried = X, out
+    if not started:
+        before_wait()
+    for s in sends:
+        s.wait()
+    return X_in
+
+
+class PipelinedChainExchange:
+    """The ``allscan`` exchange (``linear_sp`` protocol); see the module docstring."""
+
+    name = "allscan"
+
+    @staticmethod
+    def forward(work: List[SegmentWork], call: LinearCall, local_work):
+        J = call.layout.num_segments
+        items = [(w.seg.index, w.summary_state.detach()) for w in work]
+
+        def neighbour(j, side):
+            n = j + side
+            return n if 0 <= n < J else None
+
+        def step(i, P, sl):  # block sl of Â_j P_j + Ŝ_j
+            w = work[i]
+            return apply_transition(w.transition.detach(), P[..., sl]) + w.summary_state.detach()[..., sl]
+
+        return _chain(items, call, neighbour, step, before_wait=local_work), None
+
+    @staticmethod
+    def backward(G: List[torch.Tensor], work: List[SegmentWork], call: LinearCall, saved):
+        J = call.layout.num_segments
+        rev = list(range(len(work) - 1, -1, -1))
+        items = [(work[i].seg.index, G[i]) for i in rev]
+
+        def neighbour(j, side):  # the backward chain runs against sequence order
+            n = j - side
+            return n if 0 <= n < J else None
+
+        def step(i, N, sl):  # block sl of D_j = G_j + Â_j^T D_{j+1}
+            w = work[rev[i]]
+            return G[rev[i]][..., sl] + apply_transition(w.transition.detach(), N[..., sl], transpose=True)
+
+        N = _chain(items, call, neighbour, step)
+        return [N[rev.index(i)] for i in range(len(work))]

@@ -15,10 +15,17 @@ What ``parallelize`` does:
    in the model is token-wise and runs unchanged on the local tokens.
 2. Gradient synchronisation: SP ranks hold different tokens of the same sequences, so each
    rank's parameter gradient is a partial sum over its own tokens, exactly as DP ranks hold
-   partial sums over their own sequences. Both are reduced the same way: the model is wrapped
-   in ``DistributedDataParallel`` over the flattened dp x sp group (every rank of the mesh),
-   which averages gradients over all dp * sp ranks. ``global_token_mean`` defines the loss so
-   that this average is the gradient of the mean token loss over the global batch.
+   partial sums over their own sequences. Both are reduced the same way, over the flattened
+   dp x sp mesh (every rank of the mesh), averaging over all dp * sp ranks; ``global_token_mean``
+   defines the loss so that this average is the gradient of the mean token loss over the global
+   batch (no factor of the SP degree anywhere).
+   ``data_parallel="ddp"``: ``DistributedDataParallel`` over that group (full replicas).
+   ``data_parallel="fsdp2"``: ``fully_shard`` over the **1-D** flattened mesh, so parameters,
+   gradients and optimizer state are sharded over all dp * sp ranks (SP ranks hold the same
+   parameters, so they are shard holders too; passing the 2-D mesh would be HSDP, replicating
+   over dp). It shards when dp = 1 too. Each block is its own FSDP group (one all-gather of its
+   parameters before it runs, one reduce-scatter of its gradients), the root holds the rest
+   (embeddings, tied LM head, final norm).
 3. Optionally, activation checkpointing (every block recomputed in backward, at the block's
    call site in the model) and the no-state-passing ablation (no SP context at all).
 
@@ -26,15 +33,21 @@ This module sits above ``lasp2.nn`` (it knows the layers); the SP strategies bel
 """
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import LinearAttention, SoftmaxAttention, SPContext
 from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..parallel.layout import LAYOUTS
-from ..parallel.mesh import check_mesh, dp_sp_group
+from ..parallel.mesh import check_mesh, dp_sp_group, flat_mesh
 from ..validation import check_choice
+
+
+DATA_PARALLEL = ("ddp", "fsdp2")
 
 
 def attention_modules(model: torch.nn.Module):
@@ -44,7 +57,9 @@ def attention_modules(model: torch.nn.Module):
 
 def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "lasp2",
                 softmax_strategy: str = "allgather", layout: str = "contiguous",
-                activation_checkpointing: bool = False, state_passing: bool = True) -> DistributedDataParallel:
+                data_parallel: str = "ddp", mp_policy: Optional[MixedPrecisionPolicy] = None,
+                activation_checkpointing: bool = False,
+                state_passing: bool = True) -> Union[DistributedDataParallel, torch.nn.Module]:
     """Make ``model`` sequence parallel over ``mesh["sp"]`` and data parallel over the whole mesh.
 
     Args:
@@ -56,6 +71,12 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
         softmax_strategy: "allgather" (LASP-2H), "ring" or "ulysses".
         layout: "contiguous" or "zigzag": how the caller shards tokens (``lasp2.shard``) and how
             the SP ops read them. One layout for every layer.
+        data_parallel: "ddp" (replicas, DistributedDataParallel) or "fsdp2" (``fully_shard`` over
+            the flattened dp x sp mesh, one FSDP group per block in ``model.layers`` and the root).
+        mp_policy: fsdp2 only: a ``torch.distributed.fsdp.MixedPrecisionPolicy``, e.g.
+            ``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``
+            (bf16 compute, fp32 gradient reduction; the sharded parameters and the optimizer stay
+            in their dtype). SP states and everything the SP ops exchange stay fp32 regardless.
         activation_checkpointing: recompute every block in backward (``torch.utils.checkpoint``,
             non-reentrant, at the block's call site; the model must have an
             ``activation_checkpointing`` attribute, as ``LinearLlama`` does). Parameter names are
@@ -66,21 +87,30 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
             are still averaged over the mesh. See ``lasp2/train/loop.py``.
 
     Returns:
-        The model wrapped in ``DistributedDataParallel`` over ``dp_sp_group(mesh)`` (the original
-        module is ``.module``, its attention modules now carry ``.sp``). Its forward takes this
-        rank's tokens [B, T_global / sp] of this DP rank's batch, and the global ``cu_seqlens``.
-        Use ``global_token_mean`` for the loss.
+        ddp: the model wrapped in ``DistributedDataParallel`` over ``dp_sp_group(mesh)`` (the
+        original module is ``.module``). fsdp2: ``model`` itself, now an ``FSDPModule`` whose
+        parameters are ``DTensor`` shards (``p.full_tensor()`` gathers one; skip gradient sync on
+        accumulation micro-batches with ``set_requires_gradient_sync(False)``). Either way the
+        attention modules carry ``.sp``, and the forward takes this rank's tokens
+        [B, T_global / sp] of this DP rank's batch and the global ``cu_seqlens``. Use
+        ``global_token_mean`` for the loss.
 
-    Communication: per step, each attention layer's SP collectives on the sp group; one DDP
-    gradient all-reduce (bucketed) over the dp x sp group, overlapped with backward.
+    Communication: per step, each attention layer's SP collectives on the sp group; then over
+    the dp x sp group, ddp: one gradient all-reduce (bucketed) overlapped with backward; fsdp2:
+    per FSDP group one parameter all-gather before forward, one again before backward (the
+    blocks reshard after forward) and one gradient reduce-scatter.
     """
     check_mesh(mesh)
     check_choice("strategy", strategy, LINEAR_STRATEGIES)
     check_choice("softmax_strategy", softmax_strategy, SOFTMAX_STRATEGIES)
     check_choice("layout", layout, LAYOUTS)
-    if isinstance(model, DistributedDataParallel):
-        raise ValueError("model is already wrapped in DistributedDataParallel; pass the plain module "
-                         "(lasp2.parallelize applies DP itself)")
+    check_choice("data_parallel", data_parallel, DATA_PARALLEL)
+    if mp_policy is not None and (data_parallel != "fsdp2" or not isinstance(mp_policy, MixedPrecisionPolicy)):
+        raise ValueError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy and needs "
+                         f"data_parallel='fsdp2'; got {type(mp_policy).__name__} with data_parallel={data_parallel!r}")
+    if isinstance(model, (DistributedDataParallel, FSDPModule)):
+        raise ValueError(f"model is already wrapped in {type(model).__name__}; pass the plain module "
+                         f"(lasp2.parallelize applies DP itself)")
     attention = attention_modules(model)
     if not attention:
         raise ValueError("model has no lasp2.nn.LinearAttention / SoftmaxAttention module to parallelise")
@@ -98,8 +128,20 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
             m.sp = linear_ctx if isinstance(m, LinearAttention) else softmax_ctx
     if activation_checkpointing:
         model.activation_checkpointing = True
+    if data_parallel == "fsdp2":
+        return _fully_shard(model, flat_mesh(mesh), mp_policy or MixedPrecisionPolicy())
     device = next(model.parameters()).device
     # lasp2 modules keep no buffers (RoPE tables and fixed decays are recomputed), so DDP has no
     # per-forward buffer broadcast to do.
     return DistributedDataParallel(model, process_group=dp_sp_group(mesh),
                                    device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _fully_shard(model: torch.nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> torch.nn.Module:
+    """FSDP2 bottom-up: each block of ``model.layers`` (when the model has them), then the root."""
+    for block in getattr(model, "layers", ()):
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+    # The root's parameters (embeddings, tied LM head, final norm) are needed first in forward and
+    # first in backward: keep them gathered between the two (torchtitan does the same).
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    return model

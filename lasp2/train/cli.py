@@ -34,13 +34,14 @@ EXAMPLES = """examples:
 
 def _choices():
     from ..models import PRESETS
+    from ..models.parallelize import DATA_PARALLEL
     from ..nn import LINEAR_VARIANTS
     from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
     from ..parallel.layout import LAYOUTS
 
     return {"preset": tuple(PRESETS), "task": TASKS, "dtype": DTYPES, "device": DEVICES, "doc_sep": DOC_SEPS,
             "layout": LAYOUTS, "strategy": LINEAR_STRATEGIES, "softmax_strategy": SOFTMAX_STRATEGIES,
-            "linear": tuple(LINEAR_VARIANTS)}
+            "linear": tuple(LINEAR_VARIANTS), "data_parallel": DATA_PARALLEL}
 
 
 def _base_type(hint):
@@ -132,6 +133,11 @@ def summary_text(summary: dict, cfg: TrainConfig) -> str:
         parts.append(f"final loss {summary['final_loss']:.4f}, accuracy {summary['final_accuracy']:.3f} "
                      f"(mean of the last 10 steps {summary['accuracy_last10']:.3f}{chance}), "
                      f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_mem_mb']:,.0f} MB per rank")
+        mib = 2 ** 20
+        parts.append(f"{cfg.data_parallel}: parameters + optimizer state "
+                     f"{(summary['param_bytes'] + summary['optimizer_bytes']) / mib:,.2f} MiB, gradients "
+                     f"{summary['grad_bytes'] / mib:,.2f} MiB, activation peak {summary['activation_peak_bytes'] / mib:,.2f} "
+                     f"MiB per rank")
     parts.append(f"wall time {summary['wall_s']:.1f} s")
     files = ["metrics.jsonl", "config.json"]
     if str(summary.get("plot", "")).endswith(".png"):

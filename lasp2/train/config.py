@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from ..models import PRESETS, LinearLlamaConfig
+from ..models.parallelize import DATA_PARALLEL
 from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..parallel.layout import LAYOUTS
 
@@ -65,6 +66,10 @@ class TrainConfig:
     softmax_strategy: str = field(default="allgather", metadata=_help(
         f"softmax SP strategy: {', '.join(SOFTMAX_STRATEGIES)}"))
     layout: str = field(default="contiguous", metadata=_help(f"token layout over SP ranks: {', '.join(LAYOUTS)}"))
+    data_parallel: str = field(default="ddp", metadata=_help(
+        "how parameters are held across the dp x sp ranks: ddp (full replicas, single-file checkpoints) or "
+        "fsdp2 (fully_shard over the flattened dp x sp ranks: parameters, gradients and optimizer state "
+        "sharded; sharded DCP checkpoints that resume at another --dp/--sp)"))
     no_state_passing: bool = field(default=False, metadata=_help(
         "ablation: no attention state or keys cross a rank boundary; every contiguous run of tokens a "
         "rank holds is an independent sequence (see lasp2/train/loop.py)"))
@@ -128,7 +133,7 @@ class TrainConfig:
             positive_int("dp")
         for name, options in (("task", TASKS), ("dtype", DTYPES), ("device", DEVICES), ("layout", LAYOUTS),
                               ("strategy", LINEAR_STRATEGIES), ("softmax_strategy", SOFTMAX_STRATEGIES),
-                              ("doc_sep", DOC_SEPS)):
+                              ("doc_sep", DOC_SEPS), ("data_parallel", DATA_PARALLEL)):
             choice(name, options)
         for name in ("lr", "timeout_s"):
             if not float(getattr(self, name)) > 0:
@@ -229,6 +234,9 @@ class TrainConfig:
     def trajectory_diff(self, other: Dict[str, Any]) -> Dict[str, tuple]:
         """Fields (other than ``RESUMABLE_CHANGES``) where ``other`` (a ``to_dict``) differs."""
         mine = self.to_dict()
+        # A field the other run did not have yet (an older lasp2) had its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        other = {**{k: v for k, v in defaults.items() if k not in other}, **other}
         return {k: (other.get(k), mine[k]) for k in mine
                 if k not in RESUMABLE_CHANGES and other.get(k) != mine[k]}
 

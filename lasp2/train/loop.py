@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -43,11 +44,15 @@ from ..models.parallelize import parallelize
 from ..parallel import comm
 from ..parallel.layout import Layout
 from ..parallel.mesh import dp_sp_group, global_token_mean
-from . import checkpoint
+from . import checkpoint, state
+from .memory import ActivationPeak, state_bytes
 from .config import TrainConfig
 from .data import MicroBatch, RankData
 from .packing import IGNORE_INDEX
 
+# Per-rank bytes in every metrics row (the largest rank's): the state a rank holds, then the
+# activation peak of the run's first step (lasp2/train/memory.py).
+MEMORY_KEYS = ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_peak_bytes")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.float32, "float64": torch.float64}
 
 
@@ -131,11 +136,25 @@ class _Bar:
             self.bar.close()
 
 
-def _write_config(cfg: TrainConfig, out: Path, model: LinearLlama, world: int, backend: str, start_step: int):
+def _write_config(cfg: TrainConfig, out: Path, model: LinearLlama, world: int, backend: str, start_step: int,
+                  placement: Dict[str, Any]):
     record = {"config": cfg.to_dict(), "model": model.config.to_dict(), "parameters": model.num_params(),
-              "world": {"dp": cfg.dp, "sp": cfg.sp, "ranks": world, "backend": backend},
+              "world": {"dp": cfg.dp, "sp": cfg.sp, "ranks": world, "backend": backend, **placement},
               "torch": torch.__version__, "resumed_from_step": start_step or None}
     (out / "config.json").write_text(json.dumps(record, indent=1))
+
+
+def _placement(mesh, group, device: torch.device) -> Dict[str, Any]:
+    """The (dp, sp) mesh of global ranks and the node of each rank (torchrun's GROUP_RANK; 0 when
+    self-launched). torchrun gives each node a contiguous block of ranks and the mesh is
+    row-major, so an SP group (a mesh row: consecutive ranks) stays inside a node whenever sp
+    divides the ranks per node.
+
+    Communication: 1 all-gather of one int64 per rank over ``group``.
+    """
+    node = torch.tensor([int(os.environ.get("GROUP_RANK", "0"))], dtype=torch.int64, device=device)
+    nodes = comm.all_gather(node, group).flatten().tolist()  # group order = mesh order (row-major)
+    return {"mesh": mesh.mesh.tolist(), "node_of_rank": {int(r): n for r, n in zip(mesh.mesh.flatten(), nodes)}}
 
 
 def _metrics_file(out: Path, cfg: TrainConfig, start_step: int):
@@ -164,37 +183,26 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     group = dp_sp_group(mesh)
 
     model = LinearLlama(cfg.model_config(), seed=cfg.seed, device=device).to(DTYPES[cfg.dtype])
-    ddp = parallelize(model, mesh, strategy=cfg.strategy, softmax_strategy=cfg.softmax_strategy, layout=cfg.layout,
-                      activation_checkpointing=cfg.activation_checkpointing, state_passing=not cfg.no_state_passing)
+    wrapped = parallelize(model, mesh, strategy=cfg.strategy, softmax_strategy=cfg.softmax_strategy,
+                          layout=cfg.layout, data_parallel=cfg.data_parallel,
+                          activation_checkpointing=cfg.activation_checkpointing,
+                          state_passing=not cfg.no_state_passing)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bfloat16" \
         else contextlib.nullcontext
+    loss_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32  # bf16 logits: the loss in fp32
 
-    start_step = 0
-    if cfg.resume:
-        ckpt = checkpoint.find(cfg.resume)
-        meta = checkpoint.read_meta(ckpt)
-        checkpoint.check_compatible(meta, cfg, ckpt)
-        model.load_state_dict(checkpoint.load_file(ckpt, "model.pt", device))
-        optimizer.load_state_dict(checkpoint.load_file(ckpt, "optimizer.pt", device))
-        rng = checkpoint.load_file(ckpt, "rng.pt")
-        if rng["cpu"].shape[0] != world:
-            raise ValueError(f"checkpoint {ckpt}: rng.pt holds {rng['cpu'].shape[0]} ranks, this run has {world}")
-        # clone(): set_rng_state reads a row view of [W, n] from the start of its storage and
-        # segfaults (torch 2.13), so hand it a tensor of its own.
-        torch.set_rng_state(rng["cpu"][rank].clone())
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"][rank].clone())
-        start_step = int(meta["step"])
+    start_step = state.restore(cfg, model, optimizer, group, device, rank, world) if cfg.resume else 0
+    placement = _placement(mesh, group, device)
 
     out = Path(cfg.out)
     metrics = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_config(cfg, out, model, world, dist.get_backend(), start_step)
+        _write_config(cfg, out, model, world, dist.get_backend(), start_step, placement)
         metrics = _metrics_file(out, cfg, start_step)
     data = RankData(cfg, dp_rank=dp_rank, sp_group=sp_group)
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -202,6 +210,7 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     history: List[Dict[str, Any]] = []
     last_ckpt = None
     t_train = time.perf_counter()
+    activation_peak = 0
     try:
         for step in range(start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -217,43 +226,54 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
             loss_value = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.float64, device=device)
             scored = torch.zeros((), dtype=torch.float64, device=device)
-            for i, mb in enumerate(micro):
-                sync = contextlib.nullcontext() if i == len(micro) - 1 else ddp.no_sync()
-                with sync:
-                    with autocast():
-                        if cfg.no_state_passing:
-                            tokens, cu = local_runs_view(mb, cfg, sp_rank)
-                            logits = ddp(tokens, cu_seqlens=cu).reshape(*mb.labels.shape, -1)
-                        else:
-                            logits = ddp(mb.tokens, cu_seqlens=mb.cu_seqlens)
-                        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), mb.labels.flatten(),
-                                                   ignore_index=IGNORE_INDEX, reduction="sum")
-                    mask = mb.labels != IGNORE_INDEX
-                    if mb.scored is not None:
-                        mask &= mb.scored
-                    correct += (logits.detach().argmax(-1)[mask] == mb.labels[mask]).sum().to(torch.float64)
-                    scored += mask.sum().to(torch.float64)
-                    del logits  # [b, T, vocab] need not outlive the loss: memory for long sequences
-                    loss = global_token_mean(loss_sum, counts[i], group) * (float(global_counts[i]) / total)
-                    loss.backward()
-                loss_value += loss.detach().to(torch.float64)
+            # The activation peak is measured on this run's first step (exact bytes: train/memory.py);
+            # later steps have the same shapes and run without the tracker's per-op bookkeeping.
+            tracker = ActivationPeak() if step == start_step + 1 else None
+            with tracker or contextlib.nullcontext():
+                for i, mb in enumerate(micro):
+                    with _grad_sync(wrapped, i == len(micro) - 1):
+                        with autocast():
+                            if cfg.no_state_passing:
+                                tokens, cu = local_runs_view(mb, cfg, sp_rank)
+                                logits = wrapped(tokens, cu_seqlens=cu).reshape(*mb.labels.shape, -1)
+                            else:
+                                logits = wrapped(mb.tokens, cu_seqlens=mb.cu_seqlens)
+                            loss_sum = F.cross_entropy(logits.flatten(0, 1).to(loss_dtype), mb.labels.flatten(),
+                                                       ignore_index=IGNORE_INDEX, reduction="sum")
+                        mask = mb.labels != IGNORE_INDEX
+                        if mb.scored is not None:
+                            mask &= mb.scored
+                        correct += (logits.detach().argmax(-1)[mask] == mb.labels[mask]).sum().to(torch.float64)
+                        scored += mask.sum().to(torch.float64)
+                        del logits  # [b, T, vocab] need not outlive the loss: memory for long sequences
+                        loss = global_token_mean(loss_sum, counts[i], group) * (float(global_counts[i]) / total)
+                        loss.backward()
+                    loss_value += loss.detach().to(torch.float64)
+            if tracker is not None:
+                activation_peak = tracker.peak_bytes(exclude=[p.grad for p in model.parameters() if p.grad is not None])
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
                                                        else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor reduced over the shards
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
+            held = state_bytes(model, optimizer)  # parameters, gradients, optimizer state (this rank's)
             optimizer.zero_grad(set_to_none=True)
-            stats = torch.stack([correct, scored,
-                                 torch.tensor(peak_memory_mb(device), dtype=torch.float64, device=device)])
-            gathered = comm.all_gather(stats, group)  # [W, 3]
+            stats = torch.tensor([float(correct), float(scored), peak_memory_mb(device), held["param_bytes"],
+                                  held["grad_bytes"], held["optimizer_bytes"], activation_peak],
+                                 dtype=torch.float64, device=device)
+            gathered = comm.all_gather(stats, group)  # [W, 7]; bytes < 2**53 are exact in fp64
             step_time = time.perf_counter() - t0
             accuracy = float(gathered[:, 0].sum() / gathered[:, 1].sum().clamp(min=1))
+            worst = gathered.max(0).values  # memory: the largest rank
             row = {"step": step, "loss": float(loss_value), "accuracy": accuracy,
                    "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_per_step,
                    "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
-                   "peak_mem_mb": float(gathered[:, 2].max()), "elapsed_s": time.perf_counter() - t_start}
+                   "peak_mem_mb": float(worst[2]), "elapsed_s": time.perf_counter() - t_start,
+                   **{key: int(worst[3 + j]) for j, key in enumerate(MEMORY_KEYS)}}
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"loss became {row['loss']} at step {step}; lower --lr or check the data")
             if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
-                last_ckpt = _save(cfg, step, model, optimizer, group, device, rank)
+                last_ckpt = state.save(cfg, step, model, optimizer, group, device, rank)
             if rank == 0:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
@@ -276,20 +296,19 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
         summary.update(final_loss=history[-1]["loss"], final_accuracy=history[-1]["accuracy"],
                        accuracy_last10=sum(r["accuracy"] for r in tail) / len(tail),
                        tokens_per_s=tokens_per_step * len(history) / train_time,
-                       peak_mem_mb=max(r["peak_mem_mb"] for r in history))
+                       peak_mem_mb=max(r["peak_mem_mb"] for r in history),
+                       **{key: history[0][key] for key in MEMORY_KEYS})
     if cfg.plot:
         summary["plot"] = plot_metrics(out)
     return summary
 
 
-def _save(cfg, step, model, optimizer, group, device, rank) -> Optional[Path]:
-    rng = {"cpu": comm.all_gather(torch.get_rng_state().to(device), group)}
-    if device.type == "cuda":
-        rng["cuda"] = comm.all_gather(torch.cuda.get_rng_state(device).to(device), group)
-    if rank != 0:
-        return None
-    return checkpoint.save(cfg.out, step, model=model, optimizer=optimizer, rng=rng, config=cfg.to_dict(),
-                           world={"dp": cfg.dp, "sp": cfg.sp})
+def _grad_sync(wrapped: torch.nn.Module, sync: bool):
+    """Context for one micro-batch's backward: reduce gradients only on the last one."""
+    if hasattr(wrapped, "no_sync"):  # DDP
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
+    wrapped.set_requires_gradient_sync(sync)  # FSDP2: the flag holds until changed
+    return contextlib.nullcontext()
 
 
 def plot_metrics(out: Path) -> str:

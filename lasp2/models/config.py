@@ -15,6 +15,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "debug": dict(vocab_size=256, hidden=64, layers=4, heads=4, kv_heads=2, mlp_hidden=128,
                   layer_pattern="LLLN", linear_variant="bla", rope_theta=10000.0,
                   tie_embeddings=False, feature_dim=8),
+    # Mid-size (44M parameters, 8 blocks of width 512, 32K vocabulary, hybrid): large enough that
+    # parameters and optimizer state dominate a rank's memory, small enough for a CPU box; the
+    # DDP vs FSDP2 memory table of the README uses it.
+    "linear-llama3-mid": dict(vocab_size=32000, hidden=512, layers=8, heads=8, kv_heads=4, mlp_hidden=1536,
+                              layer_pattern="LLLN", linear_variant="mamba2", rope_theta=500000.0,
+                              tie_embeddings=True),
     # The LASP-2 paper's Linear-Llama3-1B: Llama 3 1B shape (16 layers, width 2048, vocabulary
     # 128256) with 16 heads; GQA with 8 KV heads in the softmax layers as Llama 3. Pure linear
     # by default; the paper's hybrid is layer_pattern="LLLN" (one softmax layer in four).
@@ -101,7 +107,7 @@ class LinearLlamaConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "LinearLlamaConfig":
-        """A named preset (``PRESETS``: "debug", "linear-llama3-1b") with fields overridden."""
+        """A named preset (``PRESETS``: "debug", "linear-llama3-mid", "linear-llama3-1b") with fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})

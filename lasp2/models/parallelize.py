@@ -41,7 +41,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import LinearAttention, SoftmaxAttention, SPContext
-from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
+from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..parallel.layout import LAYOUTS
 from ..parallel.mesh import check_mesh, dp_sp_group, flat_mesh
 from ..validation import check_choice

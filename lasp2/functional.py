@@ -95,3 +95,28 @@ def softmax_attention(
     check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
     doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), q.shape[1])
     return attention_blockwise(q, k, v, scale=resolve_scale(scale, q), causal=causal, q_doc=doc, k_doc=doc)
+
+
+@no_autocast
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                  activation: Optional[str] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Short causal depthwise conv on one device (the conv of Gated DeltaNet / Mamba2 layers).
+
+    Args:
+        x: [B, T, C]; weight: [C, k] (``conv1d.weight.squeeze(1)``); bias: [C] or None; one dtype.
+        activation: None, "silu" or "swish", applied after the conv.
+        cu_seqlens: [N + 1] int cumulative document lengths (B == 1): the conv restarts at every
+            document start.
+
+    Returns:
+        y [B, T, C] in x's dtype: y[t] = bias + sum_i weight[:, i] * x[t - (k-1) + i] (zeros
+        before the first token / document start), then the activation.
+
+    Communication: none.
+    """
+    from .ops.conv import causal_conv1d as _conv
+    from .validation import check_conv
+
+    check_conv(x, weight, bias, activation)
+    check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0])
+    return _conv(x, weight, bias, activation=activation, cu_seqlens=cu_seqlens)

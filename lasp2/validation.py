@@ -135,3 +135,23 @@ def check_choice(name: str, value, choices) -> None:
 def resolve_scale(scale: Optional[float], q: torch.Tensor) -> float:
     """The scale to use for q [..., K]: ``scale``, or K**-0.5 when it is None."""
     return default_scale(scale, q.shape[-1])
+
+
+def check_conv(x, weight, bias, activation) -> None:
+    """Short causal depthwise conv: x [B, T, C], weight [C, k], bias [C] or None, one dtype/device."""
+    check_tensor("x", x, 3, "[B, T, C]")
+    check_tensor("weight", weight, 2, "[C, k] (a depthwise Conv1d weight [C, 1, k] squeezed)")
+    B, T, C = x.shape
+    if T < 1 or B < 1 or C < 1:
+        raise ValueError(f"x must have no empty dimension, got {tuple(x.shape)}")
+    if weight.shape[0] != C or weight.shape[1] < 1:
+        raise ValueError(f"weight must have shape [C, k] = [{C}, k >= 1], got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, 1, "[C]")
+        if bias.shape[0] != C:
+            raise ValueError(f"bias must have shape [C] = [{C}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got "
+                             f"({t.dtype}, {t.device}); cast it with .to(x)")
+    check_choice("activation", activation, (None, "silu", "swish"))

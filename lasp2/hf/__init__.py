@@ -1,0 +1,21 @@
+"""Hugging Face ``transformers`` hybrid models trained under LASP-2 (optional: ``pip install "lasp2[hf]"``).
+
+    model = AutoModelForCausalLM.from_config(cfg)            # or from_pretrained(local_dir)
+    lasp2.hf.parallelize(model, group, layout="zigzag", strategy="lasp2", softmax_strategy="allgather")
+    batch = lasp2.hf.shard_batch(input_ids, labels, group=group, layout="zigzag")
+    out = model(**batch)     # out.logits: this rank's shard of the single-device logits
+
+Supported: Qwen3-Next and Qwen3.5 (Gated DeltaNet + gated softmax attention), MiniMax (Lightning
++ softmax attention), Bamba (Mamba2 + softmax attention). Each model's own layers (parameters,
+projections, norms, gates, MoE MLPs) run unchanged; only the sequence-mixing cores and the short
+convolutions become lasp2 SP ops. See ``families.py`` for the mapping.
+"""
+try:
+    import transformers  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError('lasp2.hf needs transformers >= 5.0: pip install "lasp2[hf]"') from e
+
+from .api import parallelize, shard_batch
+from .families import FAMILIES, supported
+
+__all__ = ["parallelize", "shard_batch", "FAMILIES", "supported"]

@@ -1,0 +1,171 @@
+"""``lasp2.hf.parallelize`` and ``lasp2.hf.shard_batch``."""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Dict, Optional
+
+import torch
+
+from ..parallel import comm
+from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_group, shard
+from ..parallel.layout import LAYOUTS
+from ..validation import check_choice, check_cu_seqlens
+from .common import ATTN_IMPLEMENTATION, CU_KEY, HFContext, attention_function, make_pre_hook
+from .families import FAMILIES, family_of
+
+# Class names that mix tokens; any such module that a family does not know is refused.
+_MIXER_NAME = re.compile(r"(Attention|Mixer|DeltaNet|Mamba\w*|SSM|Conv\w*)$")
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, attention_function)
+
+
+def _known_mixers(family):
+    return set(family.linear) | set(family.softmax)
+
+
+def _check_modules(model, family) -> None:
+    known = _known_mixers(family)
+    everything = {c for f in FAMILIES for c in _known_mixers(f)}
+    for name, m in model.named_modules():
+        cls = type(m).__name__
+        if cls in known:
+            continue
+        inside_linear = name.rsplit(".", 1)[0] if "." in name else ""
+        if isinstance(m, torch.nn.Conv1d) and type(model.get_submodule(inside_linear)).__name__ in family.linear:
+            continue  # the mixer's own short conv, replaced with the mixer's forward
+        if _MIXER_NAME.search(cls) or isinstance(m, (torch.nn.Conv1d, torch.nn.MultiheadAttention)) or cls in everything:
+            raise ValueError(f"{type(model).__name__} contains {name} = {cls}, a sequence-mixing layer lasp2.hf "
+                             f"does not know how to parallelize; supported mixers for {family.name}: "
+                             f"{', '.join(sorted(known))}")
+
+
+def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", strategy: str = "lasp2",
+                softmax_strategy: str = "allgather") -> torch.nn.Module:
+    """Make a transformers hybrid model sequence parallel over ``group``, in place.
+
+    Args:
+        model: a ``Qwen3NextForCausalLM``, ``Qwen3_5ForCausalLM``, ``MiniMaxForCausalLM`` or
+            ``BambaForCausalLM`` (or its base model), identical on every rank of ``group``.
+        group: the sequence-parallel process group (required; ``mesh["sp"].get_group()``).
+        layout: "contiguous" or "zigzag", how ``shard_batch`` splits the tokens.
+        strategy: linear-attention strategy ("lasp2" or "lasp1").
+        softmax_strategy: "allgather" (LASP-2H), "ring" or "ulysses".
+
+    Returns:
+        ``model`` itself. Its linear mixers (Gated DeltaNet, Lightning, Mamba2) run their own
+        projections, norms and gates with ``lasp2.sp_causal_conv1d`` and
+        ``lasp2.sp_linear_attention`` as the conv and scan; its softmax attention modules run
+        their own forward with ``lasp2.sp_softmax_attention`` as the attention function. Its
+        forward takes this rank's tokens (``shard_batch``); positions default to the global ones;
+        ``logits`` are this rank's shard of the single-device logits. No DP wrapping: gradients
+        are partial sums over each rank's tokens (all-reduce them over the SP group, or use DDP
+        over dp x sp as ``lasp2.parallelize`` does). The router auxiliary loss of MoE layers
+        (``output_router_logits=True``) is computed per rank, not over the whole sequence.
+
+    Communication: per layer and direction, the linear strategy's collective (LASP-2: one
+    all-gather) plus one P2P halo exchange for convs, or the softmax strategy's collective; at
+    the first call, one small agreement check over the group.
+    """
+    check_group(group)
+    check_choice("layout", layout, LAYOUTS)
+    check_choice("strategy", strategy, LINEAR_STRATEGIES)
+    check_choice("softmax_strategy", softmax_strategy, SOFTMAX_STRATEGIES)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a transformers model (torch.nn.Module), got {type(model).__name__}")
+    family = family_of(model)
+    if getattr(model, "_lasp2", None) is not None:
+        raise ValueError("model was already parallelized by lasp2.hf.parallelize; build or load a fresh model")
+    config = model.config
+    problem = family.unsupported_config(config) if family.unsupported_config else None
+    if problem:
+        raise ValueError(f"{type(model).__name__}: {problem}")
+    _check_modules(model, family)
+    comm.ensure_agreement(group, f"lasp2.hf.parallelize {type(model).__name__} layout={layout} strategy={strategy} "
+                                 f"softmax={softmax_strategy} params={sum(p.numel() for p in model.parameters())}")
+    _register_attention()
+    ctx = HFContext(group, layout, strategy, softmax_strategy)
+    modeling = family.modeling()
+    sp_config = None
+    for m in model.modules():
+        cls = type(m).__name__
+        if cls in family.linear:
+            m._lasp2 = ctx
+            m.forward = family.linear[cls](m, modeling)
+        elif cls in family.softmax:
+            if sp_config is None:  # a private config: the model's own (maybe shared) one is untouched
+                sp_config = copy.deepcopy(m.config)
+                sp_config._attn_implementation = ATTN_IMPLEMENTATION
+            m._lasp2, m.config = ctx, sp_config
+    base = model.model if type(model).__name__ == family.models[0] else model
+    model._lasp2_hook = base.register_forward_pre_hook(make_pre_hook(ctx, getattr(config, family.layer_types)),
+                                                       with_kwargs=True)
+    model._lasp2 = ctx
+    return model
+
+
+def _check_ids(name: str, x, shape=None) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype.is_floating_point or x.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor [B, T] (the whole sequences, identical on every rank)")
+    if shape is not None and x.shape != shape:
+        raise ValueError(f"{name} must have input_ids' shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def shard_batch(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *, group, layout: str = "contiguous",
+                cu_seqlens: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                ignore_index: int = -100) -> Dict[str, torch.Tensor]:
+    """This rank's part of a batch of whole sequences, ready for ``model(**batch)``.
+
+    Args:
+        input_ids: [B, T] integer, the whole sequences, identical on every rank; T must split
+            into W equal parts (2W under zigzag).
+        labels: None, or [B, T] integer targets *before* the next-token shift (as transformers
+            takes them; usually ``input_ids``), ``ignore_index`` where not counted.
+        group, layout: the SP group and the layout given to ``parallelize``.
+        cu_seqlens: None, or [N + 1] int cumulative document lengths (B == 1): documents packed
+            in one row; positions restart and nothing crosses a document boundary.
+        attention_mask: None or all ones (padding is not supported under SP: pack instead).
+
+    Returns:
+        ``input_ids`` [B, T / W] (this rank's tokens), ``position_ids`` [B, T / W] (their global
+        positions, or positions in their document), with labels also ``labels`` and
+        ``shift_labels`` [B, T / W] (the next-token target of each local token, shifted on the
+        whole sequence so that no rank loses its last label; ``ignore_index`` at each sequence /
+        document end) and ``num_items_in_batch`` (the number of counted targets in the whole
+        batch), so that ``model(**batch).loss`` is this rank's share: its sum over the SP group
+        is the single-device loss; with documents, ``lasp2_cu_seqlens``.
+
+    Communication: none.
+    """
+    check_group(group)
+    check_choice("layout", layout, LAYOUTS)
+    _check_ids("input_ids", input_ids)
+    B, T = input_ids.shape
+    if labels is not None:
+        _check_ids("labels", labels, input_ids.shape)
+    check_cu_seqlens(cu_seqlens, T, B)
+    if attention_mask is not None:
+        _check_ids("attention_mask", attention_mask, input_ids.shape)
+        if not bool((attention_mask != 0).all()):
+            raise ValueError("attention_mask has padding (zeros), which sequence parallelism does not support; "
+                             "pack the documents into one row and pass cu_seqlens instead")
+    pos = torch.arange(T, device=input_ids.device)
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=input_ids.device, dtype=torch.long)
+        pos = pos - cu[torch.searchsorted(cu, pos, right=True) - 1]
+    out = {"input_ids": shard(input_ids, group=group, layout=layout),
+           "position_ids": shard(pos.unsqueeze(0).expand(B, T), group=group, layout=layout)}
+    if labels is not None:
+        shifted = torch.full_like(labels, ignore_index)
+        shifted[:, :-1] = labels[:, 1:]
+        if cu_seqlens is not None:
+            shifted[:, cu[1:] - 1] = ignore_index  # a document's last token predicts nothing
+        out["labels"] = out["shift_labels"] = shard(shifted, group=group, layout=layout)
+        out["num_items_in_batch"] = (shifted != ignore_index).sum()
+    if cu_seqlens is not None:
+        out[CU_KEY] = cu_seqlens
+    return out

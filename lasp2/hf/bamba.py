@@ -1,0 +1,50 @@
+"""Bamba (IBM's Mamba2 hybrid): Mamba2 mixer layers + softmax attention layers.
+
+The forward below is transformers' ``BambaMixer.forward`` for whole sequences (its torch path:
+``in_proj``, ``causal_conv1d_fn``, ``mamba2_chunk_scan``, gated RMSNorm, ``out_proj``), with the
+layer's own parameters and two calls replaced:
+
+- ``causal_conv1d_fn`` (kernel ``mamba_d_conv``) on x|B|C -> ``lasp2.sp_causal_conv1d``;
+- ``mamba2_chunk_scan`` -> the SSD scan as lasp2's scalar-gate linear attention: per head h,
+  dt = clamp(softplus(dt + dt_bias), time_step_limit), q = C, k = B (n_groups groups repeated to
+  the heads), v = x * dt, g = A * dt with A = -exp(A_log), scale 1, then + D * x (the skip).
+  S_t = exp(g_t) S_{t-1} + k_t^T v_t and y_t = q_t S_t are the SSD recurrence the chunked scan
+  evaluates.
+
+The softmax layers run unchanged with ``attn_implementation="lasp2"``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..parallel.halo import sp_causal_conv1d
+from .common import CU_KEY, compute_dtype, linear_core
+
+
+def mamba2_forward(layer, hidden_states, cache_params=None, attention_mask=None, **kwargs):
+    """Replacement forward of ``BambaMixer``."""
+    ctx, cu = layer._lasp2, kwargs.get(CU_KEY)
+    batch_size, seq_len, _ = hidden_states.shape
+    dtype = hidden_states.dtype
+    H, P, G, N = layer.num_heads, layer.head_dim, layer.n_groups, layer.ssm_state_size
+    projected = layer.in_proj(hidden_states)
+    gate, xbc, dt = projected.split([layer.intermediate_size, layer.conv_dim, H], dim=-1)
+
+    w = layer.conv1d.weight.squeeze(1)
+    xbc = sp_causal_conv1d(xbc.to(w.dtype), w, layer.conv1d.bias, group=ctx.group, layout=ctx.layout,
+                           activation=layer.activation, cu_seqlens=cu).to(xbc.dtype)
+    x, B, C = torch.split(xbc, [layer.intermediate_size, G * N, G * N], dim=-1)
+
+    cdt = compute_dtype(dtype)
+    A = -torch.exp(layer.A_log.float())
+    dt = F.softplus(dt + layer.dt_bias.to(dt.dtype))
+    dt = torch.clamp(dt, min=layer.time_step_limit[0], max=layer.time_step_limit[1])
+    x = x.reshape(batch_size, seq_len, H, P).to(cdt)
+    B = B.reshape(batch_size, seq_len, G, N).to(cdt).repeat_interleave(H // G, dim=2, output_size=H)
+    C = C.reshape(batch_size, seq_len, G, N).to(cdt).repeat_interleave(H // G, dim=2, output_size=H)
+    dt = dt.to(cdt)
+    y = linear_core(ctx, C, B, x * dt[..., None], A.to(cdt) * dt, scale=1.0, cu_seqlens=cu)
+    y = y + layer.D[..., None] * x
+    scan_output = layer.norm(y.reshape(batch_size, seq_len, -1), gate)
+    return layer.out_proj(scan_output.to(dtype))

@@ -1,0 +1,76 @@
+"""The supported transformers architectures: which classes are models, which modules mix tokens,
+and the lasp2 forward that replaces each linear-attention / SSM mixer's.
+
+Softmax attention modules keep their forward (projections, norms, RoPE, gates) and run through
+the ``"lasp2"`` attention interface; every other module is token-wise and runs unchanged.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+from . import bamba, minimax, qwen3_next
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    module: str                       # transformers modeling module
+    models: Tuple[str, ...]           # model classes (first: the causal LM), base model at ``.model``
+    linear: Dict[str, Callable]       # linear mixer class -> replacement forward(layer, modeling, ...)
+    softmax: Tuple[str, ...]          # softmax attention classes
+    layer_types: str                  # config attribute listing "linear_attention" / "full_attention"
+    unsupported_config: Optional[Callable] = None   # config -> problem description or None
+
+    def modeling(self):
+        return importlib.import_module(self.module)
+
+
+def _gdn(fn):
+    return lambda layer, modeling: (lambda *a, **k: fn(layer, modeling.l2norm, *a, **k))
+
+
+def _plain(fn):
+    return lambda layer, modeling: (lambda *a, **k: fn(layer, *a, **k))
+
+
+def _minimax_config(config) -> Optional[str]:
+    if getattr(config, "sliding_window", None) is not None:
+        return (f"config.sliding_window = {config.sliding_window}: sliding-window softmax attention is not "
+                f"supported under sequence parallelism; set it to None")
+    return None
+
+
+FAMILIES = (
+    Family("qwen3_next", "transformers.models.qwen3_next.modeling_qwen3_next",
+           ("Qwen3NextForCausalLM", "Qwen3NextModel"),
+           {"Qwen3NextGatedDeltaNet": _gdn(qwen3_next.qwen3_next_gdn_forward)}, ("Qwen3NextAttention",),
+           "layer_types"),
+    Family("qwen3_5", "transformers.models.qwen3_5.modeling_qwen3_5",
+           ("Qwen3_5ForCausalLM", "Qwen3_5TextModel"),
+           {"Qwen3_5GatedDeltaNet": _gdn(qwen3_next.qwen3_5_gdn_forward)}, ("Qwen3_5Attention",),
+           "layer_types"),
+    Family("minimax", "transformers.models.minimax.modeling_minimax",
+           ("MiniMaxForCausalLM", "MiniMaxModel"),
+           {"MiniMaxLightningAttention": _plain(minimax.lightning_forward)}, ("MiniMaxAttention",),
+           "layer_types", _minimax_config),
+    Family("bamba", "transformers.models.bamba.modeling_bamba",
+           ("BambaForCausalLM", "BambaModel"),
+           {"BambaMixer": _plain(bamba.mamba2_forward)}, ("BambaAttention",),
+           "layers_block_type"),
+)
+
+
+def supported() -> str:
+    return ", ".join(m for f in FAMILIES for m in f.models)
+
+
+def family_of(model) -> Family:
+    """The family of ``model`` (by class), or a ValueError listing what is supported."""
+    name = type(model).__name__
+    for f in FAMILIES:
+        if name in f.models:
+            return f
+    raise ValueError(f"lasp2.hf does not support {name}; supported models: {supported()} "
+                     f"(Qwen3-Next, Qwen3.5 text, MiniMax, Bamba)")

@@ -1,0 +1,64 @@
+"""Configs and models from local files only (no network): the tiny configs shipped under
+``lasp2/hf/configs`` (``qwen3-next-tiny``, ``qwen3.5-tiny``, ``minimax-tiny``, ``bamba-tiny``),
+any config JSON, and safetensors weights in a local directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def config_names():
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(name_or_path: str, **overrides):
+    """A transformers config from a shipped name, a JSON file, or a directory with config.json.
+
+    ``overrides`` replace fields (e.g. ``num_hidden_layers=2``). Raises ValueError naming the
+    shipped configs when nothing matches.
+    """
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    if (CONFIG_DIR / f"{name_or_path}.json").is_file():
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    elif path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"hf config {name_or_path!r} is neither a shipped config ({', '.join(config_names())}) "
+                         f"nor a JSON file / directory with config.json")
+    fields = json.loads(path.read_text())
+    if "model_type" not in fields:
+        raise ValueError(f"{path} has no 'model_type' field; it is not a transformers config")
+    fields.update(overrides)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def build_model(config, *, weights: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                device: Optional[torch.device] = None):
+    """An ``AutoModelForCausalLM`` from ``config`` (random init under the caller's seed), or with
+    the safetensors weights of the local directory ``weights``. Softmax attention runs with
+    ``sdpa`` and MoE experts with the ``eager`` loop (both exact in fp64) until ``parallelize``
+    swaps in lasp2's SP attention."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(attn_implementation="sdpa", experts_implementation="eager")
+    if weights is not None:
+        if not Path(weights).is_dir() or not any(Path(weights).glob("*.safetensors")):
+            raise ValueError(f"--hf-weights {weights!r} must be a local directory holding *.safetensors")
+        model = AutoModelForCausalLM.from_pretrained(weights, config=config, dtype=dtype, local_files_only=True,
+                                                     **kwargs)
+    else:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # buffers computed at init (decays, slopes) in the model's dtype
+        try:
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+        model = model.to(dtype)
+    return model if device is None else model.to(device)

@@ -1,0 +1,134 @@
+"""References for the lasp2.hf tests: the unmodified transformers models on one process.
+
+transformers' PyTorch fallbacks run the Gated DeltaNet scan (``torch_chunk_gated_delta_rule``)
+and the Mamba2 scan (``mamba2_chunk_scan``) in fp32 whatever the model's dtype, and route them
+to fla / mamba_ssm when those are installed (fla is, here, and needs a GPU). So the reference
+model runs with these two module-level kernels pinned, inside ``hf_kernels``:
+- fp32: transformers' own PyTorch fallbacks (``fn.__wrapped__``), nothing else changed;
+- fp64: the same computation in fp64 (``gdn_fp64`` / ``mamba2_fp64``: transformers' own l2norm,
+  head repetition, gate and skip handling around lasp2's per-token oracle ``ops/naive.py``),
+  shown equal to transformers' fallbacks to fp32 precision by ``test_fp64_kernels_match``.
+Softmax attention runs with transformers' ``sdpa`` (its ``eager`` path takes the softmax in
+fp32) and MoE experts with the ``eager`` loop (``grouped_mm`` has no fp64 kernel).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lasp2.hf.loading import build_model, load_config
+from lasp2.ops.naive import naive_linear_attention
+
+# Tiny test configs: the shipped ones, cut to 3 layers with both layer kinds.
+CONFIGS = {
+    "qwen3_next": ("qwen3-next-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                                                             "linear_attention"])),
+    "qwen3_5": ("qwen3.5-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                                                       "linear_attention"])),
+    "minimax": ("minimax-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                                                       "linear_attention"], block_size=8)),
+    "bamba": ("bamba-tiny", dict(num_hidden_layers=3, attn_layer_indices=[1], mamba_chunk_size=8)),
+}
+MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
+           "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
+           "minimax": "transformers.models.minimax.modeling_minimax",
+           "bamba": "transformers.models.bamba.modeling_bamba"}
+
+
+def make_model(family: str, dtype: torch.dtype, seed: int = 0):
+    name, overrides = CONFIGS[family]
+    torch.manual_seed(seed)
+    model = build_model(load_config(name, **overrides), dtype=dtype)
+    with torch.no_grad():  # transformers zero-initialises some norm weights: make every path visible
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def gdn_fp64(modeling):
+    def kernel(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
+               use_qk_l2norm_in_kernel=False, **kwargs):
+        assert initial_state is None and not output_final_state
+        rep = value.shape[2] // key.shape[2]
+        query, key = query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2)
+        query, key, value, g, beta = (x.double() for x in (query, key, value, g, beta))
+        if use_qk_l2norm_in_kernel:
+            query, key = modeling.l2norm(query, dim=-1, eps=1e-6), modeling.l2norm(key, dim=-1, eps=1e-6)
+        o, _ = naive_linear_attention(query, key, value, g, beta, scale=query.shape[-1] ** -0.5)
+        return o, None
+    return kernel
+
+
+def mamba2_fp64(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
+                dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, **kwargs):
+    assert initial_states is None and not return_final_states
+    H, G = hidden_states.shape[2], B.shape[2]
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1]).double()
+    x = hidden_states.double()
+    B, C = (t.double().repeat_interleave(H // G, dim=2) for t in (B, C))
+    y, _ = naive_linear_attention(C, B, x * dt[..., None], A.double() * dt, scale=1.0)
+    return y if D is None else y + D[..., None] * x
+
+
+@contextlib.contextmanager
+def hf_kernels(family: str, dtype: torch.dtype):
+    """Pin the reference model's scan/conv kernels (see the module docstring)."""
+    modeling = importlib.import_module(MODULES[family])
+    saved: Dict[str, object] = {}
+    for name in ("causal_conv1d_fn", "torch_chunk_gated_delta_rule", "mamba2_chunk_scan"):
+        fn = getattr(modeling, name, None)
+        if fn is None:
+            continue
+        saved[name] = fn
+        torch_path = getattr(fn, "__wrapped__", fn)
+        if dtype == torch.float64 and name == "torch_chunk_gated_delta_rule":
+            torch_path = gdn_fp64(modeling)
+        elif dtype == torch.float64 and name == "mamba2_chunk_scan":
+            torch_path = mamba2_fp64
+        setattr(modeling, name, torch_path)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(modeling, name, fn)
+
+
+def shift(labels: torch.Tensor, cu: Optional[list]) -> torch.Tensor:
+    """Next-token targets of the whole sequence; -100 at the end of each document."""
+    out = torch.full_like(labels, -100)
+    out[:, :-1] = labels[:, 1:]
+    for end in (cu or [])[1:]:
+        out[:, end - 1] = -100
+    return out
+
+
+def reference(family: str, dtype: torch.dtype, ids: torch.Tensor, cu: Optional[list] = None) -> dict:
+    """Logits, mean next-token loss and every parameter gradient of the unmodified model on the
+    whole sequence (documents: each document fed alone, as packing means)."""
+    model = make_model(family, dtype)
+    spans = [(0, ids.shape[1])] if cu is None else list(zip(cu[:-1], cu[1:]))
+    targets = shift(ids, cu)
+    n = int((targets != -100).sum())
+    with hf_kernels(family, dtype):
+        logits, hf_loss = [], 0.0
+        for a, b in spans:
+            out = model(input_ids=ids[:, a:b], labels=ids[:, a:b], use_cache=False)
+            logits.append(out.logits)
+            hf_loss = hf_loss + out.loss * int((targets[:, a:b] != -100).sum())
+        logits = torch.cat(logits, dim=1)
+    loss = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum") / n
+    names = [k for k, _ in model.named_parameters()]
+    grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()], allow_unused=True)
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "logits": logits.detach(),
+            "loss": loss.detach(), "hf_loss": (hf_loss / n).detach(),
+            "grads": {k: (torch.zeros_like(p) if g is None else g) for (k, p), g in zip(model.named_parameters(), grads)},
+            "names": names, "n": n}

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ..ops.common import compute_dtype  # transformers' scans run in fp32; fp64 stays fp64
 from ..parallel import comm
 from ..parallel.api import sp_linear_attention, sp_softmax_attention
 from ..parallel.layout import Layout
@@ -29,11 +30,6 @@ class HFContext:
     layout: str
     strategy: str
     softmax_strategy: str
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """transformers' fallbacks run the scan in fp32; fp64 models keep fp64 (exact tests)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def local_positions(ctx: HFContext, T: int, cu_seqlens: Optional[torch.Tensor], device) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..parallel.halo import sp_causal_conv1d
-from .common import CU_KEY, linear_core
+from .common import CU_KEY, compute_dtype, linear_core
 
 
 def gated_delta_core(layer, l2norm, query, key, value, g, beta, cu_seqlens) -> torch.Tensor:
@@ -27,7 +27,7 @@ def gated_delta_core(layer, l2norm, query, key, value, g, beta, cu_seqlens) -> t
     rep = value.shape[2] // key.shape[2]
     if rep != 1:
         query, key = query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2)
-    cdt = torch.float64 if value.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(value.dtype)
     query, key = l2norm(query.to(cdt), dim=-1, eps=1e-6), l2norm(key.to(cdt), dim=-1, eps=1e-6)
     return linear_core(ctx, query, key, value, g, beta, scale=query.shape[-1] ** -0.5, cu_seqlens=cu_seqlens)
 

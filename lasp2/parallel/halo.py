@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..ops.common import compute_dtype as wire_dtype  # what crosses ranks: fp32, fp64 for fp64
 from ..ops.conv import activate, conv_with_context, doc_ids
 from ..ops.precision import no_autocast
 from ..validation import check_choice, check_conv, check_cu_seqlens
@@ -53,11 +54,6 @@ def halo_plan(lay: Layout, rank: int) -> HaloPlan:
             sends.append((slot, lay.owner(seg.index + 1)))
     assert len({d for _, d in sends}) == len(sends) and len({s for _, s in recvs}) == len(recvs)
     return HaloPlan(tuple(context), tuple(sends), tuple(recvs))
-
-
-def wire_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What crosses ranks: fp32, or fp64 for fp64 tensors."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tail(slot: int, L: int, k1: int) -> slice:

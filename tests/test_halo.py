@@ -83,11 +83,10 @@ def _check(group, *, k: int, layout: str, T_local: int, cu: Optional[List[int]],
     for g in grads[1:]:  # parameter gradients are partial sums over each rank's tokens
         dist.all_reduce(g, group=group)
     rank = dist.get_rank(group)
-    tol = dict(dtype=dtype) if dtype == torch.float64 else dict(dtype=dtype)
-    assert_close("y", y, local(y_ref), **tol, whole=y_ref)
-    assert_close("dx", grads[0], local(ref_grads[0]), **tol, whole=ref_grads[0])
+    assert_close("y", y, local(y_ref), dtype, whole=y_ref)
+    assert_close("dx", grads[0], local(ref_grads[0]), dtype, whole=ref_grads[0])
     for n, g, r in zip(("dweight", "dbias"), grads[1:], ref_grads[1:]):
-        assert_close(n, g, r, **tol)
+        assert_close(n, g, r, dtype)
     # The contract: one batched exchange per direction; a tail goes to each remote successor.
     if W > 1 and k > 1:
         lay = lasp2.parallel.layout.Layout(layout, W, T_local)
@@ -124,7 +123,7 @@ def _worker(group):
     W = dist.get_world_size(group)
     T_local = 6
     T = W * T_local
-    docs = {"cut-mid": [0, 2, 5, 9, 13, T], "aligned": list(range(0, T + 1, 3)), "len-1": [0, 1, 2, 3, T - 1, T]}
+    docs = {"cut-mid": [0, 2, 5, 9, T], "aligned": list(range(0, T + 1, 3)), "len-1": [0, 1, 2, 3, T - 1, T]}
     cases = []
     for layout in ("contiguous", "zigzag"):
         for k in (1, 2, 3, 4):
@@ -142,6 +141,6 @@ def _worker(group):
     run_cases(cases, lambda **p: _errors(group, **p) if "k" not in p else _check(group, **p))
 
 
-@pytest.mark.parametrize("world_size", [4])
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_sp_causal_conv1d(world_size):
     run_distributed(_worker, world_size)

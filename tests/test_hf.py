@@ -154,13 +154,44 @@ def _bad_inputs(group):
         lasp2.hf.parallelize(other, group, softmax_strategy="ring" if dist.get_rank(group) == 0 else "ulysses")
 
 
-def _worker(group, table):
+def _train_sp2_equals_sp1(group, out: str):
+    """``lasp2 train --hf-config qwen3-next-tiny`` in fp64: SP=2 (zigzag) and SP=1 x DP=2 see the same
+    global batches, so every step's loss and gradient norm agree (to fp64 rounding)."""
+    import json
+    from pathlib import Path
+
+    from lasp2.train.config import TrainConfig
+    from lasp2.train.loop import train
+
+    common = dict(hf_config="qwen3-next-tiny", task="mqar", seq_len=32, batch_size=2, steps=3, warmup=1,
+                  mqar_pairs=2, mqar_queries=8, mqar_keys=4, mqar_values=4, dtype="float64", save_every=0,
+                  plot=False, device="cpu", layout="zigzag", lr=1e-2)
+    for name, sp in (("sp2", 2), ("sp1", 1)):
+        train(TrainConfig(**common, sp=sp, out=str(Path(out) / name)))
+    dist.barrier(group)
+    rows = {n: [json.loads(x) for x in (Path(out) / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("sp2", "sp1")}
+    assert [r["step"] for r in rows["sp2"]] == [1, 2, 3]
+    for a, b in zip(rows["sp2"], rows["sp1"]):
+        for key in ("loss", "grad_norm", "accuracy"):
+            assert abs(a[key] - b[key]) <= 1e-9 * max(1.0, abs(b[key])), (key, a, b)
+    assert rows["sp2"][-1]["loss"] < rows["sp2"][0]["loss"]  # it trains
+
+
+def _worker(group, table, out=None):
     # The parallelized models never call transformers' fla-backed kernels; keep transformers from
     # importing fla (seconds per rank) when it resolves them. This process only.
     sys.modules.setdefault("fla", None)
     cases = [(name, dict(params, group=group)) for name, params in table]
     cases.append(("bad-inputs", dict(group=group, bad=True)))
-    run_cases(cases, lambda bad=False, **p: _bad_inputs(p["group"]) if bad else _run_case(**p))
+    if out is not None:
+        cases.append(("train-sp2-equals-sp1", dict(group=group, train=out)))
+
+    def check(bad=False, train=None, **p):
+        if train is not None:
+            return _train_sp2_equals_sp1(p["group"], train)
+        return _bad_inputs(p["group"]) if bad else _run_case(**p)
+    run_cases(cases, check)
 
 
 def _table(families, layouts, dtypes, docs=True, comm_case=True):
@@ -185,9 +216,9 @@ def _table(families, layouts, dtypes, docs=True, comm_case=True):
 FAMILIES = ("qwen3_next", "qwen3_5", "minimax", "bamba")
 
 
-def test_hf_sp2():
+def test_hf_sp2(tmp_path):
     table = _table(FAMILIES, ("contiguous", "zigzag"), (torch.float64, torch.float32))
-    run_distributed(_worker, 2, table)
+    run_distributed(_worker, 2, table, str(tmp_path))
 
 
 @pytest.mark.slow

@@ -18,9 +18,10 @@ def add_parser(subparsers) -> None:
                     "communication per rank for every strategy of a suite, baselines in the same run. Not "
                     "under torchrun it starts W gloo ranks (1 thread each) per world size itself; under "
                     "torchrun it uses the given ranks (NCCL on GPUs), the first W of them for each W.")
-    b.add_argument("--suite", choices=("linear", "softmax", "model"), default="linear",
+    b.add_argument("--suite", choices=("linear", "softmax", "model", "hf"), default="linear",
                    help=f"linear: {', '.join(LINEAR_STRATEGIES)} | softmax: {', '.join(SOFTMAX_STRATEGIES)} | "
-                        "model: lasp2.models")
+                        "model: lasp2.models | hf: a transformers model (--hf-config) parallelized by lasp2.hf vs "
+                        "the unmodified model on each rank's shard")
     b.add_argument("--strategies", type=lambda s: tuple(x for x in s.split(",") if x), metavar="A,B,...",
                    help="measure only these configurations of the suite (comma-separated; the ideal always)")
     b.add_argument("--world-sizes", type=int, nargs="+", metavar="W", help="SP group sizes (default 2)")
@@ -33,6 +34,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--kv-heads", type=int, help="key/value heads for the softmax suite (default: --heads)")
     b.add_argument("--dim", type=int, help="head dimension K = V (default 64)")
     b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--hf-config", help="--suite hf: a transformers config (shipped name such as qwen3-next-tiny, "
+                                       "a JSON file, or a directory with config.json)")
     b.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
     b.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
     b.add_argument("--repeats", type=int, help="timed calls per point (default 5)")
@@ -90,7 +93,7 @@ def bench_spec(args):
                      seq_lens=tuple(args.local_lens or pick("seq_lens")), seq_is_global=args.local_lens is None,
                      batch=args.batch, heads=pick("heads"), kv_heads=args.kv_heads, dim=pick("dim"),
                      dtype=args.dtype, layout=args.layout, repeats=pick("repeats"), warmup=args.warmup,
-                     strategies=args.strategies)
+                     strategies=args.strategies, hf_config=args.hf_config)
     try:
         check_spec(spec)
     except ValueError as e:

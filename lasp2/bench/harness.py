@@ -46,6 +46,7 @@ class BenchSpec:
     repeats: int = 5
     warmup: int = 1
     strategies: Optional[Tuple[str, ...]] = None  # a subset of the suite's configurations (None: all)
+    hf_config: Optional[str] = None  # --suite hf: the transformers config (lasp2.hf.loading)
 
     def configs(self, suite) -> List[str]:
         """The suite's configurations this run measures (the baseline always)."""
@@ -68,6 +69,12 @@ def check_spec(spec: BenchSpec) -> None:
         if unknown or not spec.strategies:
             raise ValueError(f"--strategies {','.join(spec.strategies)}: {', '.join(unknown) or 'empty'} not in the "
                              f"{spec.suite} suite; choose from {', '.join(suite.configs())}")
+    if spec.suite == "hf":
+        if not spec.hf_config:
+            raise ValueError("--suite hf needs --hf-config (e.g. qwen3-next-tiny)")
+        from lasp2.hf.loading import load_config
+
+        load_config(spec.hf_config)  # fails now, naming the shipped configs, not in the ranks
     flag = "--seq-lens" if spec.seq_is_global else "--local-lens"
     for name, value, low in (("--heads", spec.heads, 1), ("--dim", spec.dim, 1), ("--batch", spec.batch, 1),
                              ("--repeats", spec.repeats, 1), ("--warmup", spec.warmup, 0)):

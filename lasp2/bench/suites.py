@@ -147,12 +147,53 @@ class ModelSuite:
         return x["models"][config](x["ids"])
 
 
-SUITES = {"linear": LinearSuite, "softmax": SoftmaxSuite, "model": ModelSuite}
-SUITE_NAMES = ("linear", "softmax", "model")
+class HFSuite:
+    """A transformers hybrid model (``--hf-config``, e.g. qwen3-next-tiny) forward and backward:
+    ``lasp2.hf.parallelize``-d (LASP-2 + LASP-2H over the SP group, halo convs) against the ideal,
+    the unmodified model on this rank's shard with no SP (weak scaling: same tokens per rank). On
+    CPU the unmodified model runs transformers' own PyTorch kernels (fla's Triton kernels, which
+    transformers picks when fla is installed, need a GPU). Loss gradient on the logits; ``--heads``
+    and ``--dim`` do not apply (the config fixes the shapes)."""
+
+    name = "hf"
+    strategies = ("lasp2+allgather",)
+
+    def configs(self):
+        return list(self.strategies) + [IDEAL]
+
+    def skip_reason(self, config, spec, W):
+        return None
+
+    def inputs(self, spec, T, W, rank, device, group):
+        from lasp2 import hf
+        from lasp2.hf.loading import build_model, load_config, use_torch_kernels
+
+        config = load_config(spec.hf_config)
+        torch.manual_seed(0)
+        plain = build_model(config, dtype=_dtype(spec), device=device)
+        if device.type == "cpu":
+            use_torch_kernels(plain)
+        sp = build_model(load_config(spec.hf_config), dtype=_dtype(spec), device=device)
+        sp.load_state_dict(plain.state_dict())
+        lin, soft = self.strategies[0].split("+")
+        hf.parallelize(sp, group, layout=spec.layout, strategy=lin, softmax_strategy=soft)
+        gen = torch.Generator().manual_seed(3000 + rank)
+        ids = torch.randint(0, config.vocab_size, (spec.batch, T), generator=gen).to(device)
+        do = torch.randn(spec.batch, T, config.vocab_size, generator=gen).to(device=device, dtype=_dtype(spec))
+        models = {self.strategies[0]: sp, IDEAL: plain}
+        return {"leaves": [p for m in models.values() for p in m.parameters()], "do": do, "ids": ids,
+                "models": models}
+
+    def forward(self, config, x, group, spec):
+        return x["models"][config](input_ids=x["ids"], use_cache=False).logits
+
+
+SUITES = {"linear": LinearSuite, "softmax": SoftmaxSuite, "model": ModelSuite, "hf": HFSuite}
+SUITE_NAMES = ("linear", "softmax", "model", "hf")
 
 
 def get_suite(name: str):
-    """The suite called ``name`` (``linear``, ``softmax`` or ``model``)."""
+    """The suite called ``name`` (``linear``, ``softmax``, ``model`` or ``hf``)."""
     if name in SUITES:
         return SUITES[name]()
     raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITE_NAMES)}")

@@ -62,3 +62,19 @@ def build_model(config, *, weights: Optional[str] = None, dtype: torch.dtype = t
             torch.set_default_dtype(previous)
         model = model.to(dtype)
     return model if device is None else model.to(device)
+
+
+def use_torch_kernels(model) -> None:
+    """Make ``model``'s family run transformers' own PyTorch kernels (its fallbacks) in this
+    process, instead of fla / causal-conv1d / mamba_ssm kernels that transformers picks when those
+    packages are installed and that need a GPU. For CPU baselines of an *unmodified* model (the
+    parallelized layers never call these kernels). Affects every model of that family in this
+    process; a no-op for kernels that already are the PyTorch ones."""
+    from .families import family_of
+
+    modeling = family_of(model).modeling()
+    for name in ("causal_conv1d_fn", "torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",
+                 "mamba2_chunk_scan"):
+        fn = getattr(modeling, name, None)
+        if fn is not None and hasattr(fn, "__wrapped__"):
+            setattr(modeling, name, fn.__wrapped__)

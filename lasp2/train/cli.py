@@ -124,7 +124,9 @@ def _check_out(cfg: TrainConfig, overwrite: bool) -> None:
 def summary_text(summary: dict, cfg: TrainConfig) -> str:
     m = cfg.model_config()
     what = "MQAR" if cfg.task == "mqar" else f"text from {cfg.data}"
-    parts = [f"Trained Linear-Llama '{cfg.preset}' (layers {''.join(m.layer_types)}, linear '{m.linear_variant}') "
+    model = (f"transformers model {cfg.hf_config or cfg.hf_weights} (lasp2.hf)" if cfg.hf else
+             f"Linear-Llama '{cfg.preset}' (layers {''.join(m.layer_types)}, linear '{m.linear_variant}')")
+    parts = [f"Trained {model} "
              f"on {what} for steps {summary['start_step'] + 1}-{summary['steps']} with SP={cfg.sp} x DP={cfg.dp} "
              f"({cfg.strategy}/{cfg.softmax_strategy}, {cfg.layout}"
              f"{', NO state passing' if cfg.no_state_passing else ''}) on {summary['world']} rank(s)"]

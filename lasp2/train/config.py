@@ -58,6 +58,12 @@ class TrainConfig:
     activation_checkpointing: bool = field(default=False, metadata=_help(
         "recompute every block's activations in backward: memory for long sequences (each block's SP "
         "forward collectives then run once more, during backward)"))
+    hf_config: Optional[str] = field(default=None, metadata=_help(
+        "train a Hugging Face transformers model instead of LinearLlama: a shipped tiny config "
+        "(qwen3-next-tiny, qwen3.5-tiny, minimax-tiny, bamba-tiny), a config JSON or a directory with "
+        "config.json (lasp2.hf; the model flags above do not apply)"))
+    hf_weights: Optional[str] = field(default=None, metadata=_help(
+        "with or instead of --hf-config: a local directory of safetensors weights (and config.json) to fine-tune"))
     # ---- parallelism ---------------------------------------------------------------------------
     sp: int = field(default=2, metadata=_help("sequence-parallel ranks per sequence"))
     dp: Optional[int] = field(default=None, metadata=_help(
@@ -159,10 +165,14 @@ class TrainConfig:
         if self.task == "mqar":
             self._check_mqar()
         self.model_config()  # validates the model flags (heads / kv_heads, layer pattern, ...)
+        if self.hf:
+            from .hf_model import check_hf_config
+
+            check_hf_config(self)
 
     def _check_mqar(self) -> None:
         need = 1 + self.mqar_keys + self.mqar_values
-        vocab = self.model_overrides().get("vocab_size", PRESETS[self.preset]["vocab_size"])
+        vocab = self.vocab_size()
         if need > vocab:
             raise ValueError(f"MQAR needs {need} token ids (filler + --mqar-keys {self.mqar_keys} + --mqar-values "
                              f"{self.mqar_values}) but the model's vocabulary has {vocab}; use fewer keys/values "
@@ -176,6 +186,18 @@ class TrainConfig:
                              f"pair once ({2 * self.mqar_pairs} tokens); lower --mqar-queries or --mqar-pairs")
 
     # ---- derived -------------------------------------------------------------------------------
+
+    @property
+    def hf(self) -> bool:
+        """Whether this run trains a transformers model (--hf-config / --hf-weights)."""
+        return bool(self.hf_config or self.hf_weights)
+
+    def vocab_size(self) -> int:
+        if self.hf:
+            from ..hf.loading import load_config
+
+            return load_config(self.hf_config or self.hf_weights).vocab_size
+        return self.model_overrides().get("vocab_size", PRESETS[self.preset]["vocab_size"])
 
     def model_overrides(self) -> Dict[str, Any]:
         """The LinearLlamaConfig fields this run sets on top of the preset."""

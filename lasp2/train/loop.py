@@ -182,11 +182,16 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     sp_group, dp_rank, sp_rank = mesh["sp"].get_group(), mesh.get_local_rank("dp"), mesh.get_local_rank("sp")
     group = dp_sp_group(mesh)
 
-    model = LinearLlama(cfg.model_config(), seed=cfg.seed, device=device).to(DTYPES[cfg.dtype])
-    wrapped = parallelize(model, mesh, strategy=cfg.strategy, softmax_strategy=cfg.softmax_strategy,
-                          layout=cfg.layout, data_parallel=cfg.data_parallel,
-                          activation_checkpointing=cfg.activation_checkpointing,
-                          state_passing=not cfg.no_state_passing)
+    if cfg.hf:  # a transformers model (lasp2.hf), same loop
+        from .hf_model import build_hf
+
+        model, wrapped = build_hf(cfg, mesh, device, DTYPES[cfg.dtype])
+    else:
+        model = LinearLlama(cfg.model_config(), seed=cfg.seed, device=device).to(DTYPES[cfg.dtype])
+        wrapped = parallelize(model, mesh, strategy=cfg.strategy, softmax_strategy=cfg.softmax_strategy,
+                              layout=cfg.layout, data_parallel=cfg.data_parallel,
+                              activation_checkpointing=cfg.activation_checkpointing,
+                              state_passing=not cfg.no_state_passing)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

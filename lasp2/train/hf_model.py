@@ -1,0 +1,72 @@
+"""The model factory of ``lasp2 train --hf-config / --hf-weights``: a transformers model from local
+files, parallelized by ``lasp2.hf`` over the SP group and wrapped in DDP over dp x sp, behind the
+same interface the loop uses for LinearLlama (``model(tokens, cu_seqlens=...) -> logits``)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..parallel.mesh import dp_sp_group
+
+
+class HFCausalLM(torch.nn.Module):
+    """A parallelized transformers causal LM seen as the loop's model: forward(tokens [b, T_local],
+    cu_seqlens=None (global)) -> logits [b, T_local, vocab]; positions are the global ones."""
+
+    def __init__(self, hf_model: torch.nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from ..hf.common import CU_KEY
+
+        extra = {} if cu_seqlens is None else {CU_KEY: cu_seqlens}
+        return self.hf(input_ids=tokens, **extra).logits
+
+
+def check_hf_config(cfg) -> None:
+    """What a transformers run cannot combine with (ValueError naming the flag)."""
+    from ..hf.loading import load_config
+
+    for name in ("no_state_passing", "activation_checkpointing"):
+        if getattr(cfg, name):
+            raise ValueError(f"--{name.replace('_', '-')} is not supported with --hf-config / --hf-weights")
+    if cfg.model or cfg.linear or cfg.layer_pattern:
+        raise ValueError("the LinearLlama model flags (--hidden, --linear, --layer-pattern, ...) do not apply to "
+                         "--hf-config / --hf-weights; edit the config JSON instead")
+    if getattr(cfg, "data_parallel", "ddp") != "ddp":
+        raise ValueError("--hf-config / --hf-weights train with --data-parallel ddp")
+    if cfg.task == "text":
+        from .data import TEXT_VOCAB
+
+        vocab = load_config(cfg.hf_config or cfg.hf_weights).vocab_size
+        if vocab < TEXT_VOCAB:
+            raise ValueError(f"--task text uses {TEXT_VOCAB} token ids but the hf config's vocab_size is {vocab}")
+
+
+def build_hf(cfg, mesh, device: torch.device, dtype: torch.dtype) -> Tuple[HFCausalLM, DistributedDataParallel]:
+    """(model, DDP-wrapped model) for ``cfg``: seeded init (or ``--hf-weights``), lasp2.hf SP over
+    ``mesh["sp"]``, DDP over dp x sp (MoE experts that get no token on a rank have no gradient
+    there: ``find_unused_parameters``; the models' buffers are constants: no broadcast)."""
+    from .. import hf as lasp2_hf
+    from ..hf.loading import build_model, load_config
+
+    torch.manual_seed(cfg.seed)
+    config = load_config(cfg.hf_config or cfg.hf_weights)
+    model = build_model(config, weights=cfg.hf_weights, dtype=dtype, device=device)
+    lasp2_hf.parallelize(model, mesh["sp"].get_group(), layout=cfg.layout, strategy=cfg.strategy,
+                         softmax_strategy=cfg.softmax_strategy)
+    wrapped = HFCausalLM(model)
+    ddp = DistributedDataParallel(wrapped, process_group=dp_sp_group(mesh), broadcast_buffers=False,
+                                  find_unused_parameters=True,
+                                  device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped, ddp

@@ -156,7 +156,7 @@ def _bad_inputs(group):
 
 def _train_sp2_equals_sp1(group, out: str):
     """``lasp2 train --hf-config qwen3-next-tiny`` in fp64: SP=2 (zigzag) and SP=1 x DP=2 see the same
-    global batches, so every step's loss and gradient norm agree (to fp64 rounding)."""
+    global batches, so every step's loss, accuracy and gradient norm agree."""
     import json
     from pathlib import Path
 
@@ -172,9 +172,14 @@ def _train_sp2_equals_sp1(group, out: str):
     rows = {n: [json.loads(x) for x in (Path(out) / n / "metrics.jsonl").read_text().splitlines()]
             for n in ("sp2", "sp1")}
     assert [r["step"] for r in rows["sp2"]] == [1, 2, 3]
+    # Step 1 (same weights): the fp64 losses agree to rounding. Later steps: transformers computes
+    # A_log and the Qwen RMSNorm weights in fp32 inside an fp64 model, so their gradients (token
+    # sums split differently over ranks) agree to fp32 precision only, and AdamW carries that
+    # into the next losses (~1e-9 observed); an algorithmic error would show at 1e-2.
     for a, b in zip(rows["sp2"], rows["sp1"]):
+        tol = 1e-10 if a["step"] == 1 else 1e-6
         for key in ("loss", "grad_norm", "accuracy"):
-            assert abs(a[key] - b[key]) <= 1e-9 * max(1.0, abs(b[key])), (key, a, b)
+            assert abs(a[key] - b[key]) <= tol * max(1.0, abs(b[key])), (key, a, b)
     assert rows["sp2"][-1]["loss"] < rows["sp2"][0]["loss"]  # it trains
 
 

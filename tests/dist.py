@@ -163,6 +163,52 @@ def run_cases(cases: Iterable[tuple[str, Mapping[str, Any]]], check: Callable[..
         raise AssertionError(f"{len(failures)} of {n} cases failed:\n" + "\n".join(failures))
 
 
+def run_sections(group, sections: Iterable[tuple[str, Callable[[Any], Any]]]) -> dict[str, dict]:
+    """Run ``fn(group)`` for every ``(name, fn)`` in ``sections`` on this rank and report each
+    one's result or failure text, never raising: the other sections still run and report.
+
+    Meant for a worker of :class:`Spawns`, so that one spawn per world size serves every test
+    of a module (each test then looks up its section). The same collective-ordering risk as
+    :func:`run_cases` applies: a section should run its collectives before it asserts.
+    """
+    report = {}
+    for name, fn in sections:
+        try:
+            report[name] = {"ok": True, "result": fn(group)}
+        except Exception as e:  # noqa: BLE001 - reported to the test that owns the section
+            report[name] = {"ok": False, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+    return report
+
+
+class Spawns:
+    """One spawn per world size for a whole module: ``worker(group, *args)`` (module level,
+    returning :func:`run_sections`' report) runs the first time a test asks for that world size;
+    the reports (or the spawn's failure) are kept for the module's other tests."""
+
+    def __init__(self, worker: Callable[..., dict], *args: Any, timeout: float = 180.0):
+        self.worker, self.args, self.timeout = worker, args, timeout
+        self._reports: dict[int, Any] = {}
+
+    def results(self, world_size: int, name: str) -> list:
+        """Section ``name``'s result on every rank; fails the calling test with the worker's
+        report (every failing rank's error) otherwise."""
+        import pytest  # only the test process needs it, not the spawned ranks
+
+        if world_size not in self._reports:
+            try:
+                self._reports[world_size] = run_distributed(self.worker, world_size, *self.args,
+                                                            timeout=self.timeout)
+            except DistributedError as e:  # kept too: one broken spawn is not re-run per test
+                self._reports[world_size] = str(e)
+        reports = self._reports[world_size]
+        if isinstance(reports, str):
+            pytest.fail(reports, pytrace=False)
+        bad = [f"--- rank {r}: {rep[name]['error']}" for r, rep in enumerate(reports) if not rep[name]["ok"]]
+        if bad:
+            pytest.fail("\n".join(bad), pytrace=False)
+        return [rep[name]["result"] for rep in reports]
+
+
 # --------------------------------------------------------------------------------------------
 # Internals.
 

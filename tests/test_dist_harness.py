@@ -40,6 +40,9 @@ def _block_forever(group: dist.ProcessGroup) -> None:
 
 
 def _exit_on_rank1(group: dist.ProcessGroup) -> int:
+    # After a barrier, so that both ranks have finished setting up the group: exiting during
+    # rank 0's gloo connect would make rank 0 raise first (a race on a loaded machine).
+    dist.barrier(group=group)
     if dist.get_rank(group) == 1:
         os._exit(3)
     return dist.get_rank(group)
@@ -73,7 +76,10 @@ def _table(group: dist.ProcessGroup) -> list[str]:
     return [str(info.value), *ran]
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+# W = 1 and 4 are exercised by every distributed test module; the harness's own check of them
+# is in the slow run.
+@pytest.mark.parametrize("world_size", [pytest.param(w, marks=pytest.mark.slow) if w != 2 else w
+                                        for w in WORLD_SIZES])
 def test_collectives_return_every_rank(world_size: int) -> None:
     outs = run_distributed(_collectives, world_size, 3)
     assert [o["rank"] for o in outs] == list(range(world_size))
@@ -99,10 +105,10 @@ def test_raise_names_rank_and_message() -> None:
 
 def test_blocked_rank_times_out_and_is_killed() -> None:
     start = time.monotonic()
-    with pytest.raises(DistributedError, match=r"timed out after 10 s") as info:
-        run_distributed(_block_forever, 2, timeout=10)
+    with pytest.raises(DistributedError, match=r"timed out after 5 s") as info:
+        run_distributed(_block_forever, 2, timeout=5)
     elapsed = time.monotonic() - start
-    assert 10 <= elapsed < 40
+    assert 5 <= elapsed < 5 + 2 * 20  # the timeout, then at most the harness's kill wait (20 s) twice
     # rank 0 is stuck in the barrier, rank 1 asleep: neither finished
     assert "rank(s) [0, 1] did not finish" in str(info.value)
     assert not mp.active_children()  # every rank was killed and reaped
@@ -111,9 +117,10 @@ def test_blocked_rank_times_out_and_is_killed() -> None:
 def test_exit_reports_code_promptly() -> None:
     start = time.monotonic()
     with pytest.raises(DistributedError, match=r"rank 1 exited with exit code 3"):
-        run_distributed(_exit_on_rank1, 2, timeout=120)
-    # Far below the timeout: a dead rank is noticed from its closed pipe, not by waiting.
-    assert time.monotonic() - start < 30
+        run_distributed(_exit_on_rank1, 2, timeout=600)
+    # Far below the timeout: a dead rank is noticed from its closed pipe, not by waiting (the
+    # bound allows a spawn on a heavily shared machine: ~30 s at load average 16 on 2 cores).
+    assert time.monotonic() - start < 120
     assert not mp.active_children()
 
 

@@ -15,6 +15,7 @@ third-step gradients), so it could not tell an SP bug from rounding at 1e-5.
 from __future__ import annotations
 
 import contextlib
+import functools
 import traceback
 from typing import Dict, List, Optional, Tuple
 
@@ -32,9 +33,20 @@ from lasp2.nn import DELTA_VARIANTS, LINEAR_VARIANTS
 from tests.dist import run_distributed
 
 STEPS, LR, MOMENTUM = 3, 0.1, 0.9
-# (loss, gradient) relative tolerances. fp32 SP errors sit at fp32's own noise (a one-device
-# fp32 run differs from fp64 by ~2e-6 here); fp64 shows that no algorithmic error hides below it.
-TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10)}
+# Tolerances (relative; gradients per parameter tensor, against that tensor's largest entry).
+# fp64 is the exactness claim: fp64 rounding (u = 1.1e-16) through these few hundred-term sums
+# stays below 1e-12, and any algorithmic error in the SP path shows at >= 1e-4, so 1e-10.
+# fp32 has no useful a-priori bound here: after SGD steps the gradients depend on weights that
+# already carry the previous steps' rounding, and cancellation in small gradients (e.g. Gated
+# DeltaNet's dt_bias) amplifies it per model and per CPU (the one-device fp32 run alone is 1e-6
+# .. 1.4e-5 away from fp64). So each fp32 case measures its own floor: the error of the
+# one-process fp32 run against the same run in fp64. The SP run computes the same sums in
+# another order, so its rounding error is of the same size; FP32_FLOOR_FACTOR times the floor
+# leaves room for that without admitting an algorithmic error (those are pinned in fp64), and a
+# floor above FP32_FLOOR_MAX (a broken fp32 path) fails the case instead of widening it.
+FP64_TOL = 1e-10
+FP32_FLOOR_FACTOR = 10.0
+FP32_FLOOR_MAX = 1e-3
 
 # --------------------------------------------------------------------------------------------
 # Config.
@@ -217,9 +229,17 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-@_one_thread()
 def _reference(case) -> Dict[str, list]:
-    """One process, whole sequences and the whole global batch: the global token-mean loss."""
+    """One process, whole sequences and the whole global batch: the global token-mean loss.
+    Cached by what the reference depends on (not layout, strategies or SP size)."""
+    return _reference_cached(case["pattern"], case["variant"], case["docs"], case["seed"], case["dp"],
+                             case["dtype"])
+
+
+@functools.lru_cache(maxsize=None)
+@_one_thread()
+def _reference_cached(pattern, variant, docs, seed, dp, dtype) -> Dict[str, list]:
+    case = dict(pattern=pattern, variant=variant, docs=docs, seed=seed, dp=dp, dtype=dtype)
     model = LinearLlama(_config(case), seed=case["seed"]).to(case["dtype"])
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     losses, grads = [], []
@@ -336,26 +356,41 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def _errors(case, run: dict, ref: dict) -> Tuple[float, float]:
+    """(worst relative loss error, worst relative gradient error) of ``run`` against ``ref``."""
+    worst_loss = max(abs(l - rl) / abs(rl) for l, rl in zip(run["losses"], ref["losses"]))
+    sizes = [p.numel() for p in LinearLlama(_config(case), device="meta").parameters()]
+    worst_grad = 0.0  # per parameter tensor, relative to that tensor's largest gradient
+    for g, rg in zip(run["grads"], ref["grads"]):
+        worst_grad = max(worst_grad, *(_max_rel(a, b) for a, b in zip(g.split(sizes), rg.split(sizes))))
+    # Parameters after the last step (gathered from the FSDP2 shards): the steps' gradient errors,
+    # scaled by lr, are all that can separate them, so the gradient bound covers them.
+    worst_grad = max(worst_grad, *(_max_rel(a, b) for a, b in zip(run["params"].split(sizes),
+                                                                    ref["params"].split(sizes))))
+    return worst_loss, worst_grad
+
+
+def _tolerances(case) -> Tuple[float, float]:
+    """(loss, gradient) tolerance of a case: FP64_TOL, or FP32_FLOOR_FACTOR x the fp32 floor."""
+    if case["dtype"] == torch.float64:
+        return FP64_TOL, FP64_TOL
+    floor = _errors(case, _reference(case), _reference(dict(case, dtype=torch.float64)))
+    assert max(floor) <= FP32_FLOOR_MAX, f"the one-process fp32 run is {floor} away from fp64"
+    return tuple(FP32_FLOOR_FACTOR * max(f, 1e-7) for f in floor)  # 1e-7 ~ 2 fp32 ulps: never 0
+
+
 def _compare(name: str, case, per_rank: List[dict]) -> Optional[str]:
     """None if every rank matches the one-process reference, else a line naming the problem."""
     for rank, r in enumerate(per_rank):
         if "error" in r:
             return f"{name}: rank {rank} raised:\n{r['error']}"
     ref = _reference(case)
-    worst_loss = max(abs(l - rl) / abs(rl) for r in per_rank for l, rl in zip(r["losses"], ref["losses"]))
-    sizes = [p.numel() for p in LinearLlama(_config(case), device="meta").parameters()]
-    worst_grad = 0.0  # per parameter tensor, relative to that tensor's largest gradient
-    for r in per_rank:
-        for g, rg in zip(r["grads"], ref["grads"]):
-            worst_grad = max(worst_grad, *(_max_rel(a, b) for a, b in zip(g.split(sizes), rg.split(sizes))))
-        # Parameters after the last step (gathered from the FSDP2 shards): the steps' gradient
-        # errors, scaled by lr, are all that can separate them, so the gradient bound covers them.
-        worst_grad = max(worst_grad, *(_max_rel(a, b) for a, b in zip(r["params"].split(sizes),
-                                                                        ref["params"].split(sizes))))
-    loss_tol, grad_tol = TOL[case["dtype"]]
+    errs = [_errors(case, r, ref) for r in per_rank]
+    worst_loss, worst_grad = max(e[0] for e in errs), max(e[1] for e in errs)
+    loss_tol, grad_tol = _tolerances(case)
     if worst_loss > loss_tol or worst_grad > grad_tol:
-        return (f"{name}: max relative loss error {worst_loss:.2e} (tol {loss_tol:.0e}), gradient error "
-                f"{worst_grad:.2e} (tol {grad_tol:.0e}; parameters after the last step included); losses {per_rank[0]['losses']} vs {ref['losses']}")
+        return (f"{name}: max relative loss error {worst_loss:.2e} (tol {loss_tol:.1e}), gradient error "
+                f"{worst_grad:.2e} (tol {grad_tol:.1e}; parameters after the last step included); losses {per_rank[0]['losses']} vs {ref['losses']}")
     _SUMMARY[name] = (worst_loss, worst_grad)
     return None
 
@@ -382,7 +417,9 @@ W2_CASES = [
     _case("sp2-L-contiguous", 1, 2, "L", data_parallel="fsdp2"),
     _case("dp2-LLLN", 2, 1, data_parallel="fsdp2"),
 ]
-W2_DELTA_CASES = [_case(f"sp2-LN-zigzag-{v}", 1, 2, "LN", "zigzag", v) for v in DELTA_VARIANTS]
+W2_DELTA_CASES = [*(_case(f"sp2-LN-zigzag-{v}", 1, 2, "LN", "zigzag", v) for v in DELTA_VARIANTS),
+                  _case("sp2-LN-zigzag-gated_deltanet", 1, 2, "LN", "zigzag", "gated_deltanet",
+                        dtype=torch.float64)]
 W4_CASES = [
     _case("dp2xsp2-L-contiguous", 2, 2, "L"),
     _case("dp2xsp2-L-zigzag", 2, 2, "L", "zigzag"),
@@ -449,7 +486,19 @@ def test_fsdp2_mixed_precision(world2):
         assert mp["loss"] != ref  # it did compute in bf16
 
 
+# The default run keeps the FSDP2 cases and one DDP dp2 x sp2 case (hybrid, zigzag, documents:
+# every piece on the 2-D mesh); the other DDP cases differ from it or from the W = 2 table only in
+# the layer mix (slow).
+W4_SHORT = [c for c in W4_CASES if c[1]["data_parallel"] == "fsdp2"
+            or (c[0] == "dp2xsp2-LLLN-zigzag-docs" and c[1]["dtype"] == torch.float32)]
+
+
 def test_parity_dp2_x_sp2():
+    _check_table(W4_SHORT, run_distributed(_worker, 4, W4_SHORT, [(2, 2), (1, 4)]))
+
+
+@pytest.mark.slow
+def test_parity_dp2_x_sp2_all():
     _check_table(W4_CASES, run_distributed(_worker, 4, W4_CASES, [(2, 2), (1, 4)]))
 
 

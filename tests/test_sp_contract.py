@@ -19,9 +19,7 @@ ranks in mismatched collectives.
 """
 from __future__ import annotations
 
-import functools
 import re
-import traceback
 from typing import Callable, Dict, List, Optional
 
 import pytest
@@ -32,7 +30,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 import lasp2
 from lasp2.parallel import comm
-from tests.dist import DistributedError, run_cases, run_distributed
+from tests.dist import Spawns, run_cases, run_sections
 from tests.helpers import assert_close
 
 B, H, K, V, T_LOCAL = 2, 2, 4, 3, 6
@@ -76,15 +74,6 @@ def _qkvg(d):
 
 def _comm_counts(mode: CommDebugMode) -> Dict[str, int]:
     return {str(op): n for op, n in mode.get_comm_counts().items() if n}
-
-
-def _section(fn: Callable[[], object]) -> Dict[str, object]:
-    """Run one section; report its result or its failure text (never raise, so that the other
-    sections still run and report)."""
-    try:
-        return {"ok": True, "result": fn()}
-    except Exception as e:  # noqa: BLE001
-        return {"ok": False, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,39 +411,34 @@ def _autocast(group) -> int:
 # The one worker per world size, and its cached result.
 
 
-def _worker(group):
+def _worker(group, full_at_4: bool):
+    """Every section in one spawn per world size. The checks that do not depend on the number of
+    ranks beyond 2 (argument validation, inference, shard round trips, autocast, q-only grads)
+    run at W = 4 only in the slow run; W = 4's default sections are the contract and the
+    disagreement checks, whose messages and collectives do depend on it."""
     W = dist.get_world_size(group)
-    report = {}
     if W == 1:
-        report["single"] = _section(lambda: _single(group))
+        sections = [("single", _single)]
     else:
-        report["validation"] = _section(lambda: _validation(group, W))
-        report["disagreement"] = _section(lambda: _disagreement(group, W))
-        report["contract"] = _section(lambda: _contract(group, W))
-        report["q_only_grad"] = _section(lambda: _q_only_grad(group))
-    report["inference"] = _section(lambda: _inference(group, W))
-    report["roundtrip"] = _section(lambda: _roundtrip(group, W))
-    report["autocast"] = _section(lambda: _autocast(group))
-    return report
+        sections = [("disagreement", lambda g: _disagreement(g, W)), ("contract", lambda g: _contract(g, W))]
+    if W < 4 or full_at_4:
+        if W > 1:
+            sections += [("validation", lambda g: _validation(g, W)), ("q_only_grad", _q_only_grad)]
+        sections += [("inference", lambda g: _inference(g, W)), ("roundtrip", lambda g: _roundtrip(g, W)),
+                     ("autocast", _autocast)]
+    return run_sections(group, sections)
 
 
-@functools.lru_cache(maxsize=None)
-def _spawn(world_size: int):
-    try:
-        return run_distributed(_worker, world_size, timeout=180)
-    except DistributedError as e:  # cached too, so that one broken spawn is not re-run per test
-        return str(e)
+SPAWNS = Spawns(_worker, False)
+SPAWNS_FULL = Spawns(_worker, True)
 
 
 def _section_results(world_size: int, name: str) -> list:
-    """The section's result on every rank; fails the test with the worker's report otherwise."""
-    reports = _spawn(world_size)
-    if isinstance(reports, str):
-        pytest.fail(reports, pytrace=False)
-    bad = [f"--- rank {r}: {rep[name]['error']}" for r, rep in enumerate(reports) if not rep[name]["ok"]]
-    if bad:
-        pytest.fail("\n".join(bad), pytrace=False)
-    return [rep[name]["result"] for rep in reports]
+    return (SPAWNS_FULL if world_size == 4 and name in _SLOW_AT_4 else SPAWNS).results(world_size, name)
+
+
+_SLOW_AT_4 = ("validation", "q_only_grad", "inference", "roundtrip", "autocast")
+W4_SLOW = pytest.param(4, marks=pytest.mark.slow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +459,7 @@ def test_group_is_required_without_a_process_group():
         lasp2.sp_linear_attention(q, k, v, group="sp")
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, W4_SLOW])
 def test_bad_arguments_raise_value_error_naming_them(world_size):
     counts = _section_results(world_size, "validation")
     assert counts == [counts[0]] * world_size and counts[0] == 16
@@ -510,22 +494,22 @@ def test_group_of_size_one_is_the_single_device_op():
     assert _section_results(1, "single") == [9]
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, W4_SLOW])
 def test_inference_and_partial_grads(world_size):
     n = 8 + 4 * (3 + (world_size == 1))
     assert _section_results(world_size, "inference") == [n] * world_size
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, W4_SLOW])
 def test_only_q_requires_grad(world_size):
     assert _section_results(world_size, "q_only_grad") == [8] * world_size
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, W4_SLOW])
 def test_shard_unshard_roundtrip(world_size):
     assert _section_results(world_size, "roundtrip") == [6] * world_size
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, W4_SLOW])
 def test_autocast_changes_nothing(world_size):
     assert _section_results(world_size, "autocast") == [12] * world_size

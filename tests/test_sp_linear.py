@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist import WORLD_SIZES, run_cases, run_distributed
+from tests.dist import WORLD_SIZES, Spawns, run_cases, run_sections
 from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS
 from tests.sp_cases import compare_linear
+
+LAYOUTS = ("contiguous", "zigzag")
 
 
 def _expect_contract(result, params):
@@ -26,7 +28,7 @@ def _expect_contract(result, params):
         return result
 
 
-def _sp_worker(group, cases):
+def _sp_table(group, cases):
     W = dist.get_world_size(group)
     cases = [(name, dict(params, W=W)) for name, params in cases]
     sends = {}
@@ -55,7 +57,7 @@ def _cases(dtypes=(torch.float64,), lengths=(1, 37, 70)):
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_sp_linear_matches_single_device_fp64(world_size):
-    sends = run_distributed(_sp_worker, world_size, _cases())
+    sends = SPAWNS.results(world_size, "fp64")
     # LASP-1 contiguous: ranks 0..W-2 send once per direction, so W - 1 sends in all.
     for key in sends[0]:
         strategy, layout = key[:2]
@@ -68,10 +70,10 @@ def test_sp_linear_matches_single_device_fp64(world_size):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_sp_linear_fp32_and_bf16(world_size):
-    run_distributed(_sp_worker, world_size, _cases(dtypes=(torch.float32, torch.bfloat16), lengths=(37,)))
+    SPAWNS.results(world_size, "fp32_bf16")
 
 
-def _bidirectional_worker(group):
+def _bidirectional(group):
     W = dist.get_world_size(group)
     cases = [(f"bidir-{layout}-{dtype}", dict(variant="basic", B=2, T_local=6, H=2, K=3, V=5, dtype=dtype,
                                               strategy="lasp2", layout=layout, causal=False))
@@ -85,7 +87,7 @@ def _bidirectional_worker(group):
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_sp_bidirectional(world_size):
-    run_distributed(_bidirectional_worker, world_size)
+    SPAWNS.results(world_size, "bidirectional")
 
 
 def doc_scenarios(W: int, T_local: int):
@@ -101,11 +103,12 @@ def doc_scenarios(W: int, T_local: int):
     }
 
 
-def _docs_worker(group):
+def _documents(group, full: bool):
     W = dist.get_world_size(group)
     cases = []
+    variants, layouts = (DIAGONAL_VARIANTS, LAYOUTS) if full else (("scalar", "channel"), ("zigzag",))
     for (scenario, cu), variant, strategy, layout in itertools.product(
-            doc_scenarios(W, 12).items(), DIAGONAL_VARIANTS, ("lasp2", "lasp1"), ("contiguous", "zigzag")):
+            doc_scenarios(W, 12).items(), variants, ("lasp2", "lasp1"), layouts):
         cases.append((f"{scenario}-{variant}-{strategy}-{layout}",
                       dict(variant=variant, B=1, T_local=12, H=2, K=4, V=3, dtype=torch.float64,
                            strategy=strategy, layout=layout, cu=cu, W=W)))
@@ -114,22 +117,22 @@ def _docs_worker(group):
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_sp_linear_documents(world_size):
-    run_distributed(_docs_worker, world_size)
+    SPAWNS.results(world_size, "documents")
 
 
-def _delta_worker(group):
+def _delta(group, full: bool):
     """DeltaNet / Gated DeltaNet: K x K transitions in the same single all-gather."""
     W = dist.get_world_size(group)
     cases = []
     for variant, strategy, layout, T_local in itertools.product(
-            DELTA_VARIANTS, ("lasp2", "lasp1"), ("contiguous", "zigzag"), (1, 38, 70)):
+            DELTA_VARIANTS, ("lasp2", "lasp1"), ("contiguous", "zigzag"), (1, 38, 70) if full else (38,)):
         if layout == "zigzag" and T_local % 2:
             T_local += 1
         cases.append((f"{variant}-{strategy}-{layout}-T{T_local}",
                       dict(variant=variant, B=2, T_local=T_local, H=2, K=4, V=3, dtype=torch.float64,
                            strategy=strategy, layout=layout, W=W)))
     for (scenario, cu), variant, layout in itertools.product(
-            doc_scenarios(W, 12).items(), DELTA_VARIANTS, ("contiguous", "zigzag")):
+            doc_scenarios(W, 12).items(), DELTA_VARIANTS, LAYOUTS if full else ("zigzag",)):
         cases.append((f"docs-{scenario}-{variant}-{layout}",
                       dict(variant=variant, B=1, T_local=12, H=2, K=4, V=3, dtype=torch.float64,
                            strategy="lasp2", layout=layout, cu=cu, W=W)))
@@ -140,4 +143,29 @@ def _delta_worker(group):
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_sp_delta_rule(world_size):
-    run_distributed(_delta_worker, world_size)
+    SPAWNS.results(world_size, "delta")
+
+
+def _worker(group, full_at_4: bool):
+    """Every section of this module in one spawn per world size. At W = 4 the default run
+    (``full_at_4`` False) keeps a short form of each table: the cases that differ from W = 2
+    only in the number of ranks are the long ones (``test_sp_linear_full_tables_w4``, slow)."""
+    W = dist.get_world_size(group)
+    full = W < 4 or full_at_4
+    sections = [("fp64", lambda g: _sp_table(g, _cases(lengths=(1, 37, 70) if full else (70,)))),
+                ("bidirectional", _bidirectional), ("documents", lambda g: _documents(g, full)),
+                ("delta", lambda g: _delta(g, full))]
+    if W > 1:
+        sections.append(("fp32_bf16", lambda g: _sp_table(g, _cases(dtypes=(torch.float32, torch.bfloat16),
+                                                                     lengths=(37,)))))
+    return run_sections(group, sections)
+
+
+SPAWNS = Spawns(_worker, False)
+SPAWNS_FULL = Spawns(_worker, True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("section", ["fp64", "documents", "delta"])
+def test_sp_linear_full_tables_w4(section):
+    SPAWNS_FULL.results(4, section)

@@ -181,32 +181,66 @@ def run_sections(group, sections: Iterable[tuple[str, Callable[[Any], Any]]]) ->
 
 
 class Spawns:
-    """One spawn per world size for a whole module: ``worker(group, *args)`` (module level,
-    returning :func:`run_sections`' report) runs the first time a test asks for that world size;
-    the reports (or the spawn's failure) are kept for the module's other tests."""
+    """One spawn per world size for a whole module, or for several modules that share a ``pool``.
 
-    def __init__(self, worker: Callable[..., dict], *args: Any, timeout: float = 180.0):
-        self.worker, self.args, self.timeout = worker, args, timeout
-        self._reports: dict[int, Any] = {}
+    ``worker(group, *args)`` (module level, returning :func:`run_sections`' report) is registered
+    in ``pool`` when the module is imported, so by the time the first test asks for a world size,
+    pytest has collected every module of the run and one spawn runs every registered worker of
+    the pool in turn (each worker's sections are reported separately: a failing section fails
+    only its own test; a hang ends the spawn at the timeout and fails every test that asked for
+    it). The reports (or the spawn's failure) are kept for the other tests.
+    """
+
+    _pools: dict[str, list[tuple[Callable[..., dict], tuple]]] = {}
+    _reports: dict[tuple[str, int], Any] = {}
+
+    def __init__(self, worker: Callable[..., dict], *args: Any, pool: str | None = None,
+                 timeout: float = 180.0):
+        self.worker, self.args = worker, args
+        self.pool = pool or f"{worker.__module__}.{worker.__qualname__}{args!r}"
+        self.timeout = timeout
+        self._pools.setdefault(self.pool, []).append((worker, args))
 
     def results(self, world_size: int, name: str) -> list:
         """Section ``name``'s result on every rank; fails the calling test with the worker's
         report (every failing rank's error) otherwise."""
         import pytest  # only the test process needs it, not the spawned ranks
 
-        if world_size not in self._reports:
+        key = (self.pool, world_size)
+        if key not in self._reports:
+            workers = self._pools[self.pool]
             try:
-                self._reports[world_size] = run_distributed(self.worker, world_size, *self.args,
-                                                            timeout=self.timeout)
+                self._reports[key] = run_distributed(_pool_worker, world_size, workers,
+                                                     timeout=self.timeout * len(workers))
             except DistributedError as e:  # kept too: one broken spawn is not re-run per test
-                self._reports[world_size] = str(e)
-        reports = self._reports[world_size]
+                self._reports[key] = str(e)
+        reports = self._reports[key]
         if isinstance(reports, str):
             pytest.fail(reports, pytrace=False)
+        name = f"{_label(self.worker, self.args)}:{name}"
+        missing = [r for r, rep in enumerate(reports) if name not in rep]
+        assert not missing, f"no section {name!r} on ranks {missing}: {sorted(reports[0])}"
         bad = [f"--- rank {r}: {rep[name]['error']}" for r, rep in enumerate(reports) if not rep[name]["ok"]]
         if bad:
             pytest.fail("\n".join(bad), pytrace=False)
         return [rep[name]["result"] for rep in reports]
+
+
+def _label(worker: Callable[..., dict], args: tuple) -> str:
+    return f"{worker.__module__}.{worker.__qualname__}{args!r}"
+
+
+def _pool_worker(group, workers) -> dict[str, dict]:
+    """Run every worker of a pool on this rank; one report, section names prefixed by worker."""
+    report: dict[str, dict] = {}
+    for worker, args in workers:
+        label = _label(worker, args)
+        try:
+            sections = worker(group, *args)
+        except Exception as e:  # noqa: BLE001 - a worker is expected to report, not raise
+            raise RuntimeError(f"{label} raised instead of reporting its sections: {e}") from e
+        report.update({f"{label}:{name}": v for name, v in sections.items()})
+    return report
 
 
 # --------------------------------------------------------------------------------------------

@@ -429,8 +429,9 @@ def _worker(group, full_at_4: bool):
     return run_sections(group, sections)
 
 
-SPAWNS = Spawns(_worker, False)
-SPAWNS_FULL = Spawns(_worker, True)
+# One spawn per world size for test_sp_contract, test_sp_linear and test_sp_softmax together.
+SPAWNS = Spawns(_worker, False, pool="sp")
+SPAWNS_FULL = Spawns(_worker, True, pool="sp-full")
 
 
 def _section_results(world_size: int, name: str) -> list:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import lasp2
 from lasp2.parallel import comm
 from lasp2.parallel import ring_attention, softmax_allgather
-from tests.dist import WORLD_SIZES, run_cases, run_distributed
+from tests.dist import WORLD_SIZES, Spawns, run_cases, run_sections
 from tests.helpers import assert_close
 
 STRATEGIES = ("allgather", "ring", "ulysses")
@@ -200,7 +200,7 @@ def check_errors(group) -> None:
                 lasp2.sp_softmax_attention(q, k, v, group=group, strategy=strategy, cu_seqlens=cu)
 
 
-def _worker(group):
+def _table(group):
     W = dist.get_world_size(group)
 
     def check(kind, **params):
@@ -214,6 +214,14 @@ def _worker(group):
     run_cases(_cases(W), check)
 
 
+def _worker(group):
+    return run_sections(group, [("table", _table)])
+
+
+# One spawn per world size for test_sp_contract, test_sp_linear and test_sp_softmax together.
+SPAWNS = Spawns(_worker, pool="sp")
+
+
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_sp_softmax_matches_single_device(world_size):
-    run_distributed(_worker, world_size)
+    SPAWNS.results(world_size, "table")

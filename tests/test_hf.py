@@ -261,3 +261,27 @@ def test_fp64_kernels_match_transformers(family):
         ours = mamba2_fp64(x, dt, A, Bm, Cm, **kw)
         theirs = modeling.mamba2_chunk_scan.__wrapped__(x, dt, A, Bm, Cm, **kw)
     assert max_rel_err(ours, theirs.double()) < 1e-5
+
+
+def test_configs_weights_and_train_flags(tmp_path):
+    """Shipped configs load by name; --hf-weights reloads save_pretrained safetensors exactly;
+    bad names and flag combinations are ValueErrors naming the fix."""
+    from lasp2.hf.loading import build_model, config_names, load_config
+    from lasp2.train.config import TrainConfig
+
+    assert config_names() == ["bamba-tiny", "minimax-tiny", "qwen3-next-tiny", "qwen3.5-tiny"]
+    model = make_model("minimax", torch.float32)
+    model.save_pretrained(tmp_path / "w")
+    assert any((tmp_path / "w").glob("*.safetensors"))
+    again = build_model(load_config(str(tmp_path / "w")), weights=str(tmp_path / "w"))
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with pytest.raises(ValueError, match="qwen3-next-tiny"):
+        load_config("qwen4-huge")
+    with pytest.raises(ValueError, match="safetensors"):
+        build_model(load_config("minimax-tiny"), weights=str(tmp_path))
+    with pytest.raises(ValueError, match="do not apply"):
+        TrainConfig(hf_config="qwen3-next-tiny", layer_pattern="NL")
+    with pytest.raises(ValueError, match="not supported with --hf-config"):
+        TrainConfig(hf_config="bamba-tiny", no_state_passing=True)
+    assert TrainConfig(hf_config="qwen3.5-tiny", task="mqar").hf

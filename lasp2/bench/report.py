@@ -96,15 +96,18 @@ def _ops(d: Dict[str, int]) -> str:
 
 def markdown(records: List[dict], meta: dict, spec) -> str:
     seq = "global tokens (split over W)" if spec.seq_is_global else "tokens per rank"
+    shapes = (f"model {spec.hf_config} (its config fixes the shapes), B={spec.batch}" if spec.suite == "hf" else
+              f"B={spec.batch}, H={spec.heads}, Hkv={spec.kv_heads or spec.heads}, D={spec.dim}")
     lines = [f"# lasp2 bench --suite {spec.suite}", "", f"Command: `{meta['command']}`", "",
-             f"torch {meta['torch']}; {meta['hardware']}; B={spec.batch}, H={spec.heads}, "
-             f"Hkv={spec.kv_heads or spec.heads}, D={spec.dim}, {spec.dtype}, layout {spec.layout}; "
+             f"torch {meta['torch']}; {meta['hardware']}; {shapes}, {spec.dtype}, layout {spec.layout}; "
              f"lengths given as {seq}. Time: the slowest rank's median of {spec.repeats} fwd+bwd calls "
              f"(after {spec.warmup} warm-up + 1 tracked call), configurations interleaved repeat by repeat. "
              "Efficiency = ideal time / time, where the ideal is every rank running the one-device op on "
              "1/W of the work with no communication, at the same time. Peak memory: per rank above the "
              "inputs, max over ranks. Communication per call of the measured op (one layer; one whole "
-             "model step for --suite model), per rank, forward and backward.", ""]
+             "model step for --suite model and hf), per rank, forward and backward."
+             + (" hf: the ideal is the unmodified transformers model on this rank's tokens (no SP)."
+                if spec.suite == "hf" else ""), ""]
     if meta.get("note"):
         lines += [f"**Note:** {meta['note']}", ""]
     lines += ["| W | T global | T local | strategy | fwd+bwd (ms) | tokens/s | efficiency | peak MB/rank "

@@ -56,7 +56,8 @@ def check_hf_config(cfg) -> None:
 def build_hf(cfg, mesh, device: torch.device, dtype: torch.dtype) -> Tuple[HFCausalLM, DistributedDataParallel]:
     """(model, DDP-wrapped model) for ``cfg``: seeded init (or ``--hf-weights``), lasp2.hf SP over
     ``mesh["sp"]``, DDP over dp x sp (MoE experts that get no token on a rank have no gradient
-    there: ``find_unused_parameters``; the models' buffers are constants: no broadcast)."""
+    there: ``find_unused_parameters`` for MoE models; the models' buffers are constants: no
+    per-step broadcast)."""
     from .. import hf as lasp2_hf
     from ..hf.loading import build_model, load_config
 
@@ -66,7 +67,12 @@ def build_hf(cfg, mesh, device: torch.device, dtype: torch.dtype) -> Tuple[HFCau
     lasp2_hf.parallelize(model, mesh["sp"].get_group(), layout=cfg.layout, strategy=cfg.strategy,
                          softmax_strategy=cfg.softmax_strategy)
     wrapped = HFCausalLM(model)
-    ddp = DistributedDataParallel(wrapped, process_group=dp_sp_group(mesh), broadcast_buffers=False,
-                                  find_unused_parameters=True,
-                                  device_ids=[device.index] if device.type == "cuda" else None)
+    import inspect
+
+    # Buffers (RoPE frequencies, decay tables) are constants computed at init: never re-broadcast.
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+               inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
+    moe = any(getattr(model.config, k, 0) for k in ("num_experts", "num_local_experts"))
+    ddp = DistributedDataParallel(wrapped, process_group=dp_sp_group(mesh), find_unused_parameters=moe,
+                                  device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
     return wrapped, ddp

@@ -143,4 +143,4 @@ def _worker(group):
 
 @pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_sp_causal_conv1d(world_size):
-    run_distributed(_worker, world_size)
+    run_distributed(_worker, world_size, timeout=600)

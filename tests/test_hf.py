@@ -86,8 +86,8 @@ def _run_case(group, *, family: str, layout: str, dtype, ref: dict, cu: Optional
         if dtype == torch.float32:
             err = (g - r).norm() / r.norm().clamp_min(1e-30)
             assert err <= FP32_GRAD_TOL or r.abs().max() == 0 == g.abs().max(), f"d {name}: {err:.2e}"
-        elif fp32_sums is not None and fp32_sums.search(name):
-            assert_close(f"d {name}", g, r, torch.float32)
+        elif fp32_sums is not None and fp32_sums.search(name):  # an fp32 sum over the T tokens
+            assert_close(f"d {name}", g, r, torch.float32, depth=T)
         else:
             assert_close(f"d {name}", g, r, dtype)
     if dtype == torch.float32:
@@ -223,13 +223,13 @@ FAMILIES = ("qwen3_next", "qwen3_5", "minimax", "bamba")
 
 def test_hf_sp2(tmp_path):
     table = _table(FAMILIES, ("contiguous", "zigzag"), (torch.float64, torch.float32))
-    run_distributed(_worker, 2, table, str(tmp_path))
+    run_distributed(_worker, 2, table, str(tmp_path), timeout=900)  # ~30 s idle; minutes on a loaded box
 
 
 @pytest.mark.slow
 def test_hf_sp4():
     table = _table(("qwen3_next",), ("contiguous", "zigzag"), (torch.float64,), docs=True)
-    run_distributed(_worker, 4, table)
+    run_distributed(_worker, 4, table, timeout=900)
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "bamba"])

@@ -19,7 +19,7 @@ as an independent sequence (one per rank under ``contiguous``; two under ``zigza
 rows of the batch, or split by document boundaries in the local ``cu_seqlens`` of packed text).
 Packed documents keep their boundaries inside a run. RoPE positions restart at each run (local
 positions), which leaves relative positions inside a run exact. Everything else -- data,
-gradients (still averaged over all ranks by DDP), optimizer -- is unchanged, so the difference
+gradients (still averaged over all ranks by DDP or FSDP2), optimizer -- is unchanged, so the difference
 from a normal run is exactly the information LASP-2 moves between ranks.
 """
 from __future__ import annotations

@@ -208,3 +208,16 @@ def test_bad_input_under_torchrun_fails_on_every_rank_without_hanging(runs, tmp_
     failures = sorted((tmp_path / "other").glob("failure-rank*.txt"))
     assert [f.name for f in failures] == ["failure-rank0.txt", "failure-rank1.txt"]
     assert all("belongs to a different run" in f.read_text() for f in failures)
+
+
+@pytest.mark.slow
+def test_fsdp2_accumulates_micro_batches_like_ddp(tmp_path):
+    """Packed text runs one micro-batch per sequence: FSDP2 skips the gradient reduction on all
+    but the last (set_requires_gradient_sync) and must match DDP's no_sync accumulation."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Document {i}: " + "the quick brown fox " * (i % 5 + 1) for i in range(40)))
+    flags = ["--task", "text", "--data", str(text), "--seq-len", "256", "--layout", "zigzag", "--sp", "2",
+             "--save-every", "0"]
+    _train(*flags, "--out", str(tmp_path / "ddp"))
+    _train(*flags, "--data-parallel", "fsdp2", "--out", str(tmp_path / "fsdp2"))
+    _same_losses(tmp_path / "fsdp2", tmp_path / "ddp")

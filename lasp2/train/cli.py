@@ -29,7 +29,7 @@ EXAMPLES = """examples:
   lasp2 train --task text --data book.txt --seq-len 4096 --sp 4 --steps 200
   lasp2 train --resume lasp2_train --steps 600 # continue a run (identical losses to an uninterrupted one)
   torchrun --nproc-per-node 8 -m lasp2 train --preset linear-llama3-1b --sp 4 --seq-len 65536 --dtype bfloat16
-  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m lasp2 train \
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m lasp2 train \\
       --preset linear-llama3-1b --sp 8 --data-parallel fsdp2 --seq-len 65536   # sharded, SP inside each node
 """
 

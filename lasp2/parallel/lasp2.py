@@ -82,7 +82,7 @@ class AllGatherExchange:
             local_work()
         _check_headers(gathered, call.header)
         rows = _by_segment(gathered, call.layout)  # [J, n]
-        dt = work[0].states.dtype
+        dt = work[0].summary_state.dtype
         S_all = rows[:, : B * H * K * V].reshape(-1, B, H, K, V).to(dt)
         A_all = rows[:, B * H * K * V: -1].reshape(-1, *work[0].transition.shape).to(dt)
         P = fold_forward(S_all, A_all)

@@ -1,0 +1,79 @@
+"""Backends for the local work of linear attention: one contract, two implementations.
+
+``torch`` (``backends/torch.py``, the default): lasp2's chunked PyTorch ops; any device, any
+floating dtype. ``fla`` (``backends/fla.py``): flash-linear-attention's Triton kernels
+(``pip install lasp2[gpu]``); CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the
+Triton interpreter, for exactness tests; lasp2 applies the compatibility it needs itself).
+``auto`` picks ``fla`` for CUDA tensors (not fp64) when fla is installed, ``torch`` otherwise.
+
+The contract, per backend module (the SP strategies call it through ``parallel/linear_local.py``
+and never know which backend runs):
+
+    linear_attention(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens)
+        -> (o [B, T, H, V] in q's dtype, final state(s) fp32 or None)        one device, causal
+    segment_work(q, k, v, g, beta, scale, starts) -> a segment object with
+        summary_state  Ŝ [B, H, K, V] (with graph): the state leaving the segment from zero
+        transition     Â [B, H, Kg] (Kg = 1 or K) or [B, H, K, K] (with graph)
+        intra_outputs()          the work that needs no incoming state
+        add_incoming(P)          the output term linear in the incoming state P [B, H, K, V]
+        take_outputs(length)     outputs [B, length, H, V] with graph (released after)
+        output_grad(do)          dL/do of the segment in the backend's form
+        inter_backward(do_b)     (G = dL/dP [B, H, K, V], data for grad_targets)
+        grad_targets(data, D)    (tensors, grads) for the one autograd.grad, given the gradient D
+                                 [B, H, K, V] reaching the segment's final state Â P + Ŝ
+    ``starts``: bool [T] document starts in the segment (None without documents).
+
+Shapes follow DESIGN §1-2. Every running state and summary is fp32 (fp64 for fp64 inputs with
+``torch``), whatever the input dtype.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch as _torch
+
+BACKENDS = ("auto", "torch", "fla")
+
+
+def fla_installed() -> bool:
+    """Whether ``fla`` (fla-core) and ``triton`` can be imported (without importing them)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("fla", "triton"))
+
+
+def resolve(backend: str, x: _torch.Tensor) -> str:
+    """The concrete backend ("torch" or "fla") for ``backend`` and an input tensor ``x``.
+
+    Raises ValueError for an unknown name, or for "fla" where it cannot run (fla not installed,
+    fp64 inputs, CPU tensors without ``TRITON_INTERPRET=1``), saying how to fix it.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        usable = x.is_cuda and x.dtype != _torch.float64 and fla_installed() and os.environ.get(
+            "TRITON_INTERPRET", "0") != "1"
+        return "fla" if usable else "torch"
+    if backend == "fla":
+        if not fla_installed():
+            raise ValueError("backend='fla' needs flash-linear-attention's kernels: pip install 'lasp2[gpu]' "
+                             "(fla-core and triton), or use backend='torch'")
+        if x.dtype == _torch.float64:
+            raise ValueError("backend='fla' runs fp32/bf16/fp16 inputs (fla's kernels have no fp64 path); "
+                             "use backend='torch' for fp64")
+        if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError("backend='fla' on CPU tensors runs fla's Triton kernels in the Triton interpreter: "
+                             "set TRITON_INTERPRET=1 in the environment before Python starts (before triton "
+                             "or fla is imported), e.g. `TRITON_INTERPRET=1 python ...`; or use CUDA tensors, "
+                             "or backend='torch'")
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='fla' runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got "
+                             f"device {x.device}; use backend='torch'")
+    return backend
+
+
+def get(name: str):
+    """The backend module for a resolved name ("torch" or "fla"); fla is imported on first use."""
+    if name not in ("torch", "fla"):
+        raise ValueError(f"backends.get takes a resolved backend ('torch' or 'fla'), got {name!r}")
+    return importlib.import_module(f"{__name__}.{name}")

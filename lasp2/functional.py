@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .ops import chunk, delta
+from .ops import backends, chunk
 from .ops.softmax import attention_blockwise, doc_ids_from_cu_seqlens
 from .validation import (check_beta, check_cu_seqlens, check_gate, check_initial_state, check_qkv,
                          check_scale, resolve_scale)
@@ -25,6 +25,7 @@ def linear_attention(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Linear attention on one device, every variant of DESIGN §1.
 
@@ -41,6 +42,9 @@ def linear_attention(
         output_final_state: also return the final state(s), same shape as initial_state.
         cu_seqlens: [N + 1] int cumulative document lengths (B == 1); states reset at every
             document start.
+        backend: "auto" (fla on CUDA tensors when fla is installed, else torch), "torch"
+            (lasp2's chunked PyTorch ops) or "fla" (fla's Triton kernels; CPU tensors need
+            TRITON_INTERPRET=1; not fp64). See ``lasp2.ops.backends``.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final state fp32 — fp64 for fp64 inputs — or None).
@@ -54,18 +58,17 @@ def linear_attention(
     check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
     check_initial_state(initial_state, q, v, cu_seqlens)
     scale = resolve_scale(scale, q)
+    resolved = backends.resolve(backend, q)  # validated for every call; bidirectional is one matmul (torch)
     if not causal:
         if g is not None or beta is not None or initial_state is not None or output_final_state:
             raise ValueError("causal=False supports basic linear attention only: pass g=None, beta=None, "
                              "initial_state=None and output_final_state=False")
         return chunk.bidirectional_linear_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens), None
-    if beta is not None:
-        if g is not None and g.dim() == 4:
-            raise ValueError("the delta rule takes a scalar gate g [B, T, H], not a per-channel gate")
-        return delta.delta_linear_attention(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    return chunk.chunk_linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
-                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    if beta is not None and g is not None and g.dim() == 4:
+        raise ValueError("the delta rule takes a scalar gate g [B, T, H], not a per-channel gate")
+    impl = backends.get(resolved)
+    return impl.linear_attention(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
 @no_autocast

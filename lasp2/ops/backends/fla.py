@@ -1,0 +1,199 @@
+"""The fla backend: flash-linear-attention's Triton chunk kernels (fla-core 0.6.0, public API only).
+
+Variant -> kernel: basic linear attention -> ``chunk_linear_attn(normalize=False)``; constant
+decay and scalar gate (g [B, T, H]) -> ``chunk_simple_gla``; per-channel gate (g [B, T, H, K])
+-> ``chunk_gla``; DeltaNet -> ``chunk_delta_rule`` for bf16/fp16 (fla's delta-rule kernel refuses
+fp32) and ``chunk_gated_delta_rule`` with a zero gate for fp32; Gated DeltaNet ->
+``chunk_gated_delta_rule``. fla's public ``g`` is natural-log like lasp2's (its kernels convert
+to log2 internally), ``scale`` is passed explicitly, ``initial_state`` is passed in fp32.
+
+Precision: the kernels take q, k, v in their dtype (bf16/fp16/fp32) with fp32 accumulation and
+fp32 states; final states and everything lasp2 sends between ranks are fp32. fp64 is refused
+(``backends.resolve``). On CPU tensors the kernels run in the Triton interpreter
+(``interpret.py``), for exactness tests.
+
+Local work of one segment for the SP strategies (``FlaSegment``, DESIGN §1), without running the
+op twice:
+- diagonal family: ONE zero-state fla call gives the zero-state outputs and Ŝ (its final state);
+  Â = exp(sum g) and the inter query q̃_s = scale * q_s ⊙ exp(cumsum g) (over the tokens before
+  the segment's first document start) come from the gates in PyTorch, and the incoming state's
+  term q̃ P (one [T, K] x [K, V] matmul) is added, and differentiated, in PyTorch;
+- delta rule: the op is linear in (v, initial state) jointly, so ONE fla call with the values
+  widened to [v | 0] (V + K columns) and the initial state [0 | I] gives, in its first V columns,
+  the zero-state outputs and Ŝ, and in its last K columns q̃_s = scale * q_s Λ_{<=s} (the
+  coefficient of the incoming state in o_s) and Â (the final state of I). The WY transform is
+  shared by both column groups; the state scan and output kernels do V + K columns instead of V
+  (fla's own context parallelism, ``fla.ops.cp``, runs its state kernel over the same [h | M]
+  columns and then the whole forward again, and is internal API).
+Backward is one fla backward per segment: the strategy's ``autograd.grad`` feeds the outputs' and
+the final state's gradients (fla's ``dht``) through fla's autograd Function, and the inter term's
+through PyTorch; G = dL/dP = q̃^T dO is one matmul.
+
+The fla kernels compute Ŝ and the zero-state outputs in one call, so under ``lasp2`` the
+all-gather of the summaries overlaps only the PyTorch part of the local work with this backend.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from types import SimpleNamespace
+from typing import Optional, Tuple
+
+import torch
+
+from . import interpret
+
+name = "fla"
+MAX_HEAD_DIM = 256  # fla's chunk kernels tile K in blocks of 64 up to 256
+
+
+@functools.lru_cache(maxsize=None)
+def _fla():
+    """fla's chunk ops, imported on first use (``TRITON_INTERPRET`` must already be set for CPU)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Triton is not supported on current platform.*")
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.gla import chunk_gla
+        from fla.ops.linear_attn import chunk_linear_attn
+        from fla.ops.simple_gla import chunk_simple_gla
+        from fla.ops.utils import cumsum
+    return SimpleNamespace(chunk_delta_rule=chunk_delta_rule, chunk_gated_delta_rule=chunk_gated_delta_rule,
+                           chunk_gla=chunk_gla, chunk_linear_attn=chunk_linear_attn,
+                           chunk_simple_gla=chunk_simple_gla, cumsum_module=cumsum)
+
+
+def _ready(q: torch.Tensor, v: torch.Tensor) -> SimpleNamespace:
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"backend='fla' supports head dims K, V <= {MAX_HEAD_DIM} (fla's chunk kernels), got "
+                         f"K={q.shape[-1]}, V={v.shape[-1]}; use backend='torch'")
+    interpret.prepare(q)
+    ops = _fla()
+    if interpret.active(q):
+        interpret.check_interpreted(ops.cumsum_module.chunk_local_cumsum_scalar_kernel)
+    return ops
+
+
+def _op(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, cu_seqlens):
+    """One fla chunk op (see the module docstring for which); initial_state fp32 or None,
+    cu_seqlens long or None. Returns (o in v's dtype, final state fp32 or None)."""
+    ops = _ready(q, v)
+    common = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens)
+    if beta is not None:
+        if g is None and q.dtype in (torch.bfloat16, torch.float16):
+            return ops.chunk_delta_rule(q, k, v, beta.to(q.dtype), **common)
+        gate = q.new_zeros(q.shape[:3], dtype=torch.float32) if g is None else g.float()
+        return ops.chunk_gated_delta_rule(q, k, v, gate, beta.to(q.dtype), **common)
+    if g is None:
+        return ops.chunk_linear_attn(q, k, v, normalize=False, **common)
+    if g.dim() == 3:
+        return ops.chunk_simple_gla(q, k, v, g=g.float(), **common)
+    return ops.chunk_gla(q, k, v, g.float(), **common)
+
+
+def linear_attention(q, k, v, g, beta, *, scale: float, initial_state, output_final_state: bool,
+                     cu_seqlens) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Causal linear attention on one device by fla's kernels (inputs validated by the caller).
+    Shapes as ``lasp2.linear_attention``; returns (o in q's dtype, final state(s) fp32 or None)."""
+    h0 = None if initial_state is None else initial_state.float()
+    cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.long)
+    o, ht = _op(q, k, v.to(q.dtype), g, beta, scale, h0, output_final_state, cu)
+    return o.to(q.dtype), ht
+
+
+class FlaSegment:
+    """One segment's local work with fla's kernels (the contract of ``backends/__init__.py``).
+
+    reach: the number of leading tokens the incoming state reaches (those before the segment's
+    first document start; 0 when a document starts at its first token).
+    """
+
+    def __init__(self, q, k, v, g, beta, scale: float, starts: Optional[torch.Tensor]):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        positions = [] if starts is None else starts.nonzero().flatten().tolist()
+        inner = [p for p in positions if p > 0]
+        self.reach = positions[0] if positions else T
+        cu = None if not inner else torch.tensor([0, *inner, T], dtype=torch.long, device=q.device)
+        v = v.to(q.dtype)
+        if beta is None:
+            o0, ht = _op(q, k, v, g, None, scale, None, True, cu)
+            self._S = ht[-1:] if cu is not None else ht
+            self._A, self.q_tilde = self._diagonal_terms(q, g, scale)
+        else:
+            # [v | 0] with initial state [0 | I]: columns V: carry q_s Λ_{<=s} and Â (module docstring)
+            n_init = B if cu is None else len(inner) + 1
+            h0 = q.new_zeros(n_init, H, K, V + K, dtype=torch.float32)
+            if self.reach > 0:
+                target = h0[:, :, :, V:] if cu is None else h0[:1, :, :, V:]  # the continuing document
+                target.copy_(torch.eye(K, dtype=torch.float32, device=q.device).expand_as(target))
+            o_aug, ht = _op(q, k, torch.cat([v, v.new_zeros(B, T, H, K)], dim=-1), g, beta, scale, h0, True, cu)
+            last = ht[-1:] if cu is not None else ht
+            o0, self._S, self._A = o_aug[..., :V], last[..., :V], last[..., V:]
+            self.q_tilde = o_aug[:, : self.reach, :, V:].float()
+        self.o0, self.P, self.outputs = o0, None, None
+
+    def _diagonal_terms(self, q, g, scale: float):
+        """(Â [B, H, Kg], q̃ [B, reach, H, K]) from the gates, fp32, with graph."""
+        B, T, H, K = q.shape
+        r = self.reach
+        q_tilde = q[:, :r].float() * scale
+        if g is None:
+            A = q.new_full((B, H, 1), 1.0 if r == T else 0.0, dtype=torch.float32)
+            return A, q_tilde
+        c = g[:, :r].float().cumsum(1)  # [B, r, H(, K)], non-increasing: exp never overflows
+        decay = c.exp()
+        q_tilde = q_tilde * (decay if g.dim() == 4 else decay.unsqueeze(-1))
+        if r < T:  # a document starts inside the segment: the incoming state stops there
+            A = q.new_zeros((B, H, K if g.dim() == 4 else 1), dtype=torch.float32)
+        else:
+            A = decay[:, -1] if g.dim() == 4 else decay[:, -1].unsqueeze(-1)
+        return A, q_tilde
+
+    @property
+    def summary_state(self) -> torch.Tensor:
+        return self._S
+
+    @property
+    def transition(self) -> torch.Tensor:
+        return self._A
+
+    def intra_outputs(self) -> None:
+        """Nothing left: fla's call in the constructor produced the zero-state outputs with Ŝ."""
+
+    def add_incoming(self, P: torch.Tensor) -> None:
+        """o = o(zero state) + q̃ P on the tokens the incoming state reaches (PyTorch, fp32)."""
+        self.P = P
+        o0, self.o0 = self.o0, None
+        inter = torch.einsum("brhk,bhkv->brhv", self.q_tilde, P.to(self.q_tilde.dtype))
+        o = o0.to(inter.dtype)
+        self.outputs = torch.cat([o[:, : self.reach] + inter, o[:, self.reach:]], dim=1)
+
+    def take_outputs(self, length: int) -> torch.Tensor:
+        o, self.outputs = self.outputs, None
+        return o
+
+    def output_grad(self, do: torch.Tensor) -> torch.Tensor:
+        return do
+
+    def inter_backward(self, do: torch.Tensor):
+        """(G = q̃^T dO [B, H, K, V] fp32, None)."""
+        G = torch.einsum("brhk,brhv->bhkv", self.q_tilde.detach(), do[:, : self.reach].to(self.q_tilde.dtype))
+        return G, None
+
+    def grad_targets(self, _unused, final_grad: torch.Tensor):
+        """Ŝ gets D (fla's dht), Â gets <D, P> in its own shape: D P^T (matrix), sum over V
+        (per-channel), sum over K and V (scalar)."""
+        D, P, A = final_grad.to(self._S.dtype), self.P.to(self._S.dtype), self._A
+        if A.dim() == D.dim():
+            dA = D @ P.transpose(-1, -2)
+        elif A.shape[-1] == 1:
+            dA = (D * P).sum((-2, -1)).unsqueeze(-1)
+        else:
+            dA = (D * P).sum(-1)
+        return [self._S, A], [D, dA]
+
+
+segment_work = FlaSegment
+"""The contract's constructor: ``segment_work(q, k, v, g, beta, scale, starts)`` for one segment."""

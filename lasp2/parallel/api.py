@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .. import functional
+from ..ops import backends
 from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_qkv, check_scale,
                           resolve_scale)
 from . import comm, strategies
@@ -52,6 +53,7 @@ def sp_linear_attention(
     layout: str = "contiguous",
     cu_seqlens: Optional[torch.Tensor] = None,
     scan_blocks: Optional[int] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Sequence-parallel linear attention: this rank's shard of ``linear_attention`` on the
     whole sequence.
@@ -72,6 +74,8 @@ def sp_linear_attention(
         scan_blocks: pipeline blocks of a pipelined strategy's chain (the state split along V;
             1..V); None picks k* = sqrt((J - 2) s / alpha) for an InfiniBand-class link
             (``strategies.default_blocks``; ``lasp2 plan`` gives k* for your network).
+        backend: the local work's kernels: "auto" (fla on CUDA tensors when installed, else
+            torch), "torch" or "fla" (see ``lasp2.ops.backends``). The communication is the same.
 
     Returns:
         o [B, T, H, V], this rank's shard, in q's dtype. Differentiable w.r.t. q, k, v, g.
@@ -112,19 +116,21 @@ def sp_linear_attention(
             raise ValueError(f"scan_blocks must be an int in [1, V={v.shape[-1]}] (the state splits along V), "
                              f"got {scan_blocks!r}")
     scale = resolve_scale(scale, q)
+    backend = backends.resolve(backend, q)
     signature = (f"sp_linear_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
                  f"q={_describe(q)} k={_describe(k)} v={_describe(v)} g={_describe(g)} beta={_describe(beta)} "
                  f"docs={cu_seqlens is not None} blocks={scan_blocks}")
     comm.ensure_agreement(group, signature)
     if world == 1:
-        o, _ = functional.linear_attention(q, k, v, g, beta, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
+        o, _ = functional.linear_attention(q, k, v, g, beta, scale=scale, causal=causal, cu_seqlens=cu_seqlens,
+                                           backend=backend)
         return o
     if not causal:
         return BidirectionalLASP2Function.apply(q, k, v, scale, lay, group, cu_seqlens)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(q.device)
     call = LinearCall(group, lay, scale, cu_seqlens, header=comm.signature_code(signature + _cu_digest(cu_seqlens)),
-                      grad_enabled=torch.is_grad_enabled(), blocks=scan_blocks)
+                      grad_enabled=torch.is_grad_enabled(), blocks=scan_blocks, backend=backend)
     return LinearSPFunction.apply(q, k, v, g, beta, call, entry.exchange)
 
 

@@ -29,6 +29,7 @@ class LinearCall:
     overlap: launch the exchange before the intra-chunk work (False only for benchmarks).
     blocks: pipeline blocks of the ``allscan`` chain (states split along V); None lets the
         strategy registry choose (``strategies.pipeline_blocks``).
+    backend: the resolved local-work backend, "torch" or "fla" (``ops.backends.resolve``).
 
     ``eq=False``: identity semantics (cu_seqlens is a tensor; the object is never compared).
     """
@@ -41,6 +42,7 @@ class LinearCall:
     grad_enabled: bool = True
     overlap: bool = True
     blocks: Optional[int] = None
+    backend: str = "torch"
 
     @property
     def world(self) -> int:

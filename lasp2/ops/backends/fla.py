@@ -2,10 +2,12 @@
 
 Variant -> kernel: basic linear attention -> ``chunk_linear_attn(normalize=False)``; constant
 decay and scalar gate (g [B, T, H]) -> ``chunk_simple_gla``; per-channel gate (g [B, T, H, K])
--> ``chunk_gla``; DeltaNet -> ``chunk_delta_rule`` for bf16/fp16 (fla's delta-rule kernel refuses
-fp32) and ``chunk_gated_delta_rule`` with a zero gate for fp32; Gated DeltaNet ->
-``chunk_gated_delta_rule``. fla's public ``g`` is natural-log like lasp2's (its kernels convert
-to log2 internally), ``scale`` is passed explicitly, ``initial_state`` is passed in fp32.
+-> ``chunk_gla``; DeltaNet and Gated DeltaNet -> ``chunk_gated_delta_rule`` (DeltaNet with g = 0:
+fla's ``chunk_delta_rule`` refuses fp32, and the Triton interpreter does not emulate bf16
+faithfully, so one kernel path for every dtype is the one the CPU tests can prove; the zero gate
+costs an elementwise pass, which ``benchmarks/gpu_suite.sh`` measures against
+``chunk_delta_rule``). fla's public ``g`` is natural-log like lasp2's (its kernels convert to log2
+internally), ``scale`` is passed explicitly, ``initial_state`` is passed in fp32.
 
 Precision: the kernels take q, k, v in their dtype (bf16/fp16/fp32) with fp32 accumulation and
 fp32 states; final states and everything lasp2 sends between ranks are fp32. fp64 is refused
@@ -52,13 +54,12 @@ def _fla():
     """fla's chunk ops, imported on first use (``TRITON_INTERPRET`` must already be set for CPU)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Triton is not supported on current platform.*")
-        from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.gla import chunk_gla
         from fla.ops.linear_attn import chunk_linear_attn
         from fla.ops.simple_gla import chunk_simple_gla
         from fla.ops.utils import cumsum
-    return SimpleNamespace(chunk_delta_rule=chunk_delta_rule, chunk_gated_delta_rule=chunk_gated_delta_rule,
+    return SimpleNamespace(chunk_gated_delta_rule=chunk_gated_delta_rule,
                            chunk_gla=chunk_gla, chunk_linear_attn=chunk_linear_attn,
                            chunk_simple_gla=chunk_simple_gla, cumsum_module=cumsum)
 
@@ -81,8 +82,6 @@ def _op(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool,
     common = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
     if beta is not None:
-        if g is None and q.dtype in (torch.bfloat16, torch.float16):
-            return ops.chunk_delta_rule(q, k, v, beta.to(q.dtype), **common)
         gate = q.new_zeros(q.shape[:3], dtype=torch.float32) if g is None else g.float()
         return ops.chunk_gated_delta_rule(q, k, v, gate, beta.to(q.dtype), **common)
     if g is None:

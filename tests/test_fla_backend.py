@@ -1,0 +1,241 @@
+"""The fla backend (fla's Triton kernels) against the torch backend and the fp64 references.
+
+On CPU the kernels run in the Triton interpreter: ``TRITON_INTERPRET`` must be set before fla is
+imported, so every fla case runs in spawned worlds (``tests/dist.py``) whose environment has
+``TRITON_INTERPRET=1`` and ``FLA_DISABLE_BACKEND_DISPATCH=1`` (fla's optional FlashQLA/TileLang
+dispatch could otherwise swap kernels); the pytest process itself never imports fla. The
+interpreter is slow, so shapes are tiny and one spawn runs a whole table per world size.
+
+Tolerances: fla computes in fp32 (its kernels have no fp64 path), so the fla results are compared
+with fp64 references (``ops/naive.py`` on one device; the single-device fp64 op on the whole
+sequence for SP) at the fp32 tolerance of ``tests/helpers.py`` (1e-5 relative to the tensor's
+largest entry: ~100 fp32 ulps, for computations tens of tokens deep).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import lasp2
+from lasp2.ops.naive import naive_linear_attention
+from tests.dist import run_cases, run_distributed
+from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS, TOL, make_inputs, max_rel_err
+
+VARIANTS = DIAGONAL_VARIANTS + DELTA_VARIANTS
+INTERPRETER_ENV = {"TRITON_INTERPRET": "1", "FLA_DISABLE_BACKEND_DISPATCH": "1"}
+NAMES = ("q", "k", "v", "g", "beta")
+
+
+def _close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float, whole=None) -> None:
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = max_rel_err(got, ref, None if whole is None else whole.abs().max())
+    assert err <= tol, f"{name}: max relative error {err:.2e} > {tol:.0e}"
+
+
+def _run_single(fn, inputs, h0, cu, out_weight, state_weight, dtype):
+    """fn's outputs, final state and gradients of <o, W> + <ht, W_h> w.r.t. every input and h0."""
+    leaves = {n: inputs[n].to(dtype).clone().requires_grad_() for n in NAMES if inputs.get(n) is not None}
+    h0 = h0.to(torch.float32 if dtype != torch.float64 else dtype).clone().requires_grad_()
+    o, ht = fn(*(leaves.get(n) for n in NAMES), initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    loss = (o.double() * out_weight).sum() + (ht.double() * state_weight).sum()
+    grads = torch.autograd.grad(loss, [*leaves.values(), h0])
+    return {"o": o, "ht": ht, **{f"d{n}": d for n, d in zip([*leaves, "h0"], grads)}}
+
+
+def _single_case(variant, B, T, H, K, V, cu):
+    cu_t = None if cu is None else torch.tensor(cu)
+    n_states = B if cu is None else len(cu) - 1
+    inputs = make_inputs(variant, B, T, H, K, V, seed=3, n_states=n_states)
+    gen = torch.Generator().manual_seed(4)
+    out_weight = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    state_weight = torch.randn(n_states, H, K, V, generator=gen, dtype=torch.float64)
+    h0 = inputs["initial_state"]
+    ref = _run_single(naive_linear_attention, inputs, h0, cu_t, out_weight, state_weight, torch.float64)
+    results = {backend: _run_single(lambda *a, **kw: lasp2.linear_attention(*a, backend=backend, **kw),
+                                    inputs, h0, cu_t, out_weight, state_weight, torch.float32)
+               for backend in ("fla", "torch")}
+    for backend, got in results.items():
+        assert set(got) == set(ref)
+        for name in ref:
+            _close(f"{backend} {name}", got[name], ref[name], TOL[torch.float32])
+    assert results["fla"]["ht"].dtype == torch.float32
+
+
+def _single_cases(full: bool):
+    """(name, params) per variant; the default run gives every variant one shape, alternating
+    batched inputs and packed documents (a document cut mid-chunk, a length-1 document), each
+    with initial states and final states."""
+    out = []
+    for i, variant in enumerate(VARIANTS):
+        for docs in ((False, True) if full else (variant in ("constant", "channel", "gated_deltanet"),)):
+            cu = [0, 9, 10, 27, 32] if docs else None
+            out.append((f"{variant}{'-docs' if docs else ''}",
+                        dict(variant=variant, B=1 if docs else 2, T=32, H=2, K=16, V=12, cu=cu)))
+    return out
+
+
+def _sp_case(group, variant, T_local, strategy, layout, cu=None, H=2, K=16, V=12):
+    """SP with the fla backend vs the single-device fp64 op on the whole sequence, shard by
+    shard: output and every gradient. Collectives run before any assert."""
+    W = dist.get_world_size(group)
+    B = 1 if cu is not None else 2
+    inputs = make_inputs(variant, B, W * T_local, H, K, V, seed=5)
+    cu_t = None if cu is None else torch.tensor(cu)
+    weight = torch.randn(B, W * T_local, H, V, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    names = [n for n in NAMES if inputs.get(n) is not None]
+    ref_leaves = {n: inputs[n].clone().requires_grad_() for n in names}
+    o_ref, _ = lasp2.linear_attention(*(ref_leaves.get(n) for n in NAMES), cu_seqlens=cu_t, backend="torch")
+    ref_grads = torch.autograd.grad((o_ref * weight).sum(), [ref_leaves[n] for n in names])
+
+    def local(x):
+        return lasp2.shard(x, group=group, layout=layout)
+
+    leaves = {n: local(inputs[n]).float().requires_grad_() for n in names}
+    o = lasp2.sp_linear_attention(*(leaves.get(n) for n in NAMES), group=group, strategy=strategy, layout=layout,
+                                  cu_seqlens=cu_t, backend="fla")
+    grads = torch.autograd.grad((o.double() * local(weight)).sum(), [leaves[n] for n in names])
+    _close("o", o, local(o_ref), TOL[torch.float32], whole=o_ref)
+    for n, got, ref in zip(names, grads, ref_grads):
+        _close(f"d{n}", got, local(ref), TOL[torch.float32], whole=ref)
+
+
+def _sp_cases(W: int, full: bool):
+    """The default run covers every variant, both strategies, both layouts and documents (cut
+    mid-rank, a start on a segment's first token, segments without a start) in 7 cases; ``full``
+    runs the whole product."""
+    docs = [0, 5, 8, 16, 27, W * 16]
+    if not full:
+        picks = [("basic", "lasp2", "contiguous", None), ("constant", "lasp1", "zigzag", None),
+                 ("scalar", "lasp2", "zigzag", docs), ("channel", "lasp1", "contiguous", docs),
+                 ("deltanet", "lasp2", "contiguous", docs), ("gated_deltanet", "lasp1", "zigzag", None),
+                 ("gated_deltanet", "lasp2", "zigzag", docs)]
+    else:
+        picks = list(itertools.product(VARIANTS, ("lasp2", "lasp1"), ("contiguous", "zigzag"), (None, docs)))
+    return [(f"{variant}-{strategy}-{layout}{'-docs' if cu else ''}",
+             dict(variant=variant, T_local=16, strategy=strategy, layout=layout, cu=cu))
+            for variant, strategy, layout, cu in picks]
+
+
+def _worker(group, single, sp):
+    """Single-device cases split over the ranks (no collectives), then the SP table on all."""
+    rank, W = dist.get_rank(group), dist.get_world_size(group)
+    failures = []
+    for table, check in ((single[rank::W], _single_case), (sp, lambda **p: _sp_case(group, **p))):
+        try:
+            run_cases(table, check)
+        except AssertionError as e:
+            failures.append(str(e))
+    assert not failures, "\n".join(failures)
+
+
+def _run(monkeypatch, W: int, single, sp) -> None:
+    for key, value in INTERPRETER_ENV.items():
+        monkeypatch.setenv(key, value)
+    run_distributed(_worker, W, single, sp, timeout=600)
+
+
+def test_fla_backend_matches_torch_and_references(monkeypatch):
+    """One spawn of 2 ranks: every variant on one device (fla and torch vs naive fp64: outputs,
+    final states, every gradient including the initial state's) and SP at W = 2."""
+    _run(monkeypatch, 2, _single_cases(full=False), _sp_cases(2, full=False))
+
+
+def test_fla_sp_w4_gated_deltanet(monkeypatch):
+    """W = 4, the variant with K x K transitions, zigzag, documents across ranks."""
+    _run(monkeypatch, 4, [], [c for c in _sp_cases(4, full=False) if c[0] == "gated_deltanet-lasp2-zigzag-docs"])
+
+
+@pytest.mark.slow
+def test_fla_backend_full_tables(monkeypatch):
+    """Every variant x strategy x layout x (no documents, documents) at W = 2."""
+    _run(monkeypatch, 2, _single_cases(full=True), _sp_cases(2, full=True))
+
+
+def test_fla_backend_errors_without_interpreter(monkeypatch):
+    """In this process TRITON_INTERPRET is unset: backend='fla' on CPU says how to enable it
+    (before importing fla); bad names and fp64 are refused with the fix."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        lasp2.linear_attention(q, q, q, backend="fla")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lasp2.linear_attention(q, q, q, backend="triton")
+    with pytest.raises(ValueError, match="fp64"):
+        lasp2.linear_attention(q.double(), q.double(), q.double(), backend="fla")
+    o_auto, _ = lasp2.linear_attention(q, q, q, backend="auto")  # CPU: auto is the torch backend
+    o_torch, _ = lasp2.linear_attention(q, q, q, backend="torch")
+    assert torch.equal(o_auto, o_torch)
+
+
+def _cuda_case(variant, dtype, cu):
+    """On CUDA: fla and torch backends vs naive fp64 (all on the GPU)."""
+    B, T, H, K, V = (1, 300, 4, 64, 64)
+    cu_t = None if cu is None else torch.tensor(cu, device="cuda")
+    n_states = B if cu is None else len(cu) - 1
+    inputs = {n: (t.cuda() if t is not None else None)
+              for n, t in make_inputs(variant, B, T, H, K, V, seed=7, n_states=n_states).items()}
+    gen = torch.Generator().manual_seed(8)
+    ow = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64).cuda()
+    sw = torch.randn(n_states, H, K, V, generator=gen, dtype=torch.float64).cuda()
+    ref = _run_single(naive_linear_attention, inputs, inputs["initial_state"], cu_t, ow, sw, torch.float64)
+    got = _run_single(lambda *a, **kw: lasp2.linear_attention(*a, backend="fla", **kw), inputs,
+                      inputs["initial_state"], cu_t, ow, sw, dtype)
+    for name in ref:
+        if dtype == torch.float32:  # tf32 matmuls inside fla's kernels: ~1e-3 relative
+            _close(name, got[name], ref[name], 5e-3)
+        else:
+            err = ((got[name].double() - ref[name]).norm() / ref[name].norm()).item()
+            assert err <= 2e-2, f"{name}: relative RMS error {err:.2e} > 2e-2 ({dtype})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fla_cuda_single_device():
+    os.environ.setdefault("FLA_DISABLE_BACKEND_DISPATCH", "1")
+    cases = [(f"{v}-{str(dt)[6:]}-{'docs' if cu else 'plain'}", dict(variant=v, dtype=dt, cu=cu))
+             for v in VARIANTS for dt in (torch.float32, torch.bfloat16) for cu in (None, [0, 70, 71, 200, 300])]
+    run_cases(cases, _cuda_case)
+
+
+def _nccl_worker(group, cases):
+    rank = dist.get_rank(group)
+    torch.cuda.set_device(rank)
+    nccl = dist.new_group(backend="nccl")
+
+    def check(variant, strategy, layout, cu=None):
+        W = dist.get_world_size(nccl)
+        T_local, H, K, V = 256, 4, 64, 64
+        B = 1
+        inputs = {n: (t.cuda() if t is not None else None)
+                  for n, t in make_inputs(variant, B, W * T_local, H, K, V, seed=9).items()}
+        cu_t = None if cu is None else torch.tensor(cu, device="cuda")
+        names = [n for n in NAMES if inputs.get(n) is not None]
+        weight = torch.randn(B, W * T_local, H, V, generator=torch.Generator().manual_seed(10),
+                             dtype=torch.float64).cuda()
+        ref_leaves = {n: inputs[n].clone().requires_grad_() for n in names}
+        o_ref, _ = lasp2.linear_attention(*(ref_leaves.get(n) for n in NAMES), cu_seqlens=cu_t, backend="torch")
+        ref_grads = torch.autograd.grad((o_ref * weight).sum(), [ref_leaves[n] for n in names])
+        local = lambda x: lasp2.shard(x, group=nccl, layout=layout)  # noqa: E731
+        leaves = {n: local(inputs[n]).float().requires_grad_() for n in names}
+        o = lasp2.sp_linear_attention(*(leaves.get(n) for n in NAMES), group=nccl, strategy=strategy,
+                                      layout=layout, cu_seqlens=cu_t, backend="fla")
+        grads = torch.autograd.grad((o.double() * local(weight)).sum(), [leaves[n] for n in names])
+        _close("o", o, local(o_ref), 5e-3, whole=o_ref)  # tf32 inside fla's kernels
+        for n, got, ref in zip(names, grads, ref_grads):
+            _close(f"d{n}", got, local(ref), 5e-3, whole=ref)
+
+    run_cases(cases, check)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL, one rank per GPU)")
+def test_fla_cuda_sp_nccl(monkeypatch):
+    monkeypatch.setenv("FLA_DISABLE_BACKEND_DISPATCH", "1")
+    cases = [(f"{v}-{s}-{l}", dict(variant=v, strategy=s, layout=l))
+             for v in VARIANTS for s in ("lasp2", "lasp1") for l in ("contiguous", "zigzag")]
+    run_distributed(_nccl_worker, 2, cases, timeout=600)

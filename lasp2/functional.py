@@ -58,7 +58,7 @@ def linear_attention(
     check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
     check_initial_state(initial_state, q, v, cu_seqlens)
     scale = resolve_scale(scale, q)
-    resolved = backends.resolve(backend, q)  # validated for every call; bidirectional is one matmul (torch)
+    resolved = backends.resolve(backend, q, v.shape[-1])  # validated for every call; bidirectional is one matmul (torch)
     if not causal:
         if g is not None or beta is not None or initial_state is not None or output_final_state:
             raise ValueError("causal=False supports basic linear attention only: pass g=None, beta=None, "

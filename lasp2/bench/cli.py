@@ -38,6 +38,9 @@ def add_parser(subparsers) -> None:
                                        "a JSON file, or a directory with config.json)")
     b.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
     b.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
+    b.add_argument("--backend", choices=("auto", "torch", "fla"), default="torch",
+                   help="linear-attention kernels for every strategy and the ideal (fla: its Triton kernels; "
+                        "auto: fla on CUDA when installed)")
     b.add_argument("--repeats", type=int, help="timed calls per point (default 5)")
     b.add_argument("--warmup", type=int, default=1, help="untimed calls per point before the tracked one")
     b.add_argument("--out", type=Path, help="output directory (default ./lasp2_bench_<suite>)")
@@ -92,7 +95,8 @@ def bench_spec(args):
     spec = BenchSpec(suite=args.suite, world_sizes=tuple(pick("world_sizes")),
                      seq_lens=tuple(args.local_lens or pick("seq_lens")), seq_is_global=args.local_lens is None,
                      batch=args.batch, heads=pick("heads"), kv_heads=args.kv_heads, dim=pick("dim"),
-                     dtype=args.dtype, layout=args.layout, repeats=pick("repeats"), warmup=args.warmup,
+                     dtype=args.dtype, layout=args.layout, backend=args.backend, repeats=pick("repeats"),
+                     warmup=args.warmup,
                      strategies=args.strategies, hf_config=args.hf_config)
     try:
         check_spec(spec)

@@ -43,6 +43,7 @@ class BenchSpec:
     dim: int = 64
     dtype: str = "float32"
     layout: str = "contiguous"
+    backend: str = "torch"  # linear-attention kernels (``lasp2.ops.backends``)
     repeats: int = 5
     warmup: int = 1
     strategies: Optional[Tuple[str, ...]] = None  # a subset of the suite's configurations (None: all)
@@ -80,6 +81,14 @@ def check_spec(spec: BenchSpec) -> None:
                              ("--repeats", spec.repeats, 1), ("--warmup", spec.warmup, 0)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
+    if spec.backend == "fla":  # where the ranks will run: CUDA when available, else the CPU interpreter
+        from ..ops import backends
+
+        probe = torch.empty(0, dtype=getattr(torch, spec.dtype), device="cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            backends.resolve("fla", probe)
+        except ValueError as e:
+            raise ValueError(f"--backend fla: {e}") from None
     if spec.kv_heads is not None and (spec.kv_heads < 1 or spec.heads % spec.kv_heads):
         raise ValueError(f"--kv-heads {spec.kv_heads} must divide --heads {spec.heads}")
     for W in spec.world_sizes:

@@ -59,8 +59,9 @@ class LinearSuite:
 
         q, k, v, g = x["leaves"]
         if config == IDEAL:
-            return lasp2.linear_attention(q, k, v, g)[0]
-        return lasp2.sp_linear_attention(q, k, v, g, group=group, strategy=config, layout=spec.layout)
+            return lasp2.linear_attention(q, k, v, g, backend=spec.backend)[0]
+        return lasp2.sp_linear_attention(q, k, v, g, group=group, strategy=config, layout=spec.layout,
+                                         backend=spec.backend)
 
 
 class SoftmaxSuite:
@@ -131,6 +132,9 @@ class ModelSuite:
         models = {}
         for c in self.configs():
             m = LinearLlama(cfg, seed=0, device=device).to(_dtype(spec))
+            for mod in m.modules():
+                if isinstance(mod, LinearAttention):
+                    mod.backend = spec.backend
             if c != IDEAL:
                 lin, soft = c.split("+")
                 for mod in m.modules():

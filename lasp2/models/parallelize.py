@@ -41,6 +41,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import LinearAttention, SoftmaxAttention, SPContext
+from ..ops.backends import BACKENDS
 from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..parallel.layout import LAYOUTS
 from ..parallel.mesh import check_mesh, dp_sp_group, flat_mesh
@@ -59,7 +60,8 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
                 softmax_strategy: str = "allgather", layout: str = "contiguous",
                 data_parallel: str = "ddp", mp_policy: Optional[MixedPrecisionPolicy] = None,
                 activation_checkpointing: bool = False,
-                state_passing: bool = True) -> Union[DistributedDataParallel, torch.nn.Module]:
+                state_passing: bool = True,
+                backend: Optional[str] = None) -> Union[DistributedDataParallel, torch.nn.Module]:
     """Make ``model`` sequence parallel over ``mesh["sp"]`` and data parallel over the whole mesh.
 
     Args:
@@ -85,6 +87,8 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
         state_passing: False is an ablation: the attention modules get no SP context, so each
             rank attends only to its own tokens (nothing crosses a rank boundary) while gradients
             are still averaged over the mesh. See ``lasp2/train/loop.py``.
+        backend: the linear-attention kernels of every ``LinearAttention`` module, "auto",
+            "torch" or "fla" (``lasp2.ops.backends``); None keeps each module's own choice.
 
     Returns:
         ddp: the model wrapped in ``DistributedDataParallel`` over ``dp_sp_group(mesh)`` (the
@@ -111,6 +115,8 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
     if isinstance(model, (DistributedDataParallel, FSDPModule)):
         raise ValueError(f"model is already wrapped in {type(model).__name__}; pass the plain module "
                          f"(lasp2.parallelize applies DP itself)")
+    if backend is not None:
+        check_choice("backend", backend, BACKENDS)
     attention = attention_modules(model)
     if not attention:
         raise ValueError("model has no lasp2.nn.LinearAttention / SoftmaxAttention module to parallelise")
@@ -120,6 +126,10 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
     if activation_checkpointing and not hasattr(model, "activation_checkpointing"):
         raise ValueError(f"activation_checkpointing=True needs a model with an 'activation_checkpointing' switch "
                          f"at its block call site (e.g. lasp2.models.LinearLlama), got {type(model).__name__}")
+    if backend is not None:
+        for m in attention:
+            if isinstance(m, LinearAttention):
+                m.backend = backend
     if state_passing:
         sp_group = mesh["sp"].get_group()
         linear_ctx = SPContext(sp_group, strategy, layout)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..functional import linear_attention
 from ..ops.common import compute_dtype
+from ..ops.backends import BACKENDS
 from ..parallel.api import sp_linear_attention
 from .context import SPContext
 from .feature_maps import ReBasedFeatureMap, TaylorFeatureMap
@@ -64,6 +65,8 @@ class LinearAttention(nn.Module):
         output_gate: "swish" / "sigmoid" / "none"; None picks the paper's choice (sigmoid for
             lightning, swish otherwise).
         norm_eps: epsilon of the per-head output RMSNorm.
+        backend: the op's kernels, "auto" / "torch" / "fla" (``lasp2.ops.backends``; an attribute,
+            which ``lasp2.parallelize(..., backend=...)`` may set).
 
     ``forward(x [B, T, hidden], *, cu_seqlens=None) -> [B, T, hidden]``. Without an SP context
     (``self.sp is None``) T is the whole sequence and ``lasp2.linear_attention`` runs; with one
@@ -73,7 +76,7 @@ class LinearAttention(nn.Module):
 
     def __init__(self, hidden: int, heads: int, head_dim: int, variant: str = "bla", *,
                  feature_dim: int = 16, gate_low_rank: int = 16, gate_normalizer: float = 16.0,
-                 output_gate: Optional[str] = None, norm_eps: float = 1e-5):
+                 output_gate: Optional[str] = None, norm_eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
         if variant not in LINEAR_VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(LINEAR_VARIANTS)}")
@@ -84,7 +87,9 @@ class LinearAttention(nn.Module):
                             ("feature_dim", feature_dim), ("gate_low_rank", gate_low_rank)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.variant, self.heads, self.head_dim = variant, heads, head_dim
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.variant, self.heads, self.head_dim, self.backend = variant, heads, head_dim, backend
         self.output_gate, self.gate_normalizer = output_gate, gate_normalizer
         self.sp: Optional[SPContext] = None  # set by lasp2.parallelize
 
@@ -166,10 +171,11 @@ class LinearAttention(nn.Module):
 
     def _attend(self, q, k, v, g, beta, cu_seqlens) -> torch.Tensor:
         if self.sp is None:
-            o, _ = linear_attention(q, k, v, g, beta, scale=self.scale, cu_seqlens=cu_seqlens)
+            o, _ = linear_attention(q, k, v, g, beta, scale=self.scale, cu_seqlens=cu_seqlens, backend=self.backend)
             return o
         return sp_linear_attention(q, k, v, g, beta, group=self.sp.group, scale=self.scale,
-                                   strategy=self.sp.strategy, layout=self.sp.layout, cu_seqlens=cu_seqlens)
+                                   strategy=self.sp.strategy, layout=self.sp.layout, cu_seqlens=cu_seqlens,
+                                   backend=self.backend)
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape

@@ -116,7 +116,7 @@ def sp_linear_attention(
             raise ValueError(f"scan_blocks must be an int in [1, V={v.shape[-1]}] (the state splits along V), "
                              f"got {scan_blocks!r}")
     scale = resolve_scale(scale, q)
-    backend = backends.resolve(backend, q)
+    backend = backends.resolve(backend, q, v.shape[-1])
     signature = (f"sp_linear_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
                  f"q={_describe(q)} k={_describe(k)} v={_describe(v)} g={_describe(g)} beta={_describe(beta)} "
                  f"docs={cu_seqlens is not None} blocks={scan_blocks}")

@@ -40,10 +40,12 @@ def _choices():
     from ..nn import LINEAR_VARIANTS
     from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
     from ..parallel.layout import LAYOUTS
+    from ..ops.backends import BACKENDS
 
     return {"preset": tuple(PRESETS), "task": TASKS, "dtype": DTYPES, "device": DEVICES, "doc_sep": DOC_SEPS,
             "layout": LAYOUTS, "strategy": LINEAR_STRATEGIES, "softmax_strategy": SOFTMAX_STRATEGIES,
-            "linear": tuple(LINEAR_VARIANTS), "data_parallel": DATA_PARALLEL}
+            "linear": tuple(LINEAR_VARIANTS), "data_parallel": DATA_PARALLEL,
+            "backend": BACKENDS}
 
 
 def _base_type(hint):

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 from ..models import PRESETS, LinearLlamaConfig
 from ..models.parallelize import DATA_PARALLEL
 from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
+from ..ops.backends import BACKENDS
 from ..parallel.layout import LAYOUTS
 
 TASKS = ("mqar", "text")
@@ -76,6 +77,8 @@ class TrainConfig:
         "how parameters are held across the dp x sp ranks: ddp (full replicas, single-file checkpoints) or "
         "fsdp2 (fully_shard over the flattened dp x sp ranks: parameters, gradients and optimizer state "
         "sharded; sharded DCP checkpoints that resume at another --dp/--sp)"))
+    backend: str = field(default="auto", metadata=_help(
+        f"linear-attention kernels: {', '.join(BACKENDS)} (auto: fla's Triton kernels on CUDA when installed)"))
     no_state_passing: bool = field(default=False, metadata=_help(
         "ablation: no attention state or keys cross a rank boundary; every contiguous run of tokens a "
         "rank holds is an independent sequence (see lasp2/train/loop.py)"))
@@ -139,7 +142,7 @@ class TrainConfig:
             positive_int("dp")
         for name, options in (("task", TASKS), ("dtype", DTYPES), ("device", DEVICES), ("layout", LAYOUTS),
                               ("strategy", LINEAR_STRATEGIES), ("softmax_strategy", SOFTMAX_STRATEGIES),
-                              ("doc_sep", DOC_SEPS), ("data_parallel", DATA_PARALLEL)):
+                              ("doc_sep", DOC_SEPS), ("data_parallel", DATA_PARALLEL), ("backend", BACKENDS)):
             choice(name, options)
         for name in ("lr", "timeout_s"):
             if not float(getattr(self, name)) > 0:

@@ -191,7 +191,7 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
         wrapped = parallelize(model, mesh, strategy=cfg.strategy, softmax_strategy=cfg.softmax_strategy,
                               layout=cfg.layout, data_parallel=cfg.data_parallel,
                               activation_checkpointing=cfg.activation_checkpointing,
-                              state_passing=not cfg.no_state_passing)
+                              state_passing=not cfg.no_state_passing, backend=cfg.backend)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

@@ -35,6 +35,7 @@ import os
 import torch as _torch
 
 BACKENDS = ("auto", "torch", "fla")
+FLA_MAX_HEAD_DIM = 256  # fla's chunk kernels tile K in blocks of 64 up to 256
 
 
 def fla_installed() -> bool:
@@ -42,17 +43,18 @@ def fla_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("fla", "triton"))
 
 
-def resolve(backend: str, x: _torch.Tensor) -> str:
+def resolve(backend: str, x: _torch.Tensor, head_dim: int = 0) -> str:
     """The concrete backend ("torch" or "fla") for ``backend`` and an input tensor ``x``.
 
+    ``head_dim``: the largest of K and V when known (``auto`` keeps torch above fla's limit).
     Raises ValueError for an unknown name, or for "fla" where it cannot run (fla not installed,
     fp64 inputs, CPU tensors without ``TRITON_INTERPRET=1``), saying how to fix it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        usable = x.is_cuda and x.dtype != _torch.float64 and fla_installed() and os.environ.get(
-            "TRITON_INTERPRET", "0") != "1"
+        usable = (x.is_cuda and x.dtype != _torch.float64 and max(x.shape[-1], head_dim) <= FLA_MAX_HEAD_DIM
+                  and fla_installed() and os.environ.get("TRITON_INTERPRET", "0") != "1")
         return "fla" if usable else "torch"
     if backend == "fla":
         if not fla_installed():

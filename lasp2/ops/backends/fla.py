@@ -43,10 +43,10 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import FLA_MAX_HEAD_DIM as MAX_HEAD_DIM
 from . import interpret
 
 name = "fla"
-MAX_HEAD_DIM = 256  # fla's chunk kernels tile K in blocks of 64 up to 256
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 
 import pytest
 import torch
@@ -22,10 +23,12 @@ import torch.distributed as dist
 
 import lasp2
 from lasp2.ops.naive import naive_linear_attention
+from lasp2.parallel.strategies import LINEAR_STRATEGIES
 from tests.dist import run_cases, run_distributed
 from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS, TOL, make_inputs, max_rel_err
 
 VARIANTS = DIAGONAL_VARIANTS + DELTA_VARIANTS
+needs_fla = pytest.mark.skipif(sys.version_info < (3, 10), reason="fla-core 0.6.0 needs Python >= 3.10")
 INTERPRETER_ENV = {"TRITON_INTERPRET": "1", "FLA_DISABLE_BACKEND_DISPATCH": "1"}
 NAMES = ("q", "k", "v", "g", "beta")
 
@@ -79,6 +82,23 @@ def _single_cases(full: bool):
     return out
 
 
+def _layer_case(variant):
+    """A ``LinearAttention`` layer with backend="fla" gives the torch backend's outputs and
+    parameter gradients (the selection reaches the op)."""
+    from lasp2.nn import LinearAttention
+
+    x = torch.randn(1, 24, 32, generator=torch.Generator().manual_seed(11))
+    got = {}
+    for backend in ("fla", "torch"):
+        torch.manual_seed(12)
+        layer = LinearAttention(32, 2, 16, variant, backend=backend)
+        y = layer(x)
+        grads = torch.autograd.grad((y * x).sum(), list(layer.parameters()))
+        got[backend] = [y, *grads]
+    for i, (a, b) in enumerate(zip(got["fla"], got["torch"])):
+        _close(f"layer tensor {i}", a, b, TOL[torch.float32])
+
+
 def _sp_case(group, variant, T_local, strategy, layout, cu=None, H=2, K=16, V=12):
     """SP with the fla backend vs the single-device fp64 op on the whole sequence, shard by
     shard: output and every gradient. Collectives run before any assert."""
@@ -105,17 +125,19 @@ def _sp_case(group, variant, T_local, strategy, layout, cu=None, H=2, K=16, V=12
 
 
 def _sp_cases(W: int, full: bool):
-    """The default run covers every variant, both strategies, both layouts and documents (cut
-    mid-rank, a start on a segment's first token, segments without a start) in 7 cases; ``full``
+    """The default run covers every variant, every strategy, both layouts and documents (cut
+    mid-rank, a start on a segment's first token, segments without a start) in 9 cases; ``full``
     runs the whole product."""
     docs = [0, 5, 8, 16, 27, W * 16]
     if not full:
         picks = [("basic", "lasp2", "contiguous", None), ("constant", "lasp1", "zigzag", None),
                  ("scalar", "lasp2", "zigzag", docs), ("channel", "lasp1", "contiguous", docs),
                  ("deltanet", "lasp2", "contiguous", docs), ("gated_deltanet", "lasp1", "zigzag", None),
-                 ("gated_deltanet", "lasp2", "zigzag", docs)]
+                 ("gated_deltanet", "lasp2", "zigzag", docs),
+                 # the other strategies share the local work (linear_local) with lasp2 and lasp1
+                 ("channel", "allscan", "zigzag", docs), ("gated_deltanet", "tree", "contiguous", None)]
     else:
-        picks = list(itertools.product(VARIANTS, ("lasp2", "lasp1"), ("contiguous", "zigzag"), (None, docs)))
+        picks = list(itertools.product(VARIANTS, LINEAR_STRATEGIES, ("contiguous", "zigzag"), (None, docs)))
     return [(f"{variant}-{strategy}-{layout}{'-docs' if cu else ''}",
              dict(variant=variant, T_local=16, strategy=strategy, layout=layout, cu=cu))
             for variant, strategy, layout, cu in picks]
@@ -125,7 +147,8 @@ def _worker(group, single, sp):
     """Single-device cases split over the ranks (no collectives), then the SP table on all."""
     rank, W = dist.get_rank(group), dist.get_world_size(group)
     failures = []
-    for table, check in ((single[rank::W], _single_case), (sp, lambda **p: _sp_case(group, **p))):
+    one_device = lambda layer=False, **p: _layer_case(**p) if layer else _single_case(**p)  # noqa: E731
+    for table, check in ((single[rank::W], one_device), (sp, lambda **p: _sp_case(group, **p))):
         try:
             run_cases(table, check)
         except AssertionError as e:
@@ -139,17 +162,20 @@ def _run(monkeypatch, W: int, single, sp) -> None:
     run_distributed(_worker, W, single, sp, timeout=600)
 
 
+@needs_fla
 def test_fla_backend_matches_torch_and_references(monkeypatch):
     """One spawn of 2 ranks: every variant on one device (fla and torch vs naive fp64: outputs,
     final states, every gradient including the initial state's) and SP at W = 2."""
     _run(monkeypatch, 2, _single_cases(full=False), _sp_cases(2, full=False))
 
 
+@needs_fla
 def test_fla_sp_w4_gated_deltanet(monkeypatch):
     """W = 4, the variant with K x K transitions, zigzag, documents across ranks."""
     _run(monkeypatch, 4, [], [c for c in _sp_cases(4, full=False) if c[0] == "gated_deltanet-lasp2-zigzag-docs"])
 
 
+@needs_fla
 @pytest.mark.slow
 def test_fla_backend_full_tables(monkeypatch):
     """Every variant x strategy x layout x (no documents, documents) at W = 2."""
@@ -167,6 +193,13 @@ def test_fla_backend_errors_without_interpreter(monkeypatch):
         lasp2.linear_attention(q, q, q, backend="triton")
     with pytest.raises(ValueError, match="fp64"):
         lasp2.linear_attention(q.double(), q.double(), q.double(), backend="fla")
+    from lasp2.nn import LinearAttention
+    from lasp2.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="backend"):
+        LinearAttention(8, 2, 4, "mamba2", backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        TrainConfig(backend="triton")
     o_auto, _ = lasp2.linear_attention(q, q, q, backend="auto")  # CPU: auto is the torch backend
     o_torch, _ = lasp2.linear_attention(q, q, q, backend="torch")
     assert torch.equal(o_auto, o_torch)

@@ -101,3 +101,23 @@ def make_inputs(variant: str, B: int, T: int, H: int, K: int, V: int, seed: int,
                             torch.randn(n_states, H, K, V, generator=gen, dtype=torch.float64).float()
                             .to(torch.float64 if dtype == torch.float64 else torch.float32))
     return out
+
+
+def loss_weights(B: int, T: int, H: int, K: int, V: int, n_states: int, seed: int):
+    """Fixed random weights (fp64) of a linear loss on (o [B, T, H, V], final states [n, H, K, V])."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, H, V, generator=gen, dtype=torch.float64),
+            torch.randn(n_states, H, K, V, generator=gen, dtype=torch.float64))
+
+
+def run_with_loss(fn, inputs: Dict[str, Optional[torch.Tensor]], weights, cu, **kw) -> Dict[str, torch.Tensor]:
+    """``fn(q, k, v, g[, beta], scale=0.7, initial_state, output_final_state=True, cu_seqlens)``
+    (any linear-attention op: naive, chunked, delta, public) with a fixed random linear loss on
+    (o, final state); returns o, the final state and the gradient of every given input."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None}
+    args = [leaves["q"], leaves["k"], leaves["v"], leaves.get("g")] + ([leaves["beta"]] if "beta" in leaves else [])
+    o, ht = fn(*args, scale=0.7, initial_state=leaves.get("initial_state"), output_final_state=True,
+               cu_seqlens=cu, **kw)
+    loss = (o.double() * weights[0]).sum() + (ht.double() * weights[1]).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return {"o": o, "final_state": ht, **{f"d{n}": gr for n, gr in zip(leaves, grads)}}

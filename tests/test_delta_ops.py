@@ -19,7 +19,7 @@ from lasp2.ops.delta import (delta_chunk_transitions, delta_entry_transitions, d
                              scan_matrix_states)
 from lasp2.ops.common import from_chunks
 from lasp2.ops.naive import naive_linear_attention
-from tests.helpers import assert_close
+from tests.helpers import assert_close, loss_weights, run_with_loss
 
 VARIANTS = ("delta", "gated_delta")
 LENGTHS = (1, 7, 64, 100, 257)
@@ -30,14 +30,7 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16)
 B_, H_, K_, V_ = 1, 2, 8, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These tensors are tiny: OpenMP fork/join per op dominates and, on a loaded 2-core box,
-    makes the file 5x slower. One thread for this file's tests, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def make_delta_inputs(variant, B, T, H, K, V, seed, n_states=None):
@@ -51,14 +44,6 @@ def make_delta_inputs(variant, B, T, H, K, V, seed, n_states=None):
     return out
 
 
-def _run(fn, inputs, weights, cu, **kw):
-    """Forward + a fixed random linear loss on (o, final state); returns o, ht and all grads."""
-    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None}
-    o, ht = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("g"), leaves["beta"], scale=0.7,
-               initial_state=leaves.get("initial_state"), output_final_state=True, cu_seqlens=cu, **kw)
-    loss = (o.double() * weights[0]).sum() + (ht.double() * weights[1]).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return {"o": o, "final_state": ht, **{f"d{n}": gr for n, gr in zip(leaves, grads)}}
 
 
 # The default run: every length up to two chunks, every (initial state, documents) combination in
@@ -78,16 +63,14 @@ def test_delta_matches_naive(variant, full):
         cu = torch.tensor(DOCS[T]) if with_docs else None
         n_docs = len(DOCS[T]) - 1 if with_docs else B_
         base = make_delta_inputs(variant, B_, T, H_, K_, V_, seed=T, n_states=n_docs if with_h0 else None)
-        gen = torch.Generator().manual_seed(1)
-        weights = (torch.randn(B_, T, H_, V_, generator=gen, dtype=torch.float64),
-                   torch.randn(n_docs, H_, K_, V_, generator=gen, dtype=torch.float64))
+        weights = loss_weights(B_, T, H_, K_, V_, n_docs, seed=1)
         for dtype in DTYPES if full or with_h0 == with_docs else DTYPES[:1]:
             state_dt = torch.float64 if dtype == torch.float64 else torch.float32
             rounded = {n: (None if t is None else t.to(state_dt if n == "initial_state" else dtype))
                        for n, t in base.items()}
             ref_in = {n: (None if t is None else t.double()) for n, t in rounded.items()}
-            ref = _run(naive_linear_attention, ref_in, weights, cu)
-            got = _run(lasp2.linear_attention, rounded, weights, cu)
+            ref = run_with_loss(naive_linear_attention, ref_in, weights, cu)
+            got = run_with_loss(lasp2.linear_attention, rounded, weights, cu)
             for name in ref:
                 try:
                     # depth T + K: the state runs over T tokens, then K-term products (helpers.py)
@@ -104,11 +87,9 @@ def test_small_chunks_with_documents(chunk_size):
     cu = torch.tensor([0, 1, 2, 3, 9, 16, 17, 40, 41])
     for variant in VARIANTS:
         inputs = make_delta_inputs(variant, 1, 41, 2, 4, 3, seed=5, n_states=8)
-        gen = torch.Generator().manual_seed(2)
-        weights = (torch.randn(1, 41, 2, 3, generator=gen, dtype=torch.float64),
-                   torch.randn(8, 2, 4, 3, generator=gen, dtype=torch.float64))
-        ref = _run(naive_linear_attention, inputs, weights, cu)
-        got = _run(delta_linear_attention, inputs, weights, cu, chunk_size=chunk_size)
+        weights = loss_weights(1, 41, 2, 4, 3, 8, seed=2)
+        ref = run_with_loss(naive_linear_attention, inputs, weights, cu)
+        got = run_with_loss(delta_linear_attention, inputs, weights, cu, chunk_size=chunk_size)
         for name in ref:
             assert_close(f"{variant} C={chunk_size} {name}", got[name], ref[name], torch.float64)
 
@@ -116,11 +97,9 @@ def test_small_chunks_with_documents(chunk_size):
 def test_batch_and_heads_without_documents():
     for variant in VARIANTS:
         inputs = make_delta_inputs(variant, 3, 70, 4, 5, 7, seed=3, n_states=3)
-        gen = torch.Generator().manual_seed(3)
-        weights = (torch.randn(3, 70, 4, 7, generator=gen, dtype=torch.float64),
-                   torch.randn(3, 4, 5, 7, generator=gen, dtype=torch.float64))
-        ref = _run(naive_linear_attention, inputs, weights, None)
-        got = _run(delta_linear_attention, inputs, weights, None, chunk_size=16)
+        weights = loss_weights(3, 70, 4, 5, 7, 3, seed=3)
+        ref = run_with_loss(naive_linear_attention, inputs, weights, None)
+        got = run_with_loss(delta_linear_attention, inputs, weights, None, chunk_size=16)
         for name in ref:
             assert_close(f"{variant} {name}", got[name], ref[name], torch.float64)
 
@@ -132,8 +111,8 @@ def test_strong_decay_stays_finite():
     inputs = make_delta_inputs("gated_delta", 1, 130, 2, 4, 4, seed=9, n_states=1)
     inputs["g"] = torch.full((1, 130, 2), -60.0, dtype=torch.float64)
     weights = (torch.randn(1, 130, 2, 4, dtype=torch.float64), torch.randn(1, 2, 4, 4, dtype=torch.float64))
-    ref = _run(naive_linear_attention, inputs, weights, None)
-    got = _run(delta_linear_attention, inputs, weights, None)
+    ref = run_with_loss(naive_linear_attention, inputs, weights, None)
+    got = run_with_loss(delta_linear_attention, inputs, weights, None)
     for name in ref:
         if name == "dg":
             assert torch.isfinite(got["dg"]).all()

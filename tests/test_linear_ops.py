@@ -13,7 +13,9 @@ import torch
 import lasp2
 from lasp2.ops.chunk import chunk_linear_attention
 from lasp2.ops.naive import naive_bidirectional_linear_attention, naive_linear_attention
-from tests.helpers import DIAGONAL_VARIANTS, assert_close, make_inputs
+from tests.helpers import DIAGONAL_VARIANTS, assert_close, loss_weights, make_inputs, run_with_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 LENGTHS = (1, 7, 64, 100, 257)
 DOCS = {1: [0, 1], 7: [0, 2, 3, 7], 64: [0, 10, 32, 33, 64], 100: [0, 5, 17, 18, 50, 100],
@@ -22,14 +24,6 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16)
 B_, H_, K_, V_ = 1, 2, 8, 6
 
 
-def _run(fn, inputs, weights, cu, **kw):
-    """Forward + a fixed random linear loss on (o, final state); returns o, ht and all grads."""
-    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None}
-    o, ht = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("g"), scale=0.7,
-               initial_state=leaves.get("initial_state"), output_final_state=True, cu_seqlens=cu, **kw)
-    loss = (o.double() * weights[0]).sum() + (ht.double() * weights[1]).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return {"o": o, "final_state": ht, **{f"d{n}": gr for n, gr in zip(leaves, grads)}}
 
 
 # The default run: every length up to two chunks, every (initial state, documents) combination in
@@ -48,16 +42,13 @@ def test_chunk_matches_naive(variant, full):
         cu = torch.tensor(DOCS[T]) if with_docs else None
         n_states = (len(DOCS[T]) - 1 if with_docs else B_) if with_h0 else None
         base = make_inputs(variant, B_, T, H_, K_, V_, seed=T, n_states=n_states)
-        gen = torch.Generator().manual_seed(1)
-        weights = (torch.randn(B_, T, H_, V_, generator=gen, dtype=torch.float64),
-                   torch.randn(len(DOCS[T]) - 1 if with_docs else B_, H_, K_, V_, generator=gen,
-                               dtype=torch.float64))
+        weights = loss_weights(B_, T, H_, K_, V_, len(DOCS[T]) - 1 if with_docs else B_, seed=1)
         for dtype in DTYPES if full or with_h0 == with_docs else DTYPES[:1]:
             rounded = {n: (None if t is None else t.to(dtype) if n != "initial_state" else t)
                        for n, t in base.items()}
             ref_in = {n: (None if t is None else t.double()) for n, t in rounded.items()}
-            ref = _run(naive_linear_attention, ref_in, weights, cu)
-            got = _run(lasp2.linear_attention, rounded, weights, cu)
+            ref = run_with_loss(naive_linear_attention, ref_in, weights, cu)
+            got = run_with_loss(lasp2.linear_attention, rounded, weights, cu)
             for name in ref:
                 try:
                     # depth T + K: the state runs over T tokens, then K-term products (helpers.py)
@@ -73,11 +64,9 @@ def test_small_chunks_with_documents(chunk_size):
     cu = torch.tensor([0, 1, 2, 3, 9, 16, 17, 40])
     for variant in DIAGONAL_VARIANTS:
         inputs = make_inputs(variant, 1, 40, 2, 4, 3, seed=5, n_states=7)
-        gen = torch.Generator().manual_seed(2)
-        weights = (torch.randn(1, 40, 2, 3, generator=gen, dtype=torch.float64),
-                   torch.randn(7, 2, 4, 3, generator=gen, dtype=torch.float64))
-        ref = _run(naive_linear_attention, inputs, weights, cu)
-        got = _run(chunk_linear_attention, inputs, weights, cu, chunk_size=chunk_size)
+        weights = loss_weights(1, 40, 2, 4, 3, 7, seed=2)
+        ref = run_with_loss(naive_linear_attention, inputs, weights, cu)
+        got = run_with_loss(chunk_linear_attention, inputs, weights, cu, chunk_size=chunk_size)
         for name in ref:
             assert_close(f"{variant} {name}", got[name], ref[name], torch.float64)
 
@@ -85,11 +74,9 @@ def test_small_chunks_with_documents(chunk_size):
 def test_batch_and_heads_without_documents():
     for variant in DIAGONAL_VARIANTS:
         inputs = make_inputs(variant, 3, 70, 4, 5, 7, seed=3, n_states=3)
-        gen = torch.Generator().manual_seed(3)
-        weights = (torch.randn(3, 70, 4, 7, generator=gen, dtype=torch.float64),
-                   torch.randn(3, 4, 5, 7, generator=gen, dtype=torch.float64))
-        ref = _run(naive_linear_attention, inputs, weights, None)
-        got = _run(lasp2.linear_attention, inputs, weights, None)
+        weights = loss_weights(3, 70, 4, 5, 7, 3, seed=3)
+        ref = run_with_loss(naive_linear_attention, inputs, weights, None)
+        got = run_with_loss(lasp2.linear_attention, inputs, weights, None)
         for name in ref:
             assert_close(f"{variant} {name}", got[name], ref[name], torch.float64)
 
@@ -104,8 +91,8 @@ def test_strong_decay_does_not_underflow_into_nan():
     weights = (torch.randn(1, 130, 2, 4, dtype=torch.float64), torch.randn(1, 2, 4, 4, dtype=torch.float64))
     for g in (inputs["g"], gch * 100):
         case = dict(inputs, g=g)
-        ref = _run(naive_linear_attention, case, weights, None)
-        got = _run(lasp2.linear_attention, case, weights, None)
+        ref = run_with_loss(naive_linear_attention, case, weights, None)
+        got = run_with_loss(lasp2.linear_attention, case, weights, None)
         for name in ref:
             if name == "dg":
                 scale = ref["dq"].abs().max()

@@ -18,6 +18,8 @@ from lasp2.ops.softmax import (
 )
 from tests.helpers import FP64_TOL, assert_close, fp32_tol
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
+
 CU = [0, 5, 17, 18, 50]  # documents of lengths 5, 12, 1, 32 over 50 tokens
 
 

@@ -18,6 +18,18 @@ Every exponent is a difference "later minus earlier" of a non-increasing cumulat
 is <= 0: nothing can overflow and nothing is ever divided by a decay. Pairs that must not
 interact are masked *in the exponent* (-inf) before ``exp``, which also keeps gradients finite.
 
+Resets (``g = -inf``, or any gate whose decay exp(g) is below the compute dtype's smallest
+normal number: g < -87.3 in fp32, < -708.4 in fp64; see ``reset_floor``). A cumulative sum
+through such a gate would be -inf and a difference of two of them NaN (-inf - -inf), so these
+gates never enter the sums: they are replaced by 0 and counted instead (R, the inclusive count
+of resets in the chunk up to each token, per channel). A decay "later minus earlier" is then
+exactly 0 whenever a reset lies between the two points (their counts differ), and exp of the
+finite difference otherwise. That is the limit g -> -inf of every term, so outputs, states and
+gradients match the per-token recurrence (``naive.py``, where exp(-inf) = 0) and g = -800.
+Gradient at a reset: exactly 0. Every path through the gate carries the factor exp(g_s), whose
+derivative exp(g_s) is 0 at -inf (and below the dtype's smallest normal above the floor, so 0
+is also what the recurrence computes there); the other gates' gradients are unchanged.
+
 Documents (``starts``): a token that starts a document resets the state (A = 0). Pairs across
 documents are masked, the state entering a chunk reaches only the tokens before the chunk's first
 start, and a chunk containing a start passes on only its last document. A document's own initial
@@ -30,6 +42,7 @@ hand-written backward (one loop over chunks each way, no per-step autograd nodes
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -53,6 +66,49 @@ def default_chunk_size(K: int, V: int, per_channel: bool = False) -> int:
     return max(16, min(DEFAULT_CHUNK, 1 << (max(K, V) - 1).bit_length()))
 
 
+def reset_floor(dtype: torch.dtype) -> float:
+    """Gates below this are exact resets (decay 0): exp(g) would be below the smallest normal
+    number of ``dtype`` (the compute dtype: fp32 or fp64)."""
+    return math.log(torch.finfo(dtype).tiny)
+
+
+def split_resets(gc: torch.Tensor, dim: int) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Chunked gates -> (gates with every reset replaced by 0, R, resets): R the inclusive count
+    of resets along ``dim`` (the tokens of a chunk), ``resets`` 1 at a reset (both int64, same
+    shape as gc); both None when there is no reset (the common case: nothing extra is formed)."""
+    reset = gc < reset_floor(gc.dtype)
+    if not bool(reset.any()):
+        return gc, None, None
+    reset = reset.long()
+    return gc.masked_fill(reset.bool(), 0.0), reset.cumsum(dim), reset
+
+
+Point = Tuple[torch.Tensor, Optional[torch.Tensor]]  # (Cs, R) at some tokens
+
+
+def before(c) -> Point:
+    """(Cs, R) just before every token: Cs_{i-1} = Cs_i - g_i, R_{i-1} = R_i - reset_i. ``c`` is a
+    ``Chunked`` or a ``delta.DeltaChunked`` with gates (anything with Cs, R, g, resets)."""
+    return c.Cs - c.g, (None if c.R is None else c.R - c.resets)
+
+
+def decay_between(later: Point, earlier: Optional[Point], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """exp(Cs_later - Cs_earlier) where ``mask`` (None: everywhere) and no reset lies between the
+    two points (equal reset counts); exactly 0 elsewhere, finite gradients. ``earlier`` None is
+    the chunk entry (Cs = 0, R = 0). Shapes broadcast."""
+    Cs_l, R_l = later
+    x = Cs_l if earlier is None else Cs_l - earlier[0]
+    if R_l is not None:
+        same = R_l == (0 if earlier is None else earlier[1])
+        mask = same if mask is None else mask & same
+    return masked_exp(x, mask)
+
+
+def at(c, index) -> Point:
+    """(Cs[index], R[index]) of ``c`` (R None without resets)."""
+    return c.Cs[index], (None if c.R is None else c.R[index])
+
+
 @dataclass
 class Chunked(ChunkedShape):
     """One segment prepared for the chunk form. q is pre-multiplied by ``scale``.
@@ -68,6 +124,8 @@ class Chunked(ChunkedShape):
     Cs: Optional[torch.Tensor]
     docs: Optional[DocMasks]
     T: int
+    R: Optional[torch.Tensor] = None
+    resets: Optional[torch.Tensor] = None
 
 
 def prepare(
@@ -89,12 +147,13 @@ def prepare(
         chunk_size = default_chunk_size(q.shape[-1], v.shape[-1], per_channel=g is not None and g.dim() == 4)
     C = chunk_size
     T = q.shape[1]
-    gc = Cs = None
+    gc = Cs = R = resets = None
     if g is not None:
-        gc = to_chunks(g if g.dim() == 4 else g.unsqueeze(-1), C, dt)
+        gc, R, resets = split_resets(to_chunks(g if g.dim() == 4 else g.unsqueeze(-1), C, dt), 3)
         Cs = gc.cumsum(3)
     docs = DocMasks.maybe(starts, C)
-    return Chunked(to_chunks(q, C, dt) * scale, to_chunks(k, C, dt), to_chunks(v, C, dt), gc, Cs, docs, T)
+    return Chunked(to_chunks(q, C, dt) * scale, to_chunks(k, C, dt), to_chunks(v, C, dt), gc, Cs, docs, T,
+                   R, resets)
 
 
 def intra_outputs(c: Chunked) -> torch.Tensor:
@@ -107,13 +166,14 @@ def intra_outputs(c: Chunked) -> torch.Tensor:
     if c.Cs is None:
         A = (c.q @ c.k.transpose(-1, -2)).masked_fill(~mask, 0.0)
     elif c.Cs.shape[-1] == 1:
-        Cs = c.Cs[..., 0]
-        A = (c.q @ c.k.transpose(-1, -2)) * masked_exp(Cs[..., :, None] - Cs[..., None, :], mask)
+        decay = decay_between(at(c, (..., slice(None), None, 0)), at(c, (..., None, slice(None), 0)), mask)
+        A = (c.q @ c.k.transpose(-1, -2)) * decay
     else:
         # Per-channel gates do not factor into one matmul without dividing by a decay, so the
         # [C, C, K] decay tensor is formed explicitly, exponent masked before exp.
-        diff = c.Cs[..., :, None, :] - c.Cs[..., None, :, :]  # [B, H, N, C, C, K]
-        A = (c.q[..., :, None, :] * c.k[..., None, :, :] * masked_exp(diff, mask[..., None])).sum(-1)
+        decay = decay_between(at(c, (..., slice(None), None, slice(None))),
+                              at(c, (..., None, slice(None), slice(None))), mask[..., None])  # [B, H, N, C, C, K]
+        A = (c.q[..., :, None, :] * c.k[..., None, :, :] * decay).sum(-1)
     return A @ c.v
 
 
@@ -128,9 +188,9 @@ def chunk_transitions(c: Chunked) -> Tuple[Optional[torch.Tensor], torch.Tensor]
         if c.docs is not None:
             a = c.docs.chunk_cont.to(c.k.dtype)[None, None, :, None, None].expand(*c.k.shape[:3], 1, 1)
     else:
-        Cs_last = c.Cs[..., -1:, :]  # [B, H, N, 1, Kg]
-        k_w = c.k * masked_exp(Cs_last - c.Cs, last_mask)
-        a = Cs_last.transpose(-1, -2).exp()  # [B, H, N, Kg, 1]
+        last = at(c, (..., slice(-1, None), slice(None)))  # [B, H, N, 1, Kg]
+        k_w = c.k * decay_between(last, at(c, ...), last_mask)
+        a = decay_between(last, None, None).transpose(-1, -2)  # [B, H, N, Kg, 1]
         if c.docs is not None:
             a = a * c.docs.chunk_cont[:, None, None].to(a.dtype)
     return a, k_w.transpose(-1, -2) @ c.v
@@ -183,7 +243,7 @@ def inter_query(c: Chunked) -> torch.Tensor:
     cont = None if c.docs is None else c.docs.cont[..., None]
     if c.Cs is None:
         return c.q if cont is None else c.q * cont
-    return c.q * masked_exp(c.Cs, cont)
+    return c.q * decay_between(at(c, ...), None, cont)
 
 
 def inter_outputs(c: Chunked, S_in: torch.Tensor) -> torch.Tensor:
@@ -200,16 +260,20 @@ def entry_decays(c: Chunked) -> torch.Tensor:
     Λ_n is exactly 0 once a document start precedes chunk n (masked in log space).
     """
     B, H, N = c.q.shape[:3]
+    reach = None
     if c.Cs is None:
         log_decay = c.q.new_zeros(B, H, N + 1, 1)
     else:
         chunk_total = c.Cs[..., -1, :]  # [B, H, N, Kg]
         log_decay = torch.cat([chunk_total.new_zeros(B, H, 1, chunk_total.shape[-1]),
                                chunk_total.cumsum(2)], dim=2)
-    if c.docs is None:
-        return log_decay.exp()
-    reach = torch.cat([c.docs.chunk_cont.new_ones(1), c.docs.chunk_cont.cumprod(0).bool()])
-    return masked_exp(log_decay, reach[:, None])
+        if c.R is not None:  # no reset in any chunk before n
+            clear = (c.R[..., -1, :] == 0).long().cumprod(2).bool()
+            reach = torch.cat([clear.new_ones(B, H, 1, clear.shape[-1]), clear], dim=2)
+    if c.docs is not None:
+        doc_reach = torch.cat([c.docs.chunk_cont.new_ones(1), c.docs.chunk_cont.cumprod(0).bool()])[:, None]
+        reach = doc_reach if reach is None else reach & doc_reach
+    return log_decay.exp() if reach is None else masked_exp(log_decay, reach)
 
 
 def inject_doc_states(c: Chunked, o: torch.Tensor, U: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -229,9 +293,8 @@ def inject_doc_states(c: Chunked, o: torch.Tensor, U: torch.Tensor, cu_seqlens: 
     if c.Cs is None:
         w = same[..., None].to(q_d.dtype).expand(*q_d.shape[:3], c.C, 1)
     else:
-        Cs_d = c.Cs[:, :, n]  # [1, H, Nd, C, Kg]
-        before_start = _gather_col(Cs_d, col) - _gather_col(c.g[:, :, n], col)  # Cs_{s-1}
-        w = masked_exp(Cs_d - before_start, same[..., None])
+        before_start = _gather_point(before(c), n, col)  # Cs_{s-1}, R_{s-1} at the start token
+        w = decay_between(at(c, (slice(None), slice(None), n)), before_start, same[..., None])
     o = o.index_add(2, n, (q_d * w) @ h0)
     if c.Cs is None:
         w_last = w[..., -1:, :].transpose(-1, -2)  # [1, H, Nd, 1, 1]
@@ -261,10 +324,9 @@ def doc_final_states(c: Chunked, S_in: torch.Tensor, cu_seqlens: torch.Tensor,
         w = pair[..., None].to(k_d.dtype)
         carry = cont.to(k_d.dtype)[None, None, :, None, None]
     else:
-        Cs_d = c.Cs[:, :, m]  # [1, H, Nd, C, Kg]
-        Cs_end = _gather_col(Cs_d, col)  # [1, H, Nd, 1, Kg]
-        w = masked_exp(Cs_end - Cs_d, pair[..., None])
-        carry = masked_exp(Cs_end.transpose(-1, -2), cont[None, None, :, None, None])
+        at_end = _gather_point(at(c, ...), m, col)  # [1, H, Nd, 1, Kg]
+        w = decay_between(at_end, at(c, (slice(None), slice(None), m)), pair[..., None])
+        carry = decay_between(at_end, None, None).transpose(-1, -2) * cont[None, None, :, None, None]
     ht = (k_d * w).transpose(-1, -2) @ v_d + carry * S_in[:, :, m]
     same_chunk = (n_s == m) & (torch.arange(len(m), device=m.device) > 0)
     if h0 is not None and bool(same_chunk.any()):
@@ -272,11 +334,15 @@ def doc_final_states(c: Chunked, S_in: torch.Tensor, cu_seqlens: torch.Tensor,
         if c.Cs is None:
             w0 = same_chunk.to(ht.dtype)[None, None, :, None, None]
         else:
-            before_start = _gather_col(Cs_d, col_s) - _gather_col(c.g[:, :, m], col_s)
-            w0 = masked_exp((Cs_end - before_start).transpose(-1, -2),
-                             same_chunk[None, None, :, None, None])
+            w0 = decay_between(at_end, _gather_point(before(c), m, col_s), None).transpose(-1, -2)
+            w0 = w0 * same_chunk[None, None, :, None, None]
         ht = ht + w0 * h0c
     return ht[0].transpose(0, 1)  # [Nd, H, K, V]
+
+
+def _gather_point(p: Point, n: torch.Tensor, col: torch.Tensor) -> Point:
+    """(Cs, R) [B, H, N, C, Kg] at token col[d] of chunk n[d]: [B, H, Nd, 1, Kg] each."""
+    return tuple(None if x is None else _gather_col(x[:, :, n], col) for x in p)
 
 
 def _gather_col(x: torch.Tensor, col: torch.Tensor) -> torch.Tensor:

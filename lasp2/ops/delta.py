@@ -36,7 +36,10 @@ With A_ij = (q_i . k_j) exp(Cs_i - Cs_j) for j <= i and Kd_j = k_j exp(Cs_last -
 
 Every exponent is "later minus earlier" of a non-increasing cumulative sum (<= 0) and pairs that
 must not interact are masked in the exponent (-inf) before ``exp``: nothing overflows, nothing is
-divided by a decay, gradients stay finite.
+divided by a decay, gradients stay finite. Resets (g = -inf, or below ``chunk.reset_floor``) are
+counted rather than summed, as in ``chunk.py``: a decay across one is exactly 0 (the limit
+g -> -inf: within the chunk the reset acts like a document start with a zero initial state), and
+its gradient is 0.
 
 Documents (``starts``, masks from ``common.DocMasks``): a start token resets the state before
 its own transition. L and A only couple tokens of one document, so T is block diagonal by
@@ -62,12 +65,14 @@ chunks, which has a hand-written backward like ``chunk._StateScan``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
 
 from .common import (ChunkedShape, DocMasks, causal_pair, compute_dtype, doc_positions, from_chunks,
-                     masked_exp, segment_starts, to_chunks)
+                     segment_starts, to_chunks)
+from .chunk import at, before, decay_between, split_resets
 from .precision import no_autocast
 
 DEFAULT_DELTA_CHUNK = 64
@@ -83,6 +88,9 @@ class DeltaChunked(ChunkedShape):
     docs None | DocMasks; T the unpadded length. The UT-transform results shared by every piece:
     w [B, H, N, C, K] = T (beta exp(Cd) k), u [B, H, N, C, V] = T (beta v), and
     A [B, H, N, C, C] = (q_i . k_j) exp(Cs_i - Cs_j) on j <= i of one document.
+    entry None | [B, H, N, C] = exp(Cd), 0 where a reset lies between the document entry and the
+    token; R, resets None | int64 [B, H, N, C]: reset counts and indicators (``chunk.split_resets``;
+    resets are 0 in g and Cs).
     """
 
     q: torch.Tensor
@@ -97,6 +105,9 @@ class DeltaChunked(ChunkedShape):
     w: torch.Tensor
     u: torch.Tensor
     A: torch.Tensor
+    entry: Optional[torch.Tensor] = None
+    R: Optional[torch.Tensor] = None
+    resets: Optional[torch.Tensor] = None
 
 
 def prepare_delta(
@@ -122,26 +133,27 @@ def prepare_delta(
     docs = DocMasks.maybe(starts, C)
     pair = docs.pair if docs is not None else causal_pair(C, qc.device)
 
-    gc = Cs = Cd = None
+    gc = Cs = Cd = R = resets = None
     if g is None:
         # [N, C, C]: 1 on same-document causal pairs; None without documents (a plain tril)
         decay = None if docs is None else pair.to(dt)
         entry = None  # exp(Cd) == 1
     else:
-        gc = to_chunks(g.unsqueeze(-1), C, dt)[..., 0]  # [B, H, N, C]
+        gc, R, resets = split_resets(to_chunks(g.unsqueeze(-1), C, dt)[..., 0], -1)  # [B, H, N, C]
         Cs = gc.cumsum(-1)
+        c0 = SimpleNamespace(Cs=Cs, R=R, g=gc, resets=resets)  # what chunk.at / chunk.before read
         if docs is None:
-            Cd = Cs
+            Cd, entry = Cs, decay_between(at(c0, ...), None, None)
         else:
             # Index of the first token of each token's document within the chunk (0 for the
             # continuing document): the first True of its row of the pair mask. Cs - g at that
             # token is Cs just before the document; gathering by index (not a cummin over
             # values) keeps the gradient right when gates are exactly 0.
             first = pair.to(torch.uint8).argmax(-1)  # [N, C]; argmax returns the first maximum
-            base = (Cs - gc).gather(-1, first.expand_as(Cs))
-            Cd = Cs - base
-        decay = masked_exp(Cs[..., :, None] - Cs[..., None, :], pair)  # [B, H, N, C, C]
-        entry = Cd.exp()
+            base = tuple(None if x is None else x.gather(-1, first.expand_as(Cs)) for x in before(c0))
+            Cd = Cs - base[0]
+            entry = decay_between(at(c0, ...), base, None)
+        decay = decay_between(at(c0, (..., slice(None), None)), at(c0, (..., None, slice(None))), pair)  # [B, H, N, C, C]
 
     # The UT system (I + L) X = [beta exp(Cd) k | beta v], both right-hand sides in one solve.
     # L is strictly lower triangular; unitriangular=True supplies the unit diagonal.
@@ -153,7 +165,7 @@ def prepare_delta(
     w, u = X.split([kc.shape[-1], vc.shape[-1]], dim=-1)
     qk = qc @ kc.transpose(-1, -2)
     A = qk.tril() if decay is None else qk * decay
-    return DeltaChunked(qc, kc, vc, bc, gc, Cs, Cd, docs, T, w, u, A)
+    return DeltaChunked(qc, kc, vc, bc, gc, Cs, Cd, docs, T, w, u, A, entry, R, resets)
 
 
 def delta_intra_outputs(c: DeltaChunked) -> torch.Tensor:
@@ -163,7 +175,7 @@ def delta_intra_outputs(c: DeltaChunked) -> torch.Tensor:
 
 def _doc_query(c: DeltaChunked) -> torch.Tensor:
     """Q' = exp(Cd) * q - A w: row i is the coefficient of its own document's entry state."""
-    entry_q = c.q if c.Cd is None else c.q * c.Cd.exp()[..., None]
+    entry_q = c.q if c.entry is None else c.q * c.entry[..., None]
     return entry_q - c.A @ c.w
 
 
@@ -186,9 +198,8 @@ def _doc_transitions(c: DeltaChunked) -> Tuple[torch.Tensor, torch.Tensor]:
         kd = c.k if last is None else c.k * last[..., None].to(c.k.dtype)
         entry_last = None
     else:
-        Cs_last = c.Cs[..., -1:]
-        kd = c.k * masked_exp(Cs_last - c.Cs, last)[..., None]
-        entry_last = c.Cd[..., -1].exp()  # [B, H, N]
+        kd = c.k * decay_between(at(c, (..., slice(-1, None))), at(c, ...), last)[..., None]
+        entry_last = c.entry[..., -1]  # [B, H, N]
     kdT = kd.transpose(-1, -2)
     eye = torch.eye(Kdim, dtype=c.k.dtype, device=c.k.device)
     diag = eye if entry_last is None else entry_last[..., None, None] * eye
@@ -300,9 +311,10 @@ def doc_final_states(c: DeltaChunked, S_in: torch.Tensor, cu_seqlens: torch.Tens
         diag = eye
     else:
         idx = col.view(1, 1, -1, 1).expand(*k_d.shape[:3], 1)
-        Cs_e = c.Cs[:, :, m].gather(-1, idx)  # [1, H, Nd, 1]
-        kd = k_d * masked_exp(Cs_e - c.Cs[:, :, m], pair)[..., None]
-        diag = c.Cd[:, :, m].gather(-1, idx).exp()[..., None] * eye  # [1, H, Nd, K, K]
+        at_m = at(c, (slice(None), slice(None), m))  # [1, H, Nd, C]
+        at_e = tuple(None if x is None else x.gather(-1, idx) for x in at_m)  # [1, H, Nd, 1]
+        kd = k_d * decay_between(at_e, at_m, pair)[..., None]
+        diag = c.entry[:, :, m].gather(-1, idx)[..., None] * eye  # [1, H, Nd, K, K]
     kdT = kd.transpose(-1, -2)
     ht = kdT @ c.u[:, :, m]
     S_m = S_in[:, :, m]  # [1, H, Nd, K, V]

@@ -20,6 +20,10 @@ from ..ops.precision import no_autocast
 
 
 def check_group(group) -> None:
+    if group is None and not torch.distributed.is_initialized():
+        raise ValueError("the default process group is not initialised (so dist.group.WORLD is None): call "
+                         "torch.distributed.init_process_group('gloo') ('nccl' on GPUs) first, e.g. in a script "
+                         "started with torchrun, then pass group=dist.group.WORLD or your sequence-parallel group")
     if group is None:
         raise ValueError("group is required: pass the sequence-parallel process group explicitly "
                          "(e.g. mesh['sp'].get_group(), or dist.group.WORLD when SP spans every rank); "
@@ -165,9 +169,13 @@ def shard(x: torch.Tensor, *, group, layout: str = "contiguous", dim: int = 1) -
 def unshard(x_local: torch.Tensor, *, group, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
     """The whole tensor from every rank's part (inverse of ``shard``); not differentiable.
 
-    Communication: 1 all-gather of x_local.
+    Every rank must hold a part of the same shape and dtype (checked first: ValueError on every
+    rank otherwise, never a scrambled result).
+    Communication: 1 all-gather of a small fixed-size code (the agreement check), then
+    1 all-gather of x_local.
     """
     dim = _check_shard_args(x_local, group, layout, dim)
+    comm.ensure_agreement(group, f"unshard x_local={_describe(x_local)} layout={layout} dim={dim}", cached=False)
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, x_local.shape[dim])
     gathered = comm.all_gather(x_local.detach(), group)  # [W, ...]

@@ -153,15 +153,15 @@ def signature_code(signature: str) -> float:
     return float(int(hashlib.sha1(signature.encode()).hexdigest()[:5], 16))
 
 
-def ensure_agreement(group: ProcessGroup, signature: str) -> None:
+def ensure_agreement(group: ProcessGroup, signature: str, *, cached: bool = True) -> None:
     """Raise ValueError on every rank if the ranks' ``signature`` strings differ.
 
-    Communication: the first time a (group, signature) is seen, 1 all-gather of a small
-    fixed-size code plus, only on disagreement, 1 ``all_gather_object`` to report the
-    differences; nothing afterwards.
+    Communication: the first time a (group, signature) is seen (every time with
+    ``cached=False``), 1 all-gather of a small fixed-size code plus, only on disagreement,
+    1 ``all_gather_object`` to report the differences; nothing afterwards.
     """
     seen = _verified.setdefault(group, OrderedDict())
-    if signature in seen:
+    if cached and signature in seen:
         seen.move_to_end(signature)
         return
     code = torch.tensor([signature_code(signature)], dtype=torch.float64)

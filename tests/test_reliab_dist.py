@@ -1,0 +1,139 @@
+"""Issue 16, the cases that need ranks: -inf gates under SP (case 1), ``unshard`` with parts of
+different lengths (case 4).
+
+ONE spawn of 2 gloo ranks (module fixture) runs every section as a table of cases and returns a
+report per section; each test asserts on its section. Every case runs its collectives before it
+asserts, so a failing case cannot leave the ranks in mismatched collectives.
+"""
+from __future__ import annotations
+
+import re
+import traceback
+from typing import Callable, Dict
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import lasp2
+from tests.dist import run_cases, run_distributed
+from tests.helpers import assert_close, make_inputs
+
+WORLD = 2
+
+
+def _raises_value_error(fn: Callable[[], object], match: str) -> None:
+    try:
+        fn()
+    except ValueError as e:
+        if not re.search(match, str(e), flags=re.S):
+            raise AssertionError(f"ValueError message does not match {match!r}: {str(e)!r}") from None
+        return
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError(f"expected ValueError matching {match!r}, got {type(e).__name__}: {e}") from None
+    raise AssertionError(f"expected ValueError matching {match!r}, nothing was raised")
+
+
+# ---------------------------------------------------------------------------------------------
+# Case 1: -inf gates under SP, shard by shard against the single-device op (itself compared
+# with naive.py in test_neg_inf_gates.py). Resets on both ranks, at a rank's first token (so the
+# incoming state must vanish), on a chunk's last token and next to a document start.
+
+def _inf_gates_sp(group, *, variant: str, strategy: str, layout: str, docs: bool) -> None:
+    T = 4 * 20  # 2 ranks; zigzag: 4 segments of 20
+    x = make_inputs(variant, 1, T, 2, 8, 8, seed=11)
+    g = x["g"].clone()
+    for t in (0, 15, 20, 40, 41, 63, 70):
+        g[:, t] = float("-inf")
+    if g.dim() == 4:
+        g[:, 47, :, 2] = float("-inf")
+    x["g"] = g
+    cu = torch.tensor([0, 33, 70, T]) if docs else None
+    names = [n for n in ("q", "k", "v", "g", "beta") if x.get(n) is not None]
+    weight = torch.randn(1, T, 2, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref = {n: x[n].clone().requires_grad_() for n in names}
+    o_ref, _ = lasp2.linear_attention(*(ref.get(n) for n in ("q", "k", "v", "g", "beta")), cu_seqlens=cu)
+    ref_grads = torch.autograd.grad((o_ref * weight).sum(), [ref[n] for n in names])
+
+    def local(t):
+        return lasp2.shard(t, group=group, layout=layout)
+
+    leaves = {n: local(x[n]).clone().requires_grad_() for n in names}
+    o = lasp2.sp_linear_attention(*(leaves.get(n) for n in ("q", "k", "v", "g", "beta")), group=group,
+                                  strategy=strategy, layout=layout, cu_seqlens=cu)
+    grads = torch.autograd.grad((o * local(weight)).sum(), [leaves[n] for n in names])
+    assert_close("o", o, local(o_ref), torch.float64, whole=o_ref)
+    for n, got, want in zip(names, grads, ref_grads):
+        assert_close(f"d{n}", got, local(want), torch.float64, whole=want)
+    reset = local(g) == float("-inf")
+    assert bool((grads[names.index("g")][reset] == 0).all()), "dg at a -inf gate is exactly 0"
+
+
+INF_CASES = [
+    (f"{variant}-{strategy}-{layout}{'-docs' if docs else ''}",
+     dict(variant=variant, strategy=strategy, layout=layout, docs=docs))
+    for variant, strategy, layout, docs in [
+        ("scalar", "lasp2", "contiguous", False), ("scalar", "lasp1", "zigzag", True),
+        ("channel", "lasp2", "zigzag", True), ("channel", "lasp1", "contiguous", False),
+        ("gated_deltanet", "lasp2", "contiguous", True), ("gated_deltanet", "lasp1", "zigzag", False),
+    ]
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Case 4: unshard with parts of different lengths: ValueError on every rank, before any data
+# moves (it used to SIGABRT one rank in gloo and return a scrambled, zero-filled tensor on the
+# other). Parts of equal shape still work afterwards.
+
+def _unshard_mismatch(group, *, layout: str, dim: int) -> None:
+    rank = dist.get_rank(group)
+    shape = [2, 4, 3]
+    shape[dim] += 2 * rank  # rank 1's part is longer along ``dim``
+    x = torch.randn(*shape)
+    _raises_value_error(lambda: lasp2.unshard(x, group=group, layout=layout, dim=dim),
+                        r"different arguments.*rank 0: unshard x_local=\(2, 4, 3\).*rank 1: unshard")
+    whole = torch.arange(2 * 8 * 3, dtype=torch.float32).view(2, 8, 3)
+    back = lasp2.unshard(lasp2.shard(whole, group=group, layout=layout), group=group, layout=layout)
+    assert torch.equal(back, whole)
+
+
+UNSHARD_CASES = [(f"{layout}-dim{dim}", dict(layout=layout, dim=dim))
+                 for layout, dim in (("contiguous", 1), ("zigzag", 1), ("contiguous", 2))]
+
+
+def _section(cases, fn, group) -> str:
+    try:
+        run_cases(cases, lambda **p: fn(group, **p))
+        return "ok"
+    except Exception:  # noqa: BLE001 - reported by the test that owns the section
+        return traceback.format_exc()
+
+
+def _worker(group) -> Dict[str, str]:
+    torch.set_default_dtype(torch.float64)
+    return {
+        "inf_gates": _section(INF_CASES, _inf_gates_sp, group),
+        "unshard": _section(UNSHARD_CASES, _unshard_mismatch, group),
+    }
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return run_distributed(_worker, WORLD)
+
+
+@pytest.mark.parametrize("section", ["inf_gates", "unshard"])
+def test_section(reports, section):
+    for rank, report in enumerate(reports):
+        assert report[section] == "ok", f"rank {rank}:\n{report[section]}"
+
+
+def test_group_not_initialised_names_the_cause():
+    """Case 9: without init_process_group, dist.group.WORLD is None; the error says so."""
+    assert not dist.is_initialized()
+    x = torch.randn(1, 8, 2, 4)
+    for call in (lambda: lasp2.sp_linear_attention(x, x, x, group=dist.group.WORLD),
+                 lambda: lasp2.sp_softmax_attention(x, x, x, group=dist.group.WORLD),
+                 lambda: lasp2.shard(x, group=dist.group.WORLD)):
+        with pytest.raises(ValueError, match="default process group is not initialised.*init_process_group"):
+            call()

@@ -55,10 +55,12 @@ def linear_attention(
     check_scale(scale)
     check_gate(g, q)
     check_beta(beta, q)
-    check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
+    check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0], device=q.device)
     check_initial_state(initial_state, q, v, cu_seqlens)
     scale = resolve_scale(scale, q)
     resolved = backends.resolve(backend, q, v.shape[-1])  # validated for every call; bidirectional is one matmul (torch)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(q.device)  # the ops index q's tensors with it
     if not causal:
         if g is not None or beta is not None or initial_state is not None or output_final_state:
             raise ValueError("causal=False supports basic linear attention only: pass g=None, beta=None, "
@@ -95,7 +97,7 @@ def softmax_attention(
     """
     check_qkv(q, k, v, kv_heads_may_differ=True)
     check_scale(scale)
-    check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
+    check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0], device=q.device)
     doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), q.shape[1])
     return attention_blockwise(q, k, v, scale=resolve_scale(scale, q), causal=causal, q_doc=doc, k_doc=doc)
 

@@ -91,12 +91,17 @@ def check_beta(beta, q: torch.Tensor) -> None:
         raise ValueError("beta must lie in [0, 1] (e.g. torch.sigmoid(x))")
 
 
-def check_cu_seqlens(cu_seqlens, total: int, batch: int, name: str = "cu_seqlens") -> None:
-    """Global cumulative document lengths: 1-D integers, 0 first, strictly increasing, ``total`` last."""
+def check_cu_seqlens(cu_seqlens, total: int, batch: int, name: str = "cu_seqlens",
+                     device: Optional[torch.device] = None) -> None:
+    """Global cumulative document lengths: 1-D integers, 0 first, strictly increasing, ``total`` last;
+    on the CPU or on ``device`` (q's) when given."""
     if cu_seqlens is None:
         return
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
         raise ValueError(f"{name} must be a 1-D integer tensor [N + 1] of cumulative document lengths")
+    if device is not None and cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
+        raise ValueError(f"{name} is on {cu_seqlens.device} but q is on {device}; pass {name} on the CPU or "
+                         f"on q's device ({name}.to(q.device))")
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.is_complex():
         raise ValueError(f"{name} must hold integers (torch.int32 or torch.int64), got {cu_seqlens.dtype}")
     if batch != 1:
@@ -123,6 +128,9 @@ def check_initial_state(initial_state, q: torch.Tensor, v: torch.Tensor, cu_seql
     what = "[B, H, K, V]" if cu_seqlens is None else "[N, H, K, V] (one per document)"
     if not isinstance(initial_state, torch.Tensor) or initial_state.dtype not in FLOAT_DTYPES:
         raise ValueError(f"initial_state must be a floating tensor {what}")
+    if initial_state.device != q.device:
+        raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}; move it with "
+                         f"initial_state.to(q.device)")
     if tuple(initial_state.shape) != (n, H, K, V):
         raise ValueError(f"initial_state must have shape {what} = {(n, H, K, V)}, got {tuple(initial_state.shape)}")
 

@@ -104,7 +104,7 @@ def sp_linear_attention(
         raise ValueError("the delta rule takes a scalar gate g [B, T, H], not a per-channel gate")
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, q.shape[1])
-    check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0])
+    check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0], device=q.device)
     if not causal:
         if g is not None or beta is not None:
             raise ValueError("causal=False supports basic linear attention only: pass g=None and beta=None")
@@ -236,7 +236,7 @@ def sp_softmax_attention(
     check_scale(scale)
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, q.shape[1])
-    check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0])
+    check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0], device=q.device)
     if entry.heads_divisible and q.shape[2] % world:
         raise ValueError(f"strategy='ulysses' shards the query heads over the group, so H = {q.shape[2]} "
                          f"must be a multiple of the group size W = {world}; use a head count divisible "

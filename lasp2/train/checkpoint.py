@@ -211,8 +211,9 @@ def check_compatible(meta: Dict[str, Any], cfg, ckpt: Path) -> None:
             diff.pop(name, None)
     if diff:
         shown = "; ".join(f"--{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(f"checkpoint {ckpt} belongs to a different run ({shown}); resume with the same flags "
-                         f"(only --steps, --out, --save-every, --log-every, --timeout-s, --plot, --device may change)")
+        raise ValueError(f"checkpoint {ckpt} belongs to a different run ({shown}); drop those flags: --resume "
+                         f"takes the run's configuration from the checkpoint, and only --steps, --out, --save-every, "
+                         f"--log-every, --timeout-s, --plot, --device, --tuned-allocator may change")
     if meta["step"] >= cfg.steps:
         raise ValueError(f"checkpoint {ckpt} is at step {meta['step']}, already >= --steps {cfg.steps}; "
                          f"raise --steps to train further")

@@ -14,10 +14,11 @@ import argparse
 import dataclasses
 import shutil
 import sys
+import tempfile
 import typing
 from pathlib import Path
 
-from .config import DEVICES, DOC_SEPS, DTYPES, TASKS, TrainConfig, flag
+from .config import DEVICES, DOC_SEPS, DTYPES, TASKS, TRAIN_DEFAULTS, TrainConfig, flag
 
 MODEL_PREFIX = "model__"
 # LinearLlamaConfig fields that TrainConfig sets under its own name (--linear, --layer-pattern).
@@ -88,24 +89,43 @@ def add_parser(subparsers) -> None:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_field_flags(p.add_argument_group("training"), TrainConfig, choices=_choices())
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that already holds checkpoints (they are deleted)")
-    model = p.add_argument_group("model (override fields of the --preset; debug: "
-                                 + ", ".join(f"{k}={v}" for k, v in PRESETS["debug"].items()) + ")")
+                   help="start afresh in an --out that is not empty: the earlier run's metrics.jsonl, config.json, "
+                        "loss.png, failure files and checkpoints there are deleted (other files are left alone)")
+    used = {**PRESETS["debug"], **TRAIN_DEFAULTS.get("debug", {})}  # what `lasp2 train` builds by default
+    model = p.add_argument_group("model (override fields of the --preset; debug as lasp2 train uses it: "
+                                 + ", ".join(f"{k}={v}" for k, v in used.items()) + ")")
     _add_field_flags(model, LinearLlamaConfig, dest_prefix=MODEL_PREFIX, skip=MODEL_FIELDS_SKIPPED,
                      defaults={})
     p.set_defaults(func=run)
 
 
 def config_from_args(args) -> TrainConfig:
-    """The TrainConfig of the given flags (ValueError on bad values)."""
+    """The TrainConfig of the given flags (ValueError on bad values). With ``--resume`` it is the
+    checkpoint's stored configuration with the given flags on top (``resume_config``)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     model = {k[len(MODEL_PREFIX):]: v for k, v in vars(args).items() if k.startswith(MODEL_PREFIX)}
-    if given.get("resume") and "out" not in given:
-        from .checkpoint import find
-
-        given["out"] = str(find(given["resume"]).parents[1])  # continue in the resumed run's directory
+    if given.get("resume"):
+        return resume_config(given, model)
     return TrainConfig(**given, model=model)
+
+
+def resume_config(given: dict, model: dict) -> TrainConfig:
+    """The run a ``--resume`` continues: the configuration stored in the checkpoint, with the
+    given flags on top, in the resumed run's directory unless --out says otherwise. Flags outside
+    ``RESUMABLE_CHANGES`` may be restated but not changed: ``checkpoint.check_compatible`` compares
+    resolved values, so ``--layer-pattern NLLL`` where the preset's default was NLLL is no change.
+    The learning-rate schedule stays the checkpoint run's (``schedule_steps``)."""
+    from . import checkpoint
+
+    ckpt = checkpoint.find(given["resume"])
+    stored = dict(checkpoint.read_meta(ckpt).get("config") or {})
+    values = {**stored, **given, "model": {**(stored.get("model") or {}), **model}}
+    if "out" not in given:
+        values["out"] = str(ckpt.parents[1])  # continue in the resumed run's directory
+    if values.get("schedule_steps") is None:
+        values["schedule_steps"] = stored.get("steps", values.get("steps"))
+    return TrainConfig.from_dict(values)
 
 
 def _usage(e: Exception):
@@ -115,14 +135,53 @@ def _usage(e: Exception):
     return UsageError(text[0] if text else type(e).__name__)
 
 
-def _check_out(cfg: TrainConfig, overwrite: bool) -> None:
-    ckpts = Path(cfg.out) / "checkpoints"
-    if cfg.resume or not ckpts.is_dir() or not any(ckpts.iterdir()):
-        return
-    if not overwrite:
-        raise ValueError(f"--out {cfg.out} already holds checkpoints of a run; continue it with --resume {cfg.out}, "
-                         f"choose another --out, or pass --overwrite to delete them")
-    shutil.rmtree(ckpts)
+RUN_OUTPUTS = ("metrics.jsonl", "config.json", "loss.png", "checkpoints")  # what a run writes in --out
+
+
+def _check_out(cfg: TrainConfig, overwrite: bool, *, act: bool = True) -> None:
+    """Before any rank starts: --out must be a writable directory (created here), empty unless this
+    run continues the run that lives there (--resume) or --overwrite is given, in which case the
+    earlier run's outputs are deleted (``act``: on one rank only). ValueError otherwise."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {cfg.out} exists and is not a directory; choose another --out")
+    continuing = False
+    if cfg.resume:
+        from .checkpoint import find
+
+        continuing = out.resolve() == find(cfg.resume).parents[1].resolve()
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not continuing:
+        if not overwrite:
+            held = "checkpoints of a run" if "checkpoints" in entries else \
+                f"{', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}"
+            hint = f"continue it with --resume {cfg.out}, " if "checkpoints" in entries else ""
+            raise ValueError(f"--out {cfg.out} already holds {held}; {hint}choose another --out, or pass --overwrite "
+                             f"to replace the earlier run's outputs ({', '.join(RUN_OUTPUTS)})")
+        if act:
+            for name in entries:
+                if name in RUN_OUTPUTS or name.startswith("failure"):
+                    path = out / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if act:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".lasp2-write-test-"):
+                pass
+        except OSError as e:
+            raise ValueError(f"--out {cfg.out} is not writable ({e.strerror or e}); choose another --out") from None
+
+
+def _write_failure(out: Path, name: str, text: str) -> str:
+    """Write a failing rank's traceback to OUT/name; returns where it is (stderr when OUT cannot
+    take it: the failure handler must not fail in turn)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+        return f"traceback in {out / name}"
+    except OSError as e:
+        sys.stderr.write(text if text.endswith("\n") else text + "\n")
+        return f"traceback above: {out / name} could not be written ({e.strerror or e})"
 
 
 def summary_text(summary: dict, cfg: TrainConfig) -> str:
@@ -169,8 +228,10 @@ def run(args) -> int:
     if under_torchrun():
         import os
 
-        try:  # the same check fails on every rank: rank 0 says it, the others just exit
+        try:  # the same checks fail on every rank: rank 0 says it, the others just exit
             cfg.resolve_world(int(os.environ["WORLD_SIZE"]))
+            cfg.check_device()
+            _check_out(cfg, args.overwrite, act=os.environ["RANK"] == "0")
         except ValueError as e:
             if os.environ["RANK"] == "0":
                 raise _usage(e) from None
@@ -178,6 +239,7 @@ def run(args) -> int:
         return _run_torchrun(cfg, args, init_from_env)
     try:
         cfg.resolve_world(cfg.world)
+        cfg.check_device()
         _check_out(cfg, args.overwrite)
         if cfg.resume:  # fail here, before starting any rank
             from . import checkpoint
@@ -194,10 +256,8 @@ def run(args) -> int:
         results = spawn(run_rank, cfg.world, cfg.to_dict(), backend=backend,
                         timeout_s=max(cfg.timeout_s, 7 * 86400.0))
     except RankFailure as e:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "failure.txt").write_text(e.traceback or str(e))
-        print(f"lasp2 train: error: {e} (traceback in {out / 'failure.txt'})", file=sys.stderr)
+        where = _write_failure(Path(cfg.out), "failure.txt", e.traceback or str(e))
+        print(f"lasp2 train: error: {e} ({where})", file=sys.stderr)
         return 1
     print(summary_text(results[0], cfg))
     return 0
@@ -214,19 +274,15 @@ def _run_torchrun(cfg: TrainConfig, args, init_from_env) -> int:
     rank, world = init_from_env(backend=backend, timeout_s=cfg.timeout_s)
     try:
         cfg.resolve_world(world)
-        if rank == 0:
-            _check_out(cfg, args.overwrite)
         summary = train(cfg)
         if summary is not None:
             print(summary_text(summary, cfg))
         return 0
     except Exception as e:  # noqa: BLE001 - one line per failing rank, the traceback in a file
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"failure-rank{rank}.txt").write_text(traceback.format_exc())
+        where = _write_failure(Path(cfg.out), f"failure-rank{rank}.txt", traceback.format_exc())
         first = str(e).strip().splitlines()
-        print(f"lasp2 train: error: rank {rank}: {type(e).__name__}: {first[0] if first else ''} "
-              f"(traceback in {out / f'failure-rank{rank}.txt'})", file=sys.stderr)
+        print(f"lasp2 train: error: rank {rank}: {type(e).__name__}: {first[0] if first else ''} ({where})",
+              file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():

@@ -31,9 +31,21 @@ DOC_SEPS = ("blank-line", "line", "none")
 TRAIN_DEFAULTS: Dict[str, Dict[str, Any]] = {"debug": {"linear_variant": "mamba2", "layer_pattern": "NLLL"}}
 
 # Fields that may change when a run is resumed (they do not change what the model computes up
-# to the checkpoint). ``steps`` may grow; the learning-rate schedule then follows the new total.
+# to the checkpoint). ``steps`` may grow; the learning-rate schedule stays the checkpoint run's
+# (``schedule_steps``): steps past it train at lr * min_lr_ratio.
 RESUMABLE_CHANGES = ("steps", "out", "resume", "save_every", "log_every", "timeout_s", "plot", "device",
                      "tuned_allocator")
+
+
+def train_default(preset: str, name: str) -> Any:
+    """The LinearLlamaConfig field ``name`` that ``lasp2 train`` uses for ``preset`` when no flag
+    sets it (TRAIN_DEFAULTS over the preset): what ``--help`` shows."""
+    return {**PRESETS[preset], **TRAIN_DEFAULTS.get(preset, {})}[name]
+
+
+def _train_defaults_text(name: str) -> str:
+    changed = [f"{train_default(p, name)} for the {p} preset" for p in PRESETS if name in TRAIN_DEFAULTS.get(p, {})]
+    return "the preset's" + (", but " + " and ".join(changed) if changed else "")
 
 
 def _help(text: str, **extra) -> Dict[str, Any]:
@@ -47,11 +59,11 @@ class TrainConfig:
     # ---- model ---------------------------------------------------------------------------------
     preset: str = field(default="debug", metadata=_help(f"model preset: {', '.join(PRESETS)}"))
     linear: Optional[str] = field(default=None, metadata=_help(
-        "linear-attention variant of the 'L' layers (lasp2.nn.LINEAR_VARIANTS); default: the preset's, but "
-        "mamba2 for the debug preset (see TRAIN_DEFAULTS)"))
+        "linear-attention variant of the 'L' layers (lasp2.nn.LINEAR_VARIANTS); default: "
+        f"{_train_defaults_text('linear_variant')} (see TRAIN_DEFAULTS)"))
     layer_pattern: Optional[str] = field(default=None, metadata=_help(
-        "one letter per layer, cycled: L linear, N softmax attention (e.g. LLLN); default: the preset's, but "
-        "NLLL for the debug preset"))
+        "one letter per layer, cycled: L linear, N softmax attention (e.g. LLLN); default: "
+        f"{_train_defaults_text('layer_pattern')}"))
     model: Dict[str, Any] = field(default_factory=dict, metadata=_help(
         "LinearLlamaConfig overrides (set by the model flags, e.g. --hidden)", flag=False))
     dtype: str = field(default="float32", metadata=_help(
@@ -106,6 +118,9 @@ class TrainConfig:
         "MQAR: also train on the repeated pairs of the context (accuracy is measured on the queries only)"))
     # ---- optimisation --------------------------------------------------------------------------
     steps: int = field(default=250, metadata=_help("optimizer steps"))
+    schedule_steps: Optional[int] = field(default=None, metadata=_help(
+        "length of the warm-up + cosine learning-rate schedule (default: --steps); a resumed run keeps its "
+        "checkpoint's, so steps added with a larger --steps train at lr * min-lr-ratio"))
     lr: float = field(default=3e-3, metadata=_help("peak learning rate (AdamW)"))
     min_lr_ratio: float = field(default=0.1, metadata=_help("cosine decay ends at lr * min_lr_ratio"))
     warmup: int = field(default=20, metadata=_help("linear warm-up steps"))
@@ -136,6 +151,8 @@ class TrainConfig:
             positive_int(name)
         if self.mqar_queries is not None:
             positive_int("mqar_queries")
+        if self.schedule_steps is not None:
+            positive_int("schedule_steps")
         for name in ("warmup", "seed", "save_every"):
             positive_int(name, 0)
         if self.dp is not None:
@@ -244,6 +261,32 @@ class TrainConfig:
     def world(self) -> int:
         return (self.dp or 1) * self.sp
 
+    def check_device(self) -> None:
+        """ValueError when --device cuda cannot work here (before any rank starts)."""
+        import torch
+
+        if self.device != "cuda" or torch.cuda.is_available():
+            return
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"--device cuda: CUDA is not available in this torch build (torch {torch.__version__} "
+                             f"was built without CUDA); install a CUDA build of torch (see pytorch.org) or use "
+                             f"--device cpu")
+        raise ValueError("--device cuda: this torch build has CUDA but sees no GPU (check the driver and "
+                         "CUDA_VISIBLE_DEVICES), or use --device cpu")
+
+    def resolved(self) -> Dict[str, Any]:
+        """The values this run trains with: ``to_dict()`` with the defaults resolved (the model
+        fields as the LinearLlamaConfig they build, the number of MQAR queries, the schedule
+        length), so that restating a default is no change."""
+        values = self.to_dict()
+        for name in ("linear", "layer_pattern", "model"):
+            del values[name]
+        model = self.model_config()
+        values["model_config"] = {**model.to_dict(), "layer_pattern": "".join(model.layer_types)}
+        values["mqar_queries"] = self.seq_len // 2 if self.mqar_queries is None else self.mqar_queries
+        values["schedule_steps"] = self.schedule_steps or self.steps
+        return values
+
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: (dict(getattr(self, f.name)) if f.name == "model" else getattr(self, f.name))
                 for f in dataclasses.fields(self)}
@@ -257,13 +300,17 @@ class TrainConfig:
         return cls(**values)
 
     def trajectory_diff(self, other: Dict[str, Any]) -> Dict[str, tuple]:
-        """Fields (other than ``RESUMABLE_CHANGES``) where ``other`` (a ``to_dict``) differs."""
-        mine = self.to_dict()
-        # A field the other run did not have yet (an older lasp2) had its default there.
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
-        other = {**{k: v for k, v in defaults.items() if k not in other}, **other}
-        return {k: (other.get(k), mine[k]) for k in mine
-                if k not in RESUMABLE_CHANGES and other.get(k) != mine[k]}
+        """Fields (other than ``RESUMABLE_CHANGES``) whose *resolved* value differs between this
+        run and ``other`` (a ``to_dict`` of the checkpoint's run): {name: (theirs, ours)}, model
+        differences under their flag's name (``heads``, ``linear`` for linear_variant)."""
+        theirs = TrainConfig.from_dict(other).resolved()
+        mine = self.resolved()
+        diff = {k: (theirs.get(k), mine[k]) for k in mine
+                if k not in RESUMABLE_CHANGES and k != "model_config" and theirs.get(k) != mine[k]}
+        for k, v in mine["model_config"].items():
+            if theirs["model_config"].get(k) != v:
+                diff["linear" if k == "linear_variant" else k] = (theirs["model_config"].get(k), v)
+        return diff
 
 
 def flag(name: str) -> str:

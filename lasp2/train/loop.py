@@ -62,10 +62,11 @@ def run_rank(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of ``step`` (1-based): linear warm-up, then cosine to lr * min_lr_ratio."""
+    """Learning rate of ``step`` (1-based): linear warm-up, then cosine to lr * min_lr_ratio over
+    ``schedule_steps`` (default: ``steps``), then constant (steps a resume added)."""
     if step <= cfg.warmup:
         return cfg.lr * step / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
+    span = max(1, (cfg.schedule_steps or cfg.steps) - cfg.warmup)
     progress = min(1.0, (step - cfg.warmup) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 

@@ -21,7 +21,8 @@ from ..ops.precision import no_autocast
 
 def check_group(group) -> None:
     if group is None and not torch.distributed.is_initialized():
-        raise ValueError("the default process group is not initialised (so dist.group.WORLD is None): call "
+        raise ValueError("group is required, and it is None here because the default process group is not "
+                         "initialised (dist.group.WORLD is None until then): call "
                          "torch.distributed.init_process_group('gloo') ('nccl' on GPUs) first, e.g. in a script "
                          "started with torchrun, then pass group=dist.group.WORLD or your sequence-parallel group")
     if group is None:

@@ -9,6 +9,11 @@
    the longest.
 3. Held out, and predicted: the longest length at the smallest W, and every record at larger W.
 
+Input that cannot support this is refused (``ValueError`` saying what to measure): a
+configuration with fewer than two lengths at the smallest W, a suite with nothing held out
+(two lengths and a single W, as ``lasp2 bench --quick`` gives), or times that do not grow with
+the work between the fitted lengths (noise larger than the difference: no FLOP rate exists).
+
 This machine's ranks share its cores: with W ranks of one thread on C cores every cost, compute
 and loopback copies alike, stretches by max(1, W / C). That factor is part of the model here.
 """
@@ -107,8 +112,38 @@ def fit_compute(points: List[dict], link: Link, cores: int):
             xs.append(cost.compute * rate / slow)  # FLOPs
             ys.append(max(r["time_s"] - cost.comm, 1e-9) / slow)
         c0, inv_rate = _linfit(xs, ys)
-        rate = 1 / max(inv_rate, 1e-30)
+        if not inv_rate > 0:
+            lens = ", ".join(f"T_local {r['T_local']}: {r['time_s'] * 1e3:.1f} ms" for r in points)
+            raise ValueError(f"lasp2 plan --validate: suite {points[0]['suite']}, {points[0]['strategy']}: the measured "
+                             f"time does not grow with the work ({lens}), so no compute rate can be fitted: the "
+                             f"noise is larger than what these lengths differ by; bench longer sequences with more "
+                             f"repeats (e.g. lasp2 bench --suite {points[0]['suite']} --seq-lens 2048 8192 32768 "
+                             f"--repeats 9)")
+        rate = 1 / inv_rate
     return rate, c0
+
+
+def check_fit_input(records: List[dict]) -> None:
+    """ValueError unless every suite can be fitted (two lengths per configuration at the smallest
+    W) and has something held out to predict (a third length there, or a larger W)."""
+    for suite in sorted({r["suite"] for r in records}):
+        rs = [r for r in records if r["suite"] == suite]
+        w0 = min(r["W"] for r in rs)
+        held_out = any(r["W"] > w0 for r in rs)
+        for config in dict.fromkeys(r["strategy"] for r in rs):
+            lengths = sorted({r["T_global"] for r in rs if r["strategy"] == config and r["W"] == w0})
+            if len(lengths) < 2:
+                raise ValueError(f"lasp2 plan --validate: suite {suite}, {config} has records at {len(lengths)} "
+                                 f"length(s) at W={w0} {lengths}; fitting its compute needs two lengths and checking "
+                                 f"it a third: run lasp2 bench --suite {suite} with three or more --seq-lens "
+                                 f"(e.g. 2048 8192 32768)")
+            held_out |= len(lengths) >= 3
+        if not held_out:
+            raise ValueError(f"lasp2 plan --validate: suite {suite} has two lengths at W={w0} and no other W: both "
+                             f"are needed to fit the model and nothing is left to predict (lasp2 bench --quick "
+                             f"results are of this kind); add a third, longer --seq-lens or a larger "
+                             f"--world-sizes (e.g. lasp2 bench --suite {suite} --world-sizes 2 4 --seq-lens 2048 "
+                             f"8192 32768)")
 
 
 def predict_record(r: dict, rate: float, c0: float, link: Link, cores: int) -> float:
@@ -124,6 +159,7 @@ def validate(paths: List[Path], cores: int = None) -> str:
         records += [r for r in data["records"] if not r["skipped"]]
     if not records:
         raise ValueError("no measured records in " + ", ".join(map(str, paths)))
+    check_fit_input(records)  # before the communication microbenchmarks: refuse early
     comm = measure_comm()
     link = fit_link(comm)
     from .report import hardware

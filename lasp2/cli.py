@@ -15,7 +15,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-SUBCOMMAND_MODULES = ("lasp2.bench.cli", "lasp2.train.cli")
+SUBCOMMAND_MODULES = ("lasp2.bench.cli", "lasp2.train.cli", "lasp2.train.prepare")
 
 
 class UsageError(Exception):

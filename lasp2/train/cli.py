@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   lasp2 train                                  # MQAR, debug preset, SP=2 on 2 local CPU ranks (~2 min)
   lasp2 train --no-state-passing --out ablate  # the same without LASP-2 state passing: recall collapses
   lasp2 train --task text --data book.txt --seq-len 4096 --sp 4 --steps 200
+  lasp2 prepare book.txt --tokenizer tokenizer.json --out book.bin && lasp2 train --task tokens --data book.bin
   lasp2 train --resume lasp2_train --steps 600 # continue a run (identical losses to an uninterrupted one)
   torchrun --nproc-per-node 8 -m lasp2 train --preset linear-llama3-1b --sp 4 --seq-len 65536 --dtype bfloat16
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m lasp2 train \\
@@ -231,6 +232,7 @@ def run(args) -> int:
         try:  # the same checks fail on every rank: rank 0 says it, the others just exit
             cfg.resolve_world(int(os.environ["WORLD_SIZE"]))
             cfg.check_device()
+            cfg.check_data()
             _check_out(cfg, args.overwrite, act=os.environ["RANK"] == "0")
         except ValueError as e:
             if os.environ["RANK"] == "0":
@@ -240,6 +242,7 @@ def run(args) -> int:
     try:
         cfg.resolve_world(cfg.world)
         cfg.check_device()
+        cfg.check_data()
         _check_out(cfg, args.overwrite)
         if cfg.resume:  # fail here, before starting any rank
             from . import checkpoint

@@ -19,7 +19,7 @@ from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..ops.backends import BACKENDS
 from ..parallel.layout import LAYOUTS
 
-TASKS = ("mqar", "text")
+TASKS = ("mqar", "text", "tokens")
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 DOC_SEPS = ("blank-line", "line", "none")
@@ -103,8 +103,9 @@ class TrainConfig:
         "sequences; see lasp2/cpu_allocator.py)"))
     # ---- data ----------------------------------------------------------------------------------
     task: str = field(default="mqar", metadata=_help(
-        "mqar: synthetic multi-query associative recall; text: byte-level LM on --data"))
-    data: Optional[str] = field(default=None, metadata=_help("text file for --task text"))
+        "mqar: synthetic multi-query associative recall; text: byte-level LM on the text file --data; tokens: "
+        "LM on the memory-mapped token file --data (.bin/.npy, e.g. from lasp2 prepare)"))
+    data: Optional[str] = field(default=None, metadata=_help("text file (--task text) or token file (--task tokens)"))
     doc_sep: str = field(default="blank-line", metadata=_help(
         "--task text: documents are separated by blank lines, are single lines, or none (one document)"))
     seq_len: int = field(default=2048, metadata=_help("GLOBAL tokens per sequence (split over --sp ranks)"))
@@ -174,8 +175,12 @@ class TrainConfig:
                 raise ValueError("--task text needs --data FILE (a UTF-8 or any byte text file)")
             if not os.path.isfile(self.data):
                 raise ValueError(f"--data {self.data!r} is not a readable file")
+        elif self.task == "tokens":
+            if not self.data:
+                raise ValueError("--task tokens needs --data FILE.bin or FILE.npy (a token file: see lasp2 prepare)")
+            self._check_tokens()
         elif self.data:
-            raise ValueError("--data is only read by --task text; add --task text or drop --data")
+            raise ValueError("--data is only read by --task text and --task tokens; add one or drop --data")
         parts = self.sp * (2 if self.layout == "zigzag" and self.sp > 1 else 1)
         if self.seq_len % parts:
             what = f"2 x sp = {parts} (the zigzag layout cuts it into 2 segments per rank)" \
@@ -189,6 +194,28 @@ class TrainConfig:
             from .hf_model import check_hf_config
 
             check_hf_config(self)
+
+    def _check_tokens(self) -> None:
+        """The token file's header and sidecar only (no tokens are read): format, length, vocabulary."""
+        from .tokens import inspect, too_little
+
+        info = inspect(self.data)
+        if info.n_tokens < self.seq_len + 1:
+            raise ValueError(too_little(info, self.seq_len))
+        if "vocab_size" not in self.model and info.vocab_size is None:
+            raise ValueError(f"--data {self.data!r} has no sidecar {self.data}.json giving its vocabulary: pass "
+                             f"--vocab-size N (more than its largest token id), or write the file with lasp2 prepare")
+
+    def check_data(self) -> None:
+        """What needs a pass over the data, before any rank starts: a --task text file must hold at
+        least one sequence of text (packing would otherwise train on padding)."""
+        if self.task == "text":
+            from .data import split_documents, too_little_text
+
+            with open(self.data, "rb") as f:
+                n = sum(len(doc) + 1 for doc in split_documents(f.read(), self.doc_sep))  # + end-of-document
+            if n < self.seq_len:
+                raise ValueError(too_little_text(self.data, n, self.seq_len))
 
     def _check_mqar(self) -> None:
         need = 1 + self.mqar_keys + self.mqar_values
@@ -234,6 +261,10 @@ class TrainConfig:
                 raise ValueError(f"--task text uses {TEXT_VOCAB} token ids (256 bytes + pad + end-of-document); "
                                  f"--vocab-size {vocab} is too small")
             over["vocab_size"] = max(vocab, TEXT_VOCAB)
+        if self.task == "tokens" and "vocab_size" not in self.model:
+            from .tokens import inspect
+
+            over["vocab_size"] = inspect(self.data).vocab_size  # the sidecar's (checked in __post_init__)
         return over
 
     def model_config(self) -> LinearLlamaConfig:

@@ -24,6 +24,9 @@ for the same mechanism; ``context_labels=False`` turns it off). **Accuracy** is 
 queries only (argmax over the whole vocabulary; chance is 1 / values). Token ids: 0 filler (only
 when the context length is odd), 1..keys keys, then values.
 
+**Tokens** (``--task tokens``): windows of a memory-mapped token file, each rank reading only
+its own rows and positions (``lasp2.train.tokens``; ``lasp2 prepare`` writes such files).
+
 **Text**: bytes of a file, split into documents (blank lines by default), each followed by an
 end-of-document token and packed into fixed-length sequences with ``pack_documents`` (global
 ``cu_seqlens``; the padding document of the last sequence is masked). Vocabulary: 256 bytes,
@@ -98,11 +101,9 @@ def mqar_batch(batch_size: int, seq_len: int, *, pairs: int, keys: int, values: 
 # ---- text ---------------------------------------------------------------------------------------
 
 
-def read_documents(path: str, doc_sep: str = "blank-line") -> List[List[int]]:
-    """Byte-level documents of a file, each ending with ``EOS_ID``. ``doc_sep``: "blank-line"
-    (one or more empty or whitespace-only lines separate documents), "line" or "none"."""
-    with open(path, "rb") as f:
-        raw = f.read()
+def split_documents(raw: bytes, doc_sep: str) -> List[bytes]:
+    """The non-empty documents of a file's bytes. ``doc_sep``: "blank-line" (one or more empty or
+    whitespace-only lines separate documents), "line" or "none"."""
     if doc_sep == "blank-line":
         parts = re.split(rb"\r?\n[ \t\r]*\n", raw)
     elif doc_sep == "line":
@@ -111,10 +112,22 @@ def read_documents(path: str, doc_sep: str = "blank-line") -> List[List[int]]:
         parts = [raw]
     else:
         raise ValueError(f"doc_sep must be blank-line, line or none, got {doc_sep!r}")
-    docs = [list(p.strip(b"\r\n")) + [EOS_ID] for p in parts if p.strip()]
+    return [p.strip(b"\r\n") for p in parts if p.strip()]
+
+
+def read_documents(path: str, doc_sep: str = "blank-line") -> List[List[int]]:
+    """Byte-level documents of a file (``split_documents``), each ending with ``EOS_ID``."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    docs = [list(p) + [EOS_ID] for p in split_documents(raw, doc_sep)]
     if not docs:
         raise ValueError(f"--data {path!r} holds no text (no non-empty document)")
     return docs
+
+
+def too_little_text(path: str, n_tokens: int, seq_len: int) -> str:
+    return (f"--data {path!r} holds {n_tokens} byte tokens (end-of-document marks included), less than one "
+            f"--seq-len {seq_len} sequence: training would run on padding; use a shorter --seq-len or more text")
 
 
 class TextData:
@@ -125,6 +138,8 @@ class TextData:
         self.sequences: List[PackedSequence] = list(
             pack_documents(read_documents(path, doc_sep), seq_len, multiple_of=multiple_of, pad_id=PAD_ID))
         self.n_tokens = sum(seq_len - s.n_padding for s in self.sequences)
+        if self.n_tokens < seq_len:
+            raise ValueError(too_little_text(path, self.n_tokens, seq_len))
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -145,7 +160,12 @@ class RankData:
     def __init__(self, cfg, *, dp_rank: int, sp_group):
         self.cfg, self.dp_rank, self.group = cfg, dp_rank, sp_group
         self.per_dp = cfg.batch_size // cfg.dp
-        self.text = None
+        self.text = self.tokens = None
+        if cfg.task == "tokens":
+            from .tokens import TokenData
+
+            self.tokens = TokenData(cfg.data, cfg.seq_len, vocab_size=cfg.model_config().vocab_size, seed=cfg.seed,
+                                    layout=cfg.layout, sp=cfg.sp, sp_rank=torch.distributed.get_rank(sp_group))
         if cfg.task == "text":
             parts = cfg.sp * (2 if cfg.layout == "zigzag" and cfg.sp > 1 else 1)
             self.text = TextData(cfg.data, cfg.seq_len, multiple_of=parts, doc_sep=cfg.doc_sep, seed=cfg.seed)
@@ -158,6 +178,9 @@ class RankData:
         [1, T/sp] per packed sequence for text."""
         c = self.cfg
         rows = slice(self.dp_rank * self.per_dp, (self.dp_rank + 1) * self.per_dp)
+        if self.tokens is not None:  # this rank's rows and positions only, read from the memory map
+            tokens, labels = self.tokens.rows(step, c.batch_size, range(rows.start, rows.stop))
+            return [MicroBatch(tokens, labels)]
         if self.text is None:
             tokens, labels, scored = mqar_batch(c.batch_size, c.seq_len, pairs=c.mqar_pairs, queries=c.mqar_queries,
                                                 keys=c.mqar_keys, values=c.mqar_values, seed=c.seed, step=step,

@@ -29,12 +29,15 @@ CONFIGS = {
                                                                              "linear_attention"])),
     "qwen3_5": ("qwen3.5-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
                                                                        "linear_attention"])),
+    "qwen3_5_moe": ("qwen3.5-moe-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                                                               "linear_attention"])),
     "minimax": ("minimax-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
                                                                        "linear_attention"], block_size=8)),
     "bamba": ("bamba-tiny", dict(num_hidden_layers=3, attn_layer_indices=[1], mamba_chunk_size=8)),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
+           "qwen3_5_moe": "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
            "minimax": "transformers.models.minimax.modeling_minimax",
            "bamba": "transformers.models.bamba.modeling_bamba"}
 
@@ -130,5 +133,6 @@ def reference(family: str, dtype: torch.dtype, ids: torch.Tensor, cu: Optional[l
     grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()], allow_unused=True)
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "logits": logits.detach(),
             "loss": loss.detach(), "hf_loss": (hf_loss / n).detach(),
-            "grads": {k: (torch.zeros_like(p) if g is None else g) for (k, p), g in zip(model.named_parameters(), grads)},
+            "grads": {k: (torch.zeros_like(p) if g is None else g)
+                      for (k, p), g in zip(model.named_parameters(), grads)},
             "names": names, "n": n}

@@ -72,7 +72,8 @@ def _check(group, *, k: int, layout: str, T_local: int, cu: Optional[List[int]],
     def local(t):
         return lasp2.shard(t, group=group, layout=layout)
 
-    leaves = [local(x).clone().requires_grad_(), w.clone().requires_grad_()] + ([b.clone().requires_grad_()] if bias else [])
+    leaves = [local(x).clone().requires_grad_(), w.clone().requires_grad_()]
+    leaves += [b.clone().requires_grad_()] if bias else []
     call = dict(group=group, layout=layout, activation=activation, cu_seqlens=None if cu is None else torch.tensor(cu))
     with torch.no_grad():  # the first call with new shapes may add a one-off agreement check
         lasp2.sp_causal_conv1d(leaves[0], leaves[1], leaves[2] if bias else None, **call)

@@ -5,7 +5,7 @@
     batch = lasp2.hf.shard_batch(input_ids, labels, group=group, layout="zigzag")
     out = model(**batch)     # out.logits: this rank's shard of the single-device logits
 
-Supported: Qwen3-Next and Qwen3.5 (Gated DeltaNet + gated softmax attention), MiniMax (Lightning
+Supported: Qwen3-Next, Qwen3.5 and Qwen3.5-MoE (Gated DeltaNet + gated softmax attention), MiniMax (Lightning
 + softmax attention), Bamba (Mamba2 + softmax attention). Each model's own layers (parameters,
 projections, norms, gates, MoE MLPs) run unchanged; only the sequence-mixing cores and the short
 convolutions become lasp2 SP ops. See ``families.py`` for the mapping.

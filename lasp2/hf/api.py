@@ -38,7 +38,8 @@ def _check_modules(model, family) -> None:
         inside_linear = name.rsplit(".", 1)[0] if "." in name else ""
         if isinstance(m, torch.nn.Conv1d) and type(model.get_submodule(inside_linear)).__name__ in family.linear:
             continue  # the mixer's own short conv, replaced with the mixer's forward
-        if _MIXER_NAME.search(cls) or isinstance(m, (torch.nn.Conv1d, torch.nn.MultiheadAttention)) or cls in everything:
+        mixes = isinstance(m, (torch.nn.Conv1d, torch.nn.MultiheadAttention))
+        if _MIXER_NAME.search(cls) or mixes or cls in everything:
             raise ValueError(f"{type(model).__name__} contains {name} = {cls}, a sequence-mixing layer lasp2.hf "
                              f"does not know how to parallelize; supported mixers for {family.name}: "
                              f"{', '.join(sorted(known))}")

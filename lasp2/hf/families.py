@@ -51,6 +51,10 @@ FAMILIES = (
            ("Qwen3_5ForCausalLM", "Qwen3_5TextModel"),
            {"Qwen3_5GatedDeltaNet": _gdn(qwen3_next.qwen3_5_gdn_forward)}, ("Qwen3_5Attention",),
            "layer_types"),
+    Family("qwen3_5_moe", "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+           ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeTextModel"),
+           {"Qwen3_5MoeGatedDeltaNet": _gdn(qwen3_next.qwen3_5_gdn_forward)}, ("Qwen3_5MoeAttention",),
+           "layer_types"),
     Family("minimax", "transformers.models.minimax.modeling_minimax",
            ("MiniMaxForCausalLM", "MiniMaxModel"),
            {"MiniMaxLightningAttention": _plain(minimax.lightning_forward)}, ("MiniMaxAttention",),
@@ -73,4 +77,4 @@ def family_of(model) -> Family:
         if name in f.models:
             return f
     raise ValueError(f"lasp2.hf does not support {name}; supported models: {supported()} "
-                     f"(Qwen3-Next, Qwen3.5 text, MiniMax, Bamba)")
+                     f"(Qwen3-Next, Qwen3.5 and Qwen3.5-MoE text, MiniMax, Bamba)")

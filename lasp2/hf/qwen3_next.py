@@ -1,8 +1,9 @@
-"""Qwen3-Next and Qwen3.5: Gated DeltaNet layers + gated softmax attention (partial RoPE).
+"""Qwen3-Next, Qwen3.5 and Qwen3.5-MoE: Gated DeltaNet layers + gated softmax attention (partial RoPE).
 
 The Gated DeltaNet forward below is transformers' ``Qwen3NextGatedDeltaNet.forward`` /
-``Qwen3_5GatedDeltaNet.forward`` for whole sequences, with the layer's own projections, gates
-(``A_log``, ``dt_bias``), gated RMSNorm and output projection, and two calls replaced:
+``Qwen3_5GatedDeltaNet.forward`` (``Qwen3_5MoeGatedDeltaNet`` is the same code) for whole
+sequences, with the layer's own projections, gates (``A_log``, ``dt_bias``), gated RMSNorm and
+output projection, and two calls replaced:
 
 - ``causal_conv1d_fn`` (kernel ``linear_conv_kernel_dim``) -> ``lasp2.sp_causal_conv1d``;
 - ``torch_chunk_gated_delta_rule(..., use_qk_l2norm_in_kernel=True)`` -> the same L2 norm of q
@@ -75,7 +76,8 @@ def qwen3_next_gdn_forward(layer, l2norm, hidden_states, cache_params=None, atte
 
 
 def qwen3_5_gdn_forward(layer, l2norm, hidden_states, cache_params=None, attention_mask=None, **kwargs):
-    """Replacement forward of ``Qwen3_5GatedDeltaNet`` (separate qkv / z / b / a projections)."""
+    """Replacement forward of ``Qwen3_5GatedDeltaNet`` / ``Qwen3_5MoeGatedDeltaNet`` (separate
+    qkv / z / b / a projections)."""
     batch_size, seq_len, _ = hidden_states.shape
     cu = kwargs.get(CU_KEY)
     mixed_qkv = _conv(layer, layer.in_proj_qkv(hidden_states), cu)

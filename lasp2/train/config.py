@@ -73,8 +73,8 @@ class TrainConfig:
         "forward collectives then run once more, during backward)"))
     hf_config: Optional[str] = field(default=None, metadata=_help(
         "train a Hugging Face transformers model instead of LinearLlama: a shipped tiny config "
-        "(qwen3-next-tiny, qwen3.5-tiny, minimax-tiny, bamba-tiny), a config JSON or a directory with "
-        "config.json (lasp2.hf; the model flags above do not apply)"))
+        "(qwen3-next-tiny, qwen3.5-tiny, qwen3.5-moe-tiny, minimax-tiny, bamba-tiny), a config JSON or a "
+        "directory with config.json (lasp2.hf; the model flags above do not apply)"))
     hf_weights: Optional[str] = field(default=None, metadata=_help(
         "with or instead of --hf-config: a local directory of safetensors weights (and config.json) to fine-tune"))
     # ---- parallelism ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..ops.backends import BACKENDS
 from ..parallel import comm
 from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_group, shard
 from ..parallel.layout import LAYOUTS
@@ -46,7 +47,7 @@ def _check_modules(model, family) -> None:
 
 
 def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", strategy: str = "lasp2",
-                softmax_strategy: str = "allgather") -> torch.nn.Module:
+                softmax_strategy: str = "allgather", backend: str = "auto") -> torch.nn.Module:
     """Make a transformers hybrid model sequence parallel over ``group``, in place.
 
     Args:
@@ -56,6 +57,8 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
         layout: "contiguous" or "zigzag", how ``shard_batch`` splits the tokens.
         strategy: linear-attention strategy ("lasp2" or "lasp1").
         softmax_strategy: "allgather" (LASP-2H), "ring" or "ulysses".
+        backend: the linear scans' local kernels, "auto" (fla on CUDA when installed), "torch" or
+            "fla" (``lasp2.ops.backends``); the communication is the same.
 
     Returns:
         ``model`` itself. Its linear mixers (Gated DeltaNet, Lightning, Mamba2) run their own
@@ -76,6 +79,7 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     check_choice("layout", layout, LAYOUTS)
     check_choice("strategy", strategy, LINEAR_STRATEGIES)
     check_choice("softmax_strategy", softmax_strategy, SOFTMAX_STRATEGIES)
+    check_choice("backend", backend, BACKENDS)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a transformers model (torch.nn.Module), got {type(model).__name__}")
     family = family_of(model)
@@ -89,7 +93,7 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     comm.ensure_agreement(group, f"lasp2.hf.parallelize {type(model).__name__} layout={layout} strategy={strategy} "
                                  f"softmax={softmax_strategy} params={sum(p.numel() for p in model.parameters())}")
     _register_attention()
-    ctx = HFContext(group, layout, strategy, softmax_strategy)
+    ctx = HFContext(group, layout, strategy, softmax_strategy, backend)
     modeling = family.modeling()
     sp_config = None
     for m in model.modules():

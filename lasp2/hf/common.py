@@ -30,6 +30,7 @@ class HFContext:
     layout: str
     strategy: str
     softmax_strategy: str
+    backend: str = "auto"
 
 
 def local_positions(ctx: HFContext, T: int, cu_seqlens: Optional[torch.Tensor], device) -> torch.Tensor:
@@ -72,7 +73,7 @@ def linear_core(ctx: HFContext, q, k, v, g, beta=None, *, scale: float, cu_seqle
     cdt = compute_dtype(v.dtype)
     o = sp_linear_attention(q.to(cdt), k.to(cdt), v.to(cdt), None if g is None else g.to(cdt),
                             None if beta is None else beta.to(cdt), group=ctx.group, scale=scale,
-                            strategy=ctx.strategy, layout=ctx.layout, cu_seqlens=cu_seqlens)
+                            strategy=ctx.strategy, layout=ctx.layout, cu_seqlens=cu_seqlens, backend=ctx.backend)
     return o.to(v.dtype)
 
 

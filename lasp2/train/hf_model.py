@@ -43,14 +43,21 @@ def check_hf_config(cfg) -> None:
     if cfg.model or cfg.linear or cfg.layer_pattern:
         raise ValueError("the LinearLlama model flags (--hidden, --linear, --layer-pattern, ...) do not apply to "
                          "--hf-config / --hf-weights; edit the config JSON instead")
-    if getattr(cfg, "data_parallel", "ddp") != "ddp":
+    if cfg.data_parallel != "ddp":
         raise ValueError("--hf-config / --hf-weights train with --data-parallel ddp")
+    vocab = load_config(cfg.hf_config or cfg.hf_weights).vocab_size
     if cfg.task == "text":
         from .data import TEXT_VOCAB
 
-        vocab = load_config(cfg.hf_config or cfg.hf_weights).vocab_size
         if vocab < TEXT_VOCAB:
             raise ValueError(f"--task text uses {TEXT_VOCAB} token ids but the hf config's vocab_size is {vocab}")
+    if cfg.task == "tokens":
+        from .tokens import inspect
+
+        need = inspect(cfg.data).vocab_size
+        if need is not None and need > vocab:
+            raise ValueError(f"--data {cfg.data!r} holds token ids up to {need - 1} but the hf config's vocab_size "
+                             f"is {vocab}; use a model whose vocabulary covers the tokenizer's")
 
 
 def build_hf(cfg, mesh, device: torch.device, dtype: torch.dtype) -> Tuple[HFCausalLM, DistributedDataParallel]:
@@ -65,7 +72,7 @@ def build_hf(cfg, mesh, device: torch.device, dtype: torch.dtype) -> Tuple[HFCau
     config = load_config(cfg.hf_config or cfg.hf_weights)
     model = build_model(config, weights=cfg.hf_weights, dtype=dtype, device=device)
     lasp2_hf.parallelize(model, mesh["sp"].get_group(), layout=cfg.layout, strategy=cfg.strategy,
-                         softmax_strategy=cfg.softmax_strategy)
+                         softmax_strategy=cfg.softmax_strategy, backend=cfg.backend)
     wrapped = HFCausalLM(model)
     import inspect
 

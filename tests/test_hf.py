@@ -233,7 +233,7 @@ def test_hf_sp2(tmp_path):
 
 @pytest.mark.slow
 def test_hf_sp4():
-    table = _table(("qwen3_next",), ("contiguous", "zigzag"), (torch.float64,), docs=True)
+    table = _table(("qwen3_next",), ("contiguous", "zigzag"), (torch.float64, torch.float32), docs=True)
     run_distributed(_worker, 4, table, timeout=900)
 
 

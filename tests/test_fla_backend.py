@@ -14,7 +14,6 @@ sequence for SP) at the fp32 bound of ``tests/helpers.py`` for the computation's
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 
 import pytest
@@ -227,13 +226,24 @@ def _cuda_case(variant, dtype, cu):
             assert err <= 2e-2, f"{name}: relative RMS error {err:.2e} > 2e-2 ({dtype})"
 
 
+def _cuda_worker(group, cases):
+    run_cases(cases, _cuda_case)
+
+
+def _gpu_env(monkeypatch):
+    """fla reads FLA_DISABLE_BACKEND_DISPATCH at import: the GPU cases run in spawned processes
+    with it set (and without the interpreter)."""
+    monkeypatch.setenv("FLA_DISABLE_BACKEND_DISPATCH", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fla_cuda_single_device():
-    os.environ.setdefault("FLA_DISABLE_BACKEND_DISPATCH", "1")
+def test_fla_cuda_single_device(monkeypatch):
+    _gpu_env(monkeypatch)
     cases = [(f"{v}-{str(dt)[6:]}-{'docs' if cu else 'plain'}", dict(variant=v, dtype=dt, cu=cu))
              for v in VARIANTS for dt in (torch.float32, torch.bfloat16) for cu in (None, [0, 70, 71, 200, 300])]
-    run_cases(cases, _cuda_case)
+    run_distributed(_cuda_worker, 1, cases, timeout=600)
 
 
 def _nccl_worker(group, cases):
@@ -269,7 +279,7 @@ def _nccl_worker(group, cases):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL, one rank per GPU)")
 def test_fla_cuda_sp_nccl(monkeypatch):
-    monkeypatch.setenv("FLA_DISABLE_BACKEND_DISPATCH", "1")
+    _gpu_env(monkeypatch)
     cases = [(f"{v}-{s}-{l}", dict(variant=v, strategy=s, layout=l))
              for v in VARIANTS for s in ("lasp2", "lasp1") for l in ("contiguous", "zigzag")]
     run_distributed(_nccl_worker, 2, cases, timeout=600)

@@ -166,8 +166,11 @@ class FlaSegment:
         self.P = P
         o0, self.o0 = self.o0, None
         inter = torch.einsum("brhk,bhkv->brhv", self.q_tilde, P.to(self.q_tilde.dtype))
-        o = o0.to(inter.dtype)
-        self.outputs = torch.cat([o[:, : self.reach] + inter, o[:, self.reach:]], dim=1)
+        if self.reach == o0.shape[1]:  # no document start in the segment: no copy of the rest
+            self.outputs = o0 + inter  # fp32 sum, rounded once to the input dtype by ``assemble``
+        else:
+            o = o0.to(inter.dtype)
+            self.outputs = torch.cat([o[:, : self.reach] + inter, o[:, self.reach:]], dim=1)
 
     def take_outputs(self, length: int) -> torch.Tensor:
         o, self.outputs = self.outputs, None

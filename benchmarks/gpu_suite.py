@@ -12,7 +12,8 @@ by repeat (medians of CUDA-event timings; peak memory above the inputs):
                (``linear_sp.LinearSPFunction`` with the ``lasp2`` exchange): the work every rank of
                an SP run does besides communication (summary, incoming-state term, G), i.e. the
                overhead of the SP machinery; for the delta rule this includes the [v | 0] widening
-Ratios are t(config) / t(fla). Writes JSON + markdown (default benchmarks/results/gpu_suite.*).
+Ratios are t(config) / t(fla); each point also reports how closely the three outputs agree
+(relative RMS vs fla's). Writes JSON + markdown (default benchmarks/results/gpu_suite.*).
 On CPU (``--smoke``) the kernels run in the Triton interpreter: timings there mean nothing.
 """
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _runners(variant, group):
 
 
 def _measure(fn, leaves, do, device, scale):
-    """(seconds, peak bytes above the current allocation) of one fwd + bwd."""
+    """(seconds, peak bytes above the current allocation, output) of one fwd + bwd."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -112,8 +113,8 @@ def _measure(fn, leaves, do, device, scale):
     if device.type == "cuda":
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated() - base
-    return time.perf_counter() - t0, 0
+        return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated() - base, o.detach()
+    return time.perf_counter() - t0, 0, o.detach()
 
 
 def main(argv=None) -> int:
@@ -160,18 +161,23 @@ def main(argv=None) -> int:
                 scale = args.dim ** -0.5
                 times = {c: [] for c in CONFIGS}
                 peaks = {c: 0 for c in CONFIGS}
+                outputs = {}
                 for rep in range(args.warmup + args.repeats):
                     for c in CONFIGS:  # interleaved: machine noise hits every config alike
-                        t, peak = _measure(runners[c], leaves, do, device, scale)
+                        t, peak, outputs[c] = _measure(runners[c], leaves, do, device, scale)
                         if rep >= args.warmup:
                             times[c].append(t)
                             peaks[c] = max(peaks[c], peak)
+                ref = outputs["fla"].double()
+                agree = max(((outputs[c].double() - ref).norm() / ref.norm()).item() for c in CONFIGS)
+                del outputs
                 med = {c: statistics.median(times[c]) for c in CONFIGS}
                 rows.append({"variant": variant, "T": T, **{f"{c}_ms": 1e3 * med[c] for c in CONFIGS},
                              **{f"{c}_peak_MiB": peaks[c] / 2**20 for c in CONFIGS},
-                             "lasp2_ratio": med["lasp2"] / med["fla"], "local_ratio": med["lasp2-local"] / med["fla"]})
+                             "lasp2_ratio": med["lasp2"] / med["fla"], "local_ratio": med["lasp2-local"] / med["fla"],
+                             "output_rel_rms_vs_fla": agree})
                 print(f"{variant:15s} T={T:6d}  fla {1e3 * med['fla']:8.2f} ms  lasp2 x{rows[-1]['lasp2_ratio']:.3f}"
-                      f"  lasp2-local x{rows[-1]['local_ratio']:.3f}", flush=True)
+                      f"  lasp2-local x{rows[-1]['local_ratio']:.3f}  outputs agree to {agree:.1e}", flush=True)
                 del leaves, do
     finally:
         dist.destroy_process_group()
@@ -196,12 +202,13 @@ def _write(args, device, dtype, rows, skipped, elapsed):
              f"torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}, {meta['dtype']}, B=1, "
              f"H={args.heads}, K=V={args.dim}; fwd+bwd, median of {args.repeats} (CUDA events), configs interleaved; "
              "peak = max memory allocated above the inputs.", "",
-             "| variant | T | fla ms | lasp2 ms (x) | lasp2-local ms (x) | fla MiB | lasp2 MiB | lasp2-local MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | T | fla ms | lasp2 ms (x) | lasp2-local ms (x) | fla MiB | lasp2 MiB | lasp2-local MiB "
+             "| output rel. RMS vs fla |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['T']} | {r['fla_ms']:.2f} | {r['lasp2_ms']:.2f} ({r['lasp2_ratio']:.3f}) | "
                      f"{r['lasp2-local_ms']:.2f} ({r['local_ratio']:.3f}) | {r['fla_peak_MiB']:.0f} | "
-                     f"{r['lasp2_peak_MiB']:.0f} | {r['lasp2-local_peak_MiB']:.0f} |")
+                     f"{r['lasp2_peak_MiB']:.0f} | {r['lasp2-local_peak_MiB']:.0f} | {r['output_rel_rms_vs_fla']:.1e} |")
     if skipped:
         lines += ["", f"Not run (time budget): {', '.join(skipped)}"]
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -146,6 +146,29 @@ def test_linear_layer_by_hand():
     assert cm.linear_layer("ideal", 4, s, rate, LINK).comm == 0.0
 
 
+def test_scan_strategies_by_hand():
+    """allscan: J + k - 2 hops of state / k; tree: ceil(log2 J) rounds of state + Â. Forward hidden
+    behind the intra-chunk work (helper thread) up to its length, backward exposed."""
+    s = cm.Shape(B=1, T=1024, H=2, K=4, V=4, elt=4, chunk=64)
+    intra = cm.linear_core_flops(s)[0]
+    state, a = 2 * 4 * 4 * 4, 2 * 1 * 4
+    for rate in (1e9, 1e14):  # intra-chunk work 2.1 ms (hides the forward) or 21 ns (hides nothing)
+        hidden = intra / rate
+        scan = cm.linear_layer("allscan", 8, s, rate, LINK, blocks=2)
+        t = (8 + 2 - 2) * (2e-5 + 1e-9 * state / 2)
+        assert scan.comm == pytest.approx(max(0.0, t - hidden) + t)
+        assert scan.bytes_sent == 2 * state and scan.calls == (2 * 2, 2 * 2)
+        tree = cm.linear_layer("tree", 8, s, rate, LINK)
+        t = 3 * (2e-5 + 1e-9 * (state + a))
+        assert tree.comm == pytest.approx(max(0.0, t - hidden) + t) and tree.bytes_sent == 2 * 3 * (state + a)
+        z = cm.linear_layer("tree", 3, s, rate, LINK, segments=2)  # zigzag: J = 6 -> 3 rounds
+        assert z.comm == pytest.approx(2 * 3 * (2e-5 + 1e-9 * (state + a)) - min(hidden, 3 * (2e-5 + 1e-9 * (state + a))))
+    # k* for a chain of 8: sqrt(6 * s / alpha) with s = 128 ns, alpha = 20 us -> 0.2: one block
+    assert cm.scan_blocks(8, s, LINK) == 1
+    big = cm.Shape(B=1, T=1024, H=16, K=128, V=128)  # a 1 MiB state: s = 1.05 ms at 1 GB/s
+    assert cm.scan_blocks(8, big, LINK) == 18  # sqrt(6 * 1.05e-3 / 2e-5) = 17.7 -> 18 (the cheaper neighbour)
+
+
 def test_softmax_layer_by_hand():
     s = cm.Shape(B=1, T=512, H=8, K=16, V=16, Hkv=2, elt=2)
     W, rate = 4, 1e12
@@ -195,9 +218,12 @@ def test_plan_cli_prints_predictions_and_a_labelled_projection(capsys, tmp_path)
     assert main(["plan", "--gpus", "16", "--seq-lens", "65536", "--layer-pattern", "LLLN"]) == 0
     out = capsys.readouterr().out
     assert "Recommended: **" in out and "lasp2 + allgather (LASP-2H)" in out and "Assumptions" in out
+    assert "faster per step than the runner-up" in out and "of data-parallel throughput" in out
+    assert all(f"| {name} + " in out for name in LINEAR_STRATEGIES)
     assert main(["plan", "--projection", "--out", str(tmp_path / "p.md")]) == 0
     text = (tmp_path / "p.md").read_text()
-    assert "PROJECTION" in text and "| 2048K |" in text and "W=128" in text and "Speed-up of lasp2 over lasp1" in text
+    assert "PROJECTION" in text and "| 2048K |" in text and "W=1024" in text and "Speed-up of lasp2 over lasp1" in text
+    assert "Fraction of data-parallel throughput" in text and "| tree |" in text and "| allscan |" in text
 
 
 def test_validation_fit_recovers_a_known_machine():

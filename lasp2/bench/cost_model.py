@@ -186,9 +186,9 @@ def linear_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, segme
     fp32, exposed. P2P strategies (the registry's ``steps``/``message``/``received`` terms), with
     J = W*segments: lasp1 J-1 dependent hops of one [B H K V] fp32 state per direction; allscan
     J+k-2 hops of state/k (k = ``blocks`` or ``scan_blocks``); tree ceil(log2 J) rounds of one
-    summary (state + Â). A strategy that overlaps the intra-chunk work hides up to one step of
-    its forward behind it (the first hop or round is issued before that work; the later ones
-    wait for predecessors that finish it at the same time); backward steps are exposed.
+    summary (state + Â). A strategy that overlaps the intra-chunk work (allscan and tree run
+    their forward exchange in a helper thread beside it) exposes only what exceeds that work;
+    backward steps are exposed.
     """
     intra, inter = linear_core_flops(s)
     t_fwd = (intra + inter) / rate
@@ -209,7 +209,7 @@ def linear_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, segme
     k = (blocks or scan_blocks(W, s, link, segments)) if entry.pipelined else 1
     hop = p2p_time(entry.message(state, trans, k), link)
     t = entry.steps(J, k) * hop
-    fwd = t - min(hop, intra / rate) if entry.overlaps_intra else t
+    fwd = max(0.0, t - intra / rate) if entry.overlaps_intra else t
     unit = entry.message(state, trans, 1)  # bytes of one whole message (state or summary)
     msgs = entry.received(J, segments)
     return LayerCost(strategy, compute, fwd + t, 2 * msgs * unit, (2 * msgs * k, 2 * msgs * k), 2 * unit,

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 from ..models.config import PRESETS
 from ..parallel.strategies import LINEAR, LINEAR_STRATEGIES, SOFTMAX, SOFTMAX_STRATEGIES
-from .cost_model import Link, Network, Shape, linear_layer, softmax_layer
+from .cost_model import Link, Network, Shape, linear_layer, scan_blocks, softmax_layer
 
 NVLINK = Link("NVLink4 (intra-node)", alpha=5e-6, bandwidth=300e9, p2p_alpha=20e-6)
 INFINIBAND = Link("InfiniBand NDR 400G per GPU", alpha=10e-6, bandwidth=40e9, p2p_alpha=25e-6)
@@ -122,6 +122,8 @@ class Prediction:
     fits: bool
     tokens_per_s_per_gpu: float
     note: str = ""
+    dp_fraction: float = 0.0       # data-parallel step time (same tokens per GPU, no SP) / this one
+    blocks: Optional[int] = None   # the pipelined chain's block count k* (allscan)
 
 
 def strategy_pairs(model: ModelConfig) -> List[tuple]:
@@ -169,15 +171,48 @@ def predict(model: ModelConfig, W: int, seq_len: int, network: Network, device: 
               + sum(c.saved for c in costs) + max((c.transient for c in costs), default=0))
     fits = memory <= device.memory
     time = compute + comm
+    k = scan_blocks(W, replace(shape, Hkv=None), link) if pair[0] and LINEAR[pair[0]].pipelined else None
     return Prediction(label(pair), time, compute, comm, sum(c.bytes_sent for c in costs),
                       sum(sum(c.calls) for c in costs), memory, fits, batch * T / time,
-                      "" if fits else f"needs {memory / 1e9:.0f} GB > {device.memory / 1e9:.0f} GB")
+                      "" if fits else f"needs {memory / 1e9:.0f} GB > {device.memory / 1e9:.0f} GB",
+                      data_parallel_time(model, T, device, batch) / time, k)
+
+
+def data_parallel_time(model: ModelConfig, tokens_per_gpu: int, device: Device, batch: int = 1) -> float:
+    """Step time per GPU of the same model trained data-parallel with the same tokens per GPU and
+    no SP: every GPU holds whole sequences of ``tokens_per_gpu`` tokens (softmax layers attend
+    over those only) and nothing crosses GPUs inside a layer. The gradient all-reduce is the same
+    for SP and DP and, as everywhere here, not modelled."""
+    T = tokens_per_gpu
+    shape = Shape(B=batch, T=T, H=model.heads, K=model.head_dim, V=model.head_dim, Hkv=model.kv_heads)
+    dense = 3 * model.dense_flops_per_token() * batch * T / device.rate
+    link = Link("none", 0.0, 1.0, 0.0)
+    return dense + sum((linear_layer("ideal", 1, replace(shape, Hkv=None), device.rate, link) if kind == "L"
+                        else softmax_layer("ideal", 1, shape, device.rate, link)).compute for kind in model.kinds())
 
 
 def recommend(preds: List[Prediction]) -> Optional[Prediction]:
     """Fastest strategy that fits in memory (ties: fewer bytes); None when nothing fits."""
     ok = [p for p in preds if p.fits]
     return min(ok, key=lambda p: (round(p.time, 9), p.bytes_sent)) if ok else None
+
+
+def reason(best: Prediction, preds: List[Prediction]) -> str:
+    """Why ``best`` (from ``recommend``) wins, in one sentence from the predicted components."""
+    rivals = sorted((p for p in preds if p.fits and p is not best), key=lambda p: p.time)
+    oom = [p.label for p in preds if not p.fits and not p.note.startswith("not applicable")]
+    tail = f"; {', '.join(oom)} would not fit in memory" if oom else ""
+    if not rivals:
+        return "the only strategy that fits in memory" + tail
+    ru = rivals[0]
+    gain = ru.time / best.time - 1
+    why = (f"exposed communication {best.comm * 1e3:.2f} ms vs {ru.comm * 1e3:.2f} ms per step"
+           if abs(best.comm - ru.comm) >= abs(best.compute - ru.compute) else
+           f"attention compute {best.compute * 1e3:.1f} ms vs {ru.compute * 1e3:.1f} ms per step")
+    close = " (within 1%: the choice hardly matters here)" if gain < 0.01 else ""
+    blocks = f"; chain in k* = {best.blocks} blocks" if best.blocks else ""
+    return (f"{gain:.1%} faster per step than the runner-up {ru.label}{close}: {why}{blocks}; "
+            f"{best.dp_fraction:.2f} of data-parallel throughput{tail}")
 
 
 def assumptions(network: Network, device: Device) -> List[str]:

@@ -5,10 +5,11 @@ from dataclasses import replace
 from typing import List
 
 from .plan import (DEVICES, MODELS, NETWORKS, ModelConfig, assumptions, by_pattern, label, plan_table, predict,
-                   recommend, strategy_pairs)
+                   reason, recommend, strategy_pairs)
 
-PROJ_GPUS = [16, 32, 64, 128]
-PROJ_LENS = [2048 << i for i in range(11)]  # 2K .. 2048K
+PROJ_GPUS = [16, 32, 64, 128, 256, 512, 1024]
+PROJ_LENS = [2048 << i for i in range(13)]  # 2K .. 8192K
+DP_LENS = [65536, 1 << 20, 1 << 23]  # the fraction-of-data-parallel tables: 64K, 1M, 8M tokens
 
 
 def _k(n: int) -> str:
@@ -56,17 +57,21 @@ def render(args) -> str:
     for row in table["rows"]:
         W, T = row["W"], row["seq_len"]
         lines += [f"## W = {W} GPUs, {_k(T)} tokens ({T // W} per GPU)", "",
-                  "| strategy | step (ms) | compute (ms) | exposed comm (ms) | tokens/s/GPU | MB sent/GPU "
-                  "| comm calls/GPU | memory/GPU (GB) |", "|---|---|---|---|---|---|---|---|"]
+                  "| strategy | step (ms) | compute (ms) | exposed comm (ms) | tokens/s/GPU | of DP | MB sent/GPU "
+                  "| comm calls/GPU | memory/GPU (GB) |", "|---|---|---|---|---|---|---|---|---|"]
         for p in row["predictions"]:
             if p.note.startswith("not applicable"):
-                lines.append(f"| {p.label} | {p.note} | | | | | | |")
+                lines.append(f"| {p.label} | {p.note} | | | | | | | |")
                 continue
-            lines.append(f"| {p.label} | {p.time * 1e3:.1f} | {p.compute * 1e3:.1f} | {p.comm * 1e3:.2f} | "
-                         f"{p.tokens_per_s_per_gpu:,.0f} | {p.bytes_sent / 2**20:.1f} | {p.calls} | "
+            lines.append(f"| {p.label}{f' (k = {p.blocks})' if p.blocks else ''} | {p.time * 1e3:.1f} | "
+                         f"{p.compute * 1e3:.1f} | {p.comm * 1e3:.2f} | {p.tokens_per_s_per_gpu:,.0f} | "
+                         f"{p.dp_fraction:.3f} | {p.bytes_sent / 2**20:.1f} | {p.calls} | "
                          f"{p.memory / 1e9:.1f}{'' if p.fits else ' (does not fit)'} |")
-        lines += ["", f"Recommended: **{row['best']}**" if row["best"] else "Recommended: nothing fits in "
-                  "memory; add GPUs or shorten the sequence.", ""]
+        best = recommend(row["predictions"])
+        lines += ["", f"Recommended: **{row['best']}**: {reason(best, row['predictions'])}." if best else
+                  "Recommended: nothing fits in memory; add GPUs or shorten the sequence.",
+                  "", "(of DP: fraction of the throughput of the same model trained data-parallel with the same "
+                  "tokens per GPU and no SP.)", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -110,9 +115,32 @@ def projection(model: ModelConfig, network, device) -> str:
                   f"{label(new)} - 1)", "", *_grid(m, network, device, new, _gain(m, network, device, new, old)), "",
                   f"### Memory per GPU (GB), {label(new)}", "", *_grid(m, network, device, new, mem), "",
                   "### Recommended: the fastest strategy that fits in memory", "",
-                  *_grid(m, network, device, new, _best(m, network, device)), ""]
+                  *_grid(m, network, device, new, _best(m, network, device)), "",
+                  *_dp_fraction(m, network, device)]
         lines += _summary(m, network, device, new, old) + [""]
     return "\n".join(lines) + "\n"
+
+
+def _dp_fraction(model, network, device) -> List[str]:
+    """Fraction of data-parallel throughput (same model, same tokens per GPU, no SP) of every
+    linear strategy (hybrids: with the softmax strategy that all-gathers, LASP-2H's), at the
+    lengths of ``DP_LENS``; k* of the pipelined chain in brackets."""
+    soft = by_pattern(None, "all-gather")[1] if "N" in model.pattern else None
+    pairs = [(lin, soft) for lin, s in strategy_pairs(model) if s == soft]
+    out = [f"### Fraction of data-parallel throughput ({'softmax layers: ' + soft + '; ' if soft else ''}"
+           "1.00 = the same model trained data-parallel on sequences of the per-GPU length, no SP)", ""]
+    for T in DP_LENS:
+        out += [f"{_k(T)} tokens per sequence:", "", "| strategy | " + " | ".join(f"W={W}" for W in PROJ_GPUS) + " |",
+                "|---|" + "---|" * len(PROJ_GPUS)]
+        for pair in pairs:
+            cells = []
+            for W in PROJ_GPUS:
+                p = predict(model, W, T, network, device, pair)
+                cells.append(f"{p.dp_fraction:.3f}" + (f" (k={p.blocks})" if p.blocks else "") +
+                             ("" if p.fits else " (OOM)"))
+            out.append(f"| {label(pair)} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def _summary(model, network, device, new, old) -> List[str]:

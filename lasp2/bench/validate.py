@@ -29,6 +29,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
+from ..parallel.strategies import LINEAR_STRATEGIES, default_blocks, linear
 from .cost_model import Link, Shape, all_gather_time, chain_time, linear_layer, softmax_layer
 
 SIZES = (1 << 10, 16 << 10, 128 << 10, 512 << 10, 2 << 20)  # bytes per rank
@@ -97,7 +98,11 @@ def _cost(r: dict, rate: float, link: Link, cores: int):
     strategy = "ideal" if r["baseline"] else r["strategy"]
     if r["suite"] == "linear":
         segs = 2 if r["layout"] == "zigzag" and r["W"] > 1 else 1
-        return linear_layer(strategy, r["W"], _shape(r), rate / slow, link.scaled(slow), segs), slow
+        s = _shape(r)
+        # the block count the measured run used: the library's default for that state
+        blocks = default_blocks(r["W"] * segs, s.B * s.H * s.K * s.V * 4, s.V) if strategy in LINEAR_STRATEGIES \
+            and linear(strategy).pipelined else None
+        return linear_layer(strategy, r["W"], s, rate / slow, link.scaled(slow), segs, blocks), slow
     return softmax_layer(strategy, r["W"], _shape(r), rate / slow, link.scaled(slow), r["layout"]), slow
 
 

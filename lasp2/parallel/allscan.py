@@ -13,9 +13,9 @@ would only be exact for diagonal Â (the delta rule's Â mixes rows). One split 
 variants with one code path; it also needs no slicing of Â. The backward (D_j = G_j +
 Â_j^T D_{j+1}) is the same chain in reverse and splits along V for the same reason.
 
-Overlap: every receive is posted first; the first segment's owner (whose incoming state is zero)
-sends before its intra-chunk work, and every other rank does its intra-chunk work while the
-chain reaches it. The block count k comes from the call (``scan_blocks``) or the cost model's
+Overlap: the forward chain runs in a helper thread (``linear_sp.overlapped``) while the rank
+computes its intra-chunk outputs, so a rank forwards the state as soon as it arrives instead of
+after its own intra-chunk work; the chain's latency hides behind that work. The block count k comes from the call (``scan_blocks``) or the cost model's
 k* = sqrt((J - 2) s / alpha) (``strategies.default_blocks``). Under zigzag the chain runs through
 the 2W segments in sequence order (0 -> W-1 over the ranks, then back), as LASP-1's does.
 
@@ -32,6 +32,7 @@ import torch
 from . import comm
 from .context import LinearCall
 from .linear_local import SegmentWork, apply_transition
+from .linear_sp import overlapped
 
 
 def _blocks(call: LinearCall, like: torch.Tensor) -> List[slice]:
@@ -43,11 +44,10 @@ def _blocks(call: LinearCall, like: torch.Tensor) -> List[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _chain(items, call: LinearCall, neighbour, step, before_wait=None):
+def _chain(items, call: LinearCall, neighbour, step):
     """Run the chain over this rank's segments in ``items`` (processing order: sequence order
     forward, reverse backward). ``neighbour(j, -1 | +1)`` gives the segment feeding segment j and the
     one it feeds (None at the ends). ``step(i, X_in, sl)`` -> block ``sl`` of X_out for item i.
-    ``before_wait`` (the intra-chunk work) runs once, before the first wait for a message.
     Returns X_in per item.
     """
     group, layout = call.group, call.layout
@@ -61,12 +61,8 @@ def _chain(items, call: LinearCall, neighbour, step, before_wait=None):
             incoming[i] = [comm.p2p([], [(like[..., sl], layout.owner(src))], group, tag=b)
                            for b, sl in enumerate(blocks)]
     sends, X_in, carried = [], [None] * len(items), None
-    started = before_wait is None
     for i, (j, _) in enumerate(items):
         src, dst = neighbour(j, -1), neighbour(j, +1)
-        if src is not None and not started:  # everything that needs no message is done: wait
-            before_wait()
-            started = True
         remote_out = dst is not None and layout.owner(dst) != rank
         X = torch.zeros_like(like) if src is None else (carried if i not in incoming else torch.empty_like(like))
         out = torch.empty_like(like) if dst is not None else None
@@ -78,8 +74,6 @@ def _chain(items, call: LinearCall, neighbour, step, before_wait=None):
                 if remote_out:
                     sends.append(comm.p2p([(out[..., sl], layout.owner(dst))], [], group, tag=b))
         X_in[i], carried = X, out
-    if not started:
-        before_wait()
     for s in sends:
         s.wait()
     return X_in
@@ -103,7 +97,7 @@ class PipelinedChainExchange:
             w = work[i]
             return apply_transition(w.transition.detach(), P[..., sl]) + w.summary_state.detach()[..., sl]
 
-        return _chain(items, call, neighbour, step, before_wait=local_work), None
+        return overlapped(lambda: _chain(items, call, neighbour, step), local_work), None
 
     @staticmethod
     def backward(G: List[torch.Tensor], work: List[SegmentWork], call: LinearCall, saved):

@@ -20,7 +20,9 @@ Implementations: ``lasp2.AllGatherExchange``, ``lasp1.ChainExchange``,
 """
 from __future__ import annotations
 
-from typing import List
+import contextvars
+import threading
+from typing import Callable, List
 
 import torch
 
@@ -53,6 +55,35 @@ def linear_sp_bwd(o: torch.Tensor, do: torch.Tensor, work: List[SegmentWork], ca
     inter = [inter_backward(w, d) for w, d in zip(work, do_chunks)]
     nxt = exchange.backward([G for G, _ in inter], work, call, saved)
     return grad_targets(o, do, work, inter, nxt)
+
+
+def overlapped(exchange: Callable[[], object], local_work: Callable[[], None]):
+    """Run ``exchange()`` (point-to-point only, on detached tensors) in a helper thread while
+    ``local_work()`` (the intra-chunk outputs, with graph) runs in this one; return the
+    exchange's result, or raise its error.
+
+    For exchanges whose messages depend on other ranks' progress (a chain, scan rounds), blocking
+    receives would otherwise either delay the local work or wait until it is done; torch ops and
+    gloo waits release the GIL, so both proceed at once. The helper runs in a copy of this
+    context (``comm.track`` records still land in the caller's log). If ``local_work`` raises,
+    its error propagates at once and the helper (a daemon) is abandoned.
+    """
+    box = {}
+    ctx = contextvars.copy_context()
+
+    def target():
+        try:
+            box["out"] = ctx.run(exchange)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+            box["err"] = e
+
+    helper = threading.Thread(target=target, name="lasp2-exchange", daemon=True)
+    helper.start()
+    local_work()
+    helper.join()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
 
 
 class LinearSPFunction(torch.autograd.Function):

@@ -12,8 +12,8 @@ Forward: elements (Â_j, Ŝ_j) in sequence order; P_j = the exclusive aggregate'
 suffix scan D_j = G_j + Â_j^T D_{j+1}, i.e. the same scan over the elements (Â_j^T, G_j) in
 reverse sequence order; N_j = D_{j+1} is the exclusive aggregate's X.
 
-Round 0 is issued before the intra-chunk work and completes while it runs; later rounds depend
-on their predecessors. Under zigzag a rank holds two elements (segments r and 2W-1-r), so
+The forward rounds run in a helper thread (``linear_sp.overlapped``) while the rank computes its
+intra-chunk outputs. Under zigzag a rank holds two elements (segments r and 2W-1-r), so
 J = 2W and there are ceil(log2 2W) = ceil(log2 W) + 1 rounds; an element whose partner is on the
 same rank is handed over locally, without a message.
 
@@ -32,6 +32,7 @@ import torch
 from . import comm
 from .context import LinearCall
 from .linear_local import SegmentWork, compose
+from .linear_sp import overlapped
 
 Summary = Tuple[torch.Tensor, torch.Tensor]  # (Â [..., Kg] or [..., K, K], X [..., K, V])
 
@@ -41,15 +42,15 @@ def tree_rounds(J: int) -> int:
     return math.ceil(math.log2(J)) if J > 1 else 0
 
 
-def doubling_scan(local: Dict[int, Summary], J: int, deliver: Callable[[int, Dict[int, Summary]], Dict[int, Summary]],
-                  before_wait: Optional[Callable[[], None]] = None) -> Dict[int, torch.Tensor]:
+def doubling_scan(local: Dict[int, Summary], J: int,
+                  deliver: Callable[[int, Dict[int, Summary]], Dict[int, Summary]]) -> Dict[int, torch.Tensor]:
     """Exclusive scan over elements 0..J-1 of which this caller holds ``local`` (position ->
     (Â, X)). Returns position -> X of the composition of every earlier element (zeros for 0).
 
     ``deliver(d, outgoing)`` moves round d's messages: ``outgoing`` maps each local position i
     with i + 2^d < J to its inclusive aggregate (for position i + 2^d); it returns, for each local
     position i >= 2^d, the aggregate of position i - 2^d. It may return a callable (the pending
-    receive) instead of a dict; ``before_wait()`` runs once, between round 0's issue and its wait.
+    receive) instead of a dict.
     Pure algebra plus ``deliver``: the single-process tests drive it with an in-memory deliver.
     """
     incl = dict(local)
@@ -57,8 +58,6 @@ def doubling_scan(local: Dict[int, Summary], J: int, deliver: Callable[[int, Dic
     for d in range(tree_rounds(J)):
         step = 1 << d
         got = deliver(d, {i: incl[i] for i in local if i + step < J})
-        if d == 0 and before_wait is not None:
-            before_wait()
         if callable(got):
             got = got()
         for i in local:
@@ -66,8 +65,6 @@ def doubling_scan(local: Dict[int, Summary], J: int, deliver: Callable[[int, Dic
                 earlier = got[i]
                 excl[i] = earlier if excl[i] is None else compose(excl[i], earlier)
                 incl[i] = compose(incl[i], earlier)
-    if tree_rounds(J) == 0 and before_wait is not None:
-        before_wait()
     return {i: torch.zeros_like(local[i][1]) if excl[i] is None else excl[i][1] for i in local}
 
 
@@ -112,8 +109,8 @@ class TreeExchange:
     def forward(work: List[SegmentWork], call: LinearCall, local_work):
         order = list(range(call.layout.num_segments))
         local = {w.seg.index: (w.transition.detach(), w.summary_state.detach()) for w in work}
-        P = doubling_scan(local, len(order), _p2p_deliver(call, order, local[work[0].seg.index]),
-                          before_wait=local_work)
+        P = overlapped(lambda: doubling_scan(local, len(order), _p2p_deliver(call, order, local[work[0].seg.index])),
+                       local_work)
         return [P[w.seg.index] for w in work], None
 
     @staticmethod

@@ -5,12 +5,13 @@
 
 Baseline: one process, 1 thread, fwd+bwd of ``linear_attention`` on T_local tokens (the ideal:
 each rank doing only its own share). Then W ranks, 1 thread each, on W * T_local tokens:
-``lasp2`` (overlap on and off) and ``lasp1``. Efficiency = t(baseline) / t(SP), where t(SP) is
-the slowest rank's median fwd+bwd time. ``ideal-concurrent`` runs the one-device op on every
+every registered strategy (``lasp2.parallel.strategies``) and ``lasp2`` without overlap. Efficiency = t(baseline) / t(SP), where t(SP) is
+the slowest rank's median fwd+bwd time; "vs no-SP ranks" divides by ideal-concurrent instead. ``ideal-concurrent`` runs the one-device op on every
 rank at once without communication: the gap between it and the single process is the cost of
 W processes sharing this machine's cores, caches and memory bandwidth, and the gap between it
 and lasp2 is what the algorithm itself costs. Every configuration runs in the same invocation and
-the configurations are interleaved repeat by repeat so that machine noise hits them alike.
+the configurations are interleaved round by round (each round starting at the next one) so
+that machine noise and order effects hit them alike.
 Peak memory per rank is ru_maxrss of one fwd+bwd above the RSS after inputs were built, each
 configuration in its own fresh processes, relative to the single process measured the same way. Writes benchmarks/results/linear_sp.{json,md}.
 """
@@ -32,7 +33,10 @@ import torch.nn.functional as F
 from lasp2.bench.report import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONFIGS = ("lasp2", "lasp2-no-overlap", "lasp1", "ideal-concurrent")
+from lasp2.parallel.strategies import LINEAR_STRATEGIES  # noqa: E402
+
+# Every registered strategy, LASP-2 without overlap (ablation), and the ranks without SP.
+CONFIGS = (*LINEAR_STRATEGIES, "lasp2-no-overlap", "ideal-concurrent")
 
 
 def _inputs(T: int, H: int, D: int, seed: int, delta: bool) -> tuple:
@@ -102,15 +106,19 @@ def _rank_main(T_local: int, H: int, D: int, repeats: int, delta: bool):
     group = dist.group.WORLD
     xs = _inputs(T_local, H, D, dist.get_rank(), delta)
     times = {c: [] for c in CONFIGS}
+    cpu = {c: [] for c in CONFIGS}  # this process's CPU seconds (all its threads) per call
     for i in range(repeats + 1):
-        for c in CONFIGS:
+        # Round i runs every configuration once, starting at a different one each round, so
+        # that drift of the shared machine and order effects hit every configuration alike.
+        for c in CONFIGS[i % len(CONFIGS):] + CONFIGS[:i % len(CONFIGS)]:
             dist.barrier(group)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             _sp_step(c, xs, group)
             if i:
                 times[c].append(time.perf_counter() - t0)
+                cpu[c].append(time.process_time() - c0)
             _clear_grads(xs)
-    return {"times": times}
+    return {"times": times, "cpu": cpu}
 
 
 def _baseline_main(T_local: int, H: int, D: int, repeats: int, delta: bool):
@@ -147,8 +155,8 @@ def _measure(spawn, args, allocator: str) -> list:
                      threads_per_rank=1)[0]["times"]
 
     base_times = baseline_times()
-    base_peak = spawn(_peak_main, 1, "single-process", args.local_len, args.heads, args.dim, args.delta,
-                      threads_per_rank=1)[0]
+    base_peak = float("nan") if args.no_memory else spawn(
+        _peak_main, 1, "single-process", args.local_len, args.heads, args.dim, args.delta, threads_per_rank=1)[0]
     rows, sp_runs = [], {}
     for W in args.world_size:
         sp_runs[W] = spawn(_rank_main, W, args.local_len, args.heads, args.dim, args.repeats, args.delta,
@@ -157,18 +165,26 @@ def _measure(spawn, args, allocator: str) -> list:
     t_base = statistics.median(base_times)
     print(f"[{allocator} allocator] single process, T={args.local_len}: {t_base:.3f} s, peak {base_peak:.0f} MB")
     rows.append({"allocator": allocator, "config": "single-process", "W": 1, "T_global": args.local_len,
-                 "seconds": t_base, "efficiency": 1.0, "peak_mem_mb": base_peak, "mem_ratio": 1.0})
+                 "seconds": t_base, "efficiency": 1.0, "vs_no_sp_ranks": float("nan"), "cpu_seconds": float("nan"),
+                 "cpu_vs_no_sp_ranks": float("nan"), "peak_mem_mb": base_peak, "mem_ratio": 1.0})
     for W, ranks in sp_runs.items():
         for c in CONFIGS:
             per_rank = [statistics.median(r["times"][c]) for r in ranks]
             t = max(per_rank)
-            peak = max(spawn(_peak_main, W, c, args.local_len, args.heads, args.dim, args.delta,
-                             threads_per_rank=1))
+            peak = float("nan") if args.no_memory else max(spawn(
+                _peak_main, W, c, args.local_len, args.heads, args.dim, args.delta, threads_per_rank=1))
+            # vs the same W ranks without SP, measured in the same rounds (interleaved)
+            t_nosp = max(statistics.median(r["times"]["ideal-concurrent"]) for r in ranks)
+            # CPU seconds per call (max over ranks): what the rank computed, whatever else ran on
+            # the machine; the wall-clock ratios on a shared machine also measure the neighbours.
+            cpu_c = max(statistics.median(r["cpu"][c]) for r in ranks)
+            cpu_nosp = max(statistics.median(r["cpu"]["ideal-concurrent"]) for r in ranks)
             rows.append({"allocator": allocator, "config": c, "W": W, "T_global": W * args.local_len,
                          "seconds": t, "per_rank_seconds": per_rank, "efficiency": t_base / t,
+                         "vs_no_sp_ranks": t_nosp / t, "cpu_seconds": cpu_c, "cpu_vs_no_sp_ranks": cpu_nosp / cpu_c,
                          "peak_mem_mb": peak, "mem_ratio": peak / base_peak})
             print(f"[{allocator} allocator] W={W} {c:>17}: {t:.3f} s, efficiency {t_base / t:.3f}, "
-                  f"peak/rank {peak:.0f} MB")
+                  f"vs no-SP ranks {t_nosp / t:.3f} (CPU {cpu_nosp / cpu_c:.3f}), peak/rank {peak:.0f} MB")
     return rows
 
 
@@ -182,6 +198,9 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--name", help="results file name (default linear_sp, or linear_sp_delta with --delta)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory pass (time only)")
+    p.add_argument("--note", default="", help="a line for the report (e.g. what else ran on the machine)")
     p.add_argument("--allocators", nargs="+", choices=("default", "tuned"), default=["default", "tuned"],
                    help="glibc malloc as it comes, and/or with lasp2.cpu_allocator.tune_cpu_allocator()")
     p.add_argument("--delta", action="store_true",
@@ -202,19 +221,23 @@ def main() -> None:
             "config": {"T_local": args.local_len, "H": args.heads, "K": args.dim, "V": args.dim,
                        "dtype": "float32", "variant": variant, "threads_per_rank": 1, "repeats": args.repeats}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "linear_sp_delta" if args.delta else "linear_sp"
+    name = args.name or ("linear_sp_delta" if args.delta else "linear_sp")
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Sequence-parallel linear attention, weak scaling ({meta['command']})", "",
              f"torch {meta['torch']}, {meta['cores']} cores; T_local={args.local_len}, H={args.heads}, "
              f"K=V={args.dim}, fp32, {variant}, 1 thread per rank; median of {args.repeats} "
              f"(slowest rank). Allocator 'default': glibc malloc as it comes; 'tuned': "
              f"lasp2.cpu_allocator.tune_cpu_allocator() (what --tuned-allocator of lasp2 train and lasp2 bench applies); efficiency "
-             f"and memory are relative to the single process with the same allocator.", "",
-             "| allocator | config | W | T_global | fwd+bwd (s) | efficiency | peak MB/rank | memory vs single |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"and memory are relative to the single process with the same allocator; 'vs no-SP ranks' is "
+             f"ideal-concurrent's time over the configuration's, both from the same interleaved rounds, in "
+             f"wall-clock seconds and in CPU seconds of the rank's process (median per call, slowest rank). "
+             f"{args.note}", "",
+             "| allocator | config | W | T_global | fwd+bwd (s) | efficiency | vs no-SP ranks | CPU s/call "
+             "| CPU vs no-SP ranks | peak MB/rank | memory vs single |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['allocator']} | {r['config']} | {r['W']} | {r['T_global']} | {r['seconds']:.3f} | "
-                     f"{r['efficiency']:.3f} | {r['peak_mem_mb']:.0f} | {r['mem_ratio']:.2f}x |")
+                     f"{r['efficiency']:.3f} | {r['vs_no_sp_ranks']:.3f} | {r['cpu_seconds']:.3f} | "
+                     f"{r['cpu_vs_no_sp_ranks']:.3f} | {r['peak_mem_mb']:.0f} | {r['mem_ratio']:.2f}x |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -60,7 +60,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "plan", help="predict step time, communication and memory per strategy; recommend one",
         description="Analytical alpha-beta model (lasp2/bench/cost_model.py). Presets are assumptions and "
-                    "are printed with the plan. --projection prints the 16-128 GPU x 2K-2048K table; "
+                    "are printed with the plan. --projection prints the 16-1024 GPU x 2K-8M table with fraction-of-data-parallel columns; "
                     "--validate fits the model on this machine and compares with lasp2 bench results.")
     p.add_argument("--model", choices=("linear-llama3-1b", "linear-llama3-8b"), default="linear-llama3-1b")
     for flag in ("--hidden", "--layers", "--heads", "--kv-heads", "--ffn", "--vocab"):
@@ -68,7 +68,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--layer-pattern", help="'L' linear / 'N' softmax, cycled over layers (e.g. LLLN)")
     p.add_argument("--gpus", type=int, nargs="+", default=[16, 32, 64, 128], metavar="W")
     p.add_argument("--seq-lens", type=int, nargs="+", metavar="T", help="GLOBAL tokens per sequence "
-                   "(default 2K..2048K, powers of two)")
+                   "(default 64K 256K 1M)")
     p.add_argument("--network", choices=("cluster", "nvlink", "infiniband"), default="cluster",
                    help="cluster: NVLink inside nodes of 8, InfiniBand across (default)")
     p.add_argument("--device", choices=("h100", "h200"), default="h100")

@@ -255,38 +255,6 @@ def _p2p_op(op, x: torch.Tensor, peer: int, group: ProcessGroup, tag: int = 0):
     return dist.P2POp(op, x, dist.get_global_rank(group, peer), group=group, tag=tag)
 
 
-def send_recv(x: Optional[torch.Tensor], dst: Optional[int], like: Optional[torch.Tensor],
-              src: Optional[int], group: ProcessGroup) -> Pending:
-    """Non-blocking: send ``x`` to ``dst`` and receive a tensor shaped like ``like`` from
-    ``src`` (ranks in ``group``; either side may be None). ``wait()`` returns the received
-    tensor (None if nothing was received).
-
-    Both are issued as one ``batch_isend_irecv`` so that a ring step cannot deadlock (NCCL
-    needs the send and the receive of a step in one group; gloo accepts it too).
-    Communication: 1 send and 1 recv (each recorded separately).
-    """
-    ops, out = [], None
-    if x is not None:
-        x = x.contiguous()
-        _record("send", x.numel() * x.element_size(), 0)
-        ops.append(_p2p_op(dist.isend, x, dst, group))
-    if like is not None:
-        out = torch.empty_like(like, memory_format=torch.contiguous_format)
-        _record("recv", 0, out.numel() * out.element_size())
-        ops.append(_p2p_op(dist.irecv, out, src, group))
-    works = dist.batch_isend_irecv(ops) if ops else []
-    # Keep the sent tensor alive until the transfer completes (the caller may drop it).
-    pending = Pending(_WaitAll(works), out)
-    pending._keep = x
-    return pending
-
-
-# ---------------------------------------------------------------------------------------------
-# Added for the scan strategies (``allscan``'s pipelined chain, ``tree``'s log-depth rounds):
-# several tagged point-to-point messages in flight at once.
-# ---------------------------------------------------------------------------------------------
-
-
 class PendingMany(Pending):
     """In-flight sends and receives; ``wait()`` returns the received tensors, in order."""
 
@@ -314,3 +282,17 @@ def p2p(sends: List[Tuple[torch.Tensor, int]], recvs: List[Tuple[torch.Tensor, i
         ops.append(_p2p_op(dist.irecv, buf, peer, group, tag))
         out.append(buf)
     return PendingMany(dist.batch_isend_irecv(ops) if ops else [], out, keep)
+
+
+def send_recv(x: Optional[torch.Tensor], dst: Optional[int], like: Optional[torch.Tensor],
+              src: Optional[int], group: ProcessGroup) -> Pending:
+    """Non-blocking: send ``x`` to ``dst`` and receive a tensor shaped like ``like`` from
+    ``src`` (ranks in ``group``; either side may be None). ``wait()`` returns the received
+    tensor (None if nothing was received).
+
+    Both are issued as one ``batch_isend_irecv`` (``p2p``) so that a ring step cannot deadlock
+    (NCCL needs the send and the receive of a step in one group; gloo accepts it too).
+    Communication: 1 send and 1 recv (each recorded separately).
+    """
+    many = p2p([] if x is None else [(x, dst)], [] if like is None else [(like, src)], group)
+    return Pending(many, None if like is None else many._result[0])  # ``many`` keeps x alive

@@ -59,6 +59,9 @@ def test_quick_bench_writes_every_file_and_field(quick_run):
     assert by[(512, "ideal")]["efficiency"] == 1.0
     assert by[(512, "ideal")]["comm_fwd"] == {} and by[(512, "ideal")]["bytes_sent_per_rank"] == [0, 0]
     assert by[(512, "lasp2")]["comm_fwd"] == {"all_gather": 1} == by[(512, "lasp2")]["comm_bwd"]
+    # time blocked in communication: none without it, some for the backward gather's wait
+    assert by[(512, "ideal")]["per_rank_comm_wait_s"] == [[0.0, 0.0], [0.0, 0.0]]
+    assert all(w[1] > 0 for w in by[(512, "lasp2")]["per_rank_comm_wait_s"]) and "blocked fwd/bwd (ms)" in md
     for p2p in ("lasp1", "allscan", "tree"):  # W = 2: one hop (one block, one round) each way
         assert by[(512, p2p)]["comm_fwd"] == {"send": 1, "recv": 1} == by[(512, p2p)]["comm_bwd"], p2p
 

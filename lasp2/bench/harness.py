@@ -160,7 +160,7 @@ def _tracked_step(suite, config, x, group, spec, sync) -> dict:
         t.grad = None
     sync()
     ops = lambda log: {op: log.count(op) for op in sorted({r.op for r in log.records})}  # noqa: E731
-    return {"comm_fwd": ops(fwd), "comm_bwd": ops(bwd),
+    return {"comm_fwd": ops(fwd), "comm_bwd": ops(bwd), "comm_wait_s": [fwd.waited_s, bwd.waited_s],
             "bytes_sent": fwd.bytes_sent + bwd.bytes_sent, "bytes_received": fwd.bytes_received + bwd.bytes_received}
 
 

@@ -72,6 +72,7 @@ def build_records(spec, per_w: Dict[int, List[List[dict]]], meta: dict) -> List[
                            bytes_received_per_rank=[r["bytes_received"] for r in rs],
                            comm_fwd=_max_counts(r["comm_fwd"] for r in rs),
                            comm_bwd=_max_counts(r["comm_bwd"] for r in rs),
+                           per_rank_comm_wait_s=[r.get("comm_wait_s") for r in rs],
                            per_rank_times_s=[r["times"] for r in rs])
             records.append({**rec, **meta})
     ideal = {(r["W"], r["T_global"]): r.get("time_s") for r in records if r["baseline"]}
@@ -94,6 +95,14 @@ def _ops(d: Dict[str, int]) -> str:
     return ", ".join(f"{n} {op}" for op, n in d.items()) or "none"
 
 
+def _blocked(r: dict) -> str:
+    """Slowest rank's blocked communication time, fwd / bwd in ms ("" for older results)."""
+    waits = [w for w in r.get("per_rank_comm_wait_s") or [] if w]
+    if not waits:
+        return ""
+    return " / ".join(f"{max(w[i] for w in waits) * 1e3:.1f}" for i in (0, 1))
+
+
 def markdown(records: List[dict], meta: dict, spec) -> str:
     seq = "global tokens (split over W)" if spec.seq_is_global else "tokens per rank"
     shapes = (f"model {spec.hf_config} (its config fixes the shapes), B={spec.batch}" if spec.suite == "hf" else
@@ -105,21 +114,23 @@ def markdown(records: List[dict], meta: dict, spec) -> str:
              "Efficiency = ideal time / time, where the ideal is every rank running the one-device op on "
              "1/W of the work with no communication, at the same time. Peak memory: per rank above the "
              "inputs, max over ranks. Communication per call of the measured op (one layer; one whole "
-             "model step for --suite model and hf), per rank, forward and backward."
+             "model step for --suite model and hf), per rank, forward and backward; 'blocked' is the "
+             "time the slowest rank spent inside lasp2's communication calls in that tracked call (all "
+             "threads: allscan and tree wait in a helper thread while the local work runs)."
              + (" hf: the ideal is the unmodified transformers model on this rank's tokens (no SP)."
                 if spec.suite == "hf" else ""), ""]
     if meta.get("note"):
         lines += [f"**Note:** {meta['note']}", ""]
     lines += ["| W | T global | T local | strategy | fwd+bwd (ms) | tokens/s | efficiency | peak MB/rank "
-              "| MB sent/rank | comm fwd | comm bwd |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| MB sent/rank | comm fwd | comm bwd | blocked fwd/bwd (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         head = f"| {r['W']} | {r['T_global']} | {r['T_local']} | {r['strategy']} |"
         if r["skipped"]:
-            lines.append(head + f" skipped: {r['skipped']} | | | | | | |")
+            lines.append(head + f" skipped: {r['skipped']} | | | | | | | |")
             continue
         lines.append(head + f" {r['time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r.get('efficiency', 0):.3f} | "
                      f"{r['peak_mem_mb']:.0f} | {max(r['bytes_sent_per_rank']) / 2**20:.2f} | "
-                     f"{_ops(r['comm_fwd'])} | {_ops(r['comm_bwd'])} |")
+                     f"{_ops(r['comm_fwd'])} | {_ops(r['comm_bwd'])} | {_blocked(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class CommLog:
     """Records of the communication issued on this rank inside ``track()``."""
 
     records: List[CommRecord] = field(default_factory=list)
+    waited_s: float = 0.0  # seconds blocked inside lasp2's communication calls (all threads)
 
     def count(self, op: Optional[str] = None) -> int:
         return sum(1 for r in self.records if op is None or r.op == op)
@@ -69,6 +71,17 @@ def track() -> Iterator[CommLog]:
         _active_log.reset(token)
 
 
+@contextlib.contextmanager
+def _blocking() -> Iterator[None]:
+    """Add the time spent in the block to the active log's ``waited_s``."""
+    log, t0 = _active_log.get(), time.perf_counter()
+    try:
+        yield
+    finally:
+        if log is not None:
+            log.waited_s += time.perf_counter() - t0
+
+
 def _record(op: str, sent: int, received: int) -> None:
     log = _active_log.get()
     if log is not None:
@@ -87,7 +100,8 @@ class Pending:
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
-            self._work.wait()
+            with _blocking():
+                self._work.wait()
             self._work = None
         return self._result
 
@@ -106,7 +120,8 @@ def all_gather(x: torch.Tensor, group: ProcessGroup, *, async_op: bool = False):
         out[0].copy_(x)
         return Pending(None, out) if async_op else out
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    work = gather(out, x.unsqueeze(0), group=group, async_op=async_op)
+    with _blocking():
+        work = gather(out, x.unsqueeze(0), group=group, async_op=async_op)
     return Pending(work, out) if async_op else out
 
 
@@ -124,14 +139,16 @@ def send(x: torch.Tensor, peer: int, group: ProcessGroup) -> None:
     """Blocking send of ``x`` to ``peer`` (rank in ``group``). Communication: 1 send."""
     x = x.contiguous()
     _record("send", x.numel() * x.element_size(), 0)
-    dist.send(x, **_peer_kwargs(dist.send, peer, group, "dst"))
+    with _blocking():
+        dist.send(x, **_peer_kwargs(dist.send, peer, group, "dst"))
 
 
 def recv(like: torch.Tensor, peer: int, group: ProcessGroup) -> torch.Tensor:
     """Blocking receive of a tensor shaped like ``like`` from ``peer``. Communication: 1 recv."""
     out = torch.empty_like(like).contiguous()
     _record("recv", 0, out.numel() * out.element_size())
-    dist.recv(out, **_peer_kwargs(dist.recv, peer, group, "src"))
+    with _blocking():
+        dist.recv(out, **_peer_kwargs(dist.recv, peer, group, "src"))
     return out
 
 
@@ -222,7 +239,8 @@ def reduce_scatter(x: torch.Tensor, group: ProcessGroup, *, async_op: bool = Fal
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     # Flat views: gloo wants the input to be W outputs stacked along dim 0 with equal trailing
     # dims ([W * n] -> [n]), which a [W, ...] -> [...] call does not satisfy.
-    work = scatter(out.view(-1), x.view(-1), group=group, async_op=async_op)
+    with _blocking():
+        work = scatter(out.view(-1), x.view(-1), group=group, async_op=async_op)
     return Pending(work, out) if async_op else out
 
 
@@ -242,7 +260,8 @@ def all_to_all(x: torch.Tensor, group: ProcessGroup, *, async_op: bool = False):
     if W == 1:
         out.copy_(x)
         return Pending(None, out) if async_op else out
-    work = dist.all_to_all_single(out, x, group=group, async_op=async_op)
+    with _blocking():
+        work = dist.all_to_all_single(out, x, group=group, async_op=async_op)
     return Pending(work, out) if async_op else out
 
 
@@ -255,19 +274,12 @@ def _p2p_op(op, x: torch.Tensor, peer: int, group: ProcessGroup, tag: int = 0):
     return dist.P2POp(op, x, dist.get_global_rank(group, peer), group=group, tag=tag)
 
 
-class PendingMany(Pending):
-    """In-flight sends and receives; ``wait()`` returns the received tensors, in order."""
-
-    def __init__(self, works, received: List[torch.Tensor], keep: List[torch.Tensor]):
-        super().__init__(_WaitAll(works), received)
-        self._keep = keep  # sent tensors stay alive until the transfer completes
-
-
 def p2p(sends: List[Tuple[torch.Tensor, int]], recvs: List[Tuple[torch.Tensor, int]], group: ProcessGroup,
-        tag: int = 0) -> PendingMany:
+        tag: int = 0) -> Pending:
     """Non-blocking: send each (tensor, peer) and receive a tensor shaped like each (like, peer)
     (peers are ranks in ``group``), all with ``tag``, as one ``batch_isend_irecv``. Messages between
     the same two ranks with the same tag are matched in the order they are issued.
+    ``wait()`` returns the received tensors, in order.
     Communication: len(sends) sends and len(recvs) recvs (each recorded separately).
     """
     ops, keep, out = [], [], []
@@ -281,7 +293,9 @@ def p2p(sends: List[Tuple[torch.Tensor, int]], recvs: List[Tuple[torch.Tensor, i
         _record("recv", 0, buf.numel() * buf.element_size())
         ops.append(_p2p_op(dist.irecv, buf, peer, group, tag))
         out.append(buf)
-    return PendingMany(dist.batch_isend_irecv(ops) if ops else [], out, keep)
+    pending = Pending(_WaitAll(dist.batch_isend_irecv(ops) if ops else []), out)
+    pending._keep = keep  # the sent tensors stay alive until the transfer completes
+    return pending
 
 
 def send_recv(x: Optional[torch.Tensor], dst: Optional[int], like: Optional[torch.Tensor],

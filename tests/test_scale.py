@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -148,8 +149,6 @@ def test_checkpoint_errors_name_the_problem(runs, capsys, tmp_path):
     assert "do not reshard" in resume_error("--sp", "2", ckpt=single)
     # A DCP file cut short is found before any rank starts.
     bad = tmp_path / "bad"
-    import shutil
-
     shutil.copytree(ckpt, bad)
     shard = bad / "dcp" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
@@ -208,6 +207,20 @@ def test_bad_input_under_torchrun_fails_on_every_rank_without_hanging(runs, tmp_
     failures = sorted((tmp_path / "other").glob("failure-rank*.txt"))
     assert [f.name for f in failures] == ["failure-rank0.txt", "failure-rank1.txt"]
     assert all("belongs to a different run" in f.read_text() for f in failures)
+    # The same, with the config check fooled (meta.json edited to claim the other width): DCP finds
+    # that the tensors do not fit, and every rank says so.
+    forged = tmp_path / "forged"
+    shutil.copytree(ckpt, forged)
+    meta = json.loads((forged / "meta.json").read_text())
+    meta["config"]["model"] = {**meta["config"]["model"], "hidden": 128}
+    (forged / "meta.json").write_text(json.dumps(meta))
+    procs = _two_nodes(1, "--sp", "2", "--data-parallel", "fsdp2", "--hidden", "128", "--resume", str(forged),
+                       "--out", str(tmp_path / "forged-run"), timeout=120)
+    assert all(p.returncode != 0 for p in procs)
+    failures = sorted((tmp_path / "forged-run").glob("failure-rank*.txt"))
+    assert [f.name for f in failures] == ["failure-rank0.txt", "failure-rank1.txt"]
+    assert all("sharded state does not fit this model" in f.read_text() and "Size mismatch" in f.read_text()
+               for f in failures)
 
 
 @pytest.mark.slow

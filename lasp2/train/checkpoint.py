@@ -135,16 +135,21 @@ def load_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     Communication: DCP's planning collectives over ``group`` (as in :func:`save_sharded`).
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state, checkpoint_id=ckpt / DCP_DIR, process_group=group)
-    except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException (on every rank) or RuntimeError
-        first = str(e).strip().splitlines()
+    # DCP gathers every rank's planning error and raises CheckpointException (a BaseException, not
+    # an Exception) on every rank; I/O problems surface as RuntimeError / OSError.
+    except (CheckpointException, Exception) as e:  # noqa: BLE001
+        cause = next(iter(getattr(e, "failures", {}).values()), e)  # a rank's own error, when DCP has one
+        cause = cause[0] if isinstance(cause, tuple) else cause  # DCP keeps (exception, stack summary)
+        first = str(cause).strip().splitlines()
         raise ValueError(f"checkpoint {ckpt}: its sharded state does not fit this model and optimizer "
-                         f"({type(e).__name__}: {first[0] if first else ''}); resume with the flags of the run "
+                         f"({type(cause).__name__}: {first[0] if first else ''}); resume with the flags of the run "
                          f"that wrote it") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 

@@ -141,7 +141,7 @@ def test_checkpoint_errors_name_the_problem(runs, capsys, tmp_path):
         assert code == 2
         return capsys.readouterr().err
 
-    assert "belongs to a different run (--model: checkpoint" in resume_error("--sp", "2", "--hidden", "128")
+    assert "belongs to a different run (--hidden: checkpoint 64, now 128)" in resume_error("--hidden", "128")
     # A single-file (DDP) checkpoint neither reshards nor loads into FSDP2.
     single = runs["one"] / "checkpoints" / "step-000004"
     assert checkpoint.read_meta(single)["kind"] == "single-file"
@@ -189,7 +189,8 @@ def test_reshard_2x2_to_1x4_continues_like_an_uninterrupted_1x4_run(runs, tmp_pa
     _same_losses(straight, runs["one"])
     # The same sharded checkpoint also loads into DDP replicas (each rank reads the whole tensors).
     as_ddp = tmp_path / "2x2-to-ddp-1x4"
-    _train("--sp", "4", "--save-every", "0", "--out", str(as_ddp), "--resume", str(saved / "checkpoints" / "step-000002"))
+    _train("--sp", "4", "--data-parallel", "ddp", "--save-every", "0", "--out", str(as_ddp),
+           "--resume", str(saved / "checkpoints" / "step-000002"))
     _same_losses(as_ddp, straight, steps=[3, 4])
 
 

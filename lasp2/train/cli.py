@@ -122,6 +122,8 @@ def resume_config(given: dict, model: dict) -> TrainConfig:
     ckpt = checkpoint.find(given["resume"])
     stored = dict(checkpoint.read_meta(ckpt).get("config") or {})
     values = {**stored, **given, "model": {**(stored.get("model") or {}), **model}}
+    if "sp" in given and "dp" not in given and given["sp"] != stored.get("sp"):
+        values["dp"] = None  # a new --sp re-derives --dp (a sharded checkpoint reshards; single-file ones refuse)
     if "out" not in given:
         values["out"] = str(ckpt.parents[1])  # continue in the resumed run's directory
     if values.get("schedule_steps") is None:

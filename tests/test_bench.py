@@ -137,7 +137,7 @@ def test_linear_layer_by_hand():
     s = cm.Shape(B=1, T=1024, H=2, K=4, V=4, elt=4, chunk=64)
     intra, inter = cm.linear_core_flops(s)
     assert (intra, inter) == (1024 * 2 * 2 * 64 * 8, 1024 * 2 * 4 * 16)
-    state, row = 2 * 4 * 4 * 4, 2 * 4 * 4 * 4 + 2 * 1 * 4 + 4  # [B,H,K,V] fp32; + gate + header
+    state, row = 2 * 4 * 4 * 4, 2 * 4 * 4 * 4 + 2 * 1 * 4 + 8  # [B,H,K,V] fp32; + gate + agreement digest
     rate = 1e9
     lasp2 = cm.linear_layer("lasp2", 4, s, rate, LINK)
     assert lasp2.compute == pytest.approx(3 * (intra + inter) / rate)
@@ -147,7 +147,7 @@ def test_linear_layer_by_hand():
     slow = cm.linear_layer("lasp2", 4, s, 1e12, LINK)  # intra work now 2 us: the gather shows
     assert slow.comm == pytest.approx(3 * (1e-5 + 1e-9 * row) - intra / 1e12 + 3 * (1e-5 + 1e-9 * state))
     lasp1 = cm.linear_layer("lasp1", 4, s, rate, LINK)
-    assert lasp1.comm == pytest.approx(2 * 3 * (2e-5 + 1e-9 * state)) and lasp1.bytes_sent == 2 * state
+    assert lasp1.comm == pytest.approx(2 * 3 * (2e-5 + 1e-9 * state)) and lasp1.bytes_sent == 2 * (state + 8 * 4)
     assert cm.linear_layer("lasp1", 4, s, rate, LINK, segments=2).comm == pytest.approx(2 * 7 * (2e-5 + 1e-9 * state))
     assert cm.linear_layer("ideal", 4, s, rate, LINK).comm == 0.0
 
@@ -182,16 +182,16 @@ def test_softmax_layer_by_hand():
     kv, kv32 = 512 * 2 * 32 * 2, 512 * 2 * 32 * 4
     ag = cm.softmax_layer("allgather", W, s, rate, LINK)
     assert ag.compute == pytest.approx(3.5 * t_fwd)
-    assert ag.comm == pytest.approx(max(0, 3 * (1e-5 + 1e-9 * kv) - t_fwd / 4) + 3 * (1e-5 + 1e-9 * kv32))
-    assert ag.bytes_sent == 3 * (kv + kv32) and ag.saved == 4 * kv
+    assert ag.comm == pytest.approx(max(0, 3 * (1e-5 + 1e-9 * (kv + 8)) - t_fwd / 4) + 3 * (1e-5 + 1e-9 * kv32))
+    assert ag.bytes_sent == 3 * (kv + 8 + kv32) and ag.saved == 4 * kv  # + the 8-byte agreement digest
     ring = cm.softmax_layer("ring", W, s, rate, LINK)
-    assert ring.comm == pytest.approx(3 * max(0, 2e-5 + 1e-9 * kv - t_fwd / 4)
+    assert ring.comm == pytest.approx(3 * max(0, 2e-5 + 1e-9 * (kv + 8) - t_fwd / 4)
                                       + 3 * max(0, 2e-5 + 1e-9 * (kv + kv32) - 2.5 * t_fwd / 4))
     assert cm.kv_replication(8, 2, 4) == 2 and cm.kv_replication(8, 8, 4) == 1
     uly = cm.softmax_layer("ulysses", W, s, rate, LINK)
     qkv, o = 512 * (8 * 16 + 2 * 2 * 32) * 2, 512 * 8 * 16 * 2
     grads = qkv * 2  # fp32 because KV heads are replicated
-    assert uly.bytes_sent == pytest.approx(0.75 * (qkv + 2 * o + grads))
+    assert uly.bytes_sent == pytest.approx(0.75 * (qkv + 8 * 4 + 2 * o + grads))
     with pytest.raises(ValueError, match="H % W"):
         cm.softmax_layer("ulysses", 3, s, rate, LINK)
     contiguous = cm.softmax_layer("ring", W, s, rate, LINK, layout="contiguous")

@@ -1,5 +1,5 @@
-"""Issue 16, the cases that need ranks: -inf gates under SP (case 1), ``unshard`` with parts of
-different lengths (case 4).
+"""Issue 16, the cases that need ranks: -inf gates under SP (case 1), ranks that disagree within
+a call, for every strategy (cases 2 and 3), ``unshard`` with parts of different lengths (case 4).
 
 ONE spawn of 2 gloo ranks (module fixture) runs every section as a table of cases and returns a
 report per section; each test asserts on its section. Every case runs its collectives before it
@@ -88,6 +88,54 @@ UNSHARD_CASES = [(f"{layout}-dim{dim}", dict(layout=layout, dim=dim))
                  for layout, dim in (("contiguous", 1), ("zigzag", 1), ("contiguous", 2))]
 
 
+# ---------------------------------------------------------------------------------------------
+# Cases 2 and 3: ranks that disagree within one call (different document boundaries, or different
+# lengths after both signatures were seen) get a ValueError, for every strategy and direction.
+# Every rank that uses another rank's data raises; only the head of a contiguous LASP-1 chain,
+# which uses no other rank's data in forward (its shard is exact for its own arguments), returns.
+# A following agreeing call works: the disagreement left no rank behind in a collective.
+
+SP = {"lasp2": dict(strategy="lasp2"), "lasp1": dict(strategy="lasp1"),
+      "lasp1-zigzag": dict(strategy="lasp1", layout="zigzag"), "allscan": dict(strategy="allscan"),
+      "tree-zigzag": dict(strategy="tree", layout="zigzag"), "tree": dict(strategy="tree"),
+      "bidirectional": dict(causal=False),
+      "allgather": dict(strategy="allgather"), "ring": dict(strategy="ring"), "ulysses": dict(strategy="ulysses")}
+LINEAR = ("lasp2", "lasp1", "lasp1-zigzag", "allscan", "tree-zigzag", "tree", "bidirectional")
+CHAIN_HEADS = ("lasp1", "allscan", "tree")  # contiguous: rank 0 receives nothing in forward
+AGREE = r"different arguments in this call.*rank\(s\) \[\d\] differ"
+
+
+def _call(group, op: str, T_local: int, cu=None):
+    gen = torch.Generator().manual_seed(T_local)
+    q, k, v = (torch.randn(1, T_local, 2, 4, generator=gen) for _ in range(3))
+    cu = None if cu is None else torch.tensor(cu)
+    fn = lasp2.sp_linear_attention if op in LINEAR else lasp2.sp_softmax_attention
+    with torch.no_grad():
+        return fn(q, k, v, group=group, cu_seqlens=cu, **SP[op])
+
+
+def _disagree(group, *, op: str, kind: str) -> None:
+    rank = dist.get_rank(group)
+    if kind == "cu_seqlens":  # case 2: same lengths, different document boundaries
+        T, cus = 8, ([0, 5, 16], [0, 11, 16])
+        call = lambda r: _call(group, op, T, cus[r])
+    else:  # case 3: each rank has seen both signatures (cached as agreed); then they diverge
+        call = lambda r: _call(group, op, 8 if r == 0 else 12) if op in LINEAR else \
+            _call(group, op, 8, [[0, 16], [0, 3, 16]][r])
+        for r in (0, 1):
+            call(r)
+    head_of_chain = op in CHAIN_HEADS and rank == 0
+    if head_of_chain:
+        call(rank)
+    else:
+        with pytest.raises(ValueError, match=AGREE):
+            call(rank)
+    assert _call(group, op, 8).shape == (1, 8, 2, 4)  # in step again
+
+
+AGREE_CASES = [(f"{op}-{kind}", dict(op=op, kind=kind)) for op in SP for kind in ("cu_seqlens", "after-warm-up")]
+
+
 def _section(cases, fn, group) -> str:
     try:
         run_cases(cases, lambda **p: fn(group, **p))
@@ -101,6 +149,7 @@ def _worker(group) -> Dict[str, str]:
     return {
         "inf_gates": _section(INF_CASES, _inf_gates_sp, group),
         "unshard": _section(UNSHARD_CASES, _unshard_mismatch, group),
+        "agreement": _section(AGREE_CASES, _disagree, group),
     }
 
 
@@ -109,7 +158,7 @@ def reports():
     return run_distributed(_worker, WORLD)
 
 
-@pytest.mark.parametrize("section", ["inf_gates", "unshard"])
+@pytest.mark.parametrize("section", ["inf_gates", "unshard", "agreement"])
 def test_section(reports, section):
     for rank, report in enumerate(reports):
         assert report[section] == "ok", f"rank {rank}:\n{report[section]}"

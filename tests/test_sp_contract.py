@@ -206,7 +206,7 @@ def _contract_case(group, *, gate, layout, cu):
     assert bmode.get_total_counts() == 1 and all("allgather" in op for op in bwd), f"backward: {bwd}"
     assert [r.op for r in flog.records] == ["all_gather"], f"forward comm.track: {flog.records}"
     assert [r.op for r in blog.records] == ["all_gather"], f"backward comm.track: {blog.records}"
-    expected_fwd = (W - 1) * S * (b * H * K * V + b * H * Kg + 1) * 4  # fp32 summaries + header
+    expected_fwd = (W - 1) * S * ((b * H * K * V + b * H * Kg) * 4 + 8)  # fp32 summaries + agreement digest
     assert flog.bytes_sent == expected_fwd, f"forward bytes_sent {flog.bytes_sent} != {expected_fwd}"
     expected_bwd = (W - 1) * S * b * H * K * V * 4
     assert blog.bytes_sent == expected_bwd, f"backward bytes_sent {blog.bytes_sent} != {expected_bwd}"

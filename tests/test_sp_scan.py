@@ -33,8 +33,9 @@ def _expect(result, params, rank, W):
     if params["strategy"] == "allscan":
         # one state per such segment and direction, in k blocks: independent of W
         k = params.get("scan_blocks") or 1
-        assert result["fwd_recv_bytes"] == remote_prev * STATE_BYTES, result
-        assert result["bwd_recv_bytes"] == remote_next * STATE_BYTES, result
+        # + block 0 carries the W 8-byte agreement digests seen upstream (parallel.agreement)
+        assert result["fwd_recv_bytes"] == remote_prev * (STATE_BYTES + 8 * W), result
+        assert result["bwd_recv_bytes"] == remote_next * (STATE_BYTES + 8 * W), result
         assert result["fwd_recvs"] == remote_prev * k and result["bwd_recvs"] == remote_next * k, result
     else:
         # round d: scan position i receives from position i - 2^d (another rank's, or handed over)
@@ -47,7 +48,7 @@ def _expect(result, params, rank, W):
                       if i >= 1 << d and lay.owner(order_bwd[i - (1 << d)]) != rank)
         assert result["fwd_recvs"] == exp_fwd and result["bwd_recvs"] == exp_bwd, result
         summary = STATE_BYTES + (B * H * (K * K if params["variant"] in DELTA_VARIANTS else
-                                          (K if params["variant"] == "channel" else 1)) * 8)
+                                          (K if params["variant"] == "channel" else 1)) * 8) + 8 * W  # + digests
         assert result["fwd_recv_bytes"] == exp_fwd * summary, result
         if params["layout"] == "contiguous" and rank == W - 1:
             assert result["fwd_recvs"] == rounds == (W - 1).bit_length(), "last rank: one receive per round"

@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..parallel.agreement import DIGEST_BYTES
 from ..parallel.softmax_common import kv_replication
 from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, linear, pipeline_blocks, softmax
 
@@ -181,14 +182,15 @@ def linear_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, segme
                  blocks: Optional[int] = None) -> LayerCost:
     """Linear attention (a registered strategy, or "ideal": the local op alone) at ``rate`` FLOP/s.
 
-    all-gather (lasp2): fwd 1 all-gather of W*segments rows of [B H (K V + gate_dim)] fp32 (+ a
-    4-byte header) overlapping the intra-chunk work; bwd 1 all-gather of W*segments [B H K V]
+    all-gather (lasp2): fwd 1 all-gather of W*segments rows of [B H (K V + gate_dim)] fp32 (+ the
+    8-byte agreement digest) overlapping the intra-chunk work; bwd 1 all-gather of W*segments [B H K V]
     fp32, exposed. P2P strategies (the registry's ``steps``/``message``/``received`` terms), with
     J = W*segments: lasp1 J-1 dependent hops of one [B H K V] fp32 state per direction; allscan
     J+k-2 hops of state/k (k = ``blocks`` or ``scan_blocks``); tree ceil(log2 J) rounds of one
-    summary (state + Â). A strategy that overlaps the intra-chunk work (allscan and tree run
-    their forward exchange in a helper thread beside it) exposes only what exceeds that work;
-    backward steps are exposed.
+    summary (state + Â); every whole P2P message also carries the W 8-byte agreement digests seen
+    upstream (``parallel.agreement``). A strategy that overlaps the intra-chunk work (allscan and
+    tree run their forward exchange in a helper thread beside it) exposes only what exceeds that
+    work; backward steps are exposed.
     """
     intra, inter = linear_core_flops(s)
     t_fwd = (intra + inter) / rate
@@ -197,7 +199,7 @@ def linear_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, segme
     if strategy == "ideal" or W == 1:
         return LayerCost(strategy, compute, 0.0, 0.0, (0, 0), 0.0, 0.0)
     if strategy == "lasp2":
-        row = state + s.B * s.H * s.gate_dim * FP32 + FP32
+        row = state + s.B * s.H * s.gate_dim * FP32 + DIGEST_BYTES
         fwd = max(0.0, all_gather_time(W, W * segments * row, link) - intra / rate)
         bwd = all_gather_time(W, W * segments * state, link)
         sent = collective_bytes_per_rank(W, W * segments * (row + state))
@@ -210,7 +212,7 @@ def linear_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, segme
     hop = p2p_time(entry.message(state, trans, k), link)
     t = entry.steps(J, k) * hop
     fwd = max(0.0, t - intra / rate) if entry.overlaps_intra else t
-    unit = entry.message(state, trans, 1)  # bytes of one whole message (state or summary)
+    unit = entry.message(state, trans, 1) + DIGEST_BYTES * W  # one whole message (state or summary)
     msgs = entry.received(J, segments)
     return LayerCost(strategy, compute, fwd + t, 2 * msgs * unit, (2 * msgs * k, 2 * msgs * k), 2 * unit,
                      segments * state)
@@ -224,7 +226,8 @@ def softmax_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, layo
     allgather: fwd 1 all-gather of all K/V [W B T Hkv (K + V)] overlapping the diagonal block,
     kept for backward; bwd 1 reduce-scatter of fp32 dK/dV, exposed. ring: W-1 hops of K/V fwd
     and of fp32 dK/dV + K/V bwd, each overlapping one block. ulysses: all-to-alls of packed
-    q,k,v and of o fwd, of dO and packed grads bwd (fp32 when KV heads are replicated)."""
+    q,k,v and of o fwd, of dO and packed grads bwd (fp32 when KV heads are replicated). Every
+    strategy's first message carries the 8-byte agreement digest (per row for Ulysses)."""
     t_fwd = softmax_core_flops(s, W) / rate * imbalance(strategy, W, layout)
     compute = t_fwd * (1 + BWD_FACTOR["softmax"])
     t_bwd = t_fwd * BWD_FACTOR["softmax"]
@@ -233,14 +236,14 @@ def softmax_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, layo
     if strategy == "ideal" or W == 1:
         return LayerCost(strategy, compute, 0.0, 0.0, (0, 0), 0.0, 0.0)
     if strategy == "allgather":
-        fwd = max(0.0, all_gather_time(W, W * kv, link) - t_fwd / W)
+        fwd = max(0.0, all_gather_time(W, W * (kv + DIGEST_BYTES), link) - t_fwd / W)
         bwd = reduce_scatter_time(W, W * kv32, link)
-        sent = collective_bytes_per_rank(W, W * (kv + kv32))
+        sent = collective_bytes_per_rank(W, W * (kv + DIGEST_BYTES + kv32))
         return LayerCost(strategy, compute, fwd + bwd, sent, (1, 1), W * kv32, W * kv)
     if strategy == "ring":
-        fwd = (W - 1) * max(0.0, p2p_time(kv, link) - t_fwd / W)
+        fwd = (W - 1) * max(0.0, p2p_time(kv + DIGEST_BYTES, link) - t_fwd / W)
         bwd = (W - 1) * max(0.0, p2p_time(kv32 + kv, link) - t_bwd / W)
-        sent = (W - 1) * (2 * kv + kv32)
+        sent = (W - 1) * (2 * kv + DIGEST_BYTES + kv32)
         return LayerCost(strategy, compute, fwd + bwd, sent, (2 * (W - 1), 2 * (W - 1)), 2 * (kv + kv32),
                          2 * kv)
     if strategy == "ulysses":
@@ -250,7 +253,7 @@ def softmax_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, layo
         qkv = s.B * s.T * (s.H * s.K + s.kv_heads * rep * (s.K + s.V)) * s.elt
         o = s.B * s.T * s.H * s.V * s.elt
         grads = qkv * (FP32 / s.elt if rep > 1 else 1)
-        t = sum(all_to_all_time(W, b, link) for b in (qkv, o, o, grads))
-        sent = collective_bytes_per_rank(W, qkv + 2 * o + grads)
+        t = sum(all_to_all_time(W, b, link) for b in (qkv + DIGEST_BYTES * W, o, o, grads))
+        sent = collective_bytes_per_rank(W, qkv + DIGEST_BYTES * W + 2 * o + grads)
         return LayerCost(strategy, compute, t, sent, (2, 2), 2 * (qkv + o), qkv + o)
     raise ValueError(f"unknown softmax strategy {strategy!r}; choose from {SOFTMAX_STRATEGIES}")

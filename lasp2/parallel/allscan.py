@@ -22,6 +22,9 @@ the 2W segments in sequence order (0 -> W-1 over the ranks, then back), as LASP-
 Communication (per direction): per local segment j > 0 whose predecessor is on another rank, k
 recvs (one state [B, H, K, V] in all, fp32; fp64 for fp64 inputs) from the owner of j - 1; per
 local segment j < J - 1 whose successor is on another rank, k sends to it. P2P only, tag = block.
+Block 0 of every message also carries the W agreement digests seen upstream
+(``agreement.ChainDigests``, 8 W bytes); a rank that sees one differ from its own raises once
+its own sends are done.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from typing import List
 
 import torch
 
-from . import comm
+from . import agreement, comm
 from .context import LinearCall
 from .linear_local import SegmentWork, apply_transition
 from .linear_sp import overlapped
@@ -54,11 +57,13 @@ def _chain(items, call: LinearCall, neighbour, step):
     rank = comm.rank_and_size(group)[0]
     like = items[0][1]
     blocks = _blocks(call, like)
+    chain = agreement.ChainDigests(call.world, rank, call.digest)
+    wire = lambda b, x: chain.message_like(x) if b == 0 else x  # block 0 carries the digests
     incoming = {}
     for i, (j, _) in enumerate(items):  # post every receive from another rank first
         src = neighbour(j, -1)
         if src is not None and layout.owner(src) != rank:
-            incoming[i] = [comm.p2p([], [(like[..., sl], layout.owner(src))], group, tag=b)
+            incoming[i] = [comm.p2p([], [(wire(b, like[..., sl]), layout.owner(src))], group, tag=b)
                            for b, sl in enumerate(blocks)]
     sends, X_in, carried = [], [None] * len(items), None
     for i, (j, _) in enumerate(items):
@@ -68,14 +73,17 @@ def _chain(items, call: LinearCall, neighbour, step):
         out = torch.empty_like(like) if dst is not None else None
         for b, sl in enumerate(blocks):
             if i in incoming:
-                X[..., sl] = incoming[i][b].wait()[0]
+                got = incoming[i][b].wait()[0]
+                X[..., sl] = chain.detach(got, like[..., sl]) if b == 0 else got
             if out is not None:
                 out[..., sl] = step(i, X, sl)
                 if remote_out:
-                    sends.append(comm.p2p([(out[..., sl], layout.owner(dst))], [], group, tag=b))
+                    msg = chain.attach(out[..., sl]) if b == 0 else out[..., sl]
+                    sends.append(comm.p2p([(msg, layout.owner(dst))], [], group, tag=b))
         X_in[i], carried = X, out
     for s in sends:
         s.wait()
+    chain.verify("sp_linear_attention(strategy='allscan')")
     return X_in
 
 

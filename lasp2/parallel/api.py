@@ -1,7 +1,6 @@
 """Public sequence-parallel functions (DESIGN §2): validate, check that ranks agree, dispatch."""
 from __future__ import annotations
 
-import hashlib
 from typing import Optional
 
 import torch
@@ -10,7 +9,7 @@ from .. import functional
 from ..ops import backends
 from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_qkv, check_scale,
                           resolve_scale)
-from . import comm, strategies
+from . import agreement, comm, strategies
 from .context import LinearCall
 from .lasp2 import BidirectionalLASP2Function
 from .layout import LAYOUTS, Layout
@@ -35,12 +34,6 @@ def check_group(group) -> None:
 
 def _describe(t: Optional[torch.Tensor]) -> str:
     return "None" if t is None else f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
-
-
-def _cu_digest(cu_seqlens: Optional[torch.Tensor]) -> str:
-    if cu_seqlens is None:
-        return "none"
-    return hashlib.sha1(str(cu_seqlens.tolist()).encode()).hexdigest()[:12]
 
 
 @no_autocast
@@ -91,8 +84,10 @@ def sp_linear_attention(
     fp32. "lasp1": W - 1 sequential sends of [B, H, K, V] per direction (contiguous). "allscan":
     per direction one [B, H, K, V] state received per segment in k blocks, J + k - 2 block hops
     (J = W contiguous, 2W zigzag). "tree": ceil(log2 J) rounds of P2P exchanges of one summary
-    [B*H*(K*V + a)] per segment. The first
-    call with new shapes on a group adds one small agreement check (then cached).
+    [B*H*(K*V + a)] per segment. Agreement between the ranks is checked on every call by an
+    8-byte digest inside the first message (``agreement``); the first call with new shapes on a
+    group adds one small all-gather that compares the shapes before anything of that size moves
+    (then cached).
     """
     check_group(group)
     entry = strategies.linear(strategy)
@@ -125,17 +120,18 @@ def sp_linear_attention(
     signature = (f"sp_linear_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
                  f"q={_describe(q)} k={_describe(k)} v={_describe(v)} g={_describe(g)} beta={_describe(beta)} "
                  f"docs={cu_seqlens is not None} blocks={scan_blocks}")
-    comm.ensure_agreement(group, signature)
+    comm.ensure_agreement(group, signature)  # shapes: once per signature and group
     if world == 1:
         o, _ = functional.linear_attention(q, k, v, g, beta, scale=scale, causal=causal, cu_seqlens=cu_seqlens,
                                            backend=backend)
         return o
+    digest = agreement.call_digest(signature, cu_seqlens)  # everything, every call: rides the first message
     if not causal:
-        return BidirectionalLASP2Function.apply(q, k, v, scale, lay, group, cu_seqlens)
+        return BidirectionalLASP2Function.apply(q, k, v, scale, lay, group, cu_seqlens, digest)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(q.device)
-    call = LinearCall(group, lay, scale, cu_seqlens, header=comm.signature_code(signature + _cu_digest(cu_seqlens)),
-                      grad_enabled=torch.is_grad_enabled(), blocks=scan_blocks, backend=backend)
+    call = LinearCall(group, lay, scale, cu_seqlens, digest=digest, grad_enabled=torch.is_grad_enabled(),
+                      blocks=scan_blocks, backend=backend)
     return LinearSPFunction.apply(q, k, v, g, beta, call, entry.exchange)
 
 
@@ -224,8 +220,10 @@ def sp_softmax_attention(
     "ring": W - 1 send/recv hops per direction; forward K/V [B, T, Hkv, D + Dv] (input dtype),
     backward the fp32 dK/dV accumulator of that shape (plus a K/V block on hops 1..W-3).
     "ulysses": 2 all-to-alls per direction (q, k, v packed, then o; dO, then dq, dk, dv packed),
-    KV heads repeated when W does not divide Hkv. The first call with new shapes on a group adds
-    one small agreement check (then cached).
+    KV heads repeated when W does not divide Hkv. Agreement between the ranks (document
+    boundaries included) is checked on every call by an 8-byte digest inside the first message
+    (``agreement``); the first call with new shapes on a group adds one small all-gather that
+    compares the shapes before anything of that size moves (then cached).
     """
     from ..ops.softmax import doc_ids_from_cu_seqlens
     from .softmax_common import SoftmaxCall
@@ -244,12 +242,12 @@ def sp_softmax_attention(
                          f"by {world}, or strategy='allgather' or 'ring', which work with any H")
     scale = resolve_scale(scale, q)
     signature = (f"sp_softmax_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
-                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={_cu_digest(cu_seqlens)}")
-    # The document boundaries are part of the signature (unlike the linear strategies, there is no
-    # fp32 buffer to carry a header for free): a new cu_seqlens costs one small agreement gather
-    # the first time it is seen, shared by every layer that sees it next.
+                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={cu_seqlens is not None}")
+    # Shapes once per signature and group; everything else (the document boundaries included)
+    # every call, inside the strategy's first message (``agreement``).
     comm.ensure_agreement(group, signature)
     if world == 1:
         return functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
     doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), lay.global_len)
-    return entry.load().apply(q, k, v, SoftmaxCall(scale, causal, lay, group, doc))
+    digest = agreement.call_digest(signature, cu_seqlens)
+    return entry.load().apply(q, k, v, SoftmaxCall(scale, causal, lay, group, doc, digest=digest))

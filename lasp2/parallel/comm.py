@@ -155,18 +155,19 @@ def recv(like: torch.Tensor, peer: int, group: ProcessGroup) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Agreement between ranks. Ranks that call a sequence-parallel op with different shapes, dtypes,
 # strategies or layouts would otherwise pair mismatched collectives (a hang, an abort, or a wrong
-# answer). The first call with a given signature on a group runs one extra small collective that
-# compares the signatures of all ranks; later calls with that signature skip it, so steady-state
-# calls keep the one-collective contract. The cache is per group (weakly referenced) and keeps
-# the most recent _MAX_VERIFIED signatures (softmax signatures include the document boundaries,
-# which change with every packed batch); every rank evicts identically when they call identically.
+# answer). The first call with a given signature (the shapes: what sizes the messages) on a group
+# runs one extra small collective that compares the signatures of all ranks; later calls with that
+# signature skip it, so steady-state calls keep the one-collective contract. Everything else, the
+# document boundaries included, is checked on every call by a digest inside the call's own first
+# message (``parallel/agreement.py``). The cache is per group (weakly referenced) and keeps the
+# most recent _MAX_VERIFIED signatures; every rank evicts identically when they call identically.
 # ---------------------------------------------------------------------------------------------
 _verified: "weakref.WeakKeyDictionary[ProcessGroup, OrderedDict[str, None]]" = weakref.WeakKeyDictionary()
 _MAX_VERIFIED = 1024
 
 
 def signature_code(signature: str) -> float:
-    """A 20-bit hash of a signature, exactly representable in fp32 (for buffer headers)."""
+    """A 20-bit hash of a signature, exactly representable in fp32 (``ensure_agreement``'s code)."""
     return float(int(hashlib.sha1(signature.encode()).hexdigest()[:5], 16))
 
 

@@ -23,8 +23,8 @@ class LinearCall:
     layout: where every token lives (``Layout``: contiguous or zigzag, W, T local).
     scale: the resolved query scale (float).
     cu_seqlens: global int [N + 1] document boundaries on the inputs' device, or None.
-    header: fp32-exact code of the call's signature (``comm.signature_code``); strategies that
-        carry a buffer check it against the other ranks' (agreement, DESIGN §2).
+    digest: the call's 64-bit agreement digest (``agreement.call_digest``); every strategy sends
+        it inside its first message and checks the other ranks' (DESIGN §2, ``agreement``).
     grad_enabled: whether autograd was on at the call (the Function's forward runs without it).
     overlap: launch the exchange before the intra-chunk work (False only for benchmarks).
     blocks: pipeline blocks of the ``allscan`` chain (states split along V); None lets the
@@ -38,7 +38,7 @@ class LinearCall:
     layout: Layout
     scale: float
     cu_seqlens: Optional[torch.Tensor] = None
-    header: float = 0.0
+    digest: int = 0
     grad_enabled: bool = True
     overlap: bool = True
     blocks: Optional[int] = None

@@ -16,7 +16,7 @@ from typing import List
 
 import torch
 
-from . import comm
+from . import agreement, comm
 from .context import LinearCall
 from .linear_local import SegmentWork, apply_transition
 
@@ -26,7 +26,9 @@ class ChainExchange:
 
     Communication: forward, per local segment j > 0 one recv of [B, H, K, V] from the owner of
     j - 1 and per local segment j < J - 1 one send to the owner of j + 1 (skipped when that is
-    this rank); backward the same in reverse.
+    this rank); backward the same in reverse. Every message also carries the W agreement digests
+    seen so far upstream (``agreement.ChainDigests``, 8 W bytes); a rank that sees one differ
+    from its own raises after its own sends, so the chain never stalls.
     """
 
     name = "lasp1"
@@ -35,6 +37,7 @@ class ChainExchange:
     def forward(work: List[SegmentWork], call: LinearCall, local_work):
         layout, group = call.layout, call.group
         rank = comm.rank_and_size(group)[0]
+        chain = agreement.ChainDigests(call.world, rank, call.digest)
         local_work()
         carried, P_out = None, []
         for w in work:  # local order is sequence order in both layouts
@@ -44,20 +47,23 @@ class ChainExchange:
             elif layout.owner(j - 1) == rank:
                 P = carried
             else:
-                P = comm.recv(w.summary_state.detach(), layout.owner(j - 1), group)
+                like = w.summary_state.detach()
+                P = chain.detach(comm.recv(chain.message_like(like), layout.owner(j - 1), group), like)
             out = apply_transition(w.transition.detach(), P) + w.summary_state.detach()
             if j + 1 < layout.num_segments:
                 if layout.owner(j + 1) == rank:
                     carried = out
                 else:
-                    comm.send(out, layout.owner(j + 1), group)
+                    comm.send(chain.attach(out), layout.owner(j + 1), group)
             P_out.append(P)
+        chain.verify("sp_linear_attention(strategy='lasp1')")
         return P_out, None
 
     @staticmethod
     def backward(G: List[torch.Tensor], work: List[SegmentWork], call: LinearCall, saved):
         layout, group = call.layout, call.group
         rank = comm.rank_and_size(group)[0]
+        chain = agreement.ChainDigests(call.world, rank, call.digest)
         nxt = [None] * len(work)
         carried = None
         for i in range(len(work) - 1, -1, -1):
@@ -67,11 +73,13 @@ class ChainExchange:
             elif layout.owner(j + 1) == rank:
                 nxt[i] = carried
             else:
-                nxt[i] = comm.recv(w.summary_state.detach(), layout.owner(j + 1), group)
+                like = w.summary_state.detach()
+                nxt[i] = chain.detach(comm.recv(chain.message_like(like), layout.owner(j + 1), group), like)
             D = G[i] + apply_transition(w.transition.detach(), nxt[i], transpose=True)
             if j > 0:
                 if layout.owner(j - 1) == rank:
                     carried = D
                 else:
-                    comm.send(D, layout.owner(j - 1), group)
+                    comm.send(chain.attach(D), layout.owner(j - 1), group)
+        chain.verify("sp_linear_attention(strategy='lasp1'), backward")
         return nxt

@@ -2,7 +2,7 @@
 
 Forward, on every rank:
   1. summarise each local segment (Ŝ, Â) from a zero incoming state;
-  2. launch ONE all-gather of all summaries (fp32, packed with a small agreement header);
+  2. launch ONE all-gather of all summaries (fp32, packed with the call's agreement digest);
   3. compute the intra-chunk outputs while it is in flight (the bulk of the work);
   4. fold the gathered summaries of earlier segments into each local segment's incoming state P
      (P_{j+1} = Â_j P_j + Ŝ_j); the chunk-entry states become S_in + Λ P and the
@@ -25,29 +25,18 @@ from typing import List, Tuple
 import torch
 
 from ..ops.common import compute_dtype
-from . import comm
+from . import agreement, comm
 from .context import LinearCall
 from .layout import Layout
 from .linear_local import SegmentWork, fold_backward, fold_forward
 from ..ops.precision import no_autocast
 
 
-def _pack(work: List[SegmentWork], header: float) -> torch.Tensor:
-    """One row per local segment: [Ŝ flat, Â flat, header], in the state dtype (fp32; fp64 for
-    fp64 inputs), never in the input's half precision."""
-    rows = []
-    for w in work:
-        S, A = w.summary_state.detach(), w.transition.detach()
-        rows.append(torch.cat([S.reshape(-1), A.reshape(-1), S.new_full((1,), header)]))
-    return torch.stack(rows)
-
-
-def _check_headers(gathered: torch.Tensor, header: float) -> None:
-    codes = gathered[..., -1]
-    if not bool((codes == header).all()):
-        bad = sorted({r for r in range(codes.shape[0]) if not bool((codes[r] == header).all())})
-        raise ValueError(f"ranks disagree on the call (shapes, gates, cu_seqlens, strategy or layout): "
-                         f"rank(s) {bad} differ from this rank; pass identical arguments on every rank")
+def _pack(work: List[SegmentWork], digest: int) -> torch.Tensor:
+    """One row per local segment: [Ŝ flat, Â flat, digest], in the state dtype (fp32; fp64 for
+    fp64 inputs), never in the input's half precision; the digest's 8 bytes are raw bits."""
+    rows = [torch.cat([w.summary_state.detach().reshape(-1), w.transition.detach().reshape(-1)]) for w in work]
+    return agreement.stamp_rows(torch.stack(rows), digest)
 
 
 def _by_segment(gathered: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -60,12 +49,12 @@ def _by_segment(gathered: torch.Tensor, layout: Layout) -> torch.Tensor:
 class AllGatherExchange:
     """LASP-2's exchange (``linear_sp`` protocol): one all-gather of every segment's summary.
 
-    Forward: pack [Ŝ, Â, header] per local segment, launch ONE async all-gather, run the
-    intra-chunk work while it is in flight (``call.overlap``), check the headers, fold
+    Forward: pack [Ŝ, Â, digest] per local segment, launch ONE async all-gather, run the
+    intra-chunk work while it is in flight (``call.overlap``), check the digests, fold
     (``fold_forward``). Saved for backward: the gathered transitions Â [J, B, H, Kg | K, K].
     Backward: ONE all-gather of G and the suffix fold (``fold_backward``).
-    Communication: forward 1 all-gather of [W, S_local, B*H*K*V + |Â| + 1] fp32 (fp64 for fp64
-    inputs), |Â| = B*H*Kg for the diagonal family, B*H*K*K for the delta rule; backward
+    Communication: forward 1 all-gather of [W, S_local, B*H*K*V + |Â| + 2] fp32 (+ 1 for fp64
+    inputs: the 8-byte digest), |Â| = B*H*Kg for the diagonal family, B*H*K*K for the delta rule; backward
     1 all-gather of [W, S_local, B, H, K, V].
     """
 
@@ -74,17 +63,17 @@ class AllGatherExchange:
     @staticmethod
     def forward(work: List[SegmentWork], call: LinearCall, local_work):
         B, H, K, V = work[0].summary_state.shape
-        pending = comm.all_gather(_pack(work, call.header), call.group, async_op=True)
+        pending = comm.all_gather(_pack(work, call.digest), call.group, async_op=True)
         if call.overlap:
             local_work()
         gathered = pending.wait()
         if not call.overlap:
             local_work()
-        _check_headers(gathered, call.header)
+        agreement.check_stamped(gathered, call.digest, "sp_linear_attention")
         rows = _by_segment(gathered, call.layout)  # [J, n]
-        dt = work[0].summary_state.dtype
+        dt, width = work[0].summary_state.dtype, agreement.digest_width(gathered.dtype)
         S_all = rows[:, : B * H * K * V].reshape(-1, B, H, K, V).to(dt)
-        A_all = rows[:, B * H * K * V: -1].reshape(-1, *work[0].transition.shape).to(dt)
+        A_all = rows[:, B * H * K * V: -width].reshape(-1, *work[0].transition.shape).to(dt)
         P = fold_forward(S_all, A_all)
         return [P[w.seg.index] for w in work], A_all
 
@@ -112,13 +101,13 @@ def _doc_pieces(layout: Layout, rank: int, cu_seqlens) -> List[List[Tuple[slice,
     return per_segment
 
 
-def _document_sums(partial: List[List[torch.Tensor]], pieces, group) -> List[List[torch.Tensor]]:
+def _document_sums(partial: List[List[torch.Tensor]], pieces, group, digest: int) -> List[List[torch.Tensor]]:
     """Per-piece sums [B, H, K, V] -> per-piece sums over the piece's whole document.
 
     Every segment publishes two rows, its first and its last piece with their document ids
     (the second row is empty, id -1, when the segment is one piece), in ONE all-gather; a
     document's total is the sum of every published row with its id. Pieces strictly inside a
-    segment are whole documents already.
+    segment are whole documents already. Every row carries the call's ``digest`` (``agreement``).
     """
     rows = []
     for seg_sums, seg_pieces in zip(partial, pieces):
@@ -128,8 +117,10 @@ def _document_sums(partial: List[List[torch.Tensor]], pieces, group) -> List[Lis
             last = torch.zeros_like(last)
         for S, doc in ((first, seg_pieces[0][1]), (last, last_id)):
             rows.append(torch.cat([S.reshape(-1), S.new_full((1,), float(doc))]))
-    gathered = comm.all_gather(torch.stack(rows), group)
-    gathered = gathered.reshape(-1, gathered.shape[-1])
+    gathered = comm.all_gather(agreement.stamp_rows(torch.stack(rows), digest), group)
+    agreement.check_stamped(gathered, digest, "sp_linear_attention(causal=False)")
+    width = agreement.digest_width(gathered.dtype)
+    gathered = gathered.reshape(-1, gathered.shape[-1])[:, :-width]
     ids, sums = gathered[:, -1], gathered[:, :-1]
     out = []
     for seg_sums, seg_pieces in zip(partial, pieces):
@@ -143,25 +134,27 @@ class BidirectionalLASP2Function(torch.autograd.Function):
     """Non-causal basic linear attention: o_i = scale * q_i S_doc(i), with S_d the sum of
     k^T v over document d, wherever its tokens live (one document without cu_seqlens).
 
-    Communication: forward 1 all-gather of [W, 2 S, B*H*K*V + 1] (per segment: the sums of its
-    first and last document pieces, with their ids); backward 1 all-gather of the same size for
+    Communication: forward 1 all-gather of [W, 2 S, B*H*K*V + 1 + 8 bytes] (per segment: the sums
+    of its first and last document pieces, with their ids and the call's agreement digest);
+    backward 1 all-gather of the same size for
     G_d = scale * sum q^T dO. An all-reduce would do without documents; the gather keeps one
     code path (DESIGN §1).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, layout, group, cu_seqlens):
+    def forward(ctx, q, k, v, scale, layout, group, cu_seqlens, digest):
         dt = compute_dtype(q.dtype)
         qf, kf, vf = (t.to(dt).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         pieces = _doc_pieces(layout, comm.rank_and_size(group)[0], cu_seqlens)
         partial = [[kf[:, :, sl].transpose(-1, -2) @ vf[:, :, sl] for sl, _ in seg] for seg in pieces]
-        S = _document_sums(partial, pieces, group)
+        S = _document_sums(partial, pieces, group, digest)
         o = torch.empty(*qf.shape[:3], vf.shape[-1], dtype=dt, device=q.device)
         for seg, seg_S in zip(pieces, S):
             for (sl, _), S_d in zip(seg, seg_S):
                 o[:, :, sl] = scale * qf[:, :, sl] @ S_d
         ctx.save_for_backward(qf, kf, vf)
         ctx.S, ctx.pieces, ctx.scale, ctx.group, ctx.dtypes = S, pieces, scale, group, (q.dtype, k.dtype, v.dtype)
+        ctx.digest = digest
         return o.transpose(1, 2).to(q.dtype)
 
     @staticmethod
@@ -171,7 +164,7 @@ class BidirectionalLASP2Function(torch.autograd.Function):
         dof = do.to(qf.dtype).transpose(1, 2)
         partial = [[ctx.scale * qf[:, :, sl].transpose(-1, -2) @ dof[:, :, sl] for sl, _ in seg]
                    for seg in ctx.pieces]
-        G = _document_sums(partial, ctx.pieces, ctx.group)
+        G = _document_sums(partial, ctx.pieces, ctx.group, ctx.digest)
         dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
         for seg, seg_S, seg_G in zip(ctx.pieces, ctx.S, G):
             for (sl, _), S_d, G_d in zip(seg, seg_S, seg_G):
@@ -179,4 +172,4 @@ class BidirectionalLASP2Function(torch.autograd.Function):
                 dk[:, :, sl] = vf[:, :, sl] @ G_d.transpose(-1, -2)
                 dv[:, :, sl] = kf[:, :, sl] @ G_d
         grads = (t.transpose(1, 2).to(d) for t, d in zip((dq, dk, dv), ctx.dtypes))
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)

@@ -27,7 +27,7 @@ import torch
 from ..ops.common import compute_dtype
 from ..ops.precision import no_autocast
 from ..ops.softmax import attention_block_bwd, attention_block_fwd, merge_attention
-from . import comm
+from . import agreement, comm
 from .softmax_common import SoftmaxCall
 
 
@@ -50,19 +50,27 @@ def ring_fwd(q, k, v, call: SoftmaxCall):
 
     Returns o (q's dtype), lse [B, H, T] (fp32; fp64 for fp64), the K/V blocks kept for the
     backward {owner: [B, T, Hkv, D + Dv]} and the visibility of every owner's block.
-    Communication: W - 1 hops (send to r + 1, recv from r - 1) of [B, T, Hkv, D + Dv].
+    Communication: W - 1 hops (send to r + 1, recv from r - 1) of [B, T, Hkv, D + Dv], each block
+    followed by its owner's 8-byte agreement digest; every rank checks every owner's at the end
+    (after the last hop, so no rank is left waiting).
     """
     rank, W = call.rank_and_size()
     D, ct = k.shape[-1], compute_dtype(q.dtype)
     keep_owners = {(rank + 1) % W, (rank + 2) % W}  # the backward's first two blocks
     # Decided up front (host-side, O(T) each) so that the loop below only launches work.
     visible = call.visibility(rank, q.device)
-    cur = torch.cat([k, v], dim=-1)
+    B, T, Hkv = k.shape[:3]
+    n = B * T * Hkv * (D + v.shape[-1])
+    msg = k.new_empty(n + agreement.digest_width(k.dtype))  # [K | V] then its owner's digest
+    kv = msg[:n].view(B, T, Hkv, -1)
+    kv[..., :D], kv[..., D:] = k, v
+    msg[n:] = agreement.digest_elements(call.digest, k.dtype, k.device)
+    cur, digests = kv, {}
     o = lse = None
     kept: Dict[int, torch.Tensor] = {}
     for s in range(W):
         src = (rank - s) % W
-        hop = comm.send_recv(cur, (rank + 1) % W, cur, (rank - 1) % W, call.group) if s < W - 1 else None
+        hop = comm.send_recv(msg, (rank + 1) % W, msg, (rank - 1) % W, call.group) if s < W - 1 else None
         if visible[src]:  # a hidden block costs no compute but still travels on
             o_s, lse_s = attention_block_fwd(q, cur[..., :D], cur[..., D:], call.mask(rank, src, q.device),
                                              scale=call.scale, block_size=call.block_size, out_dtype=ct)
@@ -70,7 +78,10 @@ def ring_fwd(q, k, v, call: SoftmaxCall):
         if src in keep_owners and src != rank:
             kept[src] = cur
         if hop is not None:
-            cur = hop.wait()
+            msg = hop.wait()
+            cur = msg[:n].view(B, T, Hkv, -1)
+            digests[(src - 1) % W] = agreement.read_digests(msg[n:])[0]
+    agreement.check(list(digests.values()), call.digest, list(digests), "sp_softmax_attention(strategy='ring')")
     # Every query sees at least itself, so o is set; the guard keeps odd masks NaN-free.
     if o is None:
         o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=ct)

@@ -29,7 +29,7 @@ import torch
 from ..ops.common import compute_dtype
 from ..ops.precision import no_autocast
 from ..ops.softmax import attention_block_bwd, attention_block_fwd, merge_attention
-from . import comm
+from . import agreement, comm
 from .softmax_common import SoftmaxCall
 
 
@@ -40,16 +40,25 @@ def allgather_fwd(q, k, v, call: SoftmaxCall):
         per-call state (scale, causal, layout, group, global document ids, block size).
     Returns: o [B, T, H, Dv] (q's dtype), lse [B, H, T] (fp32; fp64 for fp64), the gathered
         K/V [W, B, T, Hkv, D + Dv] (input dtype) and the per-slot visibility list.
-    Communication: 1 all-gather of [W, B, T, Hkv, D + Dv] in the input dtype.
+    Communication: 1 all-gather of [W, B, T, Hkv, D + Dv] in the input dtype, plus the call's
+    8-byte agreement digest (checked before the gathered K/V are used).
     """
     rank, W = call.rank_and_size()
     D, ct = k.shape[-1], compute_dtype(q.dtype)
-    pending = comm.all_gather(torch.cat([k, v], dim=-1), call.group, async_op=True)
+    B, T, Hkv = k.shape[:3]
+    n = B * T * Hkv * (D + v.shape[-1])
+    buf = k.new_empty(n + agreement.digest_width(k.dtype))  # [K | V] then the digest: one copy
+    kv = buf[:n].view(B, T, Hkv, -1)
+    kv[..., :D], kv[..., D:] = k, v
+    buf[n:] = agreement.digest_elements(call.digest, k.dtype, k.device)
+    pending = comm.all_gather(buf, call.group, async_op=True)
     opts = dict(scale=call.scale, block_size=call.block_size, out_dtype=ct)
     # The diagonal slot needs nothing from the others: compute it while the gather runs.
     o, lse = attention_block_fwd(q, k, v, call.mask(rank, rank, q.device), **opts)
     visible = call.visibility(rank, q.device)
-    kv_all = pending.wait()
+    gathered = pending.wait()
+    agreement.check_stamped(gathered, call.digest, "sp_softmax_attention(strategy='allgather')")
+    kv_all = gathered[:, :n].view(W, B, T, Hkv, -1)
     for j in range(W):
         if j != rank and visible[j]:  # a slot the mask fully hides costs no compute
             o_j, lse_j = attention_block_fwd(q, kv_all[j, ..., :D], kv_all[j, ..., D:],

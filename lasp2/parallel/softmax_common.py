@@ -27,6 +27,8 @@ class SoftmaxCall:
     scale: score scale (resolved, a float). causal: the causal mask. layout: the sharding
     (``Layout`` of this group). group: the SP process group. doc: global document id of every
     global position, [W * T] int64, or None (one document). block_size: kernel tile size.
+    digest: the call's 64-bit agreement digest (``agreement.call_digest``), sent inside the
+    strategy's first message and checked against the other ranks'.
     """
 
     scale: float
@@ -35,6 +37,7 @@ class SoftmaxCall:
     group: Any
     doc: Optional[torch.Tensor] = None
     block_size: int = BLOCK_SIZE
+    digest: int = 0
 
     def rank_and_size(self) -> Tuple[int, int]:
         return comm.rank_and_size(self.group)

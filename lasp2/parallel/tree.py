@@ -21,6 +21,9 @@ Communication (per direction, W > 1): ceil(log2 J) rounds; in round d each eleme
 summary [B*H*K*V + |Â|] (fp32; fp64 for fp64 inputs) to the owner of element i + 2^d and receives
 one from the owner of i - 2^d (if they exist), all sends and receives of a round in one
 ``batch_isend_irecv``. Per rank: at most S * ceil(log2 J) summaries received (S local segments).
+Every message also carries the agreement digests its sender has seen (``agreement.ChainDigests``,
+8 W bytes): an aggregate arrives with the digests of the ranks it covers, and a rank that sees one
+differ from its own raises after the last round.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import comm
+from . import agreement, comm
 from .context import LinearCall
 from .linear_local import SegmentWork, compose
 from .linear_sp import overlapped
@@ -85,16 +88,21 @@ def _p2p_deliver(call: LinearCall, order: List[int], like: Summary):
     owner = [call.layout.owner(j) for j in order]
     J = len(order)
     template = _pack(like)
+    chain = agreement.ChainDigests(call.world, rank, call.digest)
 
     def deliver(d: int, outgoing: Dict[int, Summary]):
         step = 1 << d
         local_hand = {i + step: s for i, s in outgoing.items() if owner[i + step] == rank}
-        sends = [(_pack(s), owner[i + step]) for i, s in sorted(outgoing.items()) if owner[i + step] != rank]
+        sends = [(chain.attach(_pack(s)), owner[i + step]) for i, s in sorted(outgoing.items())
+                 if owner[i + step] != rank]
         wanted = sorted(i for i in range(step, J) if owner[i] == rank and owner[i - step] != rank)
-        pending = comm.p2p(sends, [(template, owner[i - step]) for i in wanted], call.group, tag=d)
+        pending = comm.p2p(sends, [(chain.message_like(template), owner[i - step]) for i in wanted], call.group,
+                           tag=d)
 
         def finish():
-            received = pending.wait()
+            received = [chain.detach(x, template) for x in pending.wait()]
+            if d == tree_rounds(J) - 1:
+                chain.verify("sp_linear_attention(strategy='tree')")
             return {**local_hand, **{i: _unpack(x, like) for i, x in zip(wanted, received)}}
         return finish
     return deliver

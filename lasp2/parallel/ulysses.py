@@ -25,7 +25,7 @@ import torch
 from ..ops.common import compute_dtype
 from ..ops.precision import no_autocast
 from ..ops.softmax import attention_block_bwd, attention_block_fwd
-from . import comm
+from . import agreement, comm
 from .softmax_common import SoftmaxCall, kv_replication
 
 
@@ -54,8 +54,9 @@ def ulysses_fwd(q, k, v, call: SoftmaxCall):
     """Forward on plain tensors (q [B, T, H, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv]).
 
     Returns o [B, T, H, Dv] (q's dtype) and the head-sharded (q, k, v, o, lse) for backward.
-    Communication: 1 all-to-all of [W, B, T, (H D + Hkv m (D + Dv)) / W] and 1 of
-    [W, B, T, H Dv / W], input dtype.
+    Communication: 1 all-to-all of [W, B, T, (H D + Hkv m (D + Dv)) / W] (every row followed
+    by the call's 8-byte agreement digest, checked on arrival) and 1 of [W, B, T, H Dv / W],
+    input dtype.
     """
     group, W = call.group, call.rank_and_size()[1]
     B, T, H, D = q.shape
@@ -64,8 +65,16 @@ def ulysses_fwd(q, k, v, call: SoftmaxCall):
     if m > 1:
         k, v = k.repeat_interleave(m, dim=2), v.repeat_interleave(m, dim=2)
     hq, hk = H // W, Hkv * m // W
-    send = torch.cat([_to_heads(q, W), _to_heads(k, W), _to_heads(v, W)], dim=-1)
-    full = _from_ranks(comm.all_to_all(send, group))  # [B, W*T, n]: all tokens, my heads
+    n = B * T * (hq * D + hk * (D + Dv))
+    send = q.new_empty(W, n + agreement.digest_width(q.dtype))  # row j: rank j's heads, then the digest
+    rows = send[:, :n].view(W, B, T, -1)
+    rows[..., :hq * D] = _to_heads(q, W)
+    rows[..., hq * D: (hq + hk) * D] = _to_heads(k, W)
+    rows[..., (hq + hk) * D:] = _to_heads(v, W)
+    send[:, n:] = agreement.digest_elements(call.digest, q.dtype, q.device)
+    got = comm.all_to_all(send, group)
+    agreement.check_stamped(got, call.digest, "sp_softmax_attention(strategy='ulysses')")
+    full = _from_ranks(got[:, :n].view(W, B, T, -1))  # [B, W*T, n]: all tokens, my heads
     qh, kh, vh = _unpack(full, [(hq, D), (hk, D), (hk, Dv)])
     oh, lse = attention_block_fwd(qh, kh, vh, call.global_mask(q.device), scale=call.scale,
                                   block_size=call.block_size)

@@ -21,6 +21,17 @@ from tests.helpers import assert_close, make_inputs
 WORLD = 2
 
 
+def _raises(match: str, fn) -> None:
+    """pytest.raises(ValueError) inside a worker case: a miss becomes an AssertionError, which
+    ``run_cases`` reports and moves on from (pytest's Failed is a BaseException), so the ranks
+    stay in step."""
+    try:
+        with pytest.raises(ValueError, match=match):
+            fn()
+    except pytest.fail.Exception as e:
+        raise AssertionError(str(e)) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Case 1: -inf gates under SP, shard by shard against the single-device op (itself compared
 # with naive.py in test_neg_inf_gates.py). Resets on both ranks, at a rank's first token (so the
@@ -77,8 +88,8 @@ def _unshard_mismatch(group, *, layout: str, dim: int) -> None:
     shape = [2, 4, 3]
     shape[dim] += 2 * rank  # rank 1's part is longer along ``dim``
     x = torch.randn(*shape)
-    with pytest.raises(ValueError, match=r"(?s)different arguments.*rank 0: unshard x_local=\(2, 4, 3\).*rank 1: unshard"):
-        lasp2.unshard(x, group=group, layout=layout, dim=dim)
+    _raises(r"(?s)different arguments.*rank 0: unshard x_local=\(2, 4, 3\).*rank 1: unshard",
+            lambda: lasp2.unshard(x, group=group, layout=layout, dim=dim))
     whole = torch.arange(2 * 8 * 3, dtype=torch.float32).view(2, 8, 3)
     back = lasp2.unshard(lasp2.shard(whole, group=group, layout=layout), group=group, layout=layout)
     assert torch.equal(back, whole)
@@ -128,8 +139,7 @@ def _disagree(group, *, op: str, kind: str) -> None:
     if head_of_chain:
         call(rank)
     else:
-        with pytest.raises(ValueError, match=AGREE):
-            call(rank)
+        _raises(AGREE, lambda: call(rank))
     assert _call(group, op, 8).shape == (1, 8, 2, 4)  # in step again
 
 
@@ -148,8 +158,8 @@ def _worker(group) -> Dict[str, str]:
     torch.set_default_dtype(torch.float64)
     return {
         "inf_gates": _section(INF_CASES, _inf_gates_sp, group),
-        "unshard": _section(UNSHARD_CASES, _unshard_mismatch, group),
         "agreement": _section(AGREE_CASES, _disagree, group),
+        "unshard": _section(UNSHARD_CASES, _unshard_mismatch, group),
     }
 
 

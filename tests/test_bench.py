@@ -163,10 +163,11 @@ def test_scan_strategies_by_hand():
         scan = cm.linear_layer("allscan", 8, s, rate, LINK, blocks=2)
         t = (8 + 2 - 2) * (2e-5 + 1e-9 * state / 2)
         assert scan.comm == pytest.approx(max(0.0, t - hidden) + t)
-        assert scan.bytes_sent == 2 * state and scan.calls == (2 * 2, 2 * 2)
+        digests = 8 * 8  # every whole message carries the W = 8 agreement digests
+        assert scan.bytes_sent == 2 * (state + digests) and scan.calls == (2 * 2, 2 * 2)
         tree = cm.linear_layer("tree", 8, s, rate, LINK)
         t = 3 * (2e-5 + 1e-9 * (state + a))
-        assert tree.comm == pytest.approx(max(0.0, t - hidden) + t) and tree.bytes_sent == 2 * 3 * (state + a)
+        assert tree.comm == pytest.approx(max(0.0, t - hidden) + t) and tree.bytes_sent == 2 * 3 * (state + a + digests)
         z = cm.linear_layer("tree", 3, s, rate, LINK, segments=2)  # zigzag: J = 6 -> 3 rounds
         assert z.comm == pytest.approx(2 * 3 * (2e-5 + 1e-9 * (state + a)) - min(hidden, 3 * (2e-5 + 1e-9 * (state + a))))
     # k* for a chain of 8: sqrt(6 * s / alpha) with s = 128 ns, alpha = 20 us -> 0.2: one block

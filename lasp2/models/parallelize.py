@@ -33,11 +33,11 @@ This module sits above ``lasp2.nn`` (it knows the layers); the SP strategies bel
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import sys
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import LinearAttention, SoftmaxAttention, SPContext
@@ -46,6 +46,9 @@ from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..parallel.layout import LAYOUTS
 from ..parallel.mesh import check_mesh, dp_sp_group, flat_mesh
 from ..validation import check_choice
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 
 DATA_PARALLEL = ("ddp", "fsdp2")
@@ -109,10 +112,11 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
     check_choice("softmax_strategy", softmax_strategy, SOFTMAX_STRATEGIES)
     check_choice("layout", layout, LAYOUTS)
     check_choice("data_parallel", data_parallel, DATA_PARALLEL)
-    if mp_policy is not None and (data_parallel != "fsdp2" or not isinstance(mp_policy, MixedPrecisionPolicy)):
+    if mp_policy is not None and (data_parallel != "fsdp2"
+                                  or not isinstance(mp_policy, _fsdp().MixedPrecisionPolicy)):
         raise ValueError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy and needs "
                          f"data_parallel='fsdp2'; got {type(mp_policy).__name__} with data_parallel={data_parallel!r}")
-    if isinstance(model, (DistributedDataParallel, FSDPModule)):
+    if isinstance(model, DistributedDataParallel) or _is_fsdp_module(model):
         raise ValueError(f"model is already wrapped in {type(model).__name__}; pass the plain module "
                          f"(lasp2.parallelize applies DP itself)")
     if backend is not None:
@@ -139,7 +143,7 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
     if activation_checkpointing:
         model.activation_checkpointing = True
     if data_parallel == "fsdp2":
-        return _fully_shard(model, flat_mesh(mesh), mp_policy or MixedPrecisionPolicy())
+        return _fully_shard(model, flat_mesh(mesh), mp_policy or _fsdp().MixedPrecisionPolicy())
     device = next(model.parameters()).device
     # lasp2 modules keep no buffers (RoPE tables and fixed decays are recomputed), so DDP has no
     # per-forward buffer broadcast to do.
@@ -147,11 +151,25 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
                                    device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def _fsdp():
+    """torch.distributed.fsdp, imported on first use: importing it costs about half as much as
+    importing torch itself, in every process that imports lasp2 (each test rank, each CLI rank)."""
+    import torch.distributed.fsdp as fsdp
+
+    return fsdp
+
+
+def _is_fsdp_module(model) -> bool:
+    """Whether ``model`` is an FSDPModule (it cannot be unless fsdp was imported)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
 def _fully_shard(model: torch.nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> torch.nn.Module:
     """FSDP2 bottom-up: each block of ``model.layers`` (when the model has them), then the root."""
     for block in getattr(model, "layers", ()):
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+        _fsdp().fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     # The root's parameters (embeddings, tied LM head, final norm) are needed first in forward and
     # first in backward: keep them gathered between the two (torchtitan does the same).
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    _fsdp().fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     return model

@@ -195,8 +195,11 @@ def _run_rank(fn, args, config, conn) -> None:
         lines = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
         summary = lines[0] + (" [continued in .traceback]" if len(lines) > 1 else "")
         data = pickle.dumps(("error", (time.time(), summary, traceback.format_exc())))
-    conn.send_bytes(data)
-    conn.close()
+    try:
+        conn.send_bytes(data)
+        conn.close()
+    except OSError:  # the parent stopped listening (another rank failed first and it is stopping us):
+        pass  # nothing to deliver; without this, multiprocessing prints "Process lasp2-rankN:" and a traceback
     # Skip interpreter teardown: the report is sent and the process group destroyed, but
     # gloo's C++ threads can still abort in static destructors ('terminate called without
     # an active exception', SIGABRT) after a clean run, which would read as a crash.

@@ -64,3 +64,29 @@ def test_readme_snippet_under_torchrun(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout + p.stderr
     _check(p.stdout)
+
+
+def _bound(pattern: str) -> float:
+    m = re.search(pattern, " ".join((ROOT / "README.md").read_text().split()))
+    assert m, f"README no longer states {pattern!r}"
+    return float(m.group(1))
+
+
+def test_main_job_bounds_hold_on_every_recorded_run():
+    """Case 13: the README's machine-independent claims about the main job are checked against
+    every recorded run (benchmarks/results/train/*_metrics.jsonl), not restated from one run."""
+    import json
+
+    acc_min = _bound(r"mean query accuracy of the last 10 steps above \*\*([0-9.]+)\*\*")
+    loss_max = _bound(r"final loss below \*\*([0-9.]+)\*\*")
+    ablation_max = _bound(r"`--no-state-passing`, last-10 accuracy below \*\*([0-9.]+)\*\*")
+    runs = sorted((ROOT / "benchmarks" / "results" / "train").glob("*_metrics.jsonl"))
+    assert len(runs) >= 4, runs  # the default run, two more seeds, the ablation
+    for path in runs:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, 251)), path.name
+        last10 = sum(r["accuracy"] for r in rows[-10:]) / 10
+        if path.name.startswith("no_state_passing"):
+            assert last10 < ablation_max, (path.name, last10)
+        else:
+            assert last10 > acc_min and rows[-1]["loss"] < loss_max, (path.name, last10, rows[-1]["loss"])

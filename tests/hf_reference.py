@@ -4,7 +4,8 @@ transformers' PyTorch fallbacks run the Gated DeltaNet scan (``torch_chunk_gated
 and the Mamba2 scan (``mamba2_chunk_scan``) in fp32 whatever the model's dtype, and route them
 to fla / mamba_ssm when those are installed (fla is, here, and needs a GPU). So the reference
 model runs with these two module-level kernels pinned, inside ``hf_kernels``:
-- fp32: transformers' own PyTorch fallbacks (``fn.__wrapped__``), nothing else changed;
+- fp32: transformers' own PyTorch fallbacks (``lasp2.hf.loading.use_torch_kernels``, which selects
+  them where transformers does not do so for CPU tensors itself), nothing else changed;
 - fp64: the same computation in fp64 (``gdn_fp64`` / ``mamba2_fp64``: transformers' own l2norm,
   head repetition, gate and skip handling around lasp2's per-token oracle ``ops/naive.py``),
   shown equal to transformers' fallbacks to fp32 precision by ``test_fp64_kernels_match``.
@@ -20,7 +21,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from lasp2.hf.loading import build_model, load_config
+from lasp2.hf.loading import build_model, load_config, use_torch_kernels
 from lasp2.ops.naive import naive_linear_attention
 
 # Tiny test configs: the shipped ones, cut to 3 layers with both layer kinds.
@@ -83,21 +84,17 @@ def mamba2_fp64(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, in
 
 
 @contextlib.contextmanager
-def hf_kernels(family: str, dtype: torch.dtype):
-    """Pin the reference model's scan/conv kernels (see the module docstring)."""
+def hf_kernels(family: str, dtype: torch.dtype, model):
+    """Pin the reference model's scan kernels (see the module docstring)."""
+    use_torch_kernels(model)
     modeling = importlib.import_module(MODULES[family])
+    pins = {"torch_chunk_gated_delta_rule": gdn_fp64(modeling), "mamba2_chunk_scan": mamba2_fp64}
     saved: Dict[str, object] = {}
-    for name in ("causal_conv1d_fn", "torch_chunk_gated_delta_rule", "mamba2_chunk_scan"):
-        fn = getattr(modeling, name, None)
-        if fn is None:
-            continue
-        saved[name] = fn
-        torch_path = getattr(fn, "__wrapped__", fn)
-        if dtype == torch.float64 and name == "torch_chunk_gated_delta_rule":
-            torch_path = gdn_fp64(modeling)
-        elif dtype == torch.float64 and name == "mamba2_chunk_scan":
-            torch_path = mamba2_fp64
-        setattr(modeling, name, torch_path)
+    if dtype == torch.float64:
+        for name, fp64 in pins.items():
+            if getattr(modeling, name, None) is not None:
+                saved[name] = getattr(modeling, name)
+                setattr(modeling, name, fp64)
     try:
         yield
     finally:
@@ -121,7 +118,7 @@ def reference(family: str, dtype: torch.dtype, ids: torch.Tensor, cu: Optional[l
     spans = [(0, ids.shape[1])] if cu is None else list(zip(cu[:-1], cu[1:]))
     targets = shift(ids, cu)
     n = int((targets != -100).sum())
-    with hf_kernels(family, dtype):
+    with hf_kernels(family, dtype, model):
         logits, hf_loss = [], 0.0
         for a, b in spans:
             out = model(input_ids=ids[:, a:b], labels=ids[:, a:b], use_cache=False)

@@ -242,9 +242,11 @@ def test_fp64_kernels_match_transformers(family):
     """The fp64 reference kernels equal transformers' PyTorch fallbacks to fp32 precision."""
     import importlib
 
+    from lasp2.hf.loading import use_torch_kernels
     from tests.hf_reference import MODULES
 
     modeling = importlib.import_module(MODULES[family])
+    use_torch_kernels(make_model(family, torch.float32))  # transformers' PyTorch kernels for CPU tensors
     gen = torch.Generator().manual_seed(3)
     B, L, H, Hk, K, V = 1, 37, 4, 2, 8, 6
     if family == "qwen3_next":
@@ -254,8 +256,7 @@ def test_fp64_kernels_match_transformers(family):
         beta = torch.rand(B, L, H, generator=gen)
         args = (q, k, v, g, beta)
         ours, _ = gdn_fp64(modeling)(*args, use_qk_l2norm_in_kernel=True)
-        theirs, _ = modeling.torch_chunk_gated_delta_rule.__wrapped__(*args, chunk_size=16,
-                                                                      use_qk_l2norm_in_kernel=True)
+        theirs, _ = modeling.torch_chunk_gated_delta_rule(*args, chunk_size=16, use_qk_l2norm_in_kernel=True)
     else:
         x = torch.randn(B, L, H, V, generator=gen)
         dt = torch.randn(B, L, H, generator=gen)
@@ -264,7 +265,7 @@ def test_fp64_kernels_match_transformers(family):
         D, dt_bias = torch.randn(H, generator=gen), torch.randn(H, generator=gen)
         kw = dict(chunk_size=16, D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=(0.0, float("inf")))
         ours = mamba2_fp64(x, dt, A, Bm, Cm, **kw)
-        theirs = modeling.mamba2_chunk_scan.__wrapped__(x, dt, A, Bm, Cm, **kw)
+        theirs = modeling.mamba2_chunk_scan(x, dt, A, Bm, Cm, **kw)
     assert max_rel_err(ours, theirs.double()) < 1e-5
 
 

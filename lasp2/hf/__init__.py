@@ -13,7 +13,12 @@ convolutions become lasp2 SP ops. See ``families.py`` for the mapping.
 try:
     import transformers  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError('lasp2.hf needs transformers >= 5.0: pip install "lasp2[hf]"') from e
+    raise ImportError('lasp2.hf needs transformers (5.23 - 5.25 verified): pip install -e ".[hf]" '
+                      'from the lasp2 checkout') from e
+
+from .compat import check_transformers
+
+check_transformers(transformers.__version__)
 
 from .api import parallelize, shard_batch
 from .families import FAMILIES, supported

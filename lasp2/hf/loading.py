@@ -71,11 +71,9 @@ def use_torch_kernels(model) -> None:
     packages are installed and that need a GPU. For CPU baselines of an *unmodified* model (the
     parallelized layers never call these kernels). Affects every model of that family in this
     process; a no-op for kernels that already are the PyTorch ones."""
+    import transformers
+
+    from .compat import torch_fallbacks
     from .families import family_of
 
-    modeling = family_of(model).modeling()
-    for name in ("causal_conv1d_fn", "torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",
-                 "mamba2_chunk_scan"):
-        fn = getattr(modeling, name, None)
-        if fn is not None and hasattr(fn, "__wrapped__"):
-            setattr(modeling, name, fn.__wrapped__)
+    torch_fallbacks(family_of(model).modeling(), transformers.__version__)

@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--allocators", nargs="+", choices=("default", "tuned"), default=["default", "tuned"],
                    help="glibc malloc as it comes, and/or with lasp2.cpu_allocator.tune_cpu_allocator()")
     p.add_argument("--child", nargs=2, metavar=("OP", "T"), help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for the results (default benchmarks/results; --quick writes only with --out)")
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args.heads, args.dim, args.repeats,
@@ -114,10 +116,11 @@ def main() -> None:
             "cpu": cpu_model(), "cores": os.cpu_count(),
             "threads": args.threads, "config": {"B": 1, "H": args.heads, "K": args.dim, "V": args.dim,
                                                 "dtype": "float32", "gate": "scalar", "repeats": args.repeats}}
-    if args.quick:
+    out = args.out or (None if args.quick else RESULTS)
+    if out is None:
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "chunk.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chunk.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Chunked linear attention, fwd+bwd ({meta['command']})", "",
              f"torch {meta['torch']}, {meta['cores']} cores, {args.threads} threads; B=1, H={args.heads}, "
              f"K=V={args.dim}, fp32, scalar gate; median of {args.repeats} after a warm-up. Allocator "
@@ -127,7 +130,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['op']} | {r['T']} | {r['allocator']} | {r['seconds']:.3f} | {r['peak_mem_mb']:.0f} | "
                      f"{r['peak_mem_mb'] / r['T'] * 1024:.1f} |")
-    (RESULTS / "chunk.md").write_text("\n".join(lines) + "\n")
+    (out / "chunk.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

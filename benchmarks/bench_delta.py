@@ -89,6 +89,8 @@ def main() -> None:
     p.add_argument("--recurrence-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--variants", nargs="+", default=["delta", "gated_delta"], choices=["delta", "gated_delta"])
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for the results (default benchmarks/results; --quick writes only with --out)")
     args = p.parse_args()
     if args.quick:
         args.chunk_length, args.recurrence_length, args.repeats, args.recurrence_repeats = 512, 128, 2, 1
@@ -126,11 +128,12 @@ def main() -> None:
         lines.append(f"| {r['variant']} | {r['op']} | {r['T']} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | "
                      f"{'1.0' if ratio is None else f'{ratio:.1f}'} |")
     print("\n".join(lines))
-    if args.quick:
+    out = args.out or (None if args.quick else RESULTS)
+    if out is None:
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "delta.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (RESULTS / "delta.md").write_text("\n".join(lines) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "delta.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "delta.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -206,6 +206,8 @@ def main() -> None:
     p.add_argument("--delta", action="store_true",
                    help="Gated DeltaNet (beta, scalar gate, unit-norm keys) instead of the scalar-gate "
                         "diagonal variant; writes linear_sp_delta.{json,md}")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for the results (default benchmarks/results; --quick writes only with --out)")
     args = p.parse_args()
     if args.quick:
         args.local_len, args.repeats = 1024, 2
@@ -213,16 +215,17 @@ def main() -> None:
     for allocator in args.allocators:
         _set_allocator(allocator)  # spawned processes read glibc's MALLOC_* settings at start-up
         rows += _measure(spawn, args, allocator)
-    if args.quick:
+    out = args.out or (None if args.quick else RESULTS)
+    if out is None:
         return
     variant = "Gated DeltaNet (beta, scalar gate)" if args.delta else "scalar gate"
     meta = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
             "cpu": cpu_model(), "cores": os.cpu_count(),
             "config": {"T_local": args.local_len, "H": args.heads, "K": args.dim, "V": args.dim,
                        "dtype": "float32", "variant": variant, "threads_per_rank": 1, "repeats": args.repeats}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("linear_sp_delta" if args.delta else "linear_sp")
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Sequence-parallel linear attention, weak scaling ({meta['command']})", "",
              f"torch {meta['torch']}, {meta['cores']} cores; T_local={args.local_len}, H={args.heads}, "
              f"K=V={args.dim}, fp32, {variant}, 1 thread per rank; median of {args.repeats} "
@@ -238,7 +241,7 @@ def main() -> None:
         lines.append(f"| {r['allocator']} | {r['config']} | {r['W']} | {r['T_global']} | {r['seconds']:.3f} | "
                      f"{r['efficiency']:.3f} | {r['vs_no_sp_ranks']:.3f} | {r['cpu_seconds']:.3f} | "
                      f"{r['cpu_vs_no_sp_ranks']:.3f} | {r['peak_mem_mb']:.0f} | {r['mem_ratio']:.2f}x |")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

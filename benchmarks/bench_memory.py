@@ -57,23 +57,30 @@ def table(rows) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="debug preset only")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the results (default benchmarks/results)")
+    ap.add_argument("--shapes", nargs="+", default=[f"{dp}x{sp}" for dp, sp in SHAPES], metavar="DPxSP",
+                    help="mesh shapes (default: %(default)s)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 2048 for debug, "
+                    "1024 for linear-llama3-mid)")
     args = ap.parse_args()
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
     presets = [("debug", 2048)] + ([] if args.quick else [("linear-llama3-mid", 1024)])
+    presets = [(preset, args.seq_len or seq_len) for preset, seq_len in presets]
     rows = []
     with tempfile.TemporaryDirectory(prefix="lasp2-mem-") as tmp:
         for preset, seq_len in presets:
-            for dp, sp in SHAPES:
+            for dp, sp in shapes:
                 for mode in MODES:
                     rows.append(measure(preset, dp, sp, mode, seq_len, Path(tmp)))
                     print(json.dumps(rows[-1]), file=sys.stderr)
-    command = "python benchmarks/bench_memory.py" + (" --quick" if args.quick else "")
+    command = "python " + " ".join(sys.argv)
     md = (f"Per-rank memory of one `lasp2 train` step (fp32, AdamW, MQAR, global batch 4), CPU/gloo, torch "
           f"{torch.__version__}. Command: `{command}`. Bytes are exact (lasp2/train/memory.py).\n\n{table(rows)}\n")
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     name = "memory_quick" if args.quick else "memory"
-    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "torch": torch.__version__,
+    (args.out / f"{name}.json").write_text(json.dumps({"command": command, "torch": torch.__version__,
                                                       "rows": rows}, indent=1))
-    (RESULTS / f"{name}.md").write_text(md)
+    (args.out / f"{name}.md").write_text(md)
     print(md)
     return 0
 

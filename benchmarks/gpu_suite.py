@@ -80,7 +80,7 @@ def _fla_direct(variant):
 
 def _runners(variant, group):
     import lasp2
-    from lasp2.parallel import comm
+    from lasp2.parallel import agreement
     from lasp2.parallel.context import LinearCall
     from lasp2.parallel.layout import Layout
     from lasp2.parallel.linear_sp import LinearSPFunction
@@ -89,7 +89,7 @@ def _runners(variant, group):
     direct = _fla_direct(variant)
 
     def local(q, k, v, g, beta, scale):
-        call = LinearCall(group, Layout("contiguous", 1, q.shape[1]), scale, header=comm.signature_code("gpu-suite"),
+        call = LinearCall(group, Layout("contiguous", 1, q.shape[1]), scale, digest=agreement.call_digest("gpu-suite"),
                           backend="fla")
         return LinearSPFunction.apply(q, k, v, g, beta, call, linear("lasp2").exchange)
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankFailure", "under_torchrun", "init_from_env", "spawn"]
+__all__ = ["RankFailure", "under_torchrun", "init_from_env", "join_group", "spawn"]
 
 
 class RankFailure(RuntimeError):
@@ -69,7 +69,27 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0) -> Tu
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        dist.barrier()  # every rank's connections complete before any rank can leave (join_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def join_group(rank: int, world_size: int, init_method: str, backend: str = "gloo",
+               timeout_s: float = 600.0) -> None:
+    """Initialise the default process group as ``rank`` of ``world_size`` through ``init_method``
+    (e.g. ``file://`` in a directory the parent owns: no ports to race for), then wait in one
+    barrier until every rank has joined.
+
+    Why the barrier: gloo's full-mesh connect can return on one rank before its peer has finished
+    its half of the handshake. A rank that then leaves at once (its work needs no collective, or
+    it raises) closes its sockets under a slower peer (a busy machine), and that peer dies in
+    ``Gloo connectFullMesh failed ... Connection closed by peer`` instead of running or reporting
+    the first rank's error. After the barrier every connection is complete on every rank.
+
+    Communication: one barrier over the new default group.
+    """
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    dist.barrier()
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
@@ -186,8 +206,7 @@ def _run_rank(fn, args, config, conn) -> None:
         torch.set_num_threads(threads)
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        join_group(rank, world_size, init_method, backend, timeout_s)
         result = fn(*args)
         dist.destroy_process_group()
         data = pickle.dumps(("ok", result))  # not mp's pickler: its tensors would die with us

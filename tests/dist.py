@@ -28,12 +28,14 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+from datetime import timedelta
+
+from lasp2.launch import join_group
 
 WORLD_SIZES: tuple[int, ...] = (1, 2, 4)
 """World sizes every distributed test should cover (DESIGN.md §5)."""
@@ -48,6 +50,22 @@ _KILL_WAIT_S = 20.0
 # Environment for the children: one OpenMP thread (2-core CI runs several ranks at once) and no
 # C++ warning chatter from c10d/gloo.
 _CHILD_ENV = {"OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+
+@contextlib.contextmanager
+def parent_store(timeout: float = 300.0) -> Iterator[dist.TCPStore]:
+    """A TCPStore server owned by this (the test) process on a port the OS picks and this process
+    holds, for child processes that rendezvous over TCP (torchrun agents, env:// workers): no
+    free-port race with whatever else runs on the machine. Its ``.port`` goes to the children as
+    ``--rdzv-endpoint 127.0.0.1:PORT --rdzv-conf is_host=false`` (torchrun) or ``MASTER_PORT`` with
+    ``TORCHELASTIC_USE_AGENT_STORE=True`` (the workers' environment when torchrun's agent holds the
+    store, which is exactly this situation)."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout))
+    try:
+        yield store
+    finally:
+        del store
 
 
 class DistributedError(AssertionError):
@@ -260,13 +278,7 @@ def _worker(
     """Child entry point: run ``fn`` on this rank and send ("ok", result) or ("error", tb)."""
     try:
         torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=init_method,
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout),
-        )
+        join_group(rank, world_size, init_method, "gloo", timeout)  # init + barrier: see its docstring
         try:
             result = fn(dist.group.WORLD, *args, **kwargs)
         finally:

@@ -124,7 +124,7 @@ def test_exit_reports_code_promptly() -> None:
         run_distributed(_exit_on_rank1, 2, timeout=600)
     # Far below the timeout: a dead rank is noticed from its closed pipe, not by waiting (the
     # bound allows a spawn on a heavily shared machine: ~30 s at load average 16 on 2 cores).
-    assert time.monotonic() - start < 120
+    assert time.monotonic() - start < 300
     assert not mp.active_children()
 
 

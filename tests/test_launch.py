@@ -68,8 +68,10 @@ def test_failing_rank_stops_every_rank_promptly(body, message, exitcode):
     before = _children()
     start = time.monotonic()
     with pytest.raises(RankFailure) as info:
-        spawn(body, 2, timeout_s=120)
-    assert time.monotonic() - start < 30, "the blocked rank was not stopped promptly"
+        spawn(body, 2, timeout_s=600)
+    # Not at the timeout: the blocked rank is stopped once rank 1's failure is seen. Half the
+    # timeout leaves room for a slow spawn on a loaded machine (tens of seconds at load 20).
+    assert time.monotonic() - start < 300, "the blocked rank was not stopped promptly"
     e = info.value
     assert isinstance(e, RuntimeError)
     assert str(e) == message and "\n" not in str(e)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist import parent_store
 
 ROOT = Path(__file__).resolve().parents[1]
 ERR = re.compile(r"rank (\d): max \|sp - single device\| = (\S+)")
@@ -25,12 +26,6 @@ def readme_snippet() -> str:
     return found[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _check(outputs: str) -> None:
     errs = {int(r): float(e) for r, e in ERR.findall(outputs)}
     assert sorted(errs) == [0, 1], outputs
@@ -40,8 +35,14 @@ def _check(outputs: str) -> None:
 def test_readme_snippet_runs_as_written(tmp_path):
     script = tmp_path / "demo.py"
     script.write_text(readme_snippet())
+    with parent_store() as store:  # torchrun's agent holds the store; here this process does (no port race)
+        _run_two_workers(script, tmp_path, store.port)
+
+
+def _run_two_workers(script, tmp_path, port: int) -> None:
     base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "TORCHELASTIC_USE_AGENT_STORE": "True"}
     procs = [subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]

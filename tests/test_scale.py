@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 
 from lasp2.cli import main as cli_main
 from lasp2.train import checkpoint
+from tests.dist import parent_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-9
@@ -46,22 +46,22 @@ def _train(*args) -> None:
         (failure.read_text()[-3000:] if failure.is_file() else "(no failure.txt)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_nodes(nproc: int, *args, timeout=300) -> List[subprocess.CompletedProcess]:
     """``lasp2 train`` under two torchrun agents on this host, one per "node" (c10d rendezvous on a
     free port). torchrun ignores --node-rank with c10d (ranks come from the rendezvous) but each
-    agent still gets a contiguous block of ``nproc`` global ranks."""
-    port, run_id = _free_port(), f"lasp2-test-{os.getpid()}-{_free_port()}"
+    agent still gets a contiguous block of ``nproc`` global ranks. The rendezvous store is this
+    process's (``parent_store``): both agents join it as clients, no free-port race."""
+    with parent_store() as store:
+        return _agents(nproc, store.port, args, timeout)
+
+
+def _agents(nproc: int, port: int, args, timeout) -> List[subprocess.CompletedProcess]:
+    run_id = f"lasp2-test-{os.getpid()}-{port}"
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-               "--rdzv-id", run_id, "--max-restarts", "0", "-m", "lasp2", "train", *QUICK, *args]
+               "--rdzv-conf", "is_host=false", "--rdzv-id", run_id, "--max-restarts", "0", "-m", "lasp2", "train", *QUICK, *args]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, start_new_session=True))
     try:

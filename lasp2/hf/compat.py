@@ -1,7 +1,7 @@
 """Which transformers releases ``lasp2.hf`` supports, and the one place it reaches into them.
 
 Verified: transformers 5.23 - 5.25 (the test suite's ``hf`` tests pass on each; CI runs the
-pinned one in ``constraints/ci.txt``; ``.ci/newest`` runs them against the newest releases).
+pinned one in ``constraints.txt``; ``.ci/newest`` runs them against the newest releases).
 Older releases are refused at import (they lack model classes and the ``AttentionInterface`` we
 register); newer ones run with a warning until verified.
 
@@ -43,7 +43,7 @@ def check_transformers(version: str) -> None:
     if found < OLDEST:
         raise ImportError(f"lasp2.hf needs transformers >= {OLDEST[0]}.{OLDEST[1]} (verified: {supported}); "
                           f"found {version}, which lacks model classes and attention hooks lasp2.hf uses. "
-                          f"Upgrade: pip install -c constraints/ci.txt 'transformers>={OLDEST[0]}.{OLDEST[1]}'")
+                          f"Upgrade: pip install -c constraints.txt 'transformers>={OLDEST[0]}.{OLDEST[1]}'")
     if found > NEWEST:
         warnings.warn(f"transformers {version} is newer than the releases lasp2.hf was verified with ({supported}); "
                       f"run .ci/newest to check it", stacklevel=3)

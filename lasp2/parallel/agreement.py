@@ -56,8 +56,12 @@ def digest_width(dtype: torch.dtype) -> int:
 
 
 def read_digests(tail: torch.Tensor) -> List[int]:
-    """Digests from the trailing elements of each row of ``tail`` [..., width] (any dtype)."""
-    return tail.contiguous().view(torch.int64).reshape(-1).tolist()
+    """Digests from the trailing elements of each row of ``tail`` [..., width] (any dtype).
+
+    ``tail`` is often a slice of a received message that starts at an odd fp32 element (a state
+    of odd size before it); an int64 view needs an 8-byte aligned start, so the few elements are
+    copied first (``contiguous`` would return the slice itself)."""
+    return tail.clone(memory_format=torch.contiguous_format).view(torch.int64).reshape(-1).tolist()
 
 
 def stamp_rows(rows: torch.Tensor, digest: int) -> torch.Tensor:

@@ -91,3 +91,16 @@ def test_main_job_bounds_hold_on_every_recorded_run():
             assert last10 < ablation_max, (path.name, last10)
         else:
             assert last10 > acc_min and rows[-1]["loss"] < loss_max, (path.name, last10, rows[-1]["loss"])
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """`.ci/run` runs the README's test command verbatim (pinned by constraints.txt), so what CI
+    proves is what a new user types; both README commands install from the pins."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    commands = [b.strip() for b in blocks if "pip install" in b and ("pytest" in b or "lasp2 train" in b)]
+    test_cmd = [c for c in commands if c.endswith("pytest -q")]
+    assert len(test_cmd) == 1, commands
+    assert test_cmd[0] in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert all(c.count("-c constraints.txt") == 2 for c in commands), commands
+    pins = (ROOT / "constraints.txt").read_text()
+    assert re.search(r"^transformers==\d", pins, flags=re.M) and re.search(r"^fla-core==\d", pins, flags=re.M)

@@ -40,10 +40,19 @@ def flat_mesh(mesh: DeviceMesh) -> DeviceMesh:
     root mesh caches the flattened mesh, so later calls return the same one and communicate nothing.
     """
     check_mesh(mesh)
-    # The one use of a private torch API in lasp2: torch 2.13 has no public call that flattens
-    # mesh dims into a mesh attached to (and cached by) the root mesh. The public DeviceMesh(...)
-    # constructor would create a new process group on every call and leave mesh["dp_sp"] unknown.
-    return mesh._flatten(FLAT_DIM)
+    return _flatten(mesh, FLAT_DIM)
+
+
+def _flatten(mesh: DeviceMesh, name: str) -> DeviceMesh:
+    """``mesh._flatten(name)``: the one use of a private torch API in lasp2 (README, Known
+    Limitations). torch 2.4 - 2.13 has no public call that flattens mesh dims into a mesh attached
+    to (and cached by) the root mesh; the public DeviceMesh(...) constructor would create a new
+    process group on every call and leave mesh["dp_sp"] unknown. A clear error if it is gone."""
+    flatten = getattr(mesh, "_flatten", None)
+    if flatten is None:
+        raise RuntimeError(f"torch {torch.__version__}: DeviceMesh has no _flatten, which lasp2 uses to build the "
+                           f"flattened dp x sp mesh (verified with torch 2.4 - 2.13); install torch==2.13.0")
+    return flatten(name)
 
 
 def dp_sp_group(mesh: DeviceMesh):

@@ -18,8 +18,14 @@ import weakref
 from typing import Dict, Iterable, List, Tuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+try:  # torch's dispatch-mode extension point and pytree, public in use but under private module names
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+except ImportError as e:  # pragma: no cover - a torch that moved them
+    raise ImportError(f"lasp2's activation-memory accounting needs torch.utils._python_dispatch.TorchDispatchMode "
+                      f"and torch.utils._pytree.tree_flatten (verified with torch 2.4 - 2.13); found torch "
+                      f"{torch.__version__} without them") from e
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

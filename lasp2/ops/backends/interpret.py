@@ -55,8 +55,29 @@ def _interpreter_range(*args):
     return (_implicit_cvt(i) for i in builtins.range(*args))
 
 
+def _check_triton() -> None:
+    """The interpreter internals ``_patch`` reaches into (private to triton) exist in this release;
+    a clear error otherwise. Verified with triton 3.7.1 - 3.9 (README, Known Limitations)."""
+    import triton
+    from triton.runtime import autotuner, interpreter
+
+    needed = {"triton.runtime.interpreter.GridExecutor": getattr(interpreter, "GridExecutor", None),
+              "triton.runtime.interpreter._implicit_cvt": getattr(interpreter, "_implicit_cvt", None),
+              "triton.runtime.interpreter.InterpretedFunction": getattr(interpreter, "InterpretedFunction", None),
+              "triton.runtime.autotuner.Autotuner.do_bench": getattr(getattr(autotuner, "Autotuner", None),
+                                                                     "do_bench", None)}
+    missing = [name for name, found in needed.items() if found is None]
+    if missing:
+        raise RuntimeError(f"triton {triton.__version__} lacks {', '.join(missing)}, which lasp2 patches to run "
+                           f"fla's kernels in the Triton interpreter on CPU (verified with triton 3.7.1 - 3.9); "
+                           f"install a verified triton (pip install -c constraints.txt triton) or use "
+                           f"backend='torch' on CPU")
+
+
 def _patch() -> None:
     from triton.runtime import autotuner, interpreter
+
+    _check_triton()
 
     def constant_timings(self):
         return lambda kernel_call, quantiles=None, **kwargs: [1.0, 1.0, 1.0]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lasp2.parallel import strategies
+from lasp2.parallel import allscan, strategies
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ def test_consumers_read_the_registry():
     (258, 26e-6, 25e-6, 64, 16),   # 256 ranks, 1 MiB state over 40 GB/s, 25 us hops: sqrt(256 * 1.04)
 ])
 def test_pipeline_blocks(J, state_time, alpha, V, expected):
-    k = strategies.pipeline_blocks(J, state_time, alpha, V)
+    k = allscan.pipeline_blocks(J, state_time, alpha, V)
     assert k == expected
     cost = lambda k: (J + k - 2) * (alpha + state_time / k)  # noqa: E731
     assert all(cost(k) <= cost(m) + 1e-18 for m in range(1, V + 1)), "not the minimum over 1..V"

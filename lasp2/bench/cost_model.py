@@ -35,7 +35,8 @@ from typing import Optional
 
 from ..parallel.agreement import DIGEST_BYTES
 from ..parallel.softmax_common import kv_replication
-from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, linear, pipeline_blocks, softmax
+from ..parallel.allscan import pipeline_blocks
+from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, linear, softmax
 
 BWD_FACTOR = {"linear": 2.0, "softmax": 2.5}
 FP32 = 4

@@ -7,8 +7,8 @@ import torch
 
 from .. import functional
 from ..ops import backends
-from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_qkv, check_scale,
-                          resolve_scale)
+from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_group, check_qkv,
+                          check_scale, resolve_scale)
 from . import agreement, comm, strategies
 from .context import LinearCall
 from .lasp2 import BidirectionalLASP2Function
@@ -16,20 +16,6 @@ from .layout import LAYOUTS, Layout
 from .linear_sp import LinearSPFunction
 from .strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..ops.precision import no_autocast
-
-
-def check_group(group) -> None:
-    if group is None and not torch.distributed.is_initialized():
-        raise ValueError("group is required, and it is None here because the default process group is not "
-                         "initialised (dist.group.WORLD is None until then): call "
-                         "torch.distributed.init_process_group('gloo') ('nccl' on GPUs) first, e.g. in a script "
-                         "started with torchrun, then pass group=dist.group.WORLD or your sequence-parallel group")
-    if group is None:
-        raise ValueError("group is required: pass the sequence-parallel process group explicitly "
-                         "(e.g. mesh['sp'].get_group(), or dist.group.WORLD when SP spans every rank); "
-                         "None would silently mean WORLD, which is wrong once SP sits inside DP")
-    if not isinstance(group, torch.distributed.ProcessGroup):
-        raise ValueError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
 
 
 def _describe(t: Optional[torch.Tensor]) -> str:
@@ -71,7 +57,7 @@ def sp_linear_attention(
         cu_seqlens: global [N + 1] cumulative document lengths, identical on every rank (B == 1).
         scan_blocks: pipeline blocks of a pipelined strategy's chain (the state split along V;
             1..V); None picks k* = sqrt((J - 2) s / alpha) for an InfiniBand-class link
-            (``strategies.default_blocks``; ``lasp2 plan`` gives k* for your network).
+            (``allscan.default_blocks``; ``lasp2 plan`` gives k* for your network).
         backend: the local work's kernels: "auto" (fla on CUDA tensors when installed, else
             torch), "torch" or "fla" (see ``lasp2.ops.backends``). The communication is the same.
 

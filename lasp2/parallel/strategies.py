@@ -20,7 +20,6 @@ The all-gather strategy's steps/message are those of one ring all-gather of J su
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -114,39 +113,3 @@ def softmax(name: str) -> SoftmaxStrategy:
     if name not in SOFTMAX:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(map(repr, SOFTMAX_STRATEGIES))}")
     return SOFTMAX[name]
-
-
-def pipeline_blocks(segments: int, state_time: float, hop_latency: float, max_blocks: int) -> int:
-    """Block count k of a pipelined chain over ``segments`` segments that minimises its latency
-    (J + k - 2)(alpha + s / k): k* = sqrt((J - 2) s / alpha), rounded to the better neighbour
-    and clamped to [1, max_blocks] (the state splits along V, so at most V blocks).
-
-    state_time: s, seconds to send one whole state; hop_latency: alpha, seconds per hop.
-    """
-    J = segments
-    if J <= 2 or state_time <= 0 or max_blocks <= 1:
-        return 1
-    if hop_latency <= 0:
-        return max_blocks
-    best = math.sqrt((J - 2) * state_time / hop_latency)
-
-    def cost(k: int) -> float:
-        return (J + k - 2) * (hop_latency + state_time / k)
-
-    candidates = {min(max_blocks, max(1, c)) for c in (math.floor(best), math.ceil(best))}
-    return min(sorted(candidates), key=cost)
-
-
-# Default link for choosing the block count when the caller gives none: an InfiniBand-class
-# point-to-point hop (25 us latency, 40 GB/s per GPU; the planner's "infiniband" network). The
-# planner (``lasp2 plan``) reports k* for the user's own network; pass it as ``scan_blocks``.
-DEFAULT_HOP_LATENCY = 25e-6
-DEFAULT_HOP_BANDWIDTH = 40e9
-
-
-def default_blocks(segments: int, state_bytes: int, V: int, requested: Optional[int] = None) -> int:
-    """The block count ``allscan`` uses: ``requested`` if given, else ``pipeline_blocks`` on the
-    default link."""
-    if requested is not None:
-        return min(int(requested), V)
-    return pipeline_blocks(segments, state_bytes / DEFAULT_HOP_BANDWIDTH, DEFAULT_HOP_LATENCY, V)

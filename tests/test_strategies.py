@@ -14,18 +14,26 @@ from lasp2.parallel import allscan, strategies
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_no_other_list_of_strategy_names_in_the_package():
-    """No tuple/list/set literal outside the registry holds two or more strategy names."""
-    names = set(strategies.LINEAR) | set(strategies.SOFTMAX)
-    offenders = []
+def _package_nodes():
+    """(path relative to the repository, AST node) of every node of the package's modules but the
+    registry's."""
     for path in sorted((ROOT / "lasp2").rglob("*.py")):
         if path.name == "strategies.py" and path.parent.name == "parallel":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-                found = [e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names]
-                if len(found) >= 2:
-                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {found}")
+            yield path.relative_to(ROOT), node
+
+
+def _strategy_names(nodes) -> list:
+    """The registered strategy names among ``nodes`` that are string constants."""
+    names = set(strategies.LINEAR) | set(strategies.SOFTMAX)
+    return [n.value for n in nodes if isinstance(n, ast.Constant) and n.value in names]
+
+
+def test_no_other_list_of_strategy_names_in_the_package():
+    """No tuple/list/set literal outside the registry holds two or more strategy names."""
+    offenders = [f"{path}:{node.lineno} {found}" for path, node in _package_nodes()
+                 if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(found := _strategy_names(node.elts)) >= 2]
     assert not offenders, "strategy names listed outside lasp2/parallel/strategies.py:\n" + "\n".join(offenders)
 
 
@@ -54,32 +62,30 @@ def test_consumers_read_the_registry():
 def test_no_module_branches_on_a_strategy_name():
     """Outside the registry no comparison involves a strategy name (``strategy == "ulysses"``,
     ``name in ("lasp1", ...)``) and no dict is keyed by one: code asks what a strategy can do."""
-    names = set(strategies.LINEAR) | set(strategies.SOFTMAX)
     offenders = []
-    for path in sorted((ROOT / "lasp2").rglob("*.py")):
-        if path.name == "strategies.py" and path.parent.name == "parallel":
+    for path, node in _package_nodes():
+        if isinstance(node, ast.Compare):
+            found = _strategy_names([node.left, *node.comparators])
+        elif isinstance(node, ast.Dict):
+            found = _strategy_names(node.keys)
+        else:
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Compare):
-                consts = [c.value for c in (node.left, *node.comparators) if isinstance(c, ast.Constant)]
-            elif isinstance(node, ast.Dict):
-                consts = [k.value for k in node.keys if isinstance(k, ast.Constant)]
-            else:
-                continue
-            found = [c for c in consts if isinstance(c, str) and c in names]
-            if found:
-                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {found}")
+        if found:
+            offenders.append(f"{path}:{node.lineno} {found}")
     assert not offenders, "branches on strategy names outside lasp2/parallel/strategies.py:\n" + "\n".join(offenders)
 
 
-def test_the_name_check_sees_a_comparison(tmp_path, monkeypatch):
-    """The check above can fail: a synthetic module comparing with a registered name is found."""
+def test_the_name_checks_can_fail(tmp_path, monkeypatch):
+    """Both checks above see a synthetic module that compares with registered names, keys a dict
+    by one and lists two."""
     fake = tmp_path / "lasp2"
     fake.mkdir()
-    (fake / "bad.py").write_text("def f(s):\n    return s == 'ulysses' or {'ring': 1}\n")
+    (fake / "bad.py").write_text("CHAINS = ('lasp1', 'tree')\n\ndef f(s):\n    return s == 'ulysses' or {'ring': 1}\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    with pytest.raises(AssertionError, match=r"bad.py:2 \['ulysses'\][\s\S]*bad.py:2 \['ring'\]"):
+    with pytest.raises(AssertionError, match=r"bad.py:4 \['ulysses'\][\s\S]*bad.py:4 \['ring'\]"):
         test_no_module_branches_on_a_strategy_name()
+    with pytest.raises(AssertionError, match=r"bad.py:1 \['lasp1', 'tree'\]"):
+        test_no_other_list_of_strategy_names_in_the_package()
 
 
 def test_every_pattern_has_cost_terms_and_a_new_strategy_needs_none(monkeypatch):

@@ -135,6 +135,22 @@ def check_initial_state(initial_state, q: torch.Tensor, v: torch.Tensor, cu_seql
         raise ValueError(f"initial_state must have shape {what} = {(n, H, K, V)}, got {tuple(initial_state.shape)}")
 
 
+def check_group(group) -> None:
+    """``group`` is a real ProcessGroup: None (torch's WORLD default) is refused, since it silently
+    means every rank once SP sits inside DP."""
+    if group is None and not torch.distributed.is_initialized():
+        raise ValueError("group is required, and it is None here because the default process group is not "
+                         "initialised (dist.group.WORLD is None until then): call "
+                         "torch.distributed.init_process_group('gloo') ('nccl' on GPUs) first, e.g. in a script "
+                         "started with torchrun, then pass group=dist.group.WORLD or your sequence-parallel group")
+    if group is None:
+        raise ValueError("group is required: pass the sequence-parallel process group explicitly "
+                         "(e.g. mesh['sp'].get_group(), or dist.group.WORLD when SP spans every rank); "
+                         "None would silently mean WORLD, which is wrong once SP sits inside DP")
+    if not isinstance(group, torch.distributed.ProcessGroup):
+        raise ValueError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")

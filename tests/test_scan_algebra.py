@@ -1,4 +1,4 @@
-"""The cross-segment algebra of the linear SP strategies, in one process (issue 11 item 7).
+"""The cross-segment algebra of the linear SP strategies, in one process.
 
 ``fold_forward`` / ``fold_backward`` and the summary composition ``compose`` are checked against
 references that do not use them: the single-device op run on whole prefixes of the sequence

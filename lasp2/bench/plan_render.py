@@ -106,7 +106,7 @@ def projection(model: ModelConfig, network, device) -> str:
     tput = lambda p, W, T: f"{p.tokens_per_s_per_gpu:,.0f}" + ("" if p.fits else " (OOM)")  # noqa: E731
     mem = lambda p, W, T: f"{p.memory / 1e9:.1f}" + ("" if p.fits else " (OOM)")  # noqa: E731
     for pattern, new, old in (("L", by_pattern("all-gather", None), by_pattern("chain", None)),
-                              ("LLLN", by_pattern("all-gather", "all-gather"), by_pattern("chain", "ring"))):
+                              ("LLLN", by_pattern("all-gather", "all-gather"), by_pattern("chain", "ring-pass"))):
         m = replace(model, pattern=pattern, name=f"{model.name.split(' ')[0]}" + (" hybrid" if "N" in pattern else ""))
         kind = "pure linear" if pattern == "L" else "1 softmax layer in 4 (LLLN)"
         lines += [f"## {m.name}: {kind}", "", *_header(m, network, device),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
+from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, softmax
 
 IDEAL = "ideal"
 
@@ -78,8 +78,8 @@ class SoftmaxSuite:
         return list(self.strategies) + [IDEAL]
 
     def skip_reason(self, config, spec, W):
-        if config == "ulysses" and spec.heads % W:
-            return f"ulysses needs heads % W == 0 (heads={spec.heads}, W={W})"
+        if config != IDEAL and softmax(config).heads_divisible and spec.heads % W:
+            return f"{config} needs heads % W == 0 (heads={spec.heads}, W={W})"
         return None
 
     def inputs(self, spec, T, W, rank, device, group):

@@ -29,7 +29,8 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from ..parallel.strategies import LINEAR_STRATEGIES, default_blocks, linear
+from ..parallel.allscan import default_blocks
+from ..parallel.strategies import LINEAR_STRATEGIES, linear
 from .cost_model import Link, Shape, all_gather_time, chain_time, linear_layer, softmax_layer
 
 SIZES = (1 << 10, 16 << 10, 128 << 10, 512 << 10, 2 << 20)  # bytes per rank

@@ -1,4 +1,4 @@
-"""``strategy="allscan"``: the pipelined chain (ZeCO's All-Scan, arXiv 2507.01004; issue 14).
+"""``strategy="allscan"``: the pipelined chain (ZeCO's All-Scan, arXiv 2507.01004).
 
 The running state travels segment to segment in sequence order, as in LASP-1, but split into k
 blocks along V: the owner of segment j receives block b of P_j, forwards block b of
@@ -15,9 +15,11 @@ variants with one code path; it also needs no slicing of Â. The backward (D_j =
 
 Overlap: the forward chain runs in a helper thread (``linear_sp.overlapped``) while the rank
 computes its intra-chunk outputs, so a rank forwards the state as soon as it arrives instead of
-after its own intra-chunk work; the chain's latency hides behind that work. The block count k comes from the call (``scan_blocks``) or the cost model's
-k* = sqrt((J - 2) s / alpha) (``strategies.default_blocks``). Under zigzag the chain runs through
-the 2W segments in sequence order (0 -> W-1 over the ranks, then back), as LASP-1's does.
+after its own intra-chunk work; the chain's latency hides behind that work. The block count k
+comes from the call (``scan_blocks``) or the latency-optimal k* = sqrt((J - 2) s / alpha) on a
+default link (``default_blocks``; ``lasp2 plan`` reports k* for other networks). Under zigzag the
+chain runs through the 2W segments in sequence order (0 -> W-1 over the ranks, then back), as
+LASP-1's does.
 
 Communication (per direction): per local segment j > 0 whose predecessor is on another rank, k
 recvs (one state [B, H, K, V] in all, fp32; fp64 for fp64 inputs) from the owner of j - 1; per
@@ -28,7 +30,8 @@ its own sends are done.
 """
 from __future__ import annotations
 
-from typing import List
+import math
+from typing import List, Optional
 
 import torch
 
@@ -38,9 +41,43 @@ from .linear_local import SegmentWork, apply_transition
 from .linear_sp import overlapped
 
 
-def _blocks(call: LinearCall, like: torch.Tensor) -> List[slice]:
-    from .strategies import default_blocks
+def pipeline_blocks(segments: int, state_time: float, hop_latency: float, max_blocks: int) -> int:
+    """Block count k of a pipelined chain over ``segments`` segments that minimises its latency
+    (J + k - 2)(alpha + s / k): k* = sqrt((J - 2) s / alpha), rounded to the better neighbour
+    and clamped to [1, max_blocks] (the state splits along V, so at most V blocks).
 
+    state_time: s, seconds to send one whole state; hop_latency: alpha, seconds per hop.
+    """
+    J = segments
+    if J <= 2 or state_time <= 0 or max_blocks <= 1:
+        return 1
+    if hop_latency <= 0:
+        return max_blocks
+    best = math.sqrt((J - 2) * state_time / hop_latency)
+
+    def cost(k: int) -> float:
+        return (J + k - 2) * (hop_latency + state_time / k)
+
+    candidates = {min(max_blocks, max(1, c)) for c in (math.floor(best), math.ceil(best))}
+    return min(sorted(candidates), key=cost)
+
+
+# Default link for choosing the block count when the caller gives none: an InfiniBand-class
+# point-to-point hop (25 us latency, 40 GB/s per GPU; the planner's "infiniband" network). The
+# planner (``lasp2 plan``) reports k* for the user's own network; pass it as ``scan_blocks``.
+DEFAULT_HOP_LATENCY = 25e-6
+DEFAULT_HOP_BANDWIDTH = 40e9
+
+
+def default_blocks(segments: int, state_bytes: int, V: int, requested: Optional[int] = None) -> int:
+    """The block count ``allscan`` uses: ``requested`` if given, else ``pipeline_blocks`` on the
+    default link."""
+    if requested is not None:
+        return min(int(requested), V)
+    return pipeline_blocks(segments, state_bytes / DEFAULT_HOP_BANDWIDTH, DEFAULT_HOP_LATENCY, V)
+
+
+def _blocks(call: LinearCall, like: torch.Tensor) -> List[slice]:
     V = like.shape[-1]
     k = default_blocks(call.layout.num_segments, like.numel() * 4, V, call.blocks)
     bounds = [V * b // k for b in range(k + 1)]

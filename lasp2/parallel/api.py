@@ -7,29 +7,22 @@ import torch
 
 from .. import functional
 from ..ops import backends
-from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_qkv, check_scale,
-                          resolve_scale)
+from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_group, check_qkv,
+                          check_scale, resolve_scale)
 from . import agreement, comm, strategies
 from .context import LinearCall
-from .lasp2 import BidirectionalLASP2Function
 from .layout import LAYOUTS, Layout
 from .linear_sp import LinearSPFunction
 from .strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..ops.precision import no_autocast
 
 
-def check_group(group) -> None:
-    if group is None and not torch.distributed.is_initialized():
-        raise ValueError("group is required, and it is None here because the default process group is not "
-                         "initialised (dist.group.WORLD is None until then): call "
-                         "torch.distributed.init_process_group('gloo') ('nccl' on GPUs) first, e.g. in a script "
-                         "started with torchrun, then pass group=dist.group.WORLD or your sequence-parallel group")
-    if group is None:
-        raise ValueError("group is required: pass the sequence-parallel process group explicitly "
-                         "(e.g. mesh['sp'].get_group(), or dist.group.WORLD when SP spans every rank); "
-                         "None would silently mean WORLD, which is wrong once SP sits inside DP")
-    if not isinstance(group, torch.distributed.ProcessGroup):
-        raise ValueError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+def _check_layout(entry, layout: str) -> None:
+    """``layout`` is a known layout and one the strategy runs under."""
+    check_choice("layout", layout, LAYOUTS)
+    if layout not in entry.layouts:
+        raise ValueError(f"strategy={entry.name!r} does not run under layout={layout!r}; use layout="
+                         f"{' or '.join(map(repr, entry.layouts))}, or another strategy")
 
 
 def _describe(t: Optional[torch.Tensor]) -> str:
@@ -63,15 +56,16 @@ def sp_linear_attention(
             None); keys are used as given (normalise them in the layer, as DeltaNet does).
         group: the sequence-parallel process group (required).
         scale: defaults to K**-0.5. causal: False is bidirectional basic linear attention
-            (``strategy="lasp2"`` only, no g).
+            (no g, no beta; a strategy with a bidirectional op: "lasp2").
         strategy: a linear strategy of the registry (``lasp2.parallel.strategies``): "lasp2"
             (one all-gather per direction), "lasp1" (ring chain of P2P hops), "allscan"
-            (pipelined chain of state blocks), "tree" (log-depth scan); the last three are causal.
+            (pipelined chain of state blocks), "tree" (log-depth scan); the last three are
+            causal only.
         layout: "contiguous" or "zigzag" (see ``lasp2.shard``).
         cu_seqlens: global [N + 1] cumulative document lengths, identical on every rank (B == 1).
         scan_blocks: pipeline blocks of a pipelined strategy's chain (the state split along V;
             1..V); None picks k* = sqrt((J - 2) s / alpha) for an InfiniBand-class link
-            (``strategies.default_blocks``; ``lasp2 plan`` gives k* for your network).
+            (``allscan.default_blocks``; ``lasp2 plan`` gives k* for your network).
         backend: the local work's kernels: "auto" (fla on CUDA tensors when installed, else
             torch), "torch" or "fla" (see ``lasp2.ops.backends``). The communication is the same.
 
@@ -91,7 +85,7 @@ def sp_linear_attention(
     """
     check_group(group)
     entry = strategies.linear(strategy)
-    check_choice("layout", layout, LAYOUTS)
+    _check_layout(entry, layout)
     check_qkv(q, k, v)
     check_scale(scale)
     check_gate(g, q)
@@ -104,12 +98,12 @@ def sp_linear_attention(
     if not causal:
         if g is not None or beta is not None:
             raise ValueError("causal=False supports basic linear attention only: pass g=None and beta=None")
-        if not entry.bidirectional:
-            both = [n for n, e in strategies.LINEAR.items() if e.bidirectional]
+        if entry.causal_only:
+            both = strategies.with_capability(strategies.LINEAR, lambda e: not e.causal_only)
             raise ValueError(f"causal=False needs strategy={both[0]!r} (strategy={strategy!r} is causal only)")
     if scan_blocks is not None:
         if not entry.pipelined:
-            pipelined = [n for n, e in strategies.LINEAR.items() if e.pipelined]
+            pipelined = strategies.with_capability(strategies.LINEAR, lambda e: e.pipelined)
             raise ValueError(f"scan_blocks applies to a pipelined strategy ({', '.join(pipelined) or 'none'}), "
                              f"not strategy={strategy!r}; drop scan_blocks or change the strategy")
         if isinstance(scan_blocks, bool) or not isinstance(scan_blocks, int) or not 1 <= scan_blocks <= v.shape[-1]:
@@ -127,7 +121,7 @@ def sp_linear_attention(
         return o
     digest = agreement.call_digest(signature, cu_seqlens)  # everything, every call: rides the first message
     if not causal:
-        return BidirectionalLASP2Function.apply(q, k, v, scale, lay, group, cu_seqlens, digest)
+        return entry.bidirectional.apply(q, k, v, scale, lay, group, cu_seqlens, digest)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(q.device)
     call = LinearCall(group, lay, scale, cu_seqlens, digest=digest, grad_enabled=torch.is_grad_enabled(),
@@ -230,16 +224,18 @@ def sp_softmax_attention(
 
     check_group(group)
     entry = strategies.softmax(strategy)
-    check_choice("layout", layout, LAYOUTS)
+    _check_layout(entry, layout)
     check_qkv(q, k, v, kv_heads_may_differ=True)
     check_scale(scale)
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, q.shape[1])
     check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0], device=q.device)
     if entry.heads_divisible and q.shape[2] % world:
-        raise ValueError(f"strategy='ulysses' shards the query heads over the group, so H = {q.shape[2]} "
+        any_heads = " or ".join(map(repr, strategies.with_capability(strategies.SOFTMAX,
+                                                                     lambda e: not e.heads_divisible)))
+        raise ValueError(f"strategy={strategy!r} shards the query heads over the group, so H = {q.shape[2]} "
                          f"must be a multiple of the group size W = {world}; use a head count divisible "
-                         f"by {world}, or strategy='allgather' or 'ring', which work with any H")
+                         f"by {world}, or strategy={any_heads}, which work with any H")
     scale = resolve_scale(scale, q)
     signature = (f"sp_softmax_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
                  f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={cu_seqlens is not None}")

@@ -22,9 +22,8 @@ import torch
 from ..ops.common import compute_dtype as wire_dtype  # what crosses ranks: fp32, fp64 for fp64
 from ..ops.conv import activate, conv_with_context, doc_ids
 from ..ops.precision import no_autocast
-from ..validation import check_choice, check_conv, check_cu_seqlens
+from ..validation import check_choice, check_conv, check_cu_seqlens, check_group
 from . import comm
-from .api import check_group
 from .layout import LAYOUTS, Layout
 
 

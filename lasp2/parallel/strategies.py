@@ -1,53 +1,56 @@
 """The strategy registry: the ONE list of sequence-parallel strategy names (DESIGN §3).
 
-Every other place that needs strategy names or properties reads this module: the public API's
-validation and dispatch (``api.py``), ``TrainConfig`` and the CLI choices, the bench suites, the
-cost model and the planner. Adding a strategy is one entry here (plus its exchange module).
+Every other place that needs strategy names or what a strategy can do reads this module: the
+public API's validation and dispatch (``api.py``), ``TrainConfig`` and the CLI choices, the bench
+suites, the cost model and the planner. None of them branches on a strategy's name; they read
+its capabilities. Adding a strategy is one entry here plus its exchange module (and, for a new
+communication ``pattern``, its cost terms in ``lasp2/bench/cost_terms.py``).
 
 Linear strategies share the local work and the autograd Function (``linear_sp``) and differ only
-in their *exchange* (how summaries become incoming states). Each entry carries the properties
-the rest of the code asks about and the terms the cost model needs, per direction:
+in their *exchange* (how summaries become incoming states). Capabilities of an entry:
 
-    pattern        "all-gather" | "chain" | "pipelined-chain" | "tree"
-    steps(J, k)    dependent communication steps on the critical path, for J = W * S segments
-                   (S = 1 contiguous, 2 zigzag) and k pipeline blocks (1 except ``allscan``)
-    message(state, transition, k)
-                   bytes of one step's message (state = one [B, H, K, V] fp32 state,
-                   transition = one Â in fp32)
-    received(J, S) states (or summaries, for ``tree``) a rank receives per direction
-
-The all-gather strategy's steps/message are those of one ring all-gather of J summaries.
+    pattern          the communication pattern, "all-gather" | "chain" | "pipelined-chain" |
+                     "recursive-doubling" (linear), "all-gather" | "ring-pass" | "all-to-all"
+                     (softmax); the cost model keys its terms by it
+    point_to_point   sends and receives between pairs of ranks rather than collectives
+    layouts          the token layouts it runs under
+    bidirectional    (linear) the autograd Function for ``causal=False`` (basic linear
+                     attention); None: causal only
+    overlaps_intra   (linear) the forward exchange runs while the intra-chunk work does
+    pipelined        (linear) takes a block count (``scan_blocks``)
+    heads_divisible  (softmax) needs H % W == 0 (it shards the heads)
+    work_follows_layout (softmax) causal work per rank is what the layout gives each rank's
+                     queries (unbalanced under contiguous); False: balanced whatever the layout
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 from .allscan import PipelinedChainExchange
 from .lasp1 import ChainExchange
-from .lasp2 import AllGatherExchange
-from .tree import TreeExchange, tree_rounds
+from .lasp2 import AllGatherExchange, BidirectionalLASP2Function
+from .layout import LAYOUTS
+from .tree import TreeExchange
 
 
 @dataclass(frozen=True)
 class LinearStrategy:
-    """A causal linear SP strategy: its exchange (``linear_sp`` protocol) and properties."""
+    """A linear SP strategy: its exchange (``linear_sp`` protocol) and capabilities."""
 
     name: str
     exchange: object
     summary: str                       # one line for --help and tables
     pattern: str
-    bidirectional: bool                # causal=False supported (basic linear attention)
-    steps: Callable[[int, int], int]
-    message: Callable[[float, float, int], float]
-    received: Callable[[int, int], float]
-    overlaps_intra: bool               # forward exchange runs while the intra-chunk work does
-    pipelined: bool = False            # takes a block count (``scan_blocks``)
+    point_to_point: bool
+    overlaps_intra: bool
+    bidirectional: Optional[type] = None
+    pipelined: bool = False
+    layouts: Tuple[str, ...] = LAYOUTS
 
     @property
     def causal_only(self) -> bool:
-        return not self.bidirectional
+        return self.bidirectional is None
 
 
 @dataclass(frozen=True)
@@ -58,26 +61,22 @@ class SoftmaxStrategy:
     load: Callable[[], type]
     summary: str
     pattern: str
-    heads_divisible: bool = False      # needs H % W == 0 (Ulysses shards heads)
-    work_follows_layout: bool = True   # causal work per rank as the layout places the queries
-                                       # (unbalanced under contiguous); False: balanced anyway
+    point_to_point: bool = False
+    heads_divisible: bool = False
+    work_follows_layout: bool = True
+    layouts: Tuple[str, ...] = LAYOUTS
 
 
 LINEAR: Dict[str, LinearStrategy] = {s.name: s for s in (
     LinearStrategy("lasp2", AllGatherExchange, "one all-gather of every segment's summary per direction",
-                   "all-gather", True, steps=lambda J, k: J - 1, message=lambda s, a, k: s + a,
-                   received=lambda J, S: J - S, overlaps_intra=True),
+                   "all-gather", point_to_point=False, overlaps_intra=True, bidirectional=BidirectionalLASP2Function),
     LinearStrategy("lasp1", ChainExchange, "LASP-1 ring chain: the whole state hops segment to segment",
-                   "chain", False, steps=lambda J, k: J - 1, message=lambda s, a, k: s,
-                   received=lambda J, S: S if J > S else 0, overlaps_intra=False),
+                   "chain", point_to_point=True, overlaps_intra=False),
     LinearStrategy("allscan", PipelinedChainExchange,
                    "pipelined chain (ZeCO All-Scan): the state travels in k blocks along V",
-                   "pipelined-chain", False, steps=lambda J, k: J + k - 2 if J > 1 else 0,
-                   message=lambda s, a, k: s / k, received=lambda J, S: S if J > S else 0,
-                   overlaps_intra=True, pipelined=True),
+                   "pipelined-chain", point_to_point=True, overlaps_intra=True, pipelined=True),
     LinearStrategy("tree", TreeExchange, "log-depth scan: ceil(log2 J) rounds of (Â, Ŝ) exchanges",
-                   "tree", False, steps=lambda J, k: tree_rounds(J), message=lambda s, a, k: s + a,
-                   received=lambda J, S: S * tree_rounds(J), overlaps_intra=True),
+                   "recursive-doubling", point_to_point=True, overlaps_intra=True),
 )}
 
 
@@ -93,7 +92,7 @@ SOFTMAX: Dict[str, SoftmaxStrategy] = {s.name: s for s in (
     SoftmaxStrategy("allgather", _softmax("softmax_allgather", "AllGatherAttentionFunction"),
                     "LASP-2H: one all-gather of K/V forward, one reduce-scatter of dK/dV backward", "all-gather"),
     SoftmaxStrategy("ring", _softmax("ring_attention", "RingAttentionFunction"),
-                    "ring attention: K/V blocks rotate around the ring", "ring"),
+                    "ring attention: K/V blocks rotate around the ring", "ring-pass", point_to_point=True),
     SoftmaxStrategy("ulysses", _softmax("ulysses", "UlyssesAttentionFunction"),
                     "Ulysses: all-to-all from sequence to head sharding", "all-to-all", heads_divisible=True,
                     work_follows_layout=False),
@@ -116,37 +115,7 @@ def softmax(name: str) -> SoftmaxStrategy:
     return SOFTMAX[name]
 
 
-def pipeline_blocks(segments: int, state_time: float, hop_latency: float, max_blocks: int) -> int:
-    """Block count k of a pipelined chain over ``segments`` segments that minimises its latency
-    (J + k - 2)(alpha + s / k): k* = sqrt((J - 2) s / alpha), rounded to the better neighbour
-    and clamped to [1, max_blocks] (the state splits along V, so at most V blocks).
-
-    state_time: s, seconds to send one whole state; hop_latency: alpha, seconds per hop.
-    """
-    J = segments
-    if J <= 2 or state_time <= 0 or max_blocks <= 1:
-        return 1
-    if hop_latency <= 0:
-        return max_blocks
-    best = math.sqrt((J - 2) * state_time / hop_latency)
-
-    def cost(k: int) -> float:
-        return (J + k - 2) * (hop_latency + state_time / k)
-
-    candidates = {min(max_blocks, max(1, c)) for c in (math.floor(best), math.ceil(best))}
-    return min(sorted(candidates), key=cost)
-
-
-# Default link for choosing the block count when the caller gives none: an InfiniBand-class
-# point-to-point hop (25 us latency, 40 GB/s per GPU; the planner's "infiniband" network). The
-# planner (``lasp2 plan``) reports k* for the user's own network; pass it as ``scan_blocks``.
-DEFAULT_HOP_LATENCY = 25e-6
-DEFAULT_HOP_BANDWIDTH = 40e9
-
-
-def default_blocks(segments: int, state_bytes: int, V: int, requested: Optional[int] = None) -> int:
-    """The block count ``allscan`` uses: ``requested`` if given, else ``pipeline_blocks`` on the
-    default link."""
-    if requested is not None:
-        return min(int(requested), V)
-    return pipeline_blocks(segments, state_bytes / DEFAULT_HOP_BANDWIDTH, DEFAULT_HOP_LATENCY, V)
+def with_capability(registry: Dict[str, object], capability: Callable[[object], bool]) -> Tuple[str, ...]:
+    """Names of the entries of ``registry`` (``LINEAR`` or ``SOFTMAX``) that have ``capability``
+    (e.g. ``lambda e: not e.causal_only``), in registry order: what error messages offer."""
+    return tuple(name for name, entry in registry.items() if capability(entry))

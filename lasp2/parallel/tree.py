@@ -1,4 +1,4 @@
-"""``strategy="tree"``: a log-depth scan of the segment summaries over the ranks (issue 14).
+"""``strategy="tree"``: a log-depth scan of the segment summaries over the ranks.
 
 The J segments (J = W contiguous, 2W zigzag) are the elements of an exclusive scan with the
 associative operator ``compose`` ((Â2, X2) ∘ (Â1, X1) = (Â2 Â1, Â2 X1 + X2)), run by recursive

@@ -43,16 +43,12 @@ import torch
 
 from ..parallel.api import shard
 from .packing import IGNORE_INDEX, PackedSequence, pack_documents
+from .sampling import step_generator
+from .tokens import TokenData
 
 PAD_ID, EOS_ID = 256, 257
 TEXT_VOCAB = 258
 FILLER_ID = 0
-
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator seeded from (seed, step, stream) only: the data of a step never depends on
-    what ran before it, which is what makes resuming exact."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
 
 
 @dataclass
@@ -162,8 +158,6 @@ class RankData:
         self.per_dp = cfg.batch_size // cfg.dp
         self.text = self.tokens = None
         if cfg.task == "tokens":
-            from .tokens import TokenData
-
             self.tokens = TokenData(cfg.data, cfg.seq_len, vocab_size=cfg.model_config().vocab_size, seed=cfg.seed,
                                     layout=cfg.layout, sp=cfg.sp, sp_rank=torch.distributed.get_rank(sp_group))
         if cfg.task == "text":

@@ -11,6 +11,11 @@ Per step, on every rank of a (dp, sp) mesh:
 4. rank 0 appends a line to ``OUT/metrics.jsonl`` and updates the progress bar; checkpoints
    every ``save_every`` steps and at the end.
 
+The code follows those parts, as torchtitan's trainer does: ``build`` (model, optimizer, data,
+checkpoint resume, the run's log) once, then per step ``train_step`` (schedule, batch, clipping,
+optimizer, metrics row) around ``forward_backward`` (the micro-batches), and ``RunLog``
+(``run_log.py``) for what rank 0 writes.
+
 **``no_state_passing`` (ablation).** ``parallelize(..., state_passing=False)`` gives the attention
 modules no SP context (``module.sp is None``), so every layer runs the single-device op on this rank's
 tokens only: linear layers call ``lasp2.linear_attention`` starting from a zero state, softmax
@@ -25,14 +30,12 @@ from a normal run is exactly the information LASP-2 moves between ranks.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import resource
-import sys
 import time
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,15 +47,13 @@ from ..models.parallelize import parallelize
 from ..parallel import comm
 from ..parallel.layout import Layout
 from ..parallel.mesh import dp_sp_group, global_token_mean
-from . import checkpoint, state
-from .memory import ActivationPeak, state_bytes
+from . import state
 from .config import TrainConfig
 from .data import MicroBatch, RankData
+from .memory import ActivationPeak, state_bytes
 from .packing import IGNORE_INDEX
+from .run_log import MEMORY_KEYS, RunLog
 
-# Per-rank bytes in every metrics row (the largest rank's): the state a rank holds, then the
-# activation peak of the run's first step (lasp2/train/memory.py).
-MEMORY_KEYS = ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_peak_bytes")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.float32, "float64": torch.float64}
 
 
@@ -107,44 +108,6 @@ def local_runs_view(mb: MicroBatch, cfg: TrainConfig, sp_rank: int):
     return mb.tokens, torch.tensor(sorted(bounds), dtype=torch.long, device=mb.tokens.device)
 
 
-# ---- the loop ------------------------------------------------------------------------------------
-
-
-class _Bar:
-    """tqdm on rank 0 (nothing elsewhere)."""
-
-    def __init__(self, enabled: bool, total: int, initial: int):
-        self.bar = None
-        if enabled:
-            import threading
-
-            from tqdm import tqdm
-
-            # tqdm's default lock is a multiprocessing semaphore, which leaks (and makes the
-            # resource tracker warn on stderr) when a failing run stops this rank.
-            tqdm.set_lock(threading.RLock())
-            self.bar = tqdm(total=total, initial=initial, desc="lasp2 train", unit="step", file=sys.stderr,
-                            dynamic_ncols=True, mininterval=0.5)
-
-    def update(self, postfix: Optional[Dict[str, str]]):
-        if self.bar is not None:
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _write_config(cfg: TrainConfig, out: Path, model: LinearLlama, world: int, backend: str, start_step: int,
-                  placement: Dict[str, Any]):
-    record = {"config": cfg.to_dict(), "model": model.config.to_dict(), "parameters": model.num_params(),
-              "world": {"dp": cfg.dp, "sp": cfg.sp, "ranks": world, "backend": backend, **placement},
-              "torch": torch.__version__, "resumed_from_step": start_step or None}
-    (out / "config.json").write_text(json.dumps(record, indent=1))
-
-
 def _placement(mesh, group, device: torch.device) -> Dict[str, Any]:
     """The (dp, sp) mesh of global ranks and the node of each rank (torchrun's GROUP_RANK; 0 when
     self-launched). torchrun gives each node a contiguous block of ranks and the mesh is
@@ -158,23 +121,61 @@ def _placement(mesh, group, device: torch.device) -> Dict[str, Any]:
     return {"mesh": mesh.mesh.tolist(), "node_of_rank": {int(r): n for r, n in zip(mesh.mesh.flatten(), nodes)}}
 
 
-def _metrics_file(out: Path, cfg: TrainConfig, start_step: int):
-    """Open OUT/metrics.jsonl for appending; on resume keep the resumed run's rows up to start_step."""
-    path = out / "metrics.jsonl"
-    rows = []
-    if start_step:
-        source = checkpoint.find(cfg.resume).parents[1] / "metrics.jsonl"  # OUT/checkpoints/step-N
-        if source.is_file():
-            for line in source.read_text().splitlines():
-                with contextlib.suppress(ValueError):
-                    if json.loads(line).get("step", 0) <= start_step:
-                        rows.append(line)
-    path.write_text("".join(r + "\n" for r in rows))
-    return open(path, "a")
+# ---- build ---------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
-    """Train on the current process group (every rank calls it). Rank 0 returns the summary."""
+@dataclass
+class Run:
+    """One rank's run as ``build`` leaves it: what every step reads, and ``activation_peak``
+    (bytes, measured on the run's first step and reported on every row)."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    group: Any                      # the flattened dp x sp group: every rank of the run
+    sp_rank: int
+    model: torch.nn.Module          # the single-device model (parameters, checkpoints)
+    wrapped: torch.nn.Module        # the parallelized one that runs (DDP or FSDP2)
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], Any]
+    loss_dtype: torch.dtype
+    start_step: int
+    data: RankData
+    log: RunLog
+    t_start: float
+    activation_peak: int = 0
+
+
+def _build_model(cfg: TrainConfig, mesh, device: torch.device):
+    """(model, wrapped): the single-device model and the ``parallelize``-d module that runs."""
+    if cfg.hf:  # a transformers model (lasp2.hf), same loop
+        from .hf_model import build_hf
+
+        return build_hf(cfg, mesh, device, DTYPES[cfg.dtype])
+    model = LinearLlama(cfg.model_config(), seed=cfg.seed, device=device).to(DTYPES[cfg.dtype])
+    wrapped = parallelize(model, mesh, strategy=cfg.strategy, softmax_strategy=cfg.softmax_strategy,
+                          layout=cfg.layout, data_parallel=cfg.data_parallel,
+                          activation_checkpointing=cfg.activation_checkpointing,
+                          state_passing=not cfg.no_state_passing, backend=cfg.backend)
+    return model, wrapped
+
+
+def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW, weight decay on the matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def build(cfg: TrainConfig) -> Run:
+    """Everything before the first step, on every rank: the (dp, sp) mesh, model, optimizer,
+    checkpoint resume, rank 0's OUT/config.json and metrics.jsonl, this rank's data.
+
+    Communication: the resume's collectives (``state.restore``) and 1 all-gather of one int64
+    per rank (the placement).
+    """
     t_start = time.perf_counter()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg.resolve_world(world)
@@ -182,131 +183,146 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     mesh = init_device_mesh(device.type, (cfg.dp, cfg.sp), mesh_dim_names=("dp", "sp"))
     sp_group, dp_rank, sp_rank = mesh["sp"].get_group(), mesh.get_local_rank("dp"), mesh.get_local_rank("sp")
     group = dp_sp_group(mesh)
-
-    if cfg.hf:  # a transformers model (lasp2.hf), same loop
-        from .hf_model import build_hf
-
-        model, wrapped = build_hf(cfg, mesh, device, DTYPES[cfg.dtype])
-    else:
-        model = LinearLlama(cfg.model_config(), seed=cfg.seed, device=device).to(DTYPES[cfg.dtype])
-        wrapped = parallelize(model, mesh, strategy=cfg.strategy, softmax_strategy=cfg.softmax_strategy,
-                              layout=cfg.layout, data_parallel=cfg.data_parallel,
-                              activation_checkpointing=cfg.activation_checkpointing,
-                              state_passing=not cfg.no_state_passing, backend=cfg.backend)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    model, wrapped = _build_model(cfg, mesh, device)
+    optimizer = _build_optimizer(cfg, model)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bfloat16" \
         else contextlib.nullcontext
     loss_dtype = torch.float64 if cfg.dtype == "float64" else torch.float32  # bf16 logits: the loss in fp32
 
     start_step = state.restore(cfg, model, optimizer, group, device, rank, world) if cfg.resume else 0
     placement = _placement(mesh, group, device)
-
-    out = Path(cfg.out)
-    metrics = None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_config(cfg, out, model, world, dist.get_backend(), start_step, placement)
-        metrics = _metrics_file(out, cfg, start_step)
+    log = RunLog(cfg, rank, start_step)
+    log.open(model, world, dist.get_backend(), placement)
     data = RankData(cfg, dp_rank=dp_rank, sp_group=sp_group)
+    return Run(cfg, rank, world, device, group, sp_rank, model, wrapped, optimizer, autocast, loss_dtype,
+               start_step, data, log, t_start)
+
+
+# ---- one step ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepSums:
+    """fp64 scalars a step accumulates over its micro-batches: this rank's share of the global
+    loss, its correct predictions and its scored tokens (accuracy: the queries for MQAR)."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    scored: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "StepSums":
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)))
+
+
+def forward_backward(run: Run, micro: List[MicroBatch], counts: torch.Tensor, global_counts: torch.Tensor,
+                     sums: StepSums) -> None:
+    """Forward and backward of this rank's micro-batches, gradients accumulated in the model and
+    reduced over the data-parallel ranks on the last one. The loss is the mean over every counted
+    token of the global batch: micro-batch i is weighted by its share of the global count.
+
+    counts: fp64 [micro-batches], this rank's counted tokens; global_counts: the same summed over
+    every rank. Adds into ``sums`` (allocated by the caller, outside the activation tracker).
+    Communication: the model's (SP inside the layers, the gradient reduction), and one
+    all-reduce per micro-batch in ``global_token_mean``.
+    """
+    cfg = run.cfg
+    total = float(global_counts.sum())
+    for i, mb in enumerate(micro):
+        with _grad_sync(run.wrapped, i == len(micro) - 1):
+            with run.autocast():
+                if cfg.no_state_passing:
+                    tokens, cu = local_runs_view(mb, cfg, run.sp_rank)
+                    logits = run.wrapped(tokens, cu_seqlens=cu).reshape(*mb.labels.shape, -1)
+                else:
+                    logits = run.wrapped(mb.tokens, cu_seqlens=mb.cu_seqlens)
+                loss_sum = F.cross_entropy(logits.flatten(0, 1).to(run.loss_dtype), mb.labels.flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum")
+            mask = mb.labels != IGNORE_INDEX
+            if mb.scored is not None:
+                mask &= mb.scored
+            sums.correct += (logits.detach().argmax(-1)[mask] == mb.labels[mask]).sum().to(torch.float64)
+            sums.scored += mask.sum().to(torch.float64)
+            del logits  # [b, T, vocab] need not outlive the loss: memory for long sequences
+            loss = global_token_mean(loss_sum, counts[i], run.group) * (float(global_counts[i]) / total)
+            loss.backward()
+        sums.loss += loss.detach().to(torch.float64)
+
+
+def train_step(run: Run, step: int) -> Dict[str, Any]:
+    """Step ``step`` (1-based) on every rank: learning rate, this rank's micro-batches,
+    ``forward_backward``, clipping, the optimizer step; returns the metrics row (global loss and
+    accuracy, the largest rank's memory). FloatingPointError when the loss is not finite.
+
+    Communication: 1 all-gather of the micro-batches' token counts, ``forward_backward``'s, the
+    gradient norm's (FSDP2), and 1 all-gather of 7 fp64 statistics per rank.
+    """
+    cfg, device, optimizer = run.cfg, run.device, run.optimizer
+    t0 = time.perf_counter()
+    lr = lr_at(cfg, step)
+    for pg in optimizer.param_groups:
+        pg["lr"] = lr
+    micro = [MicroBatch(mb.tokens.to(device), mb.labels.to(device), mb.cu_seqlens,
+                        None if mb.scored is None else mb.scored.to(device)) for mb in run.data.batch(step)]
+    counts = torch.tensor([float((mb.labels != IGNORE_INDEX).sum()) for mb in micro],
+                          dtype=torch.float64, device=device)
+    global_counts = comm.all_gather(counts, run.group).sum(0)  # [micro-batches]
+    sums = StepSums.zeros(device)
+    # The activation peak is measured on this run's first step (exact bytes: train/memory.py);
+    # later steps have the same shapes and run without the tracker's per-op bookkeeping.
+    tracker = ActivationPeak() if step == run.start_step + 1 else None
+    with tracker or contextlib.nullcontext():
+        forward_backward(run, micro, counts, global_counts, sums)
+    if tracker is not None:
+        run.activation_peak = tracker.peak_bytes(exclude=[p.grad for p in run.model.parameters()
+                                                          if p.grad is not None])
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
+                                               else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor reduced over the shards
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    held = state_bytes(run.model, optimizer)  # parameters, gradients, optimizer state (this rank's)
+    optimizer.zero_grad(set_to_none=True)
+    stats = torch.tensor([float(sums.correct), float(sums.scored), peak_memory_mb(device), held["param_bytes"],
+                          held["grad_bytes"], held["optimizer_bytes"], run.activation_peak],
+                         dtype=torch.float64, device=device)
+    gathered = comm.all_gather(stats, run.group)  # [W, 7]; bytes < 2**53 are exact in fp64
+    step_time = time.perf_counter() - t0
+    accuracy = float(gathered[:, 0].sum() / gathered[:, 1].sum().clamp(min=1))
+    worst = gathered.max(0).values  # memory: the largest rank
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    bar = _Bar(rank == 0, cfg.steps, start_step)
-    history: List[Dict[str, Any]] = []
+    row = {"step": step, "loss": float(sums.loss), "accuracy": accuracy,
+           "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_per_step,
+           "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
+           "peak_mem_mb": float(worst[2]), "elapsed_s": time.perf_counter() - run.t_start,
+           **{key: int(worst[3 + j]) for j, key in enumerate(MEMORY_KEYS)}}
+    if not math.isfinite(row["loss"]):
+        raise FloatingPointError(f"loss became {row['loss']} at step {step}; lower --lr or check the data")
+    return row
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
+    """Train on the current process group (every rank calls it). Rank 0 returns the summary."""
+    run = build(cfg)
+    run.log.start_bar()
     last_ckpt = None
     t_train = time.perf_counter()
-    activation_peak = 0
     try:
-        for step in range(start_step + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            lr = lr_at(cfg, step)
-            for pg in optimizer.param_groups:
-                pg["lr"] = lr
-            micro = [MicroBatch(mb.tokens.to(device), mb.labels.to(device), mb.cu_seqlens,
-                                None if mb.scored is None else mb.scored.to(device)) for mb in data.batch(step)]
-            counts = torch.tensor([float((mb.labels != IGNORE_INDEX).sum()) for mb in micro],
-                                  dtype=torch.float64, device=device)
-            global_counts = comm.all_gather(counts, group).sum(0)  # [micro-batches]
-            total = float(global_counts.sum())
-            loss_value = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.float64, device=device)
-            scored = torch.zeros((), dtype=torch.float64, device=device)
-            # The activation peak is measured on this run's first step (exact bytes: train/memory.py);
-            # later steps have the same shapes and run without the tracker's per-op bookkeeping.
-            tracker = ActivationPeak() if step == start_step + 1 else None
-            with tracker or contextlib.nullcontext():
-                for i, mb in enumerate(micro):
-                    with _grad_sync(wrapped, i == len(micro) - 1):
-                        with autocast():
-                            if cfg.no_state_passing:
-                                tokens, cu = local_runs_view(mb, cfg, sp_rank)
-                                logits = wrapped(tokens, cu_seqlens=cu).reshape(*mb.labels.shape, -1)
-                            else:
-                                logits = wrapped(mb.tokens, cu_seqlens=mb.cu_seqlens)
-                            loss_sum = F.cross_entropy(logits.flatten(0, 1).to(loss_dtype), mb.labels.flatten(),
-                                                       ignore_index=IGNORE_INDEX, reduction="sum")
-                        mask = mb.labels != IGNORE_INDEX
-                        if mb.scored is not None:
-                            mask &= mb.scored
-                        correct += (logits.detach().argmax(-1)[mask] == mb.labels[mask]).sum().to(torch.float64)
-                        scored += mask.sum().to(torch.float64)
-                        del logits  # [b, T, vocab] need not outlive the loss: memory for long sequences
-                        loss = global_token_mean(loss_sum, counts[i], group) * (float(global_counts[i]) / total)
-                        loss.backward()
-                    loss_value += loss.detach().to(torch.float64)
-            if tracker is not None:
-                activation_peak = tracker.peak_bytes(exclude=[p.grad for p in model.parameters() if p.grad is not None])
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
-                                                       else float("inf"))
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor reduced over the shards
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            held = state_bytes(model, optimizer)  # parameters, gradients, optimizer state (this rank's)
-            optimizer.zero_grad(set_to_none=True)
-            stats = torch.tensor([float(correct), float(scored), peak_memory_mb(device), held["param_bytes"],
-                                  held["grad_bytes"], held["optimizer_bytes"], activation_peak],
-                                 dtype=torch.float64, device=device)
-            gathered = comm.all_gather(stats, group)  # [W, 7]; bytes < 2**53 are exact in fp64
-            step_time = time.perf_counter() - t0
-            accuracy = float(gathered[:, 0].sum() / gathered[:, 1].sum().clamp(min=1))
-            worst = gathered.max(0).values  # memory: the largest rank
-            row = {"step": step, "loss": float(loss_value), "accuracy": accuracy,
-                   "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_per_step,
-                   "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
-                   "peak_mem_mb": float(worst[2]), "elapsed_s": time.perf_counter() - t_start,
-                   **{key: int(worst[3 + j]) for j, key in enumerate(MEMORY_KEYS)}}
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"loss became {row['loss']} at step {step}; lower --lr or check the data")
+        for step in range(run.start_step + 1, cfg.steps + 1):
+            row = train_step(run, step)
             if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
-                last_ckpt = state.save(cfg, step, model, optimizer, group, device, rank)
-            if rank == 0:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                history.append(row)
-                show = step % cfg.log_every == 0 or step == cfg.steps
-                bar.update({"loss": f"{row['loss']:.3f}", "acc": f"{row['accuracy']:.3f}",
-                            "tok/s": f"{row['tokens_per_s']:.0f}"} if show else None)
+                last_ckpt = state.save(cfg, step, run.model, run.optimizer, run.group, run.device, run.rank)
+            run.log.step(row)
     finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    if rank != 0:
+        run.log.close()
+    if run.rank != 0:
         return None
     train_time = time.perf_counter() - t_train
-    summary = {"out": str(out), "steps": cfg.steps, "start_step": start_step, "wall_s": time.perf_counter() - t_start,
-               "train_s": train_time, "checkpoint": str(last_ckpt) if last_ckpt else None, "task": cfg.task,
-               "world": world}
-    if history:
-        tail = history[-min(10, len(history)):]
-        summary.update(final_loss=history[-1]["loss"], final_accuracy=history[-1]["accuracy"],
-                       accuracy_last10=sum(r["accuracy"] for r in tail) / len(tail),
-                       tokens_per_s=tokens_per_step * len(history) / train_time,
-                       peak_mem_mb=max(r["peak_mem_mb"] for r in history),
-                       **{key: history[0][key] for key in MEMORY_KEYS})
-    if cfg.plot:
-        summary["plot"] = plot_metrics(out)
-    return summary
+    return run.log.summary(wall_s=time.perf_counter() - run.t_start, train_s=train_time, last_checkpoint=last_ckpt,
+                           world=run.world)
 
 
 def _grad_sync(wrapped: torch.nn.Module, sync: bool):
@@ -315,29 +331,3 @@ def _grad_sync(wrapped: torch.nn.Module, sync: bool):
         return contextlib.nullcontext() if sync else wrapped.no_sync()
     wrapped.set_requires_gradient_sync(sync)  # FSDP2: the flag holds until changed
     return contextlib.nullcontext()
-
-
-def plot_metrics(out: Path) -> str:
-    """OUT/loss.png (loss, and accuracy on a second panel) from metrics.jsonl; returns its path or
-    a note when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "skipped (matplotlib is not installed: pip install matplotlib)"
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    axes[0].plot(steps, [r["loss"] for r in rows])
-    axes[0].set(xlabel="step", ylabel="loss (global token mean)", title="loss")
-    axes[1].plot(steps, [r["accuracy"] for r in rows], color="tab:green")
-    axes[1].set(xlabel="step", ylabel="accuracy", title="accuracy (MQAR: the queries; text: next token)", ylim=(0, 1))
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)

@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..parallel.layout import Layout
+from .sampling import step_generator
 
 DTYPES = ("uint16", "uint32")
 FORMAT = "lasp2-tokens"
@@ -103,8 +104,6 @@ class TokenData:
 
     def offsets(self, step: int, batch_size: int) -> torch.Tensor:
         """Window starts of the global batch of ``step`` [batch_size] (the same on every rank)."""
-        from .data import step_generator
-
         return torch.randint(0, self.info.n_tokens - self.seq_len, (batch_size,),
                              generator=step_generator(self.seed, step, stream=2))
 

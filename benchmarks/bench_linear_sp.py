@@ -1,4 +1,4 @@
-"""Weak scaling of sequence-parallel linear attention on this machine (issue: LASP-2).
+"""Weak scaling of sequence-parallel linear attention on this machine.
 
     python benchmarks/bench_linear_sp.py           # the README numbers (a few minutes)
     python benchmarks/bench_linear_sp.py --quick   # tiny sizes, seconds

@@ -1,4 +1,4 @@
-"""Per-rank memory of ``lasp2 train`` under DDP and FSDP2 (issue 15), one invocation.
+"""Per-rank memory of ``lasp2 train`` under DDP and FSDP2, one invocation.
 
     python benchmarks/bench_memory.py            # debug and linear-llama3-mid, dp x sp = 2x2 and 1x4
     python benchmarks/bench_memory.py --quick    # debug only

@@ -1,4 +1,4 @@
-"""GPU suite for the fla backend (issue 13): what lasp2 adds on top of fla's kernels at SP = 1.
+"""GPU suite for the fla backend: what lasp2 adds on top of fla's kernels at SP = 1.
 
     bash benchmarks/gpu_suite.sh             # one GPU, < 5 minutes: T = 8K..64K, H = 16, K = V = 128, bf16
     TRITON_INTERPRET=1 python benchmarks/gpu_suite.py --smoke   # CPU: tiny shapes, checks the script runs

@@ -1,4 +1,4 @@
-"""Issue 16, case 1: a gate of -inf ("forget everything", what logsigmoid(-120.) gives in fp32)
+"""A gate of -inf ("forget everything", what logsigmoid(-120.) gives in fp32)
 must not turn the chunked ops' masked exponents into NaN (-inf - -inf).
 
 The chunked ops are compared with the per-token recurrence of ``naive.py`` (where exp(-inf) = 0)

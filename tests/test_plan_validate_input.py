@@ -1,4 +1,4 @@
-"""Issue 16, case 8: ``lasp2 plan --validate`` on input that cannot support a fit (``lasp2 bench
+"""``lasp2 plan --validate`` on input that cannot support a fit (``lasp2 bench
 --quick`` results: two lengths, one W) used to print a nonsense fit (a compute rate of 1e21
 GFLOP/s, errors up to +185 %, an empty summary). It now refuses, saying what to measure.
 

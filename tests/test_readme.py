@@ -1,4 +1,4 @@
-"""Issue 16, case 9: the README's usage snippet runs as pasted. It is taken from README.md (the
+"""The README's usage snippet runs as pasted. It is taken from README.md (the
 ``python`` block that calls ``sp_linear_attention``), written to a file and run on 2 ranks in
 the environment torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
 two plain processes, which is what torchrun starts. The same under the real ``torchrun`` is slow.
@@ -74,7 +74,7 @@ def _bound(pattern: str) -> float:
 
 
 def test_main_job_bounds_hold_on_every_recorded_run():
-    """Case 13: the README's machine-independent claims about the main job are checked against
+    """The README's machine-independent claims about the main job are checked against
     every recorded run (benchmarks/results/train/*_metrics.jsonl), not restated from one run."""
     import json
 

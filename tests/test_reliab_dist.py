@@ -1,5 +1,5 @@
-"""Issue 16, the cases that need ranks: -inf gates under SP (case 1), ranks that disagree within
-a call, for every strategy (cases 2 and 3), ``unshard`` with parts of different lengths (case 4).
+"""Misuse and edge cases that need ranks: -inf gates under SP, ranks that disagree within
+a call, for every strategy, ``unshard`` with parts of different lengths.
 
 ONE spawn of 2 gloo ranks (module fixture) runs every section as a table of cases and returns a
 report per section; each test asserts on its section. Every case runs its collectives before it
@@ -33,7 +33,7 @@ def _raises(match: str, fn) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Case 1: -inf gates under SP, shard by shard against the single-device op (itself compared
+# -inf gates under SP, shard by shard against the single-device op (itself compared
 # with naive.py in test_neg_inf_gates.py). Resets on both ranks, at a rank's first token (so the
 # incoming state must vanish), on a chunk's last token and next to a document start.
 
@@ -79,7 +79,7 @@ INF_CASES = [
 
 
 # ---------------------------------------------------------------------------------------------
-# Case 4: unshard with parts of different lengths: ValueError on every rank, before any data
+# unshard with parts of different lengths: ValueError on every rank, before any data
 # moves (it used to SIGABRT one rank in gloo and return a scrambled, zero-filled tensor on the
 # other). Parts of equal shape still work afterwards.
 
@@ -100,7 +100,7 @@ UNSHARD_CASES = [(f"{layout}-dim{dim}", dict(layout=layout, dim=dim))
 
 
 # ---------------------------------------------------------------------------------------------
-# Cases 2 and 3: ranks that disagree within one call (different document boundaries, or different
+# Ranks that disagree within one call (different document boundaries, or different
 # lengths after both signatures were seen) get a ValueError, for every strategy and direction.
 # Every rank that uses another rank's data raises; only the head of a contiguous LASP-1 chain,
 # which uses no other rank's data in forward (its shard is exact for its own arguments), returns.
@@ -127,10 +127,10 @@ def _call(group, op: str, T_local: int, cu=None):
 
 def _disagree(group, *, op: str, kind: str) -> None:
     rank = dist.get_rank(group)
-    if kind == "cu_seqlens":  # case 2: same lengths, different document boundaries
+    if kind == "cu_seqlens":  # same lengths, different document boundaries
         T, cus = 8, ([0, 5, 16], [0, 11, 16])
         call = lambda r: _call(group, op, T, cus[r])
-    else:  # case 3: each rank has seen both signatures (cached as agreed); then they diverge
+    else:  # each rank has seen both signatures (cached as agreed); then they diverge
         call = lambda r: _call(group, op, 8 if r == 0 else 12) if op in LINEAR else \
             _call(group, op, 8, [[0, 16], [0, 3, 16]][r])
         for r in (0, 1):
@@ -175,7 +175,7 @@ def test_section(reports, section):
 
 
 def test_group_not_initialised_names_the_cause():
-    """Case 9: without init_process_group, dist.group.WORLD is None; the error says so."""
+    """Without init_process_group, dist.group.WORLD is None; the error says so."""
     assert not dist.is_initialized()
     x = torch.randn(1, 8, 2, 4)
     for call in (lambda: lasp2.sp_linear_attention(x, x, x, group=dist.group.WORLD),

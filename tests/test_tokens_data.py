@@ -1,4 +1,4 @@
-"""Issue 16, case 12: your own data. ``lasp2 prepare`` writes a token file (byte-level or with a
+"""Your own data. ``lasp2 prepare`` writes a token file (byte-level or with a
 local tokenizer.json), ``--task tokens`` memory-maps it and every rank reads only its own rows
 and positions; too little data is a clear error (token files and ``--task text``).
 

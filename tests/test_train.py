@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
     full, resumed, ablated = base / "full", base / "resumed", base / "ablated"
     procs = {"full": _cli(*QUICK, "--save-every", "2", "--out", str(full))}
     # No flags retyped: the configuration comes from the checkpoint; restating a resolved default
-    # (the debug preset trains mamba2 layers) is no change (issue 16, case 10).
+    # (the debug preset trains mamba2 layers) is no change.
     procs["resumed"] = _cli("--out", str(resumed), "--resume", str(full / "checkpoints" / "step-000002"),
                             "--linear", "mamba2")
     procs["ablated"] = _cli(*QUICK, "--save-every", "0", "--no-plot", "--no-state-passing", "--out", str(ablated))

@@ -1,4 +1,4 @@
-"""Issue 16, ``lasp2 train`` before any rank starts (cases 5, 6, 7, 10, 11): an --out that holds
+"""``lasp2 train`` before any rank starts: an --out that holds
 an earlier run, an --out that cannot be written, --device cuda without CUDA, tensors on the wrong
 device, resuming from the stored configuration, and --help naming the defaults the run uses.
 
@@ -42,7 +42,7 @@ def _train(argv, capsys):
 
 
 def test_out_holding_an_earlier_run_needs_overwrite(tmp_path, capsys, no_spawn):
-    """Case 5: a run without checkpoints used to be silently replaced."""
+    """A run without checkpoints used to be silently replaced."""
     out = tmp_path / "run"
     out.mkdir()
     earlier = {"metrics.jsonl": '{"step": 1}\n', "config.json": "{}", "loss.png": "png", "notes.txt": "mine"}
@@ -59,7 +59,7 @@ def test_out_holding_an_earlier_run_needs_overwrite(tmp_path, capsys, no_spawn):
 
 
 def test_unwritable_out_is_refused_before_any_rank_starts(tmp_path, capsys, no_spawn):
-    """Case 6: an existing file, or a place nobody can create a directory."""
+    """An existing file, or a place nobody can create a directory."""
     a_file = tmp_path / "file"
     a_file.write_text("x")
     code, err = _train(["--out", str(a_file)], capsys)
@@ -73,13 +73,13 @@ def test_unwritable_out_is_refused_before_any_rank_starts(tmp_path, capsys, no_s
 
 @pytest.mark.skipif(torch.backends.cuda.is_built(), reason="needs a torch build without CUDA")
 def test_device_cuda_without_cuda_says_so(tmp_path, capsys, no_spawn):
-    """Case 7: this used to end in AttributeError: module 'torch._C' has no attribute '_cuda_setDevice'."""
+    """This used to end in AttributeError: module 'torch._C' has no attribute '_cuda_setDevice'."""
     code, err = _train(["--device", "cuda", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "CUDA is not available in this torch build" in err and "--device cpu" in err, err
 
 
 def test_tensors_on_another_device_are_named():
-    """Case 7: cu_seqlens / initial_state elsewhere than q (a meta tensor stands in for another
+    """Cu_seqlens / initial_state elsewhere than q (a meta tensor stands in for another
     device on a CPU-only machine) get a ValueError naming them, not a copy failure inside."""
     q = torch.randn(1, 8, 2, 4)
     with pytest.raises(ValueError, match="initial_state is on meta but q is on cpu"):
@@ -91,7 +91,7 @@ def test_tensors_on_another_device_are_named():
 
 
 def test_resume_takes_the_stored_configuration(tmp_path, monkeypatch):
-    """Case 10: the checkpoint's configuration is the run's; flags on top may restate resolved
+    """The checkpoint's configuration is the run's; flags on top may restate resolved
     values (the preset's NLLL / mamba2) or change the resumable ones, nothing else."""
     stored = TrainConfig(steps=100, seq_len=256, lr=1e-3, mqar_queries=64, out=str(tmp_path / "run")).resolve_world(2)
     ckpt = tmp_path / "run" / "checkpoints" / "step-000050"
@@ -120,7 +120,7 @@ def test_resume_takes_the_stored_configuration(tmp_path, monkeypatch):
 
 
 def test_help_names_the_defaults_the_run_uses(capsys):
-    """Case 11: --help used to name the raw debug preset (LLLN / bla) while the run builds NLLL /
+    """--help used to name the raw debug preset (LLLN / bla) while the run builds NLLL /
     mamba2. The expected values are derived from the default TrainConfig, not written here."""
     used = TrainConfig().model_config()
     with pytest.raises(SystemExit):

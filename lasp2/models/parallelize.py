@@ -72,7 +72,8 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
             ``lasp2.models.LinearLlama``), on this rank's device, identical on every rank (the
             same seed; DDP also broadcasts rank 0's parameters).
         mesh: a 2-D DeviceMesh with dims ("dp", "sp"); either size may be 1.
-        strategy: linear-attention SP strategy, "lasp2" (one all-gather) or "lasp1" (ring).
+        strategy: linear-attention SP strategy from the registry (``lasp2.parallel.strategies``):
+            "lasp2" (one all-gather), "lasp1" (ring chain), "allscan" (pipelined chain), "tree".
         softmax_strategy: "allgather" (LASP-2H), "ring" or "ulysses".
         layout: "contiguous" or "zigzag": how the caller shards tokens (``lasp2.shard``) and how
             the SP ops read them. One layout for every layer.

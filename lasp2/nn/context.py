@@ -21,8 +21,9 @@ class SPContext:
     """Where this module's tokens live and how its attention is parallelised.
 
     group: the sequence-parallel process group (``mesh["sp"].get_group()``).
-    strategy: the SP strategy for this module's kind of attention ("lasp2" / "lasp1" for linear
-        attention, "allgather" / "ring" / "ulysses" for softmax attention).
+    strategy: the SP strategy for this module's kind of attention, a name from the registry
+        (``lasp2.parallel.strategies``: linear "lasp2", "lasp1", "allscan", "tree"; softmax
+        "allgather", "ring", "ulysses").
     layout: "contiguous" or "zigzag"; must match how the inputs were sharded (``lasp2.shard``).
     """
 

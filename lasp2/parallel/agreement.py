@@ -1,4 +1,4 @@
-"""Per-call agreement between the ranks of one sequence-parallel call (DESIGN §2; issue 16).
+"""Per-call agreement between the ranks of one sequence-parallel call (DESIGN §2).
 
 Ranks that call an SP op with different arguments (document boundaries, lengths, strategy,
 layout, causal, scale, shapes, dtypes) must get an error, never a result computed from

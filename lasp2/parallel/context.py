@@ -1,4 +1,4 @@
-"""Per-call state of the linear sequence-parallel strategies, bundled once (issue 11 item 6).
+"""Per-call state of the linear sequence-parallel strategies, bundled once.
 
 ``sp_linear_attention`` validates its arguments and builds one :class:`LinearCall`; every linear
 strategy (``lasp2``, ``lasp1``, ``allscan``, ``tree``) and the shared autograd Function take that
@@ -28,7 +28,7 @@ class LinearCall:
     grad_enabled: whether autograd was on at the call (the Function's forward runs without it).
     overlap: launch the exchange before the intra-chunk work (False only for benchmarks).
     blocks: pipeline blocks of the ``allscan`` chain (states split along V); None lets the
-        strategy registry choose (``strategies.pipeline_blocks``).
+        strategy choose (``allscan.pipeline_blocks``).
     backend: the resolved local-work backend, "torch" or "fla" (``ops.backends.resolve``).
 
     ``eq=False``: identity semantics (cu_seqlens is a tensor; the object is never compared).

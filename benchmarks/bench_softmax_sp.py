@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -111,47 +107,17 @@ def _rank_main(group, cfg: dict) -> dict:
     return out
 
 
-def _child(rank: int, W: int, init: str, cfg: dict, conn) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=W,
-                                timeout=timedelta(seconds=3600))
-        try:
-            result = ("ok", _rank_main(dist.group.WORLD, cfg))
-        finally:
-            dist.destroy_process_group()
-    except BaseException as e:  # noqa: BLE001 - report to the parent
-        import traceback
-        result = ("error", f"{e}\n{traceback.format_exc()}")
-    conn.send(result)
-    conn.close()
+def _rank_on_world(cfg: dict) -> dict:
+    return _rank_main(dist.group.WORLD, cfg)
 
 
 def run_world(W: int, cfg: dict) -> list:
-    """Spawn W ranks, run ``_rank_main`` on each, return their results in rank order."""
-    ctx = mp.get_context("spawn")
-    tmp = tempfile.mkdtemp(prefix="lasp2-bench-")
+    """Spawn W ranks (``lasp2.launch.spawn``: gloo, 1 thread each), run ``_rank_main`` on each,
+    return their results in rank order."""
+    from lasp2.launch import spawn
+
     os.environ["OMP_NUM_THREADS"] = "1"
-    procs, readers = [], []
-    try:
-        for r in range(W):
-            reader, writer = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, args=(r, W, "file://" + os.path.join(tmp, "rdv"), cfg, writer))
-            p.start()
-            writer.close()
-            procs.append(p)
-            readers.append(reader)
-        results = [reader.recv() for reader in readers]
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
-    bad = [f"rank {r}: {msg}" for r, (status, msg) in enumerate(results) if status != "ok"]
-    if bad:
-        raise RuntimeError("\n".join(bad))
-    return [msg for _, msg in results]
+    return spawn(_rank_on_world, W, cfg, timeout_s=3600, threads_per_rank=1)
 
 
 # ----------------------------------------------------------------------------- load balance

@@ -20,32 +20,18 @@ of cases with :func:`run_cases` rather than one spawn per case.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import pickle
-import shutil
-import sys
-import tempfile
-import time
 import traceback
-from multiprocessing.connection import Connection, wait
+from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import torch
 import torch.distributed as dist
-from datetime import timedelta
 
-from lasp2.launch import join_group
+from lasp2.launch import RankFailure, spawn
 
 WORLD_SIZES: tuple[int, ...] = (1, 2, 4)
 """World sizes every distributed test should cover (DESIGN.md §5)."""
-
-# After the first rank fails, wait this long for the other ranks to report their own errors
-# before killing them: ranks blocked in a collective with the failed rank would otherwise only
-# give up at the process-group timeout.
-_GRACE_S = 1.0
-# How long a child gets to exit on SIGTERM before it is SIGKILLed.
-_KILL_WAIT_S = 20.0
 
 # Environment for the children: one OpenMP thread (2-core CI runs several ranks at once) and no
 # C++ warning chatter from c10d/gloo.
@@ -53,7 +39,7 @@ _CHILD_ENV = {"OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
 
 
 @contextlib.contextmanager
-def parent_store(timeout: float = 300.0) -> Iterator[dist.TCPStore]:
+def parent_store(timeout: float = 600.0) -> Iterator[dist.TCPStore]:
     """A TCPStore server owned by this (the test) process on a port the OS picks and this process
     holds, for child processes that rendezvous over TCP (torchrun agents, env:// workers): no
     free-port race with whatever else runs on the machine. Its ``.port`` goes to the children as
@@ -76,24 +62,25 @@ class DistributedError(AssertionError):
 
 
 def run_distributed(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0, **kwargs: Any
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600.0, **kwargs: Any
 ) -> list[Any]:
     """Run ``fn(group, *args, **kwargs)`` on ``world_size`` spawned gloo ranks.
 
-    Each rank is a fresh process from the 'spawn' context (forking a pytest process that has
-    already run multi-threaded torch is unsafe) with ``torch.set_num_threads(1)`` and a gloo
-    process group rendezvousing through a file in a fresh temporary directory. ``group`` is the
-    world ``dist.ProcessGroup``; ``fn`` gets its rank with ``dist.get_rank(group)``.
+    Built on the library's launcher, ``lasp2.launch.spawn``: each rank is a fresh process from
+    the 'spawn' context (forking a pytest process that has already run multi-threaded torch is
+    unsafe) with one thread, a gloo process group joined through a file in a fresh temporary
+    directory (no ports) and a barrier (``join_group``). ``group`` is the world
+    ``dist.ProcessGroup``; ``fn`` gets its rank with ``dist.get_rank(group)``.
 
     ``fn`` must be a module-level function (it is pickled by reference); ``args``, ``kwargs``
     and the return values must be picklable.
 
     Returns the per-rank return values in rank order. Raises :class:`DistributedError` naming
-    the rank(s) and carrying the full traceback(s) if a rank raises, the exit code if a rank
-    dies without reporting (promptly, not at the timeout), or which ranks did not finish if the
-    whole run takes longer than ``timeout`` seconds (spawn time included). ``timeout`` is also
-    the process-group timeout, so a collective that can never complete errors inside the rank.
-    Every child is joined or killed before this returns or raises.
+    the rank and carrying its full traceback if a rank raises, the exit code if a rank dies
+    without reporting (promptly, not at the timeout), or which ranks did not finish if the whole
+    run takes longer than ``timeout`` seconds (spawn time included). ``timeout`` is also the
+    process-group timeout, so a collective that can never complete errors inside the rank. Every
+    child is stopped and reaped before this returns or raises.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -103,52 +90,19 @@ def run_distributed(
         raise TypeError(
             f"run_distributed: fn/args/kwargs must be picklable and fn defined at module level ({e})"
         ) from e
-
-    deadline = time.monotonic() + timeout
     name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
-    ctx = mp.get_context("spawn")
-    tmpdir = tempfile.mkdtemp(prefix="lasp2-dist-")
-    init_method = "file://" + os.path.join(tmpdir, "rendezvous")
-    procs: list[mp.process.BaseProcess] = []
-    readers: dict[int, Connection] = {}
-    unfinished: list[int] = list(range(world_size))  # until _collect says otherwise
     try:
-        with _env(_CHILD_ENV):  # children inherit os.environ as it is at start()
-            for rank in range(world_size):
-                reader, writer = ctx.Pipe(duplex=False)
-                p = ctx.Process(
-                    target=_worker,
-                    args=(rank, world_size, init_method, timeout, fn, args, kwargs, writer),
-                    name=f"lasp2-dist-rank{rank}",
-                )
-                p.start()
-                writer.close()  # keep only the child's copy, so its death gives us EOF
-                procs.append(p)
-                readers[rank] = reader
-        results, failures, unfinished, timed_out = _collect(procs, readers, deadline)
-    finally:
-        for reader in readers.values():
-            reader.close()
-        killed = _stop(procs, unfinished)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        with _env(_CHILD_ENV):  # children inherit os.environ as it is when they start
+            return spawn(_on_world_group, world_size, fn, args, kwargs, timeout_s=timeout, threads_per_rank=1)
+    except RankFailure as e:
+        lines = [f"run_distributed({name}, world_size={world_size}) failed: {e}"]
+        if e.traceback:
+            lines.append(f"--- rank {e.rank}:\n{e.traceback}")
+        raise DistributedError("\n".join(lines)) from None
 
-    # A rank that reported a result but then crashed on the way out is still a failure; one
-    # that we killed because it was slow to exit (a loaded machine) is not.
-    for rank, p in enumerate(procs):
-        if rank in results and p.exitcode != 0 and rank not in killed:
-            failures.append((rank, f"reported a result but then {_describe_exit(p.exitcode)}"))
 
-    if failures or unfinished:
-        lines = [f"run_distributed({name}, world_size={world_size}) failed:"]
-        if timed_out:
-            lines.append(f"timed out after {timeout:g} s; rank(s) {unfinished} did not finish")
-        elif unfinished:
-            lines.append(f"rank(s) {unfinished} did not finish (killed after another rank failed)")
-        if failures:
-            lines.append("failures, in the order reported (later ones are often a consequence):")
-        lines += [f"--- rank {rank} {text}" for rank, text in failures]
-        raise DistributedError("\n".join(lines))
-    return [results[rank] for rank in range(world_size)]
+def _on_world_group(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    return fn(dist.group.WORLD, *args, **kwargs)
 
 
 def run_cases(cases: Iterable[tuple[str, Mapping[str, Any]]], check: Callable[..., None]) -> None:
@@ -213,7 +167,7 @@ class Spawns:
     _reports: dict[tuple[str, int], Any] = {}
 
     def __init__(self, worker: Callable[..., dict], *args: Any, pool: str | None = None,
-                 timeout: float = 180.0):
+                 timeout: float = 600.0):
         self.worker, self.args = worker, args
         self.pool = pool or f"{worker.__module__}.{worker.__qualname__}{args!r}"
         self.timeout = timeout
@@ -265,110 +219,11 @@ def _pool_worker(group, workers) -> dict[str, dict]:
 # Internals.
 
 
-def _worker(
-    rank: int,
-    world_size: int,
-    init_method: str,
-    timeout: float,
-    fn: Callable[..., Any],
-    args: tuple,
-    kwargs: dict,
-    conn: Connection,
-) -> None:
-    """Child entry point: run ``fn`` on this rank and send ("ok", result) or ("error", tb)."""
-    try:
-        torch.set_num_threads(1)
-        join_group(rank, world_size, init_method, "gloo", timeout)  # init + barrier: see its docstring
-        try:
-            result = fn(dist.group.WORLD, *args, **kwargs)
-        finally:
-            dist.destroy_process_group()
-        # Plain pickle, not the multiprocessing pickler: the latter would send tensors through
-        # shared memory whose file descriptors are served by this process, which exits next.
-        data = pickle.dumps(("ok", result))
-    except BaseException:  # noqa: BLE001 - report everything, SystemExit included
-        data = pickle.dumps(("error", traceback.format_exc()))
-    conn.send_bytes(data)
-    conn.close()
-    # Skip interpreter teardown: the report is sent and the process group destroyed, but
-    # gloo's C++ threads can still abort in static destructors ('terminate called without
-    # an active exception', SIGABRT) after a clean run, which would read as a crash.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _collect(
-    procs: list[mp.process.BaseProcess], readers: dict[int, Connection], deadline: float
-) -> tuple[dict[int, Any], list[tuple[int, str]], list[int], bool]:
-    """Read every rank's report until all reported, one failed (plus grace), or the deadline.
-
-    Returns (results by rank, failures as (rank, text) in arrival order, unfinished ranks,
-    whether the deadline passed). Reading before joining means a child blocked writing a large
-    result can always finish.
-    """
-    results: dict[int, Any] = {}
-    failures: list[tuple[int, str]] = []
-    pending = dict(readers)
-    stop_at = deadline
-    while pending:
-        remaining = stop_at - time.monotonic()
-        if remaining <= 0:
-            break
-        for conn in wait(list(pending.values()), timeout=remaining):
-            rank = next(r for r, c in pending.items() if c is conn)
-            del pending[rank]
-            try:
-                status, payload = pickle.loads(conn.recv_bytes())
-            except EOFError:  # the child closed its end without reporting: it died
-                procs[rank].join(_KILL_WAIT_S)
-                failures.append((rank, f"{_describe_exit(procs[rank].exitcode)} without reporting"))
-                continue
-            if status == "ok":
-                results[rank] = payload
-            else:
-                failures.append((rank, f"raised:\n{payload}"))
-        if failures:
-            stop_at = min(stop_at, time.monotonic() + _GRACE_S)
-    timed_out = bool(pending) and stop_at == deadline
-    return results, failures, sorted(pending), timed_out
-
-
-def _stop(procs: list[mp.process.BaseProcess], unfinished: list[int]) -> set[int]:
-    """Stop the unfinished ranks now and join them all; SIGKILL whatever will not exit.
-
-    Returns the ranks that had to be SIGKILLed."""
-    for rank in unfinished:
-        if rank < len(procs):
-            procs[rank].terminate()
-    # Ranks that reported are exiting by themselves; one that hangs on the way out is killed
-    # (and then reported, having a non-zero exit code).
-    give_up = time.monotonic() + _KILL_WAIT_S
-    for p in procs:
-        p.join(max(0.0, give_up - time.monotonic()))
-    killed = set()
-    for rank, p in enumerate(procs):
-        if p.is_alive():
-            p.kill()
-            p.join()
-            killed.add(rank)
-    return killed
-
-
 def _blame(e: BaseException) -> traceback.FrameSummary:
     """The innermost frame of ``e``'s traceback in our code (not in torch, pytest, ...)."""
     frames = traceback.extract_tb(e.__traceback__)
     ours = [f for f in frames if "site-packages" not in f.filename]
     return (ours or frames)[-1]
-
-
-def _describe_exit(exitcode: int | None) -> str:
-    """Human-readable account of a child's exit code."""
-    if exitcode is None:
-        return "closed its pipe but is still running"
-    if exitcode < 0:
-        return f"was killed by signal {-exitcode} (exit code {exitcode})"
-    return f"exited with exit code {exitcode}"
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "linear"
     cmd = [sys.executable, "-m", "lasp2", "bench", "--quick", "--suite", "linear", "--world-sizes", "2",
            "--out", str(out)] + ([] if HAVE_MPL else ["--no-plots"])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text()), proc
 

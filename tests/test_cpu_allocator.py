@@ -37,7 +37,7 @@ _SCENARIOS = {"default": {}, "user_value": {"MALLOC_MMAP_THRESHOLD_": "4194304"}
 def _probe() -> dict:
     base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LASP2_DEFAULT_ALLOCATOR"}
     out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(_SCENARIOS)], capture_output=True, text=True,
-                         timeout=120, env=base, check=True)
+                         timeout=600, env=base, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

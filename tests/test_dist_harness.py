@@ -98,12 +98,12 @@ def test_collectives_return_every_rank(world_size: int) -> None:
 
 
 def test_raise_names_rank_and_message() -> None:
-    with pytest.raises(DistributedError, match=r"rank 1 raised") as info:
-        run_distributed(_raise_on_rank1, 2, timeout=60)
+    with pytest.raises(DistributedError, match=r"rank 1 failed") as info:
+        run_distributed(_raise_on_rank1, 2, timeout=600)  # it fails at once; the timeout only bounds a loaded spawn
     msg = str(info.value)
     assert "ValueError: boom from rank 1" in msg
     assert "Traceback" in msg and "_raise_on_rank1" in msg  # the full traceback travels
-    assert "rank 0 raised" not in msg  # rank 0 returned normally
+    assert "rank 0" not in msg  # rank 0 returned normally
     assert not mp.active_children()
 
 
@@ -112,7 +112,7 @@ def test_blocked_rank_times_out_and_is_killed() -> None:
     with pytest.raises(DistributedError, match=r"timed out after 5 s") as info:
         run_distributed(_block_forever, 2, timeout=5)
     elapsed = time.monotonic() - start
-    assert 5 <= elapsed < 5 + 2 * 20  # the timeout, then at most the harness's kill wait (20 s) twice
+    assert 5 <= elapsed < 5 + 2 * 20  # the timeout, then the launcher's SIGTERM / SIGKILL waits
     # rank 0 is stuck in the barrier, rank 1 asleep: neither finished
     assert "rank(s) [0, 1] did not finish" in str(info.value)
     assert not mp.active_children()  # every rank was killed and reaped
@@ -120,7 +120,7 @@ def test_blocked_rank_times_out_and_is_killed() -> None:
 
 def test_exit_reports_code_promptly() -> None:
     start = time.monotonic()
-    with pytest.raises(DistributedError, match=r"rank 1 exited with exit code 3"):
+    with pytest.raises(DistributedError, match=r"rank 1 exited with code 3"):
         run_distributed(_exit_on_rank1, 2, timeout=600)
     # Far below the timeout: a dead rank is noticed from its closed pipe, not by waiting (the
     # bound allows a spawn on a heavily shared machine: ~30 s at load average 16 on 2 cores).
@@ -135,7 +135,7 @@ def _collectives_and_table(group: dist.ProcessGroup, n: int) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _w2_run() -> list:
-    return run_distributed(_collectives_and_table, 2, 3, timeout=120)
+    return run_distributed(_collectives_and_table, 2, 3, timeout=600)
 
 
 def test_run_cases_names_failing_cases_and_runs_the_rest() -> None:

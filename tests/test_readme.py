@@ -49,7 +49,7 @@ def _run_two_workers(script, tmp_path, port: int) -> None:
     outs = []
     for p in procs:
         try:
-            outs.append(p.communicate(timeout=180)[0])
+            outs.append(p.communicate(timeout=600)[0])
         finally:
             p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(outs)

@@ -46,7 +46,7 @@ def _train(*args) -> None:
         (failure.read_text()[-3000:] if failure.is_file() else "(no failure.txt)")
 
 
-def _two_nodes(nproc: int, *args, timeout=300) -> List[subprocess.CompletedProcess]:
+def _two_nodes(nproc: int, *args, timeout=600) -> List[subprocess.CompletedProcess]:
     """``lasp2 train`` under two torchrun agents on this host, one per "node" (c10d rendezvous on a
     free port). torchrun ignores --node-rank with c10d (ranks come from the rendezvous) but each
     agent still gets a contiguous block of ``nproc`` global ranks. The rendezvous store is this
@@ -198,12 +198,12 @@ def test_reshard_2x2_to_1x4_continues_like_an_uninterrupted_1x4_run(runs, tmp_pa
 def test_bad_input_under_torchrun_fails_on_every_rank_without_hanging(runs, tmp_path):
     """A mesh that does not match the world, and a checkpoint of another model: every rank exits
     with an error (rank 0 says why), none waits in a collective."""
-    procs = _two_nodes(1, "--sp", "2", "--dp", "2", "--out", str(tmp_path / "mesh"), timeout=120)
+    procs = _two_nodes(1, "--sp", "2", "--dp", "2", "--out", str(tmp_path / "mesh"), timeout=600)
     assert all(p.returncode != 0 for p in procs)
     assert "--dp 2 x --sp 2 = 4 ranks, but this run has 2" in procs[0].stderr + procs[1].stderr
     ckpt = runs["fsdp"] / "checkpoints" / "step-000002"
     procs = _two_nodes(1, "--sp", "2", "--data-parallel", "fsdp2", "--hidden", "128", "--resume", str(ckpt),
-                       "--out", str(tmp_path / "other"), timeout=120)
+                       "--out", str(tmp_path / "other"), timeout=600)
     assert all(p.returncode != 0 for p in procs)
     failures = sorted((tmp_path / "other").glob("failure-rank*.txt"))
     assert [f.name for f in failures] == ["failure-rank0.txt", "failure-rank1.txt"]
@@ -216,7 +216,7 @@ def test_bad_input_under_torchrun_fails_on_every_rank_without_hanging(runs, tmp_
     meta["config"]["model"] = {**meta["config"]["model"], "hidden": 128}
     (forged / "meta.json").write_text(json.dumps(meta))
     procs = _two_nodes(1, "--sp", "2", "--data-parallel", "fsdp2", "--hidden", "128", "--resume", str(forged),
-                       "--out", str(tmp_path / "forged-run"), timeout=120)
+                       "--out", str(tmp_path / "forged-run"), timeout=600)
     assert all(p.returncode != 0 for p in procs)
     failures = sorted((tmp_path / "forged-run").glob("failure-rank*.txt"))
     assert [f.name for f in failures] == ["failure-rank0.txt", "failure-rank1.txt"]

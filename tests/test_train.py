@@ -33,7 +33,7 @@ QUICK = ["--steps", "4", "--seq-len", "128", "--batch-size", "2", "--mqar-pairs"
          "--lr", "3e-3", "--sp", "2"]
 
 
-def _cli(*args, timeout=240):
+def _cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "lasp2", "train", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -114,7 +114,7 @@ def test_text_run_packs_documents(runs):
 
 
 def test_bad_input_subprocess_one_line():
-    p = _cli("--sp", "3", "--seq-len", "100", timeout=120)
+    p = _cli("--sp", "3", "--seq-len", "100", timeout=600)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lasp2 train: error: --seq-len 100") and "Traceback" not in p.stderr

@@ -57,8 +57,13 @@ def _worker(group, out: str) -> dict:
     # 1. A real single-file run; its trained weights reloaded into the loop's own wrapper.
     cfg = TrainConfig(hf_config="qwen3.5-tiny", task="mqar", seq_len=32, batch_size=2, steps=2, warmup=1,
                       mqar_pairs=2, mqar_queries=8, mqar_keys=4, mqar_values=4, save_every=2, plot=False,
-                      device="cpu", layout="zigzag", sp=2, out=str(Path(out) / "run"), lr=1e-2)
-    train(cfg)
+                      device="cpu", layout="zigzag", sp=2, out=str(Path(out) / "run"), lr=1e-2,
+                      export_hf=str(Path(out) / "hf-flag"))
+    summary = train(cfg)
+    if rank == 0:  # what `lasp2 train ... --export-hf DIR` does after the run
+        from lasp2.train.cli import _export_hf
+
+        assert _export_hf(cfg, summary) == 0
     dist.barrier(group)
     trained = build_model(load_config("qwen3.5-tiny"))
     lasp2.hf.parallelize(trained, group, layout="zigzag")
@@ -135,12 +140,21 @@ def test_export_loads_into_unmodified_transformers(tmp_path):
             logits = model(input_ids=_ids(), use_cache=False).logits
         mine, theirs = model.state_dict(), _by_hand(run).state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+        if name == "single":  # --export-hf wrote the same model at the end of the run
+            flag = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-flag").state_dict()
+            assert flag.keys() == mine.keys() and all(torch.equal(flag[k], mine[k]) for k in mine)
         err = ((logits - sp[name]).abs().max() / sp[name].abs().max()).item()
         assert err <= FP32_TOL, (name, err)
 
 
 def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
     from lasp2.cli import main
+    from lasp2.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--export-hf writes a transformers model"):
+        TrainConfig(export_hf=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="--save-every > 0"):
+        TrainConfig(hf_config="minimax-tiny", export_hf=str(tmp_path / "x"), save_every=0)
 
     assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
@@ -150,3 +164,7 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
         from lasp2.hf.export import export_checkpoint
 
         export_checkpoint(str(tmp_path), str(tmp_path / "full"))
+    # refused before any rank starts: the export directory must be new or empty
+    assert main(["train", "--hf-config", "minimax-tiny", "--export-hf", str(tmp_path / "full"),
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "--export-hf" in capsys.readouterr().err and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -31,7 +31,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_parser(subparsers) -> None:
     """``lasp2 export --checkpoint DIR --out HF_DIR``: its parser lives here because its logic,
-    ``lasp2.hf.export``, needs transformers, which ``lasp2 --help`` must not import."""
+    ``lasp2.train.export`` / ``lasp2.hf.export``, needs transformers, which ``lasp2 --help`` must not import."""
     p = subparsers.add_parser(
         "export", help="write a lasp2 train --hf-config checkpoint as a transformers directory",
         description="Write the transformers model of a 'lasp2 train --hf-config / --hf-weights' checkpoint "
@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
 
 def _export(args) -> int:
     try:
-        from .hf.export import export_checkpoint
+        from .train.export import export_checkpoint
 
         out = export_checkpoint(args.checkpoint, args.out)
     except (ValueError, ImportError) as e:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 pytest.importorskip("transformers")
 
-import lasp2  # noqa: E402
+import lasp2  # noqa: E402,F401
 from tests.dist import run_distributed  # noqa: E402
 
 T = 32
@@ -161,7 +161,7 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(ValueError, match="no checkpoint there"):
-        from lasp2.hf.export import export_checkpoint
+        from lasp2.train.export import export_checkpoint
 
         export_checkpoint(str(tmp_path), str(tmp_path / "full"))
     # refused before any rank starts: the export directory must be new or empty

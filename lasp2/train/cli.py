@@ -278,7 +278,7 @@ def _export_hf(cfg: TrainConfig, summary: dict) -> int:
     """--export-hf: the final checkpoint as a transformers directory (rank 0 / the launcher)."""
     if not cfg.export_hf:
         return 0
-    from ..hf.export import export_checkpoint
+    from .export import export_checkpoint
 
     try:
         out = export_checkpoint(summary["checkpoint"], cfg.export_hf)

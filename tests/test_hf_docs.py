@@ -19,10 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"([0-9.]+e[-+][0-9]+)"
 
 
-def docs_script() -> str:
+def docs_blocks() -> list:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "hf.md").read_text(), flags=re.S)
     assert len(blocks) >= 5, f"expected the quick start, check, DDP, bf16 and fp64 blocks, found {len(blocks)}"
-    return "\n".join(blocks)
+    return blocks
+
+
+def docs_script() -> str:
+    return "\n".join(docs_blocks())
 
 
 def _free_port() -> int:
@@ -64,3 +68,12 @@ def test_docs_hf_snippets_run_as_written(tmp_path):
                .values()), out
     # fp64 with fp64 reference kernels: rounding only.
     assert all(e < 1e-10 for e in _values(out, f"fp64 logits error {NUMBER}").values()), out
+
+
+def test_docs_install_and_imports_work_from_a_checkout():
+    """lasp2 is not on a package index: the docs install from the checkout, the script imports
+    ``lasp2.hf`` itself (``import lasp2`` does not), and training output stays out of git."""
+    text = (ROOT / "docs" / "hf.md").read_text()
+    assert 'pip install -e ".[hf]"' in text and 'pip install "lasp2[hf]"' not in text
+    assert "import lasp2.hf" in docs_blocks()[0]
+    assert "/lasp2_train/" in (ROOT / ".gitignore").read_text().splitlines()

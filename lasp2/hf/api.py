@@ -78,11 +78,15 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
         projections, norms and gates with ``lasp2.sp_causal_conv1d`` and
         ``lasp2.sp_linear_attention`` as the conv and scan; its softmax attention modules run
         their own forward with ``lasp2.sp_softmax_attention`` as the attention function. Its
-        forward takes this rank's tokens (``shard_batch``); positions default to the global ones;
-        ``logits`` are this rank's shard of the single-device logits. No DP wrapping: gradients
-        are partial sums over each rank's tokens (all-reduce them over the SP group, or use DDP
-        over dp x sp as ``lasp2.parallelize`` does). The router auxiliary loss of MoE layers
+        forward takes ``shard_batch``'s output (``model(**batch)``): this rank's tokens and the
+        batch's SP context, without which (or with one of another layout, group or batch) it
+        raises ValueError; positions default to the global ones; ``logits`` are this rank's
+        shard of the single-device logits. ``model.generate`` raises ValueError (SP generation is
+        planned as ``lasp2.hf.sp_prefill``). No DP wrapping: gradients are partial sums over each
+        rank's tokens (all-reduce them with SUM over the SP group; under DDP, which averages,
+        multiply the loss share by the SP size). The router auxiliary loss of MoE layers
         (``output_router_logits=True``) is computed per rank, not over the whole sequence.
+        Subclasses of the supported model classes are accepted (their layers are checked).
 
     Communication: per layer and direction, the linear strategy's collective (LASP-2: one
     all-gather) plus one P2P halo exchange for convs, or the softmax strategy's collective; at

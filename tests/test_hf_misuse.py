@@ -108,6 +108,25 @@ def _one_check_per_batch(group) -> dict:
     return {"shard": at_shard.count(), "forward": at_forward.count()}
 
 
+def _context(group) -> list:
+    """The batch's context, by hand for W = 2, zigzag, T = 24, documents [0, 5, 13, 24]: rank 0
+    holds global segments [0, 6) and [18, 24), rank 1 [6, 12) and [12, 18)."""
+    ids = _ids()
+    batch = lasp2.hf.shard_batch(ids, ids, group=group, layout="zigzag", cu_seqlens=torch.tensor([0, 5, 13, 24]))
+    sp = batch["lasp2_sp"]
+    rank = dist.get_rank(group)
+    positions = [list(range(0, 6)) + list(range(18, 24)), list(range(6, 18))][rank]
+    in_document = [[0, 1, 2, 3, 4, 0] + list(range(5, 11)), [1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4]][rank]
+    local_runs = [[0, 5, 6, 12], [0, 6, 7, 12]][rank]  # cut at document starts and at the segment start
+    assert sp.positions.tolist() == positions and sp.position_ids.tolist() == in_document
+    assert batch["position_ids"].tolist() == [in_document]
+    assert sp.local_cu_seqlens.tolist() == local_runs and sp.cu_seqlens.tolist() == [0, 5, 13, 24]
+    assert (sp.layout.name, sp.world, sp.local_len, sp.batch_size) == ("zigzag", 2, 12, 1)
+    with pytest.raises(Exception, match="cannot assign"):  # frozen: one batch, one context
+        sp.layout = None
+    return local_runs
+
+
 def _subclasses(group) -> float:
     """A subclass of a supported model class (same layers) is parallelized and exact; a mixer
     subclass that overrides forward is refused."""
@@ -141,7 +160,7 @@ def _subclasses(group) -> float:
 def _worker(group) -> dict:
     sys.modules.setdefault("fla", None)
     return run_sections(group, [("refusals", _refusals), ("one-check", _one_check_per_batch),
-                                ("subclasses", _subclasses)])
+                                ("context", _context), ("subclasses", _subclasses)])
 
 
 SPAWNS = Spawns(_worker, pool="hf-usage", timeout=900)
@@ -159,3 +178,7 @@ def test_same_data_check_is_one_tiny_collective_per_batch():
 
 def test_subclass_of_a_supported_model_is_accepted():
     assert all(e < 1e-10 for e in SPAWNS.results(2, "subclasses"))
+
+
+def test_batch_context_holds_positions_and_documents():
+    assert SPAWNS.results(2, "context") == [[0, 5, 6, 12], [0, 6, 7, 12]]

@@ -169,8 +169,8 @@ def shard_batch(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, 
     document boundaries, layout or ignore_index), or for bad arguments (before any communication).
 
     Communication: 1 all-gather of an 8-byte digest of the batch per call (the same-data check);
-    computing the digest hashes the bytes of input_ids and labels on the CPU (about 1 ms per MB
-    of them; a copy to the CPU first for GPU tensors).
+    computing the digest hashes the bytes of input_ids and labels on the CPU (BLAKE2b, a few ms
+    per MB of them; a copy to the CPU first for GPU tensors).
     """
     check_group(group)
     check_choice("layout", layout, LAYOUTS)

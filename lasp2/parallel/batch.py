@@ -35,7 +35,7 @@ def batch_digest(*parts) -> int:
         if isinstance(p, torch.Tensor):
             t = p.detach().contiguous().cpu()
             h.update(f"|{t.dtype}{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")  # no copy
         else:
             h.update(f"|{p!r}|".encode())
     return (int.from_bytes(h.digest(), "little") >> 1) | 1

@@ -1,4 +1,4 @@
-"""The ``lasp2`` command line: ``lasp2 bench``, ``lasp2 plan`` (and more as they are added).
+"""The ``lasp2`` command line: ``lasp2 bench``, ``lasp2 plan``, ``lasp2 train``, ``lasp2 export``, ...
 
 Sub-commands register themselves: every module named in ``SUBCOMMAND_MODULES`` defines
 ``add_parser(subparsers)``, which adds its parser(s) with ``set_defaults(func=run)``; ``run(args)``
@@ -15,7 +15,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-SUBCOMMAND_MODULES = ("lasp2.bench.cli", "lasp2.train.cli", "lasp2.train.prepare")
+SUBCOMMAND_MODULES = ("lasp2.bench.cli", "lasp2.train.cli", "lasp2.train.prepare", "lasp2.cli")
 
 
 class UsageError(Exception):
@@ -27,6 +27,32 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def add_parser(subparsers) -> None:
+    """``lasp2 export --checkpoint DIR --out HF_DIR``: its parser lives here because its logic,
+    ``lasp2.train.export`` / ``lasp2.hf.export``, needs transformers, which ``lasp2 --help`` must not import."""
+    p = subparsers.add_parser(
+        "export", help="write a lasp2 train --hf-config checkpoint as a transformers directory",
+        description="Write the transformers model of a 'lasp2 train --hf-config / --hf-weights' checkpoint "
+                    "(single-file or sharded) to HF_DIR with save_pretrained (config.json + safetensors), "
+                    "loadable by AutoModelForCausalLM.from_pretrained(HF_DIR) without lasp2.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a run directory (its latest checkpoint) or a checkpoints/step-NNNNNN directory")
+    p.add_argument("--out", required=True, metavar="HF_DIR", help="a new (or empty) directory to write")
+    p.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    try:
+        from .train.export import export_checkpoint
+
+        out = export_checkpoint(args.checkpoint, args.out)
+    except (ValueError, ImportError) as e:
+        raise UsageError(str(e).strip().splitlines()[0]) from None
+    print(f"lasp2 export: wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))}); load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
 
 
 def build_parser() -> Parser:

@@ -9,10 +9,10 @@ from .ops import backends, chunk
 from .ops.softmax import attention_blockwise, doc_ids_from_cu_seqlens
 from .validation import (check_beta, check_cu_seqlens, check_gate, check_initial_state, check_qkv,
                          check_scale, resolve_scale)
-from .ops.precision import no_autocast
+from .ops.precision import follow_autocast, no_autocast
 
 
-@no_autocast
+@follow_autocast
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -30,7 +30,8 @@ def linear_attention(
     """Linear attention on one device, every variant of DESIGN §1.
 
     Args:
-        q, k: [B, T, H, K]; v: [B, T, H, V]; one floating dtype.
+        q, k: [B, T, H, K]; v: [B, T, H, V]; one floating dtype (inside torch.autocast,
+            different dtypes are cast to the autocast dtype first).
         g: None (basic / no decay), [B, T, H] (constant decay or scalar gate) or [B, T, H, K]
             (per-channel gate); log space, <= 0.
         beta: None, or [B, T, H] in [0, 1] for the delta rule (DeltaNet; Gated DeltaNet with g
@@ -73,7 +74,7 @@ def linear_attention(
                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
-@no_autocast
+@follow_autocast
 def softmax_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -86,7 +87,8 @@ def softmax_attention(
     """Softmax attention on one device, blockwise (never a whole [T, T] score matrix).
 
     Args:
-        q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, Dv] with H % Hkv == 0 (GQA).
+        q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, Dv] with H % Hkv == 0 (GQA); one
+            floating dtype (inside torch.autocast, different dtypes are cast to the autocast dtype).
         scale: defaults to D**-0.5. causal: mask keys after the query.
         cu_seqlens: [N + 1] int cumulative document lengths (B == 1): no attention across documents.
 

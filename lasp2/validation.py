@@ -28,7 +28,9 @@ def check_qkv(q, k, v, *, kv_heads_may_differ: bool = False) -> None:
     check_tensor("k", k, 4, "[B, T, H, K]")
     check_tensor("v", v, 4, "[B, T, H, V]")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one "
+                         f"(e.g. .to(v.dtype)), or call the op inside torch.autocast, which casts them to the "
+                         f"autocast dtype")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, T, H, K = q.shape

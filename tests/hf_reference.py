@@ -111,14 +111,16 @@ def shift(labels: torch.Tensor, cu: Optional[list]) -> torch.Tensor:
     return out
 
 
-def reference(family: str, dtype: torch.dtype, ids: torch.Tensor, cu: Optional[list] = None) -> dict:
+def reference(family: str, dtype: torch.dtype, ids: torch.Tensor, cu: Optional[list] = None,
+              autocast: bool = False) -> dict:
     """Logits, mean next-token loss and every parameter gradient of the unmodified model on the
-    whole sequence (documents: each document fed alone, as packing means)."""
+    whole sequence (documents: each document fed alone, as packing means). ``autocast``: the
+    forward runs inside ``torch.autocast("cpu", torch.bfloat16)`` (transformers' own kernels)."""
     model = make_model(family, dtype)
     spans = [(0, ids.shape[1])] if cu is None else list(zip(cu[:-1], cu[1:]))
     targets = shift(ids, cu)
     n = int((targets != -100).sum())
-    with hf_kernels(family, dtype, model):
+    with hf_kernels(family, dtype, model), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         logits, hf_loss = [], 0.0
         for a, b in spans:
             out = model(input_ids=ids[:, a:b], labels=ids[:, a:b], use_cache=False)

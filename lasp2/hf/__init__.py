@@ -1,12 +1,18 @@
-"""Hugging Face ``transformers`` hybrid models trained under LASP-2 (optional: ``pip install "lasp2[hf]"``).
+"""Hugging Face ``transformers`` hybrid models trained under LASP-2 (optional: ``pip install -e ".[hf]"``
+from the lasp2 checkout; ``import lasp2.hf``, which ``import lasp2`` does not do).
 
+    import lasp2.hf
     model = AutoModelForCausalLM.from_config(cfg)            # or from_pretrained(local_dir)
     lasp2.hf.parallelize(model, group, layout="zigzag", strategy="lasp2", softmax_strategy="allgather")
-    batch = lasp2.hf.shard_batch(input_ids, labels, group=group, layout="zigzag")
+    batch = lasp2.hf.shard_batch(input_ids, labels, group=group, layout="zigzag")  # the whole batch
     out = model(**batch)     # out.logits: this rank's shard of the single-device logits
 
+``shard_batch`` checks that every rank holds the same batch (one 8-byte all-gather) and returns the
+batch's sequence-parallel context with the tokens; the model refuses forwards without it, and
+``generate``. ``lasp2 export`` writes trained checkpoints back as transformers directories.
+
 Supported: Qwen3-Next, Qwen3.5 and Qwen3.5-MoE (Gated DeltaNet + gated softmax attention), MiniMax (Lightning
-+ softmax attention), Bamba (Mamba2 + softmax attention). Each model's own layers (parameters,
++ softmax attention), Bamba (Mamba2 + softmax attention), and subclasses of their model classes. Each model's own layers (parameters,
 projections, norms, gates, MoE MLPs) run unchanged; only the sequence-mixing cores and the short
 convolutions become lasp2 SP ops. See ``families.py`` for the mapping.
 """

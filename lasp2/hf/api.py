@@ -12,8 +12,9 @@ from ..parallel import comm
 from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_group, shard
 from ..parallel.layout import LAYOUTS
 from ..validation import check_choice, check_cu_seqlens
-from .common import ATTN_IMPLEMENTATION, CU_KEY, HFContext, attention_function, make_pre_hook
-from .families import FAMILIES, family_of
+from ..parallel.batch import SPBatch, batch_digest
+from .common import ATTN_IMPLEMENTATION, SP_KEY, HFContext, attention_function, make_pre_hook
+from .families import FAMILIES, family_of, mixer_class, model_class
 
 # Class names that mix tokens; any such module that a family does not know is refused.
 _MIXER_NAME = re.compile(r"(Attention|Mixer|DeltaNet|Mamba\w*|SSM|Conv\w*)$")
@@ -33,17 +34,29 @@ def _check_modules(model, family) -> None:
     known = _known_mixers(family)
     everything = {c for f in FAMILIES for c in _known_mixers(f)}
     for name, m in model.named_modules():
-        cls = type(m).__name__
-        if cls in known:
+        if mixer_class(m, known) is not None:
             continue
+        cls = type(m).__name__
         inside_linear = name.rsplit(".", 1)[0] if "." in name else ""
-        if isinstance(m, torch.nn.Conv1d) and type(model.get_submodule(inside_linear)).__name__ in family.linear:
+        if isinstance(m, torch.nn.Conv1d) and mixer_class(model.get_submodule(inside_linear), family.linear):
             continue  # the mixer's own short conv, replaced with the mixer's forward
         mixes = isinstance(m, (torch.nn.Conv1d, torch.nn.MultiheadAttention))
-        if _MIXER_NAME.search(cls) or mixes or cls in everything:
+        subclass = [c.__name__ for c in type(m).__mro__ if c.__name__ in everything]
+        if subclass and cls not in everything:
+            raise ValueError(f"{type(model).__name__} contains {name} = {cls}, a subclass of {subclass[0]} that "
+                             f"overrides forward; lasp2.hf replaces the forward of {subclass[0]} itself and would "
+                             f"drop that code. Keep {subclass[0]}'s forward, or parallelize the layer yourself")
+        if _MIXER_NAME.search(cls) or mixes or subclass:
             raise ValueError(f"{type(model).__name__} contains {name} = {cls}, a sequence-mixing layer lasp2.hf "
                              f"does not know how to parallelize; supported mixers for {family.name}: "
                              f"{', '.join(sorted(known))}")
+
+
+def _refuse_generate(*args, **kwargs):
+    raise ValueError("generate() on a model parallelized by lasp2.hf would decode a different continuation on "
+                     "every rank: sequence-parallel generation is planned as lasp2.hf.sp_prefill (prefill the "
+                     "prompt under SP, then decode), which does not exist yet. Generate with an unparallelized "
+                     "copy of the model (e.g. one loaded from lasp2 export / save_pretrained)")
 
 
 def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", strategy: str = "lasp2",
@@ -65,11 +78,15 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
         projections, norms and gates with ``lasp2.sp_causal_conv1d`` and
         ``lasp2.sp_linear_attention`` as the conv and scan; its softmax attention modules run
         their own forward with ``lasp2.sp_softmax_attention`` as the attention function. Its
-        forward takes this rank's tokens (``shard_batch``); positions default to the global ones;
-        ``logits`` are this rank's shard of the single-device logits. No DP wrapping: gradients
-        are partial sums over each rank's tokens (all-reduce them over the SP group, or use DDP
-        over dp x sp as ``lasp2.parallelize`` does). The router auxiliary loss of MoE layers
+        forward takes ``shard_batch``'s output (``model(**batch)``): this rank's tokens and the
+        batch's SP context, without which (or with one of another layout, group or batch) it
+        raises ValueError; positions default to the global ones; ``logits`` are this rank's
+        shard of the single-device logits. ``model.generate`` raises ValueError (SP generation is
+        planned as ``lasp2.hf.sp_prefill``). No DP wrapping: gradients are partial sums over each
+        rank's tokens (all-reduce them with SUM over the SP group; under DDP, which averages,
+        multiply the loss share by the SP size). The router auxiliary loss of MoE layers
         (``output_router_logits=True``) is computed per rank, not over the whole sequence.
+        Subclasses of the supported model classes are accepted (their layers are checked).
 
     Communication: per layer and direction, the linear strategy's collective (LASP-2: one
     all-gather) plus one P2P halo exchange for convs, or the softmax strategy's collective; at
@@ -97,7 +114,7 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     modeling = family.modeling()
     sp_config = None
     for m in model.modules():
-        cls = type(m).__name__
+        cls = mixer_class(m, _known_mixers(family))
         if cls in family.linear:
             m._lasp2 = ctx
             m.forward = family.linear[cls](m, modeling)
@@ -106,10 +123,11 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
                 sp_config = copy.deepcopy(m.config)
                 sp_config._attn_implementation = ATTN_IMPLEMENTATION
             m._lasp2, m.config = ctx, sp_config
-    base = model.model if type(model).__name__ == family.models[0] else model
+    base = model.model if model_class(model, family) == family.models[0] else model
     model._lasp2_hook = base.register_forward_pre_hook(make_pre_hook(ctx, getattr(config, family.layer_types)),
                                                        with_kwargs=True)
     model._lasp2 = ctx
+    model.generate = _refuse_generate  # this instance only
     return model
 
 
@@ -122,29 +140,37 @@ def _check_ids(name: str, x, shape=None) -> None:
 
 def shard_batch(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *, group, layout: str = "contiguous",
                 cu_seqlens: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                ignore_index: int = -100) -> Dict[str, torch.Tensor]:
+                ignore_index: int = -100) -> Dict[str, object]:
     """This rank's part of a batch of whole sequences, ready for ``model(**batch)``.
 
     Args:
-        input_ids: [B, T] integer, the whole sequences, identical on every rank; T must split
-            into W equal parts (2W under zigzag).
+        input_ids: [B, T] integer, the whole sequences, identical on every rank (checked); T
+            must split into W equal parts (2W under zigzag).
         labels: None, or [B, T] integer targets *before* the next-token shift (as transformers
             takes them; usually ``input_ids``), ``ignore_index`` where not counted.
-        group, layout: the SP group and the layout given to ``parallelize``.
+        group, layout: the SP group and the layout given to ``parallelize`` (a model refuses a
+            batch sharded with another layout or group).
         cu_seqlens: None, or [N + 1] int cumulative document lengths (B == 1): documents packed
             in one row; positions restart and nothing crosses a document boundary.
         attention_mask: None or all ones (padding is not supported under SP: pack instead).
 
     Returns:
-        ``input_ids`` [B, T / W] (this rank's tokens), ``position_ids`` [B, T / W] (their global
-        positions, or positions in their document), with labels also ``labels`` and
-        ``shift_labels`` [B, T / W] (the next-token target of each local token, shifted on the
-        whole sequence so that no rank loses its last label; ``ignore_index`` at each sequence /
-        document end) and ``num_items_in_batch`` (the number of counted targets in the whole
-        batch), so that ``model(**batch).loss`` is this rank's share: its sum over the SP group
-        is the single-device loss; with documents, ``lasp2_cu_seqlens``.
+        ``input_ids`` [B, T / W] (this rank's tokens), ``position_ids`` [B, T / W] int64 (their
+        global positions, or positions in their document), ``lasp2_sp``: the batch's
+        sequence-parallel context (``lasp2.parallel.batch.SPBatch``: group, layout, positions,
+        documents, digest), without which a parallelized model refuses to run; with labels also
+        ``labels`` and ``shift_labels`` [B, T / W] (the next-token target of each local token,
+        shifted on the whole sequence so that no rank loses its last label; ``ignore_index`` at
+        each sequence / document end) and ``num_items_in_batch`` (the number of counted targets
+        in the whole batch), so that ``model(**batch).loss`` is this rank's share: its sum over
+        the SP group is the single-device loss.
 
-    Communication: none.
+    Raises ValueError on every rank when the ranks hold different batches (input ids, labels,
+    document boundaries, layout or ignore_index), or for bad arguments (before any communication).
+
+    Communication: 1 all-gather of an 8-byte digest of the batch per call (the same-data check);
+    computing the digest hashes the bytes of input_ids and labels on the CPU (BLAKE2b, a few ms
+    per MB of them; a copy to the CPU first for GPU tensors).
     """
     check_group(group)
     check_choice("layout", layout, LAYOUTS)
@@ -158,19 +184,19 @@ def shard_batch(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, 
         if not bool((attention_mask != 0).all()):
             raise ValueError("attention_mask has padding (zeros), which sequence parallelism does not support; "
                              "pack the documents into one row and pass cu_seqlens instead")
-    pos = torch.arange(T, device=input_ids.device)
-    if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=input_ids.device, dtype=torch.long)
-        pos = pos - cu[torch.searchsorted(cu, pos, right=True) - 1]
-    out = {"input_ids": shard(input_ids, group=group, layout=layout),
-           "position_ids": shard(pos.unsqueeze(0).expand(B, T), group=group, layout=layout)}
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    local_ids = shard(input_ids, group=group, layout=layout)  # checks that T splits over the group
+    digest = batch_digest("lasp2.hf.shard_batch", layout, ignore_index, input_ids, labels, cu_seqlens)
+    comm.check_same_digest(group, digest, "batches (input_ids, labels, cu_seqlens, layout or ignore_index)")
+    sp = SPBatch.build(group, layout, T, B, cu_seqlens=cu_seqlens, digest=digest, tokens=local_ids)
+    out = {"input_ids": local_ids,
+           "position_ids": sp.position_ids.to(input_ids.device).unsqueeze(0).expand(B, -1), SP_KEY: sp}
     if labels is not None:
         shifted = torch.full_like(labels, ignore_index)
         shifted[:, :-1] = labels[:, 1:]
         if cu_seqlens is not None:
-            shifted[:, cu[1:] - 1] = ignore_index  # a document's last token predicts nothing
+            shifted[:, sp.cu_seqlens[1:].to(labels.device) - 1] = ignore_index  # a document's last token predicts nothing
         out["labels"] = out["shift_labels"] = shard(shifted, group=group, layout=layout)
         out["num_items_in_batch"] = (shifted != ignore_index).sum()
-    if cu_seqlens is not None:
-        out[CU_KEY] = cu_seqlens
     return out

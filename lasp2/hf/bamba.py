@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..parallel.halo import sp_causal_conv1d
-from .common import CU_KEY, compute_dtype, linear_core
+from .common import documents, compute_dtype, linear_core
 
 
 def mamba2_forward(layer, hidden_states, cache_params=None, attention_mask=None, **kwargs):
     """Replacement forward of ``BambaMixer``."""
-    ctx, cu = layer._lasp2, kwargs.get(CU_KEY)
+    ctx, cu = layer._lasp2, documents(layer, kwargs)
     batch_size, seq_len, _ = hidden_states.shape
     dtype = hidden_states.dtype
     H, P, G, N = layer.num_heads, layer.head_dim, layer.n_groups, layer.ssm_state_size

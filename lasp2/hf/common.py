@@ -1,10 +1,12 @@
 """What every family shares: the per-model SP context, the softmax attention function registered
 with transformers (LASP-2H / ring / Ulysses through ``lasp2.sp_softmax_attention``), the forward
-pre-hook of the base model (global positions, no masks, no cache) and the linear-attention core.
+pre-hook of the base model (this batch's SP context checked, its positions, no masks, no cache)
+and the linear-attention core.
 
-Documents travel through the model's ``**kwargs`` as ``lasp2_cu_seqlens`` (global [N + 1]
-cumulative lengths, identical on every rank); transformers passes such kwargs down to every
-decoder layer and attention module unchanged.
+The batch's sequence-parallel context (``lasp2.parallel.batch.SPBatch``, built by
+``lasp2.hf.shard_batch``) travels through the model's ``**kwargs`` as ``lasp2_sp``; transformers
+passes such kwargs down to every decoder layer and attention module unchanged, so every layer
+reads the documents of *this* batch from it.
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ from typing import Optional
 import torch
 
 from ..ops.common import compute_dtype  # transformers' scans run in fp32; fp64 stays fp64
-from ..parallel import comm
 from ..parallel.api import sp_linear_attention, sp_softmax_attention
-from ..parallel.layout import Layout
+from ..parallel.batch import SPBatch
 
-CU_KEY = "lasp2_cu_seqlens"
+SP_KEY = "lasp2_sp"
 ATTN_IMPLEMENTATION = "lasp2"
+SHARD_HINT = ("build each batch with batch = lasp2.hf.shard_batch(input_ids, labels, group=group, layout=layout) "
+              "from the whole batch (identical on every rank) and call model(**batch)")
 
 
 @dataclass(frozen=True)
@@ -33,15 +36,14 @@ class HFContext:
     backend: str = "auto"
 
 
-def local_positions(ctx: HFContext, T: int, cu_seqlens: Optional[torch.Tensor], device) -> torch.Tensor:
-    """Position of every local token: its global position, or its offset in its document when
-    documents are packed (as if each document were fed alone). int64 [T]."""
-    rank, world = comm.rank_and_size(ctx.group)
-    pos = Layout(ctx.layout, world, T).global_positions(rank, device)
-    if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=device, dtype=torch.long)
-        pos = pos - cu[torch.searchsorted(cu, pos, right=True) - 1]
-    return pos
+def documents(module, kwargs) -> Optional[torch.Tensor]:
+    """The global document boundaries of this batch (int64 [N + 1] on the CPU, or None) from the
+    batch's SP context in ``kwargs``; ValueError when a layer runs without one."""
+    sp = kwargs.get(SP_KEY)
+    if not isinstance(sp, SPBatch):
+        raise ValueError(f"{type(module).__name__} of a model parallelized by lasp2.hf ran without this batch's "
+                         f"sequence-parallel context ({SP_KEY}); call the whole model: {SHARD_HINT}")
+    return sp.cu_seqlens
 
 
 def attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -64,7 +66,7 @@ def attention_function(module, query, key, value, attention_mask, scaling=None, 
                          "set config.sliding_window = None")
     o = sp_softmax_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), group=ctx.group,
                              scale=scaling, causal=True, strategy=ctx.softmax_strategy, layout=ctx.layout,
-                             cu_seqlens=kwargs.get(CU_KEY))
+                             cu_seqlens=documents(module, kwargs))
     return o, None
 
 
@@ -77,16 +79,58 @@ def linear_core(ctx: HFContext, q, k, v, g, beta=None, *, scale: float, cu_seqle
     return o.to(v.dtype)
 
 
+def _same_group(a, b) -> bool:
+    if a is b:
+        return True
+    import torch.distributed as dist
+
+    return dist.get_process_group_ranks(a) == dist.get_process_group_ranks(b)
+
+
+def check_batch(ctx: HFContext, sp, x: torch.Tensor, ids: Optional[torch.Tensor], position_ids) -> None:
+    """ValueError unless ``sp`` is the SP context of this batch for this model: built by
+    ``shard_batch`` over the model's group and layout, for these tokens. Runs on every rank before
+    any communication (a refusal is the same on every rank, never a hang). Cost: one comparison
+    of the [B, T_local] ids with the ones the context was built for."""
+    if sp is None:
+        raise ValueError(f"a model parallelized by lasp2.hf needs this batch's sequence-parallel context: "
+                         f"{SHARD_HINT}. Feeding it whole sequences, or tokens sharded another way, would give "
+                         f"wrong logits on every rank but the first")
+    if not isinstance(sp, SPBatch):
+        raise ValueError(f"{SP_KEY} must be the SPBatch that lasp2.hf.shard_batch returned, got {type(sp).__name__}")
+    if not _same_group(sp.group, ctx.group):
+        raise ValueError("this batch was sharded over another process group than the model's: pass the model's "
+                         "sequence-parallel group to lasp2.hf.shard_batch")
+    if sp.layout.name != ctx.layout:
+        raise ValueError(f"this batch was sharded with layout={sp.layout.name!r} but the model was parallelized with "
+                         f"layout={ctx.layout!r}: pass layout={ctx.layout!r} to lasp2.hf.shard_batch (the tokens "
+                         f"of each rank would otherwise sit at the wrong global positions)")
+    want = (sp.batch_size, sp.local_len)
+    if tuple(x.shape[:2]) != want:
+        raise ValueError(f"the model got {'input_ids' if ids is not None else 'inputs_embeds'} of shape "
+                         f"{tuple(x.shape)}, but this batch's context is for this rank's {list(want)} tokens: "
+                         f"pass the input_ids that shard_batch returned with it, not the whole sequences")
+    if ids is not None and sp.tokens is not None and not torch.equal(ids, sp.tokens.to(ids.device)):
+        raise ValueError(f"input_ids are not the tokens this batch's context was built for; {SHARD_HINT} "
+                         f"for every batch (a context cannot be reused with other tokens)")
+    if position_ids is not None:
+        expected = sp.position_ids.to(position_ids.device)
+        if position_ids.shape[-1] != expected.shape[0] or not bool((position_ids == expected).all()):
+            raise ValueError("position_ids differ from the global positions of this rank's tokens in this batch; "
+                             "pass the position_ids shard_batch returned, or none")
+
+
 def make_pre_hook(ctx: HFContext, layer_types):
-    """Forward pre-hook (with kwargs) of the base model: global ``position_ids`` when none are
-    given, attention masks replaced by ``None`` per layer type (the SP ops apply causality and
-    documents from global positions), and no KV/recurrent cache."""
+    """Forward pre-hook (with kwargs) of the base model: this batch's SP context required and
+    checked (``check_batch``), ``position_ids`` from it when none are given, attention masks
+    replaced by ``None`` per layer type (the SP ops apply causality and documents from global
+    positions), and no KV/recurrent cache."""
     no_masks = {t: None for t in set(layer_types)}
 
     def hook(module, args, kwargs):
         if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
             raise ValueError("a parallelized model trains on whole sequences: pass use_cache=False and no "
-                             "past_key_values (generation under sequence parallelism is not supported)")
+                             "past_key_values (generation under sequence parallelism is not supported yet)")
         kwargs["use_cache"] = False
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
@@ -98,9 +142,10 @@ def make_pre_hook(ctx: HFContext, layer_types):
         x = ids if ids is not None else kwargs.get("inputs_embeds")
         if x is None:
             raise ValueError("pass input_ids (or inputs_embeds) to the parallelized model")
+        sp = kwargs.get(SP_KEY)
+        check_batch(ctx, sp, x, ids, kwargs.get("position_ids"))
         if kwargs.get("position_ids") is None:
-            pos = local_positions(ctx, x.shape[1], kwargs.get(CU_KEY), x.device)
-            kwargs["position_ids"] = pos.unsqueeze(0).expand(x.shape[0], -1)
+            kwargs["position_ids"] = sp.position_ids.to(x.device).unsqueeze(0).expand(x.shape[0], -1)
         return args, kwargs
 
     return hook

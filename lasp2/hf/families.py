@@ -70,11 +70,32 @@ def supported() -> str:
     return ", ".join(m for f in FAMILIES for m in f.models)
 
 
+def _names(cls):
+    return [c.__name__ for c in cls.__mro__]
+
+
+def model_class(model, family: "Family") -> str:
+    """The supported class ``model`` is (or subclasses): one of ``family.models``."""
+    return next(n for n in _names(type(model)) if n in family.models)
+
+
 def family_of(model) -> Family:
-    """The family of ``model`` (by class), or a ValueError listing what is supported."""
-    name = type(model).__name__
+    """The family of ``model``: its class or a base class of it is a supported model class
+    (a user subclass keeps the supported layers, which are checked one by one); ValueError
+    listing what is supported otherwise."""
+    names = _names(type(model))
     for f in FAMILIES:
-        if name in f.models:
+        if any(n in f.models for n in names):
             return f
-    raise ValueError(f"lasp2.hf does not support {name}; supported models: {supported()} "
-                     f"(Qwen3-Next, Qwen3.5 and Qwen3.5-MoE text, MiniMax, Bamba)")
+    raise ValueError(f"lasp2.hf does not support {type(model).__name__}; supported models: {supported()} "
+                     f"(Qwen3-Next, Qwen3.5 and Qwen3.5-MoE text, MiniMax, Bamba) and their subclasses")
+
+
+def mixer_class(module, known) -> Optional[str]:
+    """The supported mixer class (a name in ``known``) whose forward ``module`` runs: its own
+    class, or a base class when the subclass keeps that forward; None otherwise. A subclass that
+    overrides ``forward`` is not a supported mixer (lasp2 would replace the code it adds)."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in known:
+            return cls.__name__ if type(module).forward is cls.forward else None
+    return None

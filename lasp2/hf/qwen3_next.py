@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..parallel.halo import sp_causal_conv1d
-from .common import CU_KEY, compute_dtype, linear_core
+from .common import documents, compute_dtype, linear_core
 
 
 def gated_delta_core(layer, l2norm, query, key, value, g, beta, cu_seqlens) -> torch.Tensor:
@@ -64,7 +64,7 @@ def _gates(layer, a, b):
 def qwen3_next_gdn_forward(layer, l2norm, hidden_states, cache_params=None, attention_mask=None, **kwargs):
     """Replacement forward of ``Qwen3NextGatedDeltaNet`` (fused qkvz / ba projections)."""
     batch_size, seq_len, _ = hidden_states.shape
-    cu = kwargs.get(CU_KEY)
+    cu = documents(layer, kwargs)
     query, key, value, z, b, a = layer.fix_query_key_value_ordering(layer.in_proj_qkvz(hidden_states),
                                                                      layer.in_proj_ba(hidden_states))
     query, key, value = (x.reshape(x.shape[0], x.shape[1], -1) for x in (query, key, value))
@@ -79,7 +79,7 @@ def qwen3_5_gdn_forward(layer, l2norm, hidden_states, cache_params=None, attenti
     """Replacement forward of ``Qwen3_5GatedDeltaNet`` / ``Qwen3_5MoeGatedDeltaNet`` (separate
     qkv / z / b / a projections)."""
     batch_size, seq_len, _ = hidden_states.shape
-    cu = kwargs.get(CU_KEY)
+    cu = documents(layer, kwargs)
     mixed_qkv = _conv(layer, layer.in_proj_qkv(hidden_states), cu)
     z = layer.in_proj_z(hidden_states).reshape(batch_size, seq_len, -1, layer.head_v_dim)
     b, a = layer.in_proj_b(hidden_states), layer.in_proj_a(hidden_states)

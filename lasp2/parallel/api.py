@@ -14,7 +14,7 @@ from .context import LinearCall
 from .layout import LAYOUTS, Layout
 from .linear_sp import LinearSPFunction
 from .strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
-from ..ops.precision import no_autocast
+from ..ops.precision import follow_autocast
 
 
 def _check_layout(entry, layout: str) -> None:
@@ -29,7 +29,7 @@ def _describe(t: Optional[torch.Tensor]) -> str:
     return "None" if t is None else f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
 
 
-@no_autocast
+@follow_autocast
 def sp_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -52,6 +52,8 @@ def sp_linear_attention(
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V]; g: None | [B, T, H] | [B, T, H, K] (log space,
             <= 0) — this rank's shard in ``layout`` (T local; the global length is W * T).
+            q, k, v share one dtype; inside torch.autocast, q, k, v of different dtypes are cast
+            to the autocast dtype first (as for ``scaled_dot_product_attention``).
         beta: None, or [B, T, H] in [0, 1] for DeltaNet / Gated DeltaNet (g then [B, T, H] or
             None); keys are used as given (normalise them in the layer, as DeltaNet does).
         group: the sequence-parallel process group (required).
@@ -178,7 +180,7 @@ def unshard(x_local: torch.Tensor, *, group, layout: str = "contiguous", dim: in
 
 
 
-@no_autocast
+@follow_autocast
 def sp_softmax_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -196,7 +198,8 @@ def sp_softmax_attention(
 
     Args:
         q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, Dv], H % Hkv == 0 (GQA) — this rank's
-            shard in ``layout`` (T local; the global length is W * T). One floating dtype.
+            shard in ``layout`` (T local; the global length is W * T). One floating dtype
+            (inside torch.autocast, different dtypes are cast to the autocast dtype first).
         group: the sequence-parallel process group (required).
         scale: defaults to D**-0.5. causal: False gives bidirectional attention.
         strategy: "allgather" (LASP-2H, one collective per direction), "ring" (K/V rotate

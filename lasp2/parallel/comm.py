@@ -311,3 +311,38 @@ def send_recv(x: Optional[torch.Tensor], dst: Optional[int], like: Optional[torc
     """
     many = p2p([] if x is None else [(x, dst)], [] if like is None else [(like, src)], group)
     return Pending(many, None if like is None else many._result[0])  # ``many`` keeps x alive
+
+
+# ---------------------------------------------------------------------------------------------
+# Added for the per-batch SP context (``parallel/batch.py``): one check per batch that every rank
+# of the group holds the same batch (its content, not only its shapes).
+# ---------------------------------------------------------------------------------------------
+
+
+def _small_tensor_device(group: ProcessGroup) -> torch.device:
+    """Where a tiny control tensor must live for ``group``'s backend: the current CUDA device
+    for an NCCL-only group, the CPU otherwise (gloo, or a group with a CPU backend)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "gloo" not in backend and "cpu" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_same_digest(group: ProcessGroup, digest: int, what: str) -> None:
+    """Raise ValueError on every rank unless every rank of ``group`` passed the same 63-bit
+    ``digest`` (of ``what``, named in the message with the ranks that differ).
+
+    Communication: 1 all-gather of 8 bytes per rank (an int64), every call.
+    """
+    W = dist.get_world_size(group)
+    mine = torch.tensor([digest], dtype=torch.int64, device=_small_tensor_device(group))
+    everyone = all_gather(mine, group).view(-1).tolist()
+    bad = [r for r, d in enumerate(everyone) if d != digest]
+    if bad:
+        groups = {}
+        for r, d in enumerate(everyone):
+            groups.setdefault(d, []).append(r)
+        split = "; ".join(f"ranks {rs}" for rs in groups.values())
+        raise ValueError(f"the ranks of the sequence-parallel group hold different {what}: {split} agree among "
+                         f"themselves ({W} ranks); every rank must pass the same whole batch (same data loader "
+                         f"seed / sampler for all ranks of one SP group)")

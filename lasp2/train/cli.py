@@ -121,6 +121,7 @@ def resume_config(given: dict, model: dict) -> TrainConfig:
 
     ckpt = checkpoint.find(given["resume"])
     stored = dict(checkpoint.read_meta(ckpt).get("config") or {})
+    stored.pop("export_hf", None)  # an export is asked for by the run that wants it, not inherited
     values = {**stored, **given, "model": {**(stored.get("model") or {}), **model}}
     if "sp" in given and "dp" not in given and given["sp"] != stored.get("sp"):
         values["dp"] = None  # a new --sp re-derives --dp (a sharded checkpoint reshards; single-file ones refuse)
@@ -144,7 +145,12 @@ RUN_OUTPUTS = ("metrics.jsonl", "config.json", "loss.png", "checkpoints")  # wha
 def _check_out(cfg: TrainConfig, overwrite: bool, *, act: bool = True) -> None:
     """Before any rank starts: --out must be a writable directory (created here), empty unless this
     run continues the run that lives there (--resume) or --overwrite is given, in which case the
-    earlier run's outputs are deleted (``act``: on one rank only). ValueError otherwise."""
+    earlier run's outputs are deleted (``act``: on one rank only); --export-hf must be new or an
+    empty directory. ValueError otherwise."""
+    if cfg.export_hf is not None:
+        target = Path(cfg.export_hf)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ValueError(f"--export-hf {cfg.export_hf} exists and is not an empty directory; choose a new one")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {cfg.out} exists and is not a directory; choose another --out")
@@ -265,6 +271,21 @@ def run(args) -> int:
         print(f"lasp2 train: error: {e} ({where})", file=sys.stderr)
         return 1
     print(summary_text(results[0], cfg))
+    return _export_hf(cfg, results[0])
+
+
+def _export_hf(cfg: TrainConfig, summary: dict) -> int:
+    """--export-hf: the final checkpoint as a transformers directory (rank 0 / the launcher)."""
+    if not cfg.export_hf:
+        return 0
+    from .export import export_checkpoint
+
+    try:
+        out = export_checkpoint(summary["checkpoint"], cfg.export_hf)
+    except ValueError as e:
+        print(f"lasp2 train: error: --export-hf: {e}", file=sys.stderr)
+        return 1
+    print(f"Exported the final checkpoint to {out}/ (AutoModelForCausalLM.from_pretrained({str(out)!r})).")
     return 0
 
 
@@ -282,6 +303,7 @@ def _run_torchrun(cfg: TrainConfig, args, init_from_env) -> int:
         summary = train(cfg)
         if summary is not None:
             print(summary_text(summary, cfg))
+            return _export_hf(cfg, summary)
         return 0
     except Exception as e:  # noqa: BLE001 - one line per failing rank, the traceback in a file
         where = _write_failure(Path(cfg.out), f"failure-rank{rank}.txt", traceback.format_exc())

@@ -34,7 +34,7 @@ TRAIN_DEFAULTS: Dict[str, Dict[str, Any]] = {"debug": {"linear_variant": "mamba2
 # to the checkpoint). ``steps`` may grow; the learning-rate schedule stays the checkpoint run's
 # (``schedule_steps``): steps past it train at lr * min_lr_ratio.
 RESUMABLE_CHANGES = ("steps", "out", "resume", "save_every", "log_every", "timeout_s", "plot", "device",
-                     "tuned_allocator")
+                     "tuned_allocator", "export_hf")
 
 
 def train_default(preset: str, name: str) -> Any:
@@ -77,6 +77,9 @@ class TrainConfig:
         "directory with config.json (lasp2.hf; the model flags above do not apply)"))
     hf_weights: Optional[str] = field(default=None, metadata=_help(
         "with or instead of --hf-config: a local directory of safetensors weights (and config.json) to fine-tune"))
+    export_hf: Optional[str] = field(default=None, metadata=_help(
+        "with --hf-config / --hf-weights: at the end, write the final checkpoint to this new directory as a "
+        "transformers model (config.json + safetensors, as lasp2 export does) for from_pretrained"))
     # ---- parallelism ---------------------------------------------------------------------------
     sp: int = field(default=2, metadata=_help("sequence-parallel ranks per sequence"))
     dp: Optional[int] = field(default=None, metadata=_help(
@@ -194,6 +197,12 @@ class TrainConfig:
             from .hf_model import check_hf_config
 
             check_hf_config(self)
+        if self.export_hf is not None:
+            if not self.hf:
+                raise ValueError("--export-hf writes a transformers model: it needs --hf-config or --hf-weights")
+            if not self.save_every:
+                raise ValueError("--export-hf exports the final checkpoint: use --save-every > 0 (checkpoints are "
+                                 "also written at the last step)")
 
     def _check_tokens(self) -> None:
         """The token file's header and sidecar only (no tokens are read): format, length, vocabulary."""

@@ -13,11 +13,17 @@ from ..parallel.mesh import dp_sp_group
 
 class HFCausalLM(torch.nn.Module):
     """A parallelized transformers causal LM seen as the loop's model: forward(tokens [b, T_local],
-    cu_seqlens=None (global)) -> logits [b, T_local, vocab]; positions are the global ones."""
+    cu_seqlens=None (global)) -> logits [b, T_local, vocab]; positions are the global ones.
 
-    def __init__(self, hf_model: torch.nn.Module):
+    The loop's ranks draw the same batch by construction (the data of a step depend only on
+    (seed, step)) and shard it in ``layout``; each forward builds that batch's SP context
+    (``SPBatch``) for the model from the local tokens, without the same-data all-gather that
+    ``lasp2.hf.shard_batch`` adds for batches it cannot vouch for."""
+
+    def __init__(self, hf_model: torch.nn.Module, group, layout: str):
         super().__init__()
         self.hf = hf_model
+        self.group, self.layout = group, layout
 
     @property
     def config(self):
@@ -27,10 +33,13 @@ class HFCausalLM(torch.nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from ..hf.common import CU_KEY
+        from ..hf.common import SP_KEY
+        from ..parallel.batch import SPBatch
 
-        extra = {} if cu_seqlens is None else {CU_KEY: cu_seqlens}
-        return self.hf(input_ids=tokens, **extra).logits
+        W = torch.distributed.get_world_size(self.group)
+        sp = SPBatch.build(self.group, self.layout, tokens.shape[1] * W, tokens.shape[0], cu_seqlens=cu_seqlens,
+                           tokens=tokens)
+        return self.hf(input_ids=tokens, **{SP_KEY: sp}).logits
 
 
 def check_hf_config(cfg) -> None:
@@ -73,7 +82,7 @@ def build_hf(cfg, mesh, device: torch.device, dtype: torch.dtype) -> Tuple[HFCau
     model = build_model(config, weights=cfg.hf_weights, dtype=dtype, device=device)
     lasp2_hf.parallelize(model, mesh["sp"].get_group(), layout=cfg.layout, strategy=cfg.strategy,
                          softmax_strategy=cfg.softmax_strategy, backend=cfg.backend)
-    wrapped = HFCausalLM(model)
+    wrapped = HFCausalLM(model, mesh["sp"].get_group(), cfg.layout)
     import inspect
 
     # Buffers (RoPE frequencies, decay tables) are constants computed at init: never re-broadcast.

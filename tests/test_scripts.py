@@ -87,3 +87,16 @@ def test_gpu_suite_smoke_on_cpu(tmp_path):
     rows = _rows(tmp_path / "gpu_suite_smoke.json", ("T", "fla_ms", "lasp2_ms", "lasp2-local_ms",
                                                      "output_rel_rms_vs_fla"))
     assert all(r["output_rel_rms_vs_fla"] < 1e-4 for r in rows), rows  # fp32 in the interpreter: the same math
+
+
+def test_lasp2_bench_hf_suite(tmp_path):
+    """The hf suite drives a parallelized transformers model the way users must (whole batch
+    through ``shard_batch``, the batch's SP context in the forward)."""
+    pytest.importorskip("transformers")
+    _run(["-m", "lasp2", "bench", "--suite", "hf", "--hf-config", "qwen3-next-tiny", "--world-sizes", "2",
+          "--seq-lens", "32", "--repeats", "1", "--warmup", "0", "--no-plots", "--quiet", "--out", str(tmp_path)],
+         tmp_path)
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert {r["strategy"] for r in records} == {"lasp2+allgather", "ideal"}, [r["strategy"] for r in records]
+    for r in records:
+        assert r["skipped"] is None and r["W"] == 2 and math.isfinite(r["time_s"]) and r["time_s"] > 0, r

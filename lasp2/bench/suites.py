@@ -144,7 +144,7 @@ class ModelSuite:
         gen = torch.Generator().manual_seed(3000 + rank)
         ids = torch.randint(0, 256, (spec.batch, T), generator=gen).to(device)
         do = torch.randn(spec.batch, T, 256, generator=gen).to(device=device, dtype=_dtype(spec))
-        return {"leaves": [p for m in models.values() for p in m.parameters()], "do": do, "ids": ids,
+        return {"leaves": [p for m in models.values() for p in m.parameters()], "do": do, "batch": batch,
                 "models": models}
 
     def forward(self, config, x, group, spec):
@@ -181,15 +181,18 @@ class HFSuite:
         sp.load_state_dict(plain.state_dict())
         lin, soft = self.strategies[0].split("+")
         hf.parallelize(sp, group, layout=spec.layout, strategy=lin, softmax_strategy=soft)
+        whole = torch.randint(0, config.vocab_size, (spec.batch, T * W), generator=torch.Generator().manual_seed(3000))
+        batch = hf.shard_batch(whole.to(device), group=group, layout=spec.layout)  # the same batch on every rank
         gen = torch.Generator().manual_seed(3000 + rank)
-        ids = torch.randint(0, config.vocab_size, (spec.batch, T), generator=gen).to(device)
         do = torch.randn(spec.batch, T, config.vocab_size, generator=gen).to(device=device, dtype=_dtype(spec))
         models = {self.strategies[0]: sp, IDEAL: plain}
-        return {"leaves": [p for m in models.values() for p in m.parameters()], "do": do, "ids": ids,
+        return {"leaves": [p for m in models.values() for p in m.parameters()], "do": do, "batch": batch,
                 "models": models}
 
     def forward(self, config, x, group, spec):
-        return x["models"][config](input_ids=x["ids"], use_cache=False).logits
+        if config == IDEAL:  # the unmodified model on this rank's tokens
+            return x["models"][config](input_ids=x["batch"]["input_ids"], use_cache=False).logits
+        return x["models"][config](**x["batch"], use_cache=False).logits  # tokens + the batch's SP context
 
 
 SUITES = {"linear": LinearSuite, "softmax": SoftmaxSuite, "model": ModelSuite, "hf": HFSuite}

@@ -15,15 +15,19 @@ Shape legend (fla layout, used everywhere in lasp2):
 
 Single-device functions: ``linear_attention``, ``softmax_attention``.
 Sequence-parallel functions: ``sp_linear_attention``, ``sp_softmax_attention``, plus ``shard`` /
-``unshard``. Short causal conv (Gated DeltaNet / Mamba2): ``causal_conv1d``, ``sp_causal_conv1d``
+``unshard``; ``SPBatch`` is one batch's sequence-parallel context (group, layout, positions,
+documents; checked once when built: ``SPBatch.build``), which every SP function and parallelized
+layer takes in place of group / layout / cu_seqlens. Short causal conv (Gated DeltaNet / Mamba2): ``causal_conv1d``, ``sp_causal_conv1d``
 (x [B, T, C], weight [C, k]). Hugging Face models: ``lasp2.hf`` (optional, needs transformers).
 """
 from .functional import causal_conv1d, linear_attention, softmax_attention
 from .parallel.halo import sp_causal_conv1d
 from .parallel.api import shard, sp_linear_attention, sp_softmax_attention, unshard
+from .parallel.batch import SPBatch
 from .models.parallelize import parallelize
 from .parallel.mesh import dp_sp_group, global_token_mean
 
 __all__ = ["linear_attention", "softmax_attention", "sp_linear_attention", "sp_softmax_attention", "shard",
-           "unshard", "parallelize", "global_token_mean", "dp_sp_group", "causal_conv1d", "sp_causal_conv1d"]
+           "unshard", "parallelize", "global_token_mean", "dp_sp_group", "causal_conv1d", "sp_causal_conv1d",
+           "SPBatch"]
 __version__ = "0.1.0"

@@ -62,8 +62,9 @@ def check_scale(scale) -> None:
         raise ValueError(f"scale must be a positive finite number (or None for K**-0.5), got {scale!r}")
 
 
-def check_gate(g, q: torch.Tensor) -> None:
-    """g None | [B, T, H] | [B, T, H, K], log space, every value <= 0."""
+def check_gate(g, q: torch.Tensor, values: bool = True) -> None:
+    """g None | [B, T, H] | [B, T, H, K], log space, every value <= 0 (that value check, a host
+    sync, only when ``values``)."""
     if g is None:
         return
     B, T, H, K = q.shape
@@ -74,12 +75,13 @@ def check_gate(g, q: torch.Tensor) -> None:
                          f"got {tuple(g.shape)}")
     if g.device != q.device:
         raise ValueError(f"g must be on q's device {q.device}, got {g.device}")
-    if not bool((g <= 0).all()):
+    if values and not bool((g <= 0).all()):
         raise ValueError("g is a log-space decay and must be <= 0 everywhere (and not NaN); "
                          "pass e.g. F.logsigmoid(x) or -softplus(x), not the decay itself")
 
 
-def check_beta(beta, q: torch.Tensor) -> None:
+def check_beta(beta, q: torch.Tensor, values: bool = True) -> None:
+    """beta None | [B, T, H] in [0, 1] (the range, a host sync, checked only when ``values``)."""
     if beta is None:
         return
     B, T, H, _ = q.shape
@@ -89,7 +91,7 @@ def check_beta(beta, q: torch.Tensor) -> None:
         raise ValueError(f"beta must have shape [B, T, H] = {(B, T, H)}, got {tuple(beta.shape)}")
     if beta.device != q.device:
         raise ValueError(f"beta must be on q's device {q.device}, got {beta.device}")
-    if not bool(((beta >= 0) & (beta <= 1)).all()):
+    if values and not bool(((beta >= 0) & (beta <= 1)).all()):
         raise ValueError("beta must lie in [0, 1] (e.g. torch.sigmoid(x))")
 
 

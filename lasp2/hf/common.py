@@ -36,14 +36,19 @@ class HFContext:
     backend: str = "auto"
 
 
-def documents(module, kwargs) -> Optional[torch.Tensor]:
-    """The global document boundaries of this batch (int64 [N + 1] on the CPU, or None) from the
-    batch's SP context in ``kwargs``; ValueError when a layer runs without one."""
+def batch_context(module, kwargs) -> SPBatch:
+    """This batch's SP context from ``kwargs``; ValueError when a layer runs without one."""
     sp = kwargs.get(SP_KEY)
     if not isinstance(sp, SPBatch):
         raise ValueError(f"{type(module).__name__} of a model parallelized by lasp2.hf ran without this batch's "
                          f"sequence-parallel context ({SP_KEY}); call the whole model: {SHARD_HINT}")
-    return sp.cu_seqlens
+    return sp
+
+
+def documents(module, kwargs) -> Optional[torch.Tensor]:
+    """The global document boundaries of this batch (int64 [N + 1] on the CPU, or None) from the
+    batch's SP context in ``kwargs``; ValueError when a layer runs without one."""
+    return batch_context(module, kwargs).cu_seqlens
 
 
 def attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -64,18 +69,20 @@ def attention_function(module, query, key, value, attention_mask, scaling=None, 
     if kwargs.get("sliding_window") is not None:
         raise ValueError("sliding-window attention is not supported under sequence parallelism; "
                          "set config.sliding_window = None")
-    o = sp_softmax_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), group=ctx.group,
-                             scale=scaling, causal=True, strategy=ctx.softmax_strategy, layout=ctx.layout,
-                             cu_seqlens=documents(module, kwargs))
+    o = sp_softmax_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scaling,
+                             causal=True, strategy=ctx.softmax_strategy, batch=batch_context(module, kwargs))
     return o, None
 
 
-def linear_core(ctx: HFContext, q, k, v, g, beta=None, *, scale: float, cu_seqlens=None) -> torch.Tensor:
-    """``lasp2.sp_linear_attention`` in the compute dtype; returns o [B, T, H, V] in v's dtype."""
+def linear_core(ctx: HFContext, q, k, v, g, beta=None, *, scale: float, cu_seqlens=None,
+                batch: Optional[SPBatch] = None) -> torch.Tensor:
+    """``lasp2.sp_linear_attention`` in the compute dtype; returns o [B, T, H, V] in v's dtype.
+    With ``batch`` (this batch's context) the call runs without per-call value checks."""
     cdt = compute_dtype(v.dtype)
+    where = dict(batch=batch) if batch is not None else dict(group=ctx.group, layout=ctx.layout, cu_seqlens=cu_seqlens)
     o = sp_linear_attention(q.to(cdt), k.to(cdt), v.to(cdt), None if g is None else g.to(cdt),
-                            None if beta is None else beta.to(cdt), group=ctx.group, scale=scale,
-                            strategy=ctx.strategy, layout=ctx.layout, cu_seqlens=cu_seqlens, backend=ctx.backend)
+                            None if beta is None else beta.to(cdt), scale=scale, strategy=ctx.strategy,
+                            backend=ctx.backend, **where)
     return o.to(v.dtype)
 
 

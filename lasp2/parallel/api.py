@@ -10,6 +10,7 @@ from ..ops import backends
 from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_group, check_qkv,
                           check_scale, resolve_scale)
 from . import agreement, comm, strategies
+from .batch import SPBatch
 from .context import LinearCall
 from .layout import LAYOUTS, Layout
 from .linear_sp import LinearSPFunction
@@ -25,6 +26,24 @@ def _check_layout(entry, layout: str) -> None:
                          f"{' or '.join(map(repr, entry.layouts))}, or another strategy")
 
 
+def _resolve_batch(batch, group, layout: Optional[str], cu_seqlens, what: str):
+    """(group, layout name, cu_seqlens) of a call: from ``batch`` (an ``SPBatch``) when given,
+    which then must not be contradicted by the other arguments, else the arguments themselves."""
+    if batch is None:
+        return group, layout or "contiguous", cu_seqlens
+    if not isinstance(batch, SPBatch):
+        raise ValueError(f"{what}: batch must be an SPBatch (lasp2.SPBatch.build, lasp2.hf.shard_batch), "
+                         f"got {type(batch).__name__}")
+    if group is not None and group is not batch.group:
+        raise ValueError(f"{what}: group differs from batch.group; pass one of them (the batch's is used)")
+    if layout is not None and layout != batch.layout.name:
+        raise ValueError(f"{what}: layout={layout!r} but the batch was sharded with layout={batch.layout.name!r}; "
+                         f"drop layout (the batch's is used)")
+    if cu_seqlens is not None:
+        raise ValueError(f"{what}: cu_seqlens comes from the batch context; pass batch or cu_seqlens, not both")
+    return batch.group, batch.layout.name, batch.cu_seqlens
+
+
 def _describe(t: Optional[torch.Tensor]) -> str:
     return "None" if t is None else f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
 
@@ -37,14 +56,15 @@ def sp_linear_attention(
     g: Optional[torch.Tensor] = None,
     beta: Optional[torch.Tensor] = None,
     *,
-    group,
+    group=None,
     scale: Optional[float] = None,
     causal: bool = True,
     strategy: str = "lasp2",
-    layout: str = "contiguous",
+    layout: Optional[str] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     scan_blocks: Optional[int] = None,
     backend: str = "auto",
+    batch: Optional[SPBatch] = None,
 ) -> torch.Tensor:
     """Sequence-parallel linear attention: this rank's shard of ``linear_attention`` on the
     whole sequence.
@@ -56,15 +76,19 @@ def sp_linear_attention(
             to the autocast dtype first (as for ``scaled_dot_product_attention``).
         beta: None, or [B, T, H] in [0, 1] for DeltaNet / Gated DeltaNet (g then [B, T, H] or
             None); keys are used as given (normalise them in the layer, as DeltaNet does).
-        group: the sequence-parallel process group (required).
+        group: the sequence-parallel process group (required unless ``batch`` gives it).
         scale: defaults to K**-0.5. causal: False is bidirectional basic linear attention
             (no g, no beta; a strategy with a bidirectional op: "lasp2").
         strategy: a linear strategy of the registry (``lasp2.parallel.strategies``): "lasp2"
             (one all-gather per direction), "lasp1" (ring chain of P2P hops), "allscan"
             (pipelined chain of state blocks), "tree" (log-depth scan); the last three are
             causal only.
-        layout: "contiguous" or "zigzag" (see ``lasp2.shard``).
+        layout: "contiguous" (default) or "zigzag" (see ``lasp2.shard``).
         cu_seqlens: global [N + 1] cumulative document lengths, identical on every rank (B == 1).
+        batch: this batch's sequence-parallel context (``SPBatch``), in place of group, layout
+            and cu_seqlens: their values were checked once when it was built, so the call skips
+            the document checks, the gate/beta value checks and the per-call agreement digest
+            (no host syncs), unless ``batch.checks``.
         scan_blocks: pipeline blocks of a pipelined strategy's chain (the state split along V;
             1..V); None picks k* = sqrt((J - 2) s / alpha) for an InfiniBand-class link
             (``allscan.default_blocks``; ``lasp2 plan`` gives k* for your network).
@@ -85,18 +109,23 @@ def sp_linear_attention(
     group adds one small all-gather that compares the shapes before anything of that size moves
     (then cached).
     """
+    group, layout, cu_seqlens = _resolve_batch(batch, group, layout, cu_seqlens, "sp_linear_attention")
     check_group(group)
     entry = strategies.linear(strategy)
     _check_layout(entry, layout)
     check_qkv(q, k, v)
     check_scale(scale)
-    check_gate(g, q)
-    check_beta(beta, q)
+    checks = batch is None or batch.checks  # value checks: per call, or once per batch
+    check_gate(g, q, values=checks)
+    check_beta(beta, q, values=checks)
     if beta is not None and g is not None and g.dim() == 4:
         raise ValueError("the delta rule takes a scalar gate g [B, T, H], not a per-channel gate")
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, q.shape[1])
-    check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0], device=q.device)
+    if batch is None:
+        check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0], device=q.device)
+    else:
+        batch.check_local(q.shape[1], q.shape[0], "sp_linear_attention")
     if not causal:
         if g is not None or beta is not None:
             raise ValueError("causal=False supports basic linear attention only: pass g=None and beta=None")
@@ -121,7 +150,8 @@ def sp_linear_attention(
         o, _ = functional.linear_attention(q, k, v, g, beta, scale=scale, causal=causal, cu_seqlens=cu_seqlens,
                                            backend=backend)
         return o
-    digest = agreement.call_digest(signature, cu_seqlens)  # everything, every call: rides the first message
+    # Everything, every call, rides the first message; with a batch context, checked once per batch.
+    digest = agreement.call_digest(signature, cu_seqlens) if checks else agreement.UNCHECKED
     if not causal:
         return entry.bidirectional.apply(q, k, v, scale, lay, group, cu_seqlens, digest)
     if cu_seqlens is not None:
@@ -186,12 +216,13 @@ def sp_softmax_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    group,
+    group=None,
     scale: Optional[float] = None,
     causal: bool = True,
     strategy: str = "allgather",
-    layout: str = "contiguous",
+    layout: Optional[str] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
+    batch: Optional[SPBatch] = None,
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention: this rank's shard of ``softmax_attention`` on the
     whole sequence.
@@ -200,13 +231,16 @@ def sp_softmax_attention(
         q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, Dv], H % Hkv == 0 (GQA) — this rank's
             shard in ``layout`` (T local; the global length is W * T). One floating dtype
             (inside torch.autocast, different dtypes are cast to the autocast dtype first).
-        group: the sequence-parallel process group (required).
+        group: the sequence-parallel process group (required unless ``batch`` gives it).
         scale: defaults to D**-0.5. causal: False gives bidirectional attention.
         strategy: "allgather" (LASP-2H, one collective per direction), "ring" (K/V rotate
             around the ring) or "ulysses" (all-to-all to head sharding; needs H % W == 0).
-        layout: "contiguous" or "zigzag" (see ``lasp2.shard``); zigzag balances causal work.
+        layout: "contiguous" (default) or "zigzag" (see ``lasp2.shard``); zigzag balances causal work.
         cu_seqlens: global [N + 1] cumulative document lengths, identical on every rank (B == 1);
             no attention across documents, whichever ranks they span.
+        batch: this batch's sequence-parallel context (``SPBatch``) in place of group, layout and
+            cu_seqlens (checked once when it was built; no per-call agreement digest unless
+            ``batch.checks``).
 
     Returns:
         o [B, T, H, Dv], this rank's shard, in q's dtype (computed in fp32 for half precision).
@@ -225,6 +259,7 @@ def sp_softmax_attention(
     from ..ops.softmax import doc_ids_from_cu_seqlens
     from .softmax_common import SoftmaxCall
 
+    group, layout, cu_seqlens = _resolve_batch(batch, group, layout, cu_seqlens, "sp_softmax_attention")
     check_group(group)
     entry = strategies.softmax(strategy)
     _check_layout(entry, layout)
@@ -232,7 +267,10 @@ def sp_softmax_attention(
     check_scale(scale)
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, q.shape[1])
-    check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0], device=q.device)
+    if batch is None:
+        check_cu_seqlens(cu_seqlens, lay.global_len, q.shape[0], device=q.device)
+    else:
+        batch.check_local(q.shape[1], q.shape[0], "sp_softmax_attention")
     if entry.heads_divisible and q.shape[2] % world:
         any_heads = " or ".join(map(repr, strategies.with_capability(strategies.SOFTMAX,
                                                                      lambda e: not e.heads_divisible)))
@@ -248,5 +286,7 @@ def sp_softmax_attention(
     if world == 1:
         return functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
     doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), lay.global_len)
-    digest = agreement.call_digest(signature, cu_seqlens)
-    return entry.load().apply(q, k, v, SoftmaxCall(scale, causal, lay, group, doc, digest=digest))
+    checks = batch is None or batch.checks
+    digest = agreement.call_digest(signature, cu_seqlens) if checks else agreement.UNCHECKED
+    cu_list = None if cu_seqlens is None else (batch.cu_list if batch is not None else tuple(cu_seqlens.tolist()))
+    return entry.load().apply(q, k, v, SoftmaxCall(scale, causal, lay, group, doc, digest=digest, cu_list=cu_list))

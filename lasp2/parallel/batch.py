@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -67,6 +67,11 @@ class SPBatch:
     digest: 63-bit digest of the whole batch (tokens, labels, documents, layout), the same on
         every rank (checked by ``shard_batch``).
     tokens: None, or this rank's input ids [B, T_local]: the tokens this context was built for.
+    checks: False (default): value checks (gate signs, beta ranges) and the ranks' agreement run
+        once, here, not in every layer call (no host syncs inside the layers); True: every SP op
+        call also checks its gates and its ranks' per-call digests, for debugging.
+    cu_list: ``cu_seqlens`` as a host tuple of ints (None without documents), read by the layers
+        instead of the tensor.
 
     ``eq=False``: identity semantics (it holds tensors and is never compared).
     """
@@ -81,6 +86,8 @@ class SPBatch:
     local_cu_seqlens: torch.Tensor
     digest: int
     tokens: Optional[torch.Tensor] = None
+    checks: bool = False
+    cu_list: Optional[Tuple[int, ...]] = None
 
     @property
     def world(self) -> int:
@@ -90,10 +97,21 @@ class SPBatch:
     def local_len(self) -> int:
         return self.layout.local_len
 
+    @property
+    def has_documents(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def check_local(self, T: int, B: int, what: str) -> None:
+        """ValueError unless an op's inputs have this batch's local length and batch size (a
+        shape check: no host sync)."""
+        if T != self.local_len or B != self.batch_size:
+            raise ValueError(f"{what}: inputs of {B} sequences x {T} local tokens, but the batch context is for "
+                             f"{self.batch_size} x {self.local_len}; pass the batch these inputs were sharded with")
+
     @classmethod
     def build(cls, group, layout: str, global_len: int, batch_size: int, *,
               cu_seqlens: Optional[torch.Tensor] = None, digest: int = 0,
-              tokens: Optional[torch.Tensor] = None) -> "SPBatch":
+              tokens: Optional[torch.Tensor] = None, checks: bool = False) -> "SPBatch":
         """Check the values once and fix the context of one batch. ``global_len`` T must split
         into W equal parts (2W under zigzag); ``cu_seqlens`` as ``check_cu_seqlens`` requires.
         ValueError naming the argument otherwise. Communication: none."""
@@ -108,4 +126,5 @@ class SPBatch:
         cu = None if cu_seqlens is None else cu_seqlens.detach().to("cpu", torch.long)
         pos = lay.global_positions(rank)
         pos_ids = pos if cu is None else pos - cu[torch.searchsorted(cu, pos, right=True) - 1]
-        return cls(group, lay, rank, batch_size, pos, pos_ids, cu, _local_cu_seqlens(lay, rank, cu), digest, tokens)
+        return cls(group, lay, rank, batch_size, pos, pos_ids, cu, _local_cu_seqlens(lay, rank, cu), digest, tokens,
+                   checks, None if cu is None else tuple(cu.tolist()))

@@ -91,8 +91,8 @@ class HaloFunction(torch.autograd.Function):
 
 @no_autocast
 def sp_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                     group, layout: str = "contiguous", activation: Optional[str] = None,
-                     cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     group=None, layout: Optional[str] = None, activation: Optional[str] = None,
+                     cu_seqlens: Optional[torch.Tensor] = None, batch=None) -> torch.Tensor:
     """Sequence-parallel short causal depthwise conv: this rank's shard of
     ``lasp2.causal_conv1d`` on the whole sequence.
 
@@ -100,12 +100,14 @@ def sp_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         x: [B, T, C], this rank's shard in ``layout`` (T local; the global length is W * T).
         weight: [C, k] (``conv1d.weight.squeeze(1)`` of a depthwise ``nn.Conv1d``); bias: [C] or
             None; x's dtype and device.
-        group: the sequence-parallel process group (required).
-        layout: "contiguous" or "zigzag". Each segment (T, or T / 2 under zigzag) must hold at
-            least k - 1 tokens when W > 1.
+        group: the sequence-parallel process group (required unless ``batch`` gives it).
+        layout: "contiguous" (default) or "zigzag". Each segment (T, or T / 2 under zigzag) must
+            hold at least k - 1 tokens when W > 1.
         activation: None, "silu" or "swish" (applied after the conv, as transformers does).
         cu_seqlens: global [N + 1] cumulative document lengths, identical on every rank (B == 1);
             the conv restarts at every document start.
+        batch: this batch's sequence-parallel context (``SPBatch``) in place of group, layout
+            and cu_seqlens (its documents were checked once when it was built).
 
     Returns:
         y [B, T, C] in x's dtype, this rank's shard. Differentiable w.r.t. x, weight and bias.
@@ -116,12 +118,21 @@ def sp_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     in the opposite direction. The first call with new shapes on a group adds one small
     agreement check (then cached).
     """
+    if batch is not None:
+        if group is not None or cu_seqlens is not None or layout not in (None, batch.layout.name):
+            raise ValueError("sp_causal_conv1d: batch gives group, layout and cu_seqlens; do not pass them too "
+                             "(or pass them and no batch)")
+        group, layout, cu_seqlens = batch.group, batch.layout.name, batch.cu_seqlens
+    layout = layout or "contiguous"
     check_group(group)
     check_choice("layout", layout, LAYOUTS)
     check_conv(x, weight, bias, activation)
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, x.shape[1])
-    check_cu_seqlens(cu_seqlens, lay.global_len, x.shape[0])
+    if batch is None:
+        check_cu_seqlens(cu_seqlens, lay.global_len, x.shape[0])
+    else:
+        batch.check_local(x.shape[1], x.shape[0], "sp_causal_conv1d")
     k1 = weight.shape[1] - 1
     if world > 1 and k1 > lay.segment_len:
         raise ValueError(f"a kernel of size k = {k1 + 1} needs the last k - 1 = {k1} inputs of the previous "

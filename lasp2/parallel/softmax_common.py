@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from ..ops.attention_mask import AttentionMask
+from ..ops.attention_mask import AttentionMask, HostRanges, runs_visible
 from . import comm
 from .layout import Layout
 
@@ -28,7 +28,10 @@ class SoftmaxCall:
     (``Layout`` of this group). group: the SP process group. doc: global document id of every
     global position, [W * T] int64, or None (one document). block_size: kernel tile size.
     digest: the call's 64-bit agreement digest (``agreement.call_digest``), sent inside the
-    strategy's first message and checked against the other ranks'.
+    strategy's first message and checked against the other ranks' (``agreement.UNCHECKED``: not
+    checked per call). cu_list: the global document boundaries as a host tuple (None: one
+    document): masks carry them with the layout's runs, so planning and visibility read no
+    device tensor.
     """
 
     scale: float
@@ -38,9 +41,19 @@ class SoftmaxCall:
     doc: Optional[torch.Tensor] = None
     block_size: int = BLOCK_SIZE
     digest: int = 0
+    cu_list: Optional[Tuple[int, ...]] = None
 
     def rank_and_size(self) -> Tuple[int, int]:
         return comm.rank_and_size(self.group)
+
+    def runs(self, rank: int) -> Tuple[Tuple[int, int, int], ...]:
+        """``rank``'s local tokens as runs (local start, global start, length)."""
+        return tuple((s.local_start, s.global_start, s.length) for s in self.layout.local_segments(rank))
+
+    def _host(self, q_runs, k_runs) -> Optional[HostRanges]:
+        if self.doc is not None and self.cu_list is None:
+            return None  # documents known only on the device: plan from the tensors
+        return HostRanges(q_runs, k_runs, self.cu_list if self.doc is not None else None)
 
     def positions_and_docs(self, rank: int, device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Global positions [T] of ``rank``'s tokens and their document ids (None without docs)."""
@@ -50,18 +63,23 @@ class SoftmaxCall:
         """The mask between ``q_rank``'s queries and ``k_rank``'s keys."""
         q_pos, q_doc = self.positions_and_docs(q_rank, device)
         k_pos, k_doc = self.positions_and_docs(k_rank, device)
-        return AttentionMask(self.causal, q_pos, k_pos, q_doc, k_doc)
+        return AttentionMask(self.causal, q_pos, k_pos, q_doc, k_doc, self._host(self.runs(q_rank), self.runs(k_rank)))
 
     def global_mask(self, device) -> AttentionMask:
         """The mask over all W * T tokens in rank-major slot order (rank 0's tokens first), the
         order Ulysses' all-to-all delivers them in."""
         pos = self.layout.global_index(device)
         pdoc = None if self.doc is None else self.doc[pos]
-        return AttentionMask(self.causal, pos, pos, pdoc, pdoc)
+        T, W = self.layout.local_len, self.layout.world
+        runs = tuple((r * T + start, g, n) for r in range(W) for start, g, n in self.runs(r))
+        return AttentionMask(self.causal, pos, pos, pdoc, pdoc, self._host(runs, runs))
 
     def visibility(self, rank: int, device) -> List[bool]:
         """For every rank j: whether any of j's keys is visible to any of ``rank``'s queries."""
         W = self.rank_and_size()[1]
+        if self._host((), ()) is not None:  # from the runs and the host document list: no tensor read
+            cu = self.cu_list if self.doc is not None else None
+            return [runs_visible(self.runs(rank), self.runs(j), cu, self.causal) for j in range(W)]
         q_pos, q_doc = self.positions_and_docs(rank, device)
         return [any_visible(q_pos, q_doc, *self.positions_and_docs(j, device), self.causal) for j in range(W)]
 

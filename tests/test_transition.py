@@ -14,6 +14,8 @@ import torch
 
 import lasp2
 from lasp2.ops import transition
+from lasp2.nn.gates import LowRankChannelGate, Mamba2Gate
+from lasp2.nn.linear_attention import VARIANTS, LinearAttention, Variant
 from lasp2.ops.transition import CHANNEL_MATRIX, DIAGONAL, IDENTITY, MATRIX, SCALAR, classify
 from tests.helpers import max_rel_err
 
@@ -105,3 +107,27 @@ def test_classify_names_every_argument_combination():
     # the public function refuses the declared kind with the same message
     with pytest.raises(ValueError, match=r"scalar gate g \[B, T, H\]"):
         lasp2.linear_attention(q, q, q, -channel.abs() - 1, beta)
+
+
+# --------------------------------------------------------------------------------------------
+# The layer table: each row names its kind, and the layer passes the op arguments of that kind.
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_layer_rows_name_the_kind_their_arguments_have(variant):
+    layer = LinearAttention(16, 2, 4, variant, feature_dim=3).double()
+    x = torch.randn(1, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g = layer._gate(x)
+    beta = torch.sigmoid(layer.b_proj(x)) if VARIANTS[variant].beta else None
+    assert classify(g, beta) is layer.kind is VARIANTS[variant].kind
+
+
+def test_a_new_variant_of_an_existing_kind_is_one_row(monkeypatch):
+    monkeypatch.setitem(VARIANTS, "simple_gla", Variant(gate=Mamba2Gate()))
+    layer = LinearAttention(16, 2, 4, "simple_gla").double()
+    x = torch.randn(1, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert layer.kind is SCALAR and torch.isfinite(layer(x)).all()
+    # a row of the declared, unsupported kind is refused where the layer is built
+    monkeypatch.setitem(VARIANTS, "kda", Variant(gate=LowRankChannelGate(), beta=True))
+    with pytest.raises(ValueError, match="not supported yet"):
+        LinearAttention(16, 2, 4, "kda")

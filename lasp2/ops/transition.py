@@ -209,10 +209,16 @@ def gate_of(g: Optional[torch.Tensor]) -> Optional[str]:
     return "scalar" if g.dim() == 3 else "channel"
 
 
-def classify(g: Optional[torch.Tensor], beta: Optional[torch.Tensor]) -> Kind:
-    """The kind the arguments name (module docstring table). The one place a declared but
-    unsupported kind is refused: raises its ValueError."""
-    kind = _BY_ARGUMENTS[gate_of(g), beta is not None]
+def kind_of(gate: Optional[str], delta: bool) -> Kind:
+    """The kind of a recurrence with ``gate`` (None, "scalar" or "channel") and the delta rule or
+    not. The one place a declared but unsupported kind is refused: raises its ValueError."""
+    kind = _BY_ARGUMENTS[gate, bool(delta)]
     if kind.unsupported is not None:
         raise ValueError(kind.unsupported)
     return kind
+
+
+def classify(g: Optional[torch.Tensor], beta: Optional[torch.Tensor]) -> Kind:
+    """The kind the arguments name (module docstring table); ValueError for a declared but
+    unsupported kind (``kind_of``)."""
+    return kind_of(gate_of(g), beta is not None)

@@ -119,9 +119,8 @@ class TreeExchange:
     def forward(work: List[SegmentWork], call: LinearCall, local_work):
         order = list(range(call.layout.num_segments))
         local = {w.seg.index: (w.transition.detach(), w.summary_state.detach()) for w in work}
-        kind = work[0].kind
-        P = overlapped(lambda: doubling_scan(kind, local, len(order), _p2p_deliver(call, order, local[work[0].seg.index])),
-                       local_work)
+        kind, like = work[0].kind, local[work[0].seg.index]
+        P = overlapped(lambda: doubling_scan(kind, local, len(order), _p2p_deliver(call, order, like)), local_work)
         return [P[w.seg.index] for w in work], None
 
     @staticmethod

@@ -16,8 +16,8 @@ fp32 states; final states and everything lasp2 sends between ranks are fp32. fp6
 
 Local work of one segment for the SP strategies (``FlaSegment``, DESIGN §1), without running the
 op twice:
-- decay-vector kinds (identity, scalar, diagonal; ``ops.transition``): ONE zero-state fla call gives the zero-state outputs and Ŝ (its final state);
-  Â = exp(sum g) and the inter query q̃_s = scale * q_s ⊙ exp(cumsum g) (over the tokens before
+- decay-vector kinds (identity, scalar, diagonal; ``ops.transition``): ONE zero-state fla call
+  gives the zero-state outputs and Ŝ (its final state); Â = exp(sum g) and the inter query q̃_s = scale * q_s ⊙ exp(cumsum g) (over the tokens before
   the segment's first document start) come from the gates in PyTorch, and the incoming state's
   term q̃ P (one [T, K] x [K, V] matmul) is added, and differentiated, in PyTorch;
 - the delta rule (the matrix kind): the op is linear in (v, initial state) jointly, so ONE fla call with the values

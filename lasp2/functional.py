@@ -7,6 +7,7 @@ import torch
 
 from .ops import backends, chunk
 from .ops.softmax import attention_blockwise, doc_ids_from_cu_seqlens
+from .ops.transition import classify
 from .validation import (check_beta, check_cu_seqlens, check_gate, check_initial_state, check_qkv,
                          check_scale, resolve_scale)
 from .ops.precision import follow_autocast, no_autocast
@@ -67,10 +68,9 @@ def linear_attention(
             raise ValueError("causal=False supports basic linear attention only: pass g=None, beta=None, "
                              "initial_state=None and output_final_state=False")
         return chunk.bidirectional_linear_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens), None
-    if beta is not None and g is not None and g.dim() == 4:
-        raise ValueError("the delta rule takes a scalar gate g [B, T, H], not a per-channel gate")
+    kind = classify(g, beta)
     impl = backends.get(resolved)
-    return impl.linear_attention(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+    return impl.linear_attention(q, k, v, g, beta, kind=kind, scale=scale, initial_state=initial_state,
                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 

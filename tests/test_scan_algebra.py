@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lasp2
+from lasp2.ops.transition import DIAGONAL, MATRIX, classify
 from lasp2.parallel.linear_local import compose, fold_backward, fold_forward
 from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS, max_rel_err, make_inputs
 
@@ -63,7 +64,7 @@ def _summaries(variant, inp, bounds=BOUNDS):
 def test_fold_forward_gives_the_state_entering_each_segment(variant):
     inp = make_inputs(variant, B, BOUNDS[-1], H, K, V, seed=3)
     S, A = _summaries(variant, inp)
-    P = fold_forward(S, A)
+    P = fold_forward(classify(inp["g"], inp.get("beta")), S, A)
     ref = torch.zeros(B, H, K, V, dtype=torch.float64)  # the state entering segment 0
     for j, (a, b) in enumerate(zip(BOUNDS[:-1], BOUNDS[1:])):
         assert max_rel_err(P[j], ref, ref.abs().max() + 1) <= TOL, f"P_{j}"
@@ -76,10 +77,11 @@ def test_fold_forward_gives_the_state_entering_each_segment(variant):
 def test_compose_gives_the_summary_of_the_joined_segments(variant):
     inp = make_inputs(variant, B, BOUNDS[-1], H, K, V, seed=4)
     S, A = _summaries(variant, inp)
+    kind = classify(inp["g"], inp.get("beta"))
     for i, j in ((0, 1), (1, 3), (0, 4)):  # segments i..j joined
         got_A, got_S = A[i], S[i]
         for m in range(i + 1, j + 1):
-            got_A, got_S = compose((A[m], S[m]), (got_A, got_S))
+            got_A, got_S = compose(kind, (A[m], S[m]), (got_A, got_S))
         a, b = BOUNDS[i], BOUNDS[j + 1]
         ref_S, ref_A = _state_after(variant, inp, a, b), _transition(variant, inp, a, b)
         assert max_rel_err(got_S, ref_S) <= TOL, f"Ŝ of segments {i}..{j}"
@@ -90,15 +92,16 @@ def test_compose_gives_the_summary_of_the_joined_segments(variant):
 def test_compose_is_associative_and_zero_transition_resets(matrices):
     gen = torch.Generator().manual_seed(5)
     shape = (B, H, K, K) if matrices else (B, H, K)
+    kind = MATRIX if matrices else DIAGONAL
     x = [(torch.randn(*shape, generator=gen, dtype=torch.float64),
           torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)) for _ in range(3)]
-    left = compose(compose(x[2], x[1]), x[0])
-    right = compose(x[2], compose(x[1], x[0]))
+    left = compose(kind, compose(kind, x[2], x[1]), x[0])
+    right = compose(kind, x[2], compose(kind, x[1], x[0]))
     for got, ref in zip(left, right):
         assert max_rel_err(got, ref) <= TOL
     # A document start inside the later segment (Â = 0) forgets everything before it.
     reset = (torch.zeros(shape, dtype=torch.float64), x[2][1])
-    A, S = compose(reset, x[0])
+    A, S = compose(kind, reset, x[0])
     assert bool((A == 0).all()) and torch.equal(S, x[2][1])
 
 
@@ -108,10 +111,11 @@ def test_fold_backward_is_the_gradient_of_the_forward_fold(variant):
     autograd through the forward fold (a different computation from the suffix fold)."""
     inp = make_inputs(variant, B, BOUNDS[-1], H, K, V, seed=6)
     S, A = _summaries(variant, inp)
+    kind = classify(inp["g"], inp.get("beta"))
     S = S.clone().requires_grad_()
     G = torch.randn(S.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    (dS,) = torch.autograd.grad((fold_forward(S, A) * G).sum(), [S])
-    N = fold_backward(G, A)
+    (dS,) = torch.autograd.grad((fold_forward(kind, S, A) * G).sum(), [S])
+    N = fold_backward(kind, G, A)
     assert max_rel_err(N, dS) <= TOL
     assert bool((N[-1] == 0).all()), "nothing follows the last segment"
 
@@ -128,6 +132,7 @@ def test_tree_scan_matches_the_sequential_folds(matrices):
     from lasp2.parallel.tree import doubling_scan, tree_rounds
 
     gen = torch.Generator().manual_seed(8)
+    kind = MATRIX if matrices else DIAGONAL
     for J in range(1, 10):
         shape = (J, B, H, K, K) if matrices else (J, B, H, K)
         A = torch.rand(*shape, generator=gen, dtype=torch.float64) * (0.5 if matrices else 1.0)
@@ -138,13 +143,13 @@ def test_tree_scan_matches_the_sequential_folds(matrices):
             rounds.append(d)
             return _in_memory_deliver(d, outgoing)
 
-        P = doubling_scan({j: (A[j], S[j]) for j in range(J)}, J, deliver)
-        ref = fold_forward(S, A)
+        P = doubling_scan(kind, {j: (A[j], S[j]) for j in range(J)}, J, deliver)
+        ref = fold_forward(kind, S, A)
         for j in range(J):
             assert max_rel_err(P[j], ref[j], ref.abs().max() + 1) <= TOL, f"J={J} P_{j}"
         assert len(rounds) == tree_rounds(J) == (J - 1).bit_length(), f"J={J}: {len(rounds)} rounds"
         At = A.transpose(-1, -2) if matrices else A
-        N = doubling_scan({J - 1 - j: (At[j], S[j]) for j in range(J)}, J, _in_memory_deliver)
-        ref = fold_backward(S, A)
+        N = doubling_scan(kind, {J - 1 - j: (At[j], S[j]) for j in range(J)}, J, _in_memory_deliver)
+        ref = fold_backward(kind, S, A)
         for j in range(J):
             assert max_rel_err(N[J - 1 - j], ref[j], ref.abs().max() + 1) <= TOL, f"J={J} N_{j}"

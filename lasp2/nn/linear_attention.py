@@ -3,17 +3,22 @@
     x [B, T, hidden] -> q, k [B, T, H, K], v [B, T, H, V], g, beta -> linear attention
       -> per-head RMSNorm over V -> * output gate -> o_proj -> [B, T, hidden]
 
-| variant          | q, k feature            | gate g (log space, <= 0)                      | beta        |
-|------------------|-------------------------|-----------------------------------------------|-------------|
-| bla              | identity                | none                                          |             |
-| lightning        | silu (TransNormerLLM)   | fixed per head: -2^(-8(h+1)/H) (ALiBi slopes) |             |
-| retention        | identity                | fixed per head: log(1 - 2^(-5-h)) (RetNet)    |             |
-| mamba2           | identity                | -softplus(W x + dt_bias) * exp(A_log), [B,T,H] |            |
-| gla              | identity                | logsigmoid(W_up W_down x) / 16, [B,T,H,K]     |             |
-| based            | Taylor map, K=1+d+d^2   | none                                          |             |
-| rebased          | (gamma norm(x)+beta)^2  | none                                          |             |
-| deltanet         | l2norm(silu)            | none                                          | sigmoid(Wx) |
-| gated_deltanet   | l2norm(silu)            | as mamba2                                     | sigmoid(Wx) |
+| variant          | q, k feature            | gate g (log space, <= 0)                      | beta        | kind     |
+|------------------|-------------------------|-----------------------------------------------|-------------|----------|
+| bla              | identity                | none                                          |             | identity |
+| lightning        | silu (TransNormerLLM)   | fixed per head: -2^(-8(h+1)/H) (ALiBi slopes) |             | scalar   |
+| retention        | identity                | fixed per head: log(1 - 2^(-5-h)) (RetNet)    |             | scalar   |
+| mamba2           | identity                | -softplus(W x + dt_bias) * exp(A_log), [B,T,H] |            | scalar   |
+| gla              | identity                | logsigmoid(W_up W_down x) / 16, [B,T,H,K]     |             | diagonal |
+| based            | Taylor map, K=1+d+d^2   | none                                          |             | identity |
+| rebased          | (gamma norm(x)+beta)^2  | none                                          |             | identity |
+| deltanet         | l2norm(silu)            | none                                          | sigmoid(Wx) | matrix   |
+| gated_deltanet   | l2norm(silu)            | as mamba2                                     | sigmoid(Wx) | matrix   |
+
+The table is ``VARIANTS``: one ``Variant`` row per variant (feature map, gate parameterisation from
+``gates.py``, beta, output gate); the row's transition kind (``lasp2.ops.transition``: identity,
+scalar, diagonal, matrix) follows from its gate and beta. A new variant of an existing kind is one
+row.
 
 There is no normaliser denominator (as in the papers' chunked forms): the per-head output RMSNorm
 keeps the scale in check. Gates are computed in fp32 whatever the activations' dtype, because the
@@ -22,7 +27,8 @@ op sums them over thousands of tokens (fp64 when the model runs in fp64). No sho
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,25 +37,71 @@ from torch import nn
 from ..functional import linear_attention
 from ..ops.common import compute_dtype
 from ..ops.backends import BACKENDS
+from ..ops.transition import Kind, kind_of
 from ..parallel.api import sp_linear_attention
 from .context import SPContext
 from .feature_maps import ReBasedFeatureMap, TaylorFeatureMap
+from .gates import FixedGate, LowRankChannelGate, Mamba2Gate, lightning_log_decay, retention_log_decay
 from .norm import RMSNorm
 
-LINEAR_VARIANTS = ("bla", "lightning", "retention", "mamba2", "gla", "based", "rebased", "deltanet",
-                   "gated_deltanet")
-DELTA_VARIANTS = ("deltanet", "gated_deltanet")
 OUTPUT_GATES = ("swish", "sigmoid", "none")
+
+
+def unit_norm_silu(x: torch.Tensor) -> torch.Tensor:
+    """l2norm(silu(x)) over the last dim: the delta rule needs unit-norm keys to stay stable."""
+    return F.normalize(F.silu(x), p=2, dim=-1)
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the layer table (module docstring).
+
+    features: the q/k map on [B, T, H, d] when there is no ``feature_map``; feature_map: a module
+    class built as ``feature_map(feature_dim)`` (its ``out_dim`` becomes K, and the op runs with
+    scale 1: phi(q).phi(k) is already a similarity); gate: None or a gate parameterisation
+    (``FixedGate``, ``Mamba2Gate``, ``LowRankChannelGate``); beta: the delta rule (beta =
+    sigmoid(W x)); output_gate: the paper's output gate.
+    """
+
+    features: Callable[[torch.Tensor], torch.Tensor] = identity
+    feature_map: Optional[type] = None
+    gate: Optional[object] = None
+    beta: bool = False
+    output_gate: str = "swish"
+
+    @property
+    def kind(self) -> Kind:
+        """The recurrence's transition kind (``ops.transition``); ValueError if not supported."""
+        return kind_of(None if self.gate is None else self.gate.gate, self.beta)
+
+
+MAMBA2_GATE = Mamba2Gate()
+VARIANTS = {
+    "bla": Variant(),
+    "lightning": Variant(features=F.silu, gate=FixedGate(lightning_log_decay), output_gate="sigmoid"),
+    "retention": Variant(gate=FixedGate(retention_log_decay)),
+    "mamba2": Variant(gate=MAMBA2_GATE),
+    "gla": Variant(gate=LowRankChannelGate()),
+    "based": Variant(feature_map=TaylorFeatureMap),
+    "rebased": Variant(feature_map=ReBasedFeatureMap),
+    "deltanet": Variant(features=unit_norm_silu, beta=True),
+    "gated_deltanet": Variant(features=unit_norm_silu, gate=MAMBA2_GATE, beta=True),
+}
+"""Variant name -> its row. A new variant of an existing kind is one row here."""
+LINEAR_VARIANTS = tuple(VARIANTS)
+DELTA_VARIANTS = tuple(name for name, row in VARIANTS.items() if row.beta)
 
 
 def fixed_log_decay(variant: str, heads: int, device=None) -> torch.Tensor:
     """log lambda_h, fp64 [H], for the constant-decay variants."""
-    h = torch.arange(heads, dtype=torch.float64, device=device)
-    if variant == "lightning":  # lambda_h = exp(-slope_h), slopes as ALiBi / TransNormerLLM
-        return -(2.0 ** (-8.0 * (h + 1) / heads))
-    if variant == "retention":  # RetNet: gamma_h = 1 - 2^(-5-h); log1p keeps gamma ~ 1 exact
-        return torch.log1p(-(2.0 ** (-5.0 - h)))
-    raise ValueError(f"variant {variant!r} has no fixed decay")
+    gate = VARIANTS[variant].gate if variant in VARIANTS else None
+    if not isinstance(gate, FixedGate):
+        raise ValueError(f"variant {variant!r} has no fixed decay")
+    return gate.log_decay(torch.arange(heads, dtype=torch.float64, device=device), heads)
 
 
 class LinearAttention(nn.Module):
@@ -78,9 +130,10 @@ class LinearAttention(nn.Module):
                  feature_dim: int = 16, gate_low_rank: int = 16, gate_normalizer: float = 16.0,
                  output_gate: Optional[str] = None, norm_eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
-        if variant not in LINEAR_VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(LINEAR_VARIANTS)}")
-        output_gate = output_gate or ("sigmoid" if variant == "lightning" else "swish")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        row = VARIANTS[variant]
+        output_gate = output_gate or row.output_gate
         if output_gate not in OUTPUT_GATES:
             raise ValueError(f"unknown output_gate {output_gate!r}; choose one of {', '.join(OUTPUT_GATES)}")
         for name, value in (("hidden", hidden), ("heads", heads), ("head_dim", head_dim),
@@ -89,15 +142,12 @@ class LinearAttention(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.variant, self.heads, self.head_dim, self.backend = variant, heads, head_dim, backend
+        self.variant, self.row, self.heads, self.head_dim, self.backend = variant, row, heads, head_dim, backend
         self.output_gate, self.gate_normalizer = output_gate, gate_normalizer
+        self.kind = row.kind  # ops.transition; a row of a declared but unsupported kind raises here
         self.sp: Optional[SPContext] = None  # set by lasp2.parallelize
 
-        self.feature_map: Optional[nn.Module] = None
-        if variant == "based":
-            self.feature_map = TaylorFeatureMap(feature_dim)
-        elif variant == "rebased":
-            self.feature_map = ReBasedFeatureMap(feature_dim)
+        self.feature_map: Optional[nn.Module] = None if row.feature_map is None else row.feature_map(feature_dim)
         qk_dim = head_dim if self.feature_map is None else feature_dim  # per-head projection width
         self.key_dim = head_dim if self.feature_map is None else self.feature_map.out_dim  # K in the op
         # phi(q).phi(k) is already a similarity (Based, ReBased): no extra 1/sqrt(K).
@@ -109,14 +159,9 @@ class LinearAttention(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
         self.o_norm = RMSNorm(head_dim, eps=norm_eps)  # weight shared by the heads, as fla
         self.g_proj = nn.Linear(hidden, heads * head_dim, bias=False) if output_gate != "none" else None
-        if variant in ("mamba2", "gated_deltanet"):  # Mamba2's scalar gate parameterisation
-            self.a_proj = nn.Linear(hidden, heads, bias=False)
-            self.A_log = nn.Parameter(torch.empty(heads))
-            self.dt_bias = nn.Parameter(torch.empty(heads))
-        if variant == "gla":  # low-rank per-channel gate
-            self.gk_down = nn.Linear(hidden, gate_low_rank, bias=False)
-            self.gk_up = nn.Linear(gate_low_rank, heads * head_dim, bias=True)
-        if variant in DELTA_VARIANTS:
+        if row.gate is not None:
+            row.gate.build(self, hidden, gate_low_rank)
+        if row.beta:
             self.b_proj = nn.Linear(hidden, heads, bias=False)
         self.init_weights()
 
@@ -145,29 +190,12 @@ class LinearAttention(nn.Module):
     # ---- forward ----------------------------------------------------------------------------
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-variant q/k feature map on [B, T, H, d]."""
-        if self.feature_map is not None:
-            return self.feature_map(x)
-        if self.variant == "lightning":
-            return F.silu(x)
-        if self.variant in DELTA_VARIANTS:  # the delta rule needs unit-norm keys to stay stable
-            return F.normalize(F.silu(x), p=2, dim=-1)
-        return x
+        """The variant's q/k feature map on [B, T, H, d]."""
+        return self.row.features(x) if self.feature_map is None else self.feature_map(x)
 
     def _gate(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """g in log space, fp32 (fp64 for fp64 x): None, [B, T, H] or [B, T, H, K] (gla)."""
-        B, T, _ = x.shape
-        H = self.heads
-        dtype = compute_dtype(x.dtype)  # fp32 at least
-        if self.variant in ("lightning", "retention"):
-            return fixed_log_decay(self.variant, H, x.device).to(dtype).view(1, 1, H).expand(B, T, H)
-        if self.variant in ("mamba2", "gated_deltanet"):
-            dt = F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))
-            return -dt * self.A_log.to(dtype).exp()
-        if self.variant == "gla":
-            gk = self.gk_up(self.gk_down(x)).to(dtype).view(B, T, H, self.head_dim)
-            return F.logsigmoid(gk) / self.gate_normalizer
-        return None
+        """g in log space, fp32 (fp64 for fp64 x): None, [B, T, H] or [B, T, H, K] (per channel)."""
+        return None if self.row.gate is None else self.row.gate(self, x, compute_dtype(x.dtype))  # fp32 at least
 
     def _attend(self, q, k, v, g, beta, cu_seqlens) -> torch.Tensor:
         if self.sp is None:
@@ -183,7 +211,7 @@ class LinearAttention(nn.Module):
         q = self._features(self.q_proj(x).view(B, T, H, -1))
         k = self._features(self.k_proj(x).view(B, T, H, -1))
         v = self.v_proj(x).view(B, T, H, V)
-        beta = torch.sigmoid(self.b_proj(x)) if self.variant in DELTA_VARIANTS else None
+        beta = torch.sigmoid(self.b_proj(x)) if self.row.beta else None
         o = self.o_norm(self._attend(q, k, v, self._gate(x), beta, cu_seqlens))  # [B, T, H, V]
         if self.g_proj is not None:
             gate = self.g_proj(x).view(B, T, H, V)

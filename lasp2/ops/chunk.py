@@ -1,7 +1,8 @@
-"""Chunked linear attention for the diagonal-gate family, in pure PyTorch.
+"""Chunked linear attention for the decay-vector kinds of transition, in pure PyTorch.
 
-Variants: basic (no gate), constant decay and scalar gate (g [B, T, H]), per-channel gate
-(g [B, T, H, K]). The delta rule is not here (see ``linear_attention``'s dispatch).
+Kinds (``transition``): identity (no gate), scalar (constant decay and scalar gate,
+g [B, T, H]), diagonal (per-channel gate, g [B, T, H, K]). The delta rule (the matrix kind) is in
+``delta.py``.
 
 Shape legend: B batch, T tokens, H heads, K key dim, V value dim, C chunk size, N chunks
 (after zero-padding T up to N * C). Inside this module tensors are chunked as
@@ -51,6 +52,7 @@ import torch
 from .common import (ChunkedShape, DocMasks, causal_pair, compute_dtype, doc_positions, from_chunks,
                      masked_exp, segment_starts, to_chunks)
 from .precision import no_autocast
+from .transition import DIAGONAL, IDENTITY, SCALAR, Kind, classify
 
 DEFAULT_CHUNK = 64
 DEFAULT_CHUNK_PER_CHANNEL = 16  # the per-channel intra term is [C, C, K] per chunk: keep C small
@@ -114,7 +116,8 @@ class Chunked(ChunkedShape):
     """One segment prepared for the chunk form. q is pre-multiplied by ``scale``.
 
     q, k [B, H, N, C, K]; v [B, H, N, C, V]; g, Cs None | [B, H, N, C, Kg] (Cs = inclusive
-    within-chunk cumsum of g); docs None | DocMasks; T the unpadded length.
+    within-chunk cumsum of g); docs None | DocMasks; T the unpadded length; kind the transition
+    (``ops.transition``: identity, scalar or diagonal).
     """
 
     q: torch.Tensor
@@ -126,6 +129,7 @@ class Chunked(ChunkedShape):
     T: int
     R: Optional[torch.Tensor] = None
     resets: Optional[torch.Tensor] = None
+    kind: Kind = IDENTITY
 
 
 def prepare(
@@ -136,24 +140,27 @@ def prepare(
     scale: float,
     starts: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    kind: Optional[Kind] = None,
 ) -> Chunked:
     """Chunk the inputs of one segment (the tokens one rank or one device holds).
 
     q, k [B, T, H, K]; v [B, T, H, V]; g None | [B, T, H] | [B, T, H, K] (log space);
-    starts None | bool [T] (document starts; needs B == 1 to be meaningful per document).
+    starts None | bool [T] (document starts; needs B == 1 to be meaningful per document);
+    kind: ``transition.classify(g, None)``, computed here when not given.
     """
+    kind = classify(g, None) if kind is None else kind
     dt = compute_dtype(q.dtype)
     if chunk_size is None:
-        chunk_size = default_chunk_size(q.shape[-1], v.shape[-1], per_channel=g is not None and g.dim() == 4)
+        chunk_size = default_chunk_size(q.shape[-1], v.shape[-1], per_channel=kind is DIAGONAL)
     C = chunk_size
     T = q.shape[1]
     gc = Cs = R = resets = None
     if g is not None:
-        gc, R, resets = split_resets(to_chunks(g if g.dim() == 4 else g.unsqueeze(-1), C, dt), 3)
+        gc, R, resets = split_resets(to_chunks(kind.gate_channels(g), C, dt), 3)
         Cs = gc.cumsum(3)
     docs = DocMasks.maybe(starts, C)
     return Chunked(to_chunks(q, C, dt) * scale, to_chunks(k, C, dt), to_chunks(v, C, dt), gc, Cs, docs, T,
-                   R, resets)
+                   R, resets, kind)
 
 
 def intra_outputs(c: Chunked) -> torch.Tensor:
@@ -165,7 +172,7 @@ def intra_outputs(c: Chunked) -> torch.Tensor:
         mask = causal_pair(C, c.q.device)
     if c.Cs is None:
         A = (c.q @ c.k.transpose(-1, -2)).masked_fill(~mask, 0.0)
-    elif c.Cs.shape[-1] == 1:
+    elif c.kind is SCALAR:
         decay = decay_between(at(c, (..., slice(None), None, 0)), at(c, (..., None, slice(None), 0)), mask)
         A = (c.q @ c.k.transpose(-1, -2)) * decay
     else:
@@ -362,16 +369,19 @@ def chunk_linear_attention(
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    kind: Optional[Kind] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Causal linear attention, diagonal gates, chunk form. Inputs assumed validated.
+    """Causal linear attention, decay-vector kinds (identity, scalar, diagonal), chunk form.
+    Inputs assumed validated.
 
-    q, k [B, T, H, K]; v [B, T, H, V]; g None | [B, T, H] | [B, T, H, K];
+    q, k [B, T, H, K]; v [B, T, H, V]; g None | [B, T, H] | [B, T, H, K]; kind
+    ``transition.classify(g, None)`` when known;
     initial_state None | [B, H, K, V] | [N, H, K, V] with cu_seqlens [N + 1] (B == 1).
     Returns o [B, T, H, V] in q's dtype and the final state(s) (fp32; fp64 for fp64 inputs).
     """
     T = q.shape[1]
     starts = segment_starts(cu_seqlens, T, q.device)
-    c = prepare(q, k, v, g, scale, starts, chunk_size)
+    c = prepare(q, k, v, g, scale, starts, chunk_size, kind)
     a, U = chunk_transitions(c)
     o = intra_outputs(c)
     S0 = initial_state

@@ -74,6 +74,7 @@ from .common import (ChunkedShape, DocMasks, causal_pair, compute_dtype, doc_pos
                      segment_starts, to_chunks)
 from .chunk import at, before, decay_between, split_resets
 from .precision import no_autocast
+from .transition import MATRIX
 
 DEFAULT_DELTA_CHUNK = 64
 
@@ -139,7 +140,7 @@ def prepare_delta(
         decay = None if docs is None else pair.to(dt)
         entry = None  # exp(Cd) == 1
     else:
-        gc, R, resets = split_resets(to_chunks(g.unsqueeze(-1), C, dt)[..., 0], -1)  # [B, H, N, C]
+        gc, R, resets = split_resets(to_chunks(MATRIX.gate_channels(g), C, dt)[..., 0], -1)  # [B, H, N, C]
         Cs = gc.cumsum(-1)
         c0 = SimpleNamespace(Cs=Cs, R=R, g=gc, resets=resets)  # what chunk.at / chunk.before read
         if docs is None:

@@ -10,7 +10,8 @@ N documents (with ``cu_seqlens``).
     beta  None | [B, T, H]  (delta rule)
     state [B, H, K, V]  (or [N, H, K, V] with cu_seqlens, B == 1)
 
-The recurrence (DESIGN §1), per batch element and head, rows q_s, k_s in R^K, v_s in R^V:
+The recurrence (DESIGN §1), per batch element and head, rows q_s, k_s in R^K, v_s in R^V; the
+kind of A_s is ``transition.classify(g, beta)`` (identity, scalar, diagonal, matrix):
 
     S_s = A_s S_{s-1} + k_s^T vbar_s          o_s = scale * q_s S_s
 
@@ -32,23 +33,24 @@ from typing import Optional, Tuple
 import torch
 
 from .common import compute_dtype, default_scale
+from .transition import classify
 
 
-def _recurrent_one_sequence(q, k, v, g, beta, scale, h0):
+def _recurrent_one_sequence(q, k, v, g, beta, kind, scale, h0):
     """One sequence, all batch elements and heads at once.
 
     q, k [B, T, H, K]; v [B, T, H, V]; g None | [B, T, H] | [B, T, H, K]; beta None | [B, T, H];
-    h0 [B, H, K, V]. Returns o [B, T, H, V] and the final state [B, H, K, V].
+    kind = ``transition.classify(g, beta)``; h0 [B, H, K, V]. Returns o [B, T, H, V] and the
+    final state [B, H, K, V].
     """
     S = h0.clone()
+    gk = kind.gate_channels(g)  # [B, T, H, Kg]: Kg = 1 (scalar gate) or K (per channel)
     outputs = []
     for s in range(q.shape[1]):
         q_s, k_s, v_s = q[:, s], k[:, s], v[:, s]  # [B, H, K], [B, H, K], [B, H, V]
-        if g is not None:
-            decay = g[:, s].exp()
-            # scalar gate: [B, H] -> [B, H, 1, 1]; per-channel gate: [B, H, K] -> [B, H, K, 1]
-            S = S * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
-        if beta is not None:
+        if gk is not None:
+            S = S * gk[:, s].exp()[..., None]  # exp(g_s) I or diag(exp(g_s)): rows of S scaled
+        if kind.delta:
             b = beta[:, s][..., None]  # [B, H, 1]
             # Delta rule: S <- (I - b k^T k) S + b k^T v, i.e. replace the value stored under k.
             predicted = torch.einsum("bhk,bhkv->bhv", k_s, S)
@@ -79,6 +81,7 @@ def naive_linear_attention(
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
+    kind = classify(g, beta)
     dt, out_dtype = compute_dtype(q.dtype), q.dtype
     scale = default_scale(scale, K)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -86,7 +89,7 @@ def naive_linear_attention(
     beta = None if beta is None else beta.to(dt)
     if cu_seqlens is None:
         h0 = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
-        o, ht = _recurrent_one_sequence(q, k, v, g, beta, scale, h0)
+        o, ht = _recurrent_one_sequence(q, k, v, g, beta, kind, scale, h0)
         return o.to(out_dtype), (ht if output_final_state else None)
 
     bounds = [int(x) for x in cu_seqlens.tolist()]
@@ -98,7 +101,7 @@ def naive_linear_attention(
             q[:, sl], k[:, sl], v[:, sl],
             None if g is None else g[:, sl],
             None if beta is None else beta[:, sl],
-            scale, h0,
+            kind, scale, h0,
         )
         outs.append(o_n)
         finals.append(ht_n)

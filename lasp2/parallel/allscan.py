@@ -7,10 +7,10 @@ while this one is still receiving. Latency (J + k - 2) block hops instead of (J 
 hops; every rank receives one state per local segment and direction, whatever W.
 
 Why blocks along V (for every variant): the transition acts on the state from the left,
-P -> Â P, for the diagonal family (Â = diag(a)) and for the delta rule (Â a K x K matrix) alike,
-so the columns of P never mix and any split along V is exact with the whole Â. A split along K
-would only be exact for diagonal Â (the delta rule's Â mixes rows). One split serves all five
-variants with one code path; it also needs no slicing of Â. The backward (D_j = G_j +
+P -> Â P, for every kind of transition (``ops.transition``: decay vectors and the delta rule's
+K x K matrices alike), so the columns of P never mix and any split along V is exact with the whole
+Â. A split along K would only be exact for decay vectors (a matrix Â mixes rows). One split
+serves every kind with one code path; it also needs no slicing of Â. The backward (D_j = G_j +
 Â_j^T D_{j+1}) is the same chain in reverse and splits along V for the same reason.
 
 Overlap: the forward chain runs in a helper thread (``linear_sp.overlapped``) while the rank
@@ -140,7 +140,7 @@ class PipelinedChainExchange:
 
         def step(i, P, sl):  # block sl of Â_j P_j + Ŝ_j
             w = work[i]
-            return apply_transition(w.transition.detach(), P[..., sl]) + w.summary_state.detach()[..., sl]
+            return apply_transition(w.kind, w.transition.detach(), P[..., sl]) + w.summary_state.detach()[..., sl]
 
         return overlapped(lambda: _chain(items, call, neighbour, step), local_work), None
 
@@ -156,7 +156,7 @@ class PipelinedChainExchange:
 
         def step(i, N, sl):  # block sl of D_j = G_j + Â_j^T D_{j+1}
             w = work[rev[i]]
-            return G[rev[i]][..., sl] + apply_transition(w.transition.detach(), N[..., sl], transpose=True)
+            return G[rev[i]][..., sl] + apply_transition(w.kind, w.transition.detach(), N[..., sl], transpose=True)
 
         N = _chain(items, call, neighbour, step)
         return [N[rev.index(i)] for i in range(len(work))]

@@ -7,6 +7,7 @@ import torch
 
 from .. import functional
 from ..ops import backends
+from ..ops.transition import classify
 from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_group, check_qkv,
                           check_scale, resolve_scale)
 from . import agreement, comm, strategies
@@ -118,8 +119,7 @@ def sp_linear_attention(
     checks = batch is None or batch.checks  # value checks: per call, or once per batch
     check_gate(g, q, values=checks)
     check_beta(beta, q, values=checks)
-    if beta is not None and g is not None and g.dim() == 4:
-        raise ValueError("the delta rule takes a scalar gate g [B, T, H], not a per-channel gate")
+    kind = classify(g, beta)
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, q.shape[1])
     if batch is None:
@@ -158,7 +158,7 @@ def sp_linear_attention(
         cu_seqlens = cu_seqlens.to(q.device)
     call = LinearCall(group, lay, scale, cu_seqlens, digest=digest, grad_enabled=torch.is_grad_enabled(),
                       blocks=scan_blocks, backend=backend)
-    return LinearSPFunction.apply(q, k, v, g, beta, call, entry.exchange)
+    return LinearSPFunction.apply(q, k, v, g, beta, call, entry.exchange, kind)
 
 
 def _check_shard_args(x, group, layout: str, dim: int):

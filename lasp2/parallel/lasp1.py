@@ -49,7 +49,7 @@ class ChainExchange:
             else:
                 like = w.summary_state.detach()
                 P = chain.detach(comm.recv(chain.message_like(like), layout.owner(j - 1), group), like)
-            out = apply_transition(w.transition.detach(), P) + w.summary_state.detach()
+            out = apply_transition(w.kind, w.transition.detach(), P) + w.summary_state.detach()
             if j + 1 < layout.num_segments:
                 if layout.owner(j + 1) == rank:
                     carried = out
@@ -75,7 +75,7 @@ class ChainExchange:
             else:
                 like = w.summary_state.detach()
                 nxt[i] = chain.detach(comm.recv(chain.message_like(like), layout.owner(j + 1), group), like)
-            D = G[i] + apply_transition(w.transition.detach(), nxt[i], transpose=True)
+            D = G[i] + apply_transition(w.kind, w.transition.detach(), nxt[i], transpose=True)
             if j > 0:
                 if layout.owner(j - 1) == rank:
                     carried = D

@@ -54,7 +54,7 @@ class AllGatherExchange:
     (``fold_forward``). Saved for backward: the gathered transitions Â [J, B, H, Kg | K, K].
     Backward: ONE all-gather of G and the suffix fold (``fold_backward``).
     Communication: forward 1 all-gather of [W, S_local, B*H*K*V + |Â| + 2] fp32 (+ 1 for fp64
-    inputs: the 8-byte digest), |Â| = B*H*Kg for the diagonal family, B*H*K*K for the delta rule; backward
+    inputs: the 8-byte digest), |Â| = B*H*Kg for decay vectors, B*H*K*K for matrices (``ops.transition``); backward
     1 all-gather of [W, S_local, B, H, K, V].
     """
 
@@ -74,13 +74,13 @@ class AllGatherExchange:
         dt, width = work[0].summary_state.dtype, agreement.digest_width(gathered.dtype)
         S_all = rows[:, : B * H * K * V].reshape(-1, B, H, K, V).to(dt)
         A_all = rows[:, B * H * K * V: -width].reshape(-1, *work[0].transition.shape).to(dt)
-        P = fold_forward(S_all, A_all)
+        P = fold_forward(work[0].kind, S_all, A_all)
         return [P[w.seg.index] for w in work], A_all
 
     @staticmethod
     def backward(G: List[torch.Tensor], work: List[SegmentWork], call: LinearCall, A_all: torch.Tensor):
         G_all = _by_segment(comm.all_gather(torch.stack(G), call.group), call.layout)
-        nxt = fold_backward(G_all.to(A_all.dtype), A_all)
+        nxt = fold_backward(work[0].kind, G_all.to(A_all.dtype), A_all)
         return [nxt[w.seg.index] for w in work]
 
 

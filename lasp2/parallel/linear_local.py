@@ -4,9 +4,9 @@ Every strategy splits each local segment's work the same way (DESIGN §1); the w
 by a *backend* (``ops/backends``: ``torch`` = lasp2's chunked PyTorch ops, ``fla`` = fla's Triton
 kernels), which these functions call without knowing which one runs:
 
-1. ``summarise``: each local segment's summary (Ŝ, Â) from a zero incoming state; Â is a decay
-   vector for the diagonal family, a K x K matrix for the delta rule, 0 when the segment holds a
-   document start. This is all another rank ever needs from this one.
+1. ``summarise``: each local segment's summary (Ŝ, Â) from a zero incoming state; Â is stored as
+   its kind says (``ops.transition``: a decay vector, or a K x K matrix for the delta rule), 0
+   when the segment holds a document start. This is all another rank ever needs from this one.
 2. ``intra_outputs``: the work that needs no incoming state (the zero-state outputs), done while
    the summaries travel.
 3. ``add_incoming``: once the incoming state P is known, the output term linear in P.
@@ -23,24 +23,25 @@ from typing import List
 import torch
 
 from ..ops import backends
+from ..ops.transition import Kind
 from .layout import Layout, Segment, local_starts
 
 
-def apply_transition(A: torch.Tensor, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """A X (or A^T X) for a transition A that is a decay vector [..., Kg] (diagonal family) or
-    a matrix [..., K, K] (delta rule), and states X [..., K, V]."""
-    if A.dim() == X.dim():
-        return (A.transpose(-1, -2) if transpose else A) @ X
-    return A.unsqueeze(-1) * X
+def apply_transition(kind: Kind, A: torch.Tensor, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """Â X (or Â^T X) for a transition Â of ``kind`` (``ops.transition``: a decay vector
+    [..., Kg] or a matrix [..., K, K]) and states X [..., K, V]."""
+    return kind.apply(A, X, transpose)
 
 
 @dataclass
 class SegmentWork:
-    """One local segment: where it lives (``seg``) and its backend's local work (``local``, a
-    ``backends.torch.TorchSegment`` or ``backends.fla.FlaSegment``)."""
+    """One local segment: where it lives (``seg``), its backend's local work (``local``, a
+    ``backends.torch.TorchSegment`` or ``backends.fla.FlaSegment``) and the kind of its
+    transition (``kind``, ``ops.transition``), which the strategies' algebra dispatches on."""
 
     seg: Segment
     local: object
+    kind: Kind
 
     @property
     def summary_state(self) -> torch.Tensor:
@@ -50,21 +51,21 @@ class SegmentWork:
 
     @property
     def transition(self) -> torch.Tensor:
-        """Â [B, H, Kg] or [B, H, K, K]."""
+        """Â in its kind's form: [B, H, Kg] (decay vector) or [B, H, K, K] (matrix)."""
         return self.local.transition
 
 
-def summarise(q, k, v, g, beta, scale: float, layout: Layout, rank: int, cu_seqlens,
+def summarise(q, k, v, g, beta, kind: Kind, scale: float, layout: Layout, rank: int, cu_seqlens,
               backend: str = "torch") -> List[SegmentWork]:
     """Step 1 for every local segment (in local order). Inputs are the rank's [B, T, ...] leaves;
-    ``beta`` None selects the diagonal family, else the delta rule; ``backend`` a resolved name
-    (``backends.resolve``)."""
+    ``kind`` the transition (g, beta) name (``ops.transition.classify``); ``backend`` a resolved
+    name (``backends.resolve``)."""
     impl = backends.get(backend)
     work = []
     for seg in layout.local_segments(rank):
         sl = slice(seg.local_start, seg.local_start + seg.length)
         part = [None if t is None else t[:, sl] for t in (q, k, v, g, beta)]
-        work.append(SegmentWork(seg, impl.segment_work(*part, scale, local_starts(cu_seqlens, seg))))
+        work.append(SegmentWork(seg, impl.segment_work(*part, kind, scale, local_starts(cu_seqlens, seg)), kind))
     return work
 
 
@@ -109,40 +110,38 @@ def assemble(work: List[SegmentWork], dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([w.local.take_outputs(w.seg.length) for w in work], dim=1).to(dtype)
 
 
-def compose(later, earlier):
+def compose(kind: Kind, later, earlier):
     """The summary of two adjacent segments, ``earlier`` then ``later`` (DESIGN §1):
     (Â2, X2) ∘ (Â1, X1) = (Â2 Â1, Â2 X1 + X2). Associative, not commutative.
 
-    Each argument is (Â, X) with Â [..., Kg] (decay vectors, multiplied elementwise) or
-    [..., K, K] (matrices), X [..., K, V] (a state, or any term the transitions act on: the
-    backward scans compose (Â^T, G) the same way). Returns the composed (Â, X).
+    Each argument is (Â, X) with Â in ``kind``'s form, X [..., K, V] (a state, or any term the
+    transitions act on: the backward scans compose (Â^T, G) the same way). Returns the composed
+    (Â, X).
     """
-    (A2, X2), (A1, X1) = later, earlier
-    A = A2 @ A1 if A2.dim() == X2.dim() else A2 * A1
-    return A, apply_transition(A2, X1) + X2
+    return kind.compose(later, earlier)
 
 
-def fold_forward(S_hat: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
+def fold_forward(kind: Kind, S_hat: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
     """Prefix fold over segments in sequence order (DESIGN §1, P_0 = 0, P_{j+1} = Â_j P_j + Ŝ_j).
 
-    S_hat [J, B, H, K, V], A_hat [J, B, H, Kg] or [J, B, H, K, K]. Returns the incoming states
-    P [J, B, H, K, V].
+    S_hat [J, B, H, K, V], A_hat [J, ...] in ``kind``'s form ([J, B, H, Kg] or [J, B, H, K, K]).
+    Returns the incoming states P [J, B, H, K, V].
     """
     P = torch.zeros_like(S_hat)
     for j in range(1, S_hat.shape[0]):
-        P[j] = apply_transition(A_hat[j - 1], P[j - 1]) + S_hat[j - 1]
+        P[j] = kind.apply(A_hat[j - 1], P[j - 1]) + S_hat[j - 1]
     return P
 
 
-def fold_backward(G: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
+def fold_backward(kind: Kind, G: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
     """Suffix fold (DESIGN §1): D_j = G_j + Â_j^T D_{j+1}, D_J = 0.
 
-    G [J, B, H, K, V] (dL/dP_j from segment j's own outputs). Returns N_j = D_{j+1}, the
-    gradient reaching segment j's final state, [J, B, H, K, V].
+    G [J, B, H, K, V] (dL/dP_j from segment j's own outputs), A_hat as in ``fold_forward``.
+    Returns N_j = D_{j+1}, the gradient reaching segment j's final state, [J, B, H, K, V].
     """
     nxt = torch.zeros_like(G)
     for j in range(G.shape[0] - 2, -1, -1):
-        nxt[j] = G[j + 1] + apply_transition(A_hat[j + 1], nxt[j + 1], transpose=True)
+        nxt[j] = G[j + 1] + kind.apply(A_hat[j + 1], nxt[j + 1], transpose=True)
     return nxt
 
 

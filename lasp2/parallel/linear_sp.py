@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -31,17 +31,19 @@ from .context import LinearCall
 from .linear_local import (SegmentWork, add_incoming, assemble, detached_leaves, grad_targets, inter_backward,
                            intra_outputs, leaf_grads, output_chunks_of, summarise)
 from ..ops.precision import no_autocast
+from ..ops.transition import Kind, classify
 
 
-def linear_sp_fwd(q, k, v, g, beta, call: LinearCall, exchange):
+def linear_sp_fwd(q, k, v, g, beta, kind: Kind, call: LinearCall, exchange):
     """Forward on plain tensors (leaves may require grad: the graph is kept in the result).
 
-    q, k [B, T, H, K]; v [B, T, H, V]; g None | [B, T, H] | [B, T, H, K]; beta None | [B, T, H].
+    q, k [B, T, H, K]; v [B, T, H, V]; g None | [B, T, H] | [B, T, H, K]; beta None | [B, T, H];
+    ``kind`` the transition they name (``ops.transition.classify``).
     Returns (o [B, T, H, V] in q's dtype with graph, work, saved).
     Communication: the exchange's forward.
     """
     rank = comm.rank_and_size(call.group)[0]
-    work = summarise(q, k, v, g, beta, call.scale, call.layout, rank, call.cu_seqlens, call.backend)
+    work = summarise(q, k, v, g, beta, kind, call.scale, call.layout, rank, call.cu_seqlens, call.backend)
     P, saved = exchange.forward(work, call, lambda: intra_outputs(work))
     for w, P_j in zip(work, P):
         add_incoming(w, P_j)
@@ -95,10 +97,11 @@ class LinearSPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, call: LinearCall, exchange):
+    def forward(ctx, q, k, v, g, beta, call: LinearCall, exchange, kind: Optional[Kind] = None):
+        kind = classify(g, beta) if kind is None else kind  # the public API passes the kind it classified
         leaves = detached_leaves((q, k, v, g, beta), call.grad_enabled)
         with torch.set_grad_enabled(any(t is not None and t.requires_grad for t in leaves)):
-            o, work, saved = linear_sp_fwd(*leaves, call, exchange)
+            o, work, saved = linear_sp_fwd(*leaves, kind, call, exchange)
         # ctx.o shares its storage with the returned output: keeping its graph costs no memory.
         ctx.o, ctx.leaves, ctx.work, ctx.saved, ctx.call, ctx.exchange = o, leaves, work, saved, call, exchange
         return o.detach()
@@ -109,4 +112,4 @@ class LinearSPFunction(torch.autograd.Function):
         outputs, grads = linear_sp_bwd(ctx.o, do, ctx.work, ctx.call, ctx.exchange, ctx.saved)
         dq, dk, dv, dg, dbeta = leaf_grads(ctx.leaves, outputs, grads)
         ctx.o = ctx.work = ctx.leaves = ctx.saved = None  # free the graph
-        return dq, dk, dv, dg, dbeta, None, None
+        return dq, dk, dv, dg, dbeta, None, None, None

@@ -34,10 +34,11 @@ import torch
 
 from . import agreement, comm
 from .context import LinearCall
+from ..ops.transition import Kind
 from .linear_local import SegmentWork, compose
 from .linear_sp import overlapped
 
-Summary = Tuple[torch.Tensor, torch.Tensor]  # (Â [..., Kg] or [..., K, K], X [..., K, V])
+Summary = Tuple[torch.Tensor, torch.Tensor]  # (Â in its kind's form, X [..., K, V])
 
 
 def tree_rounds(J: int) -> int:
@@ -45,10 +46,11 @@ def tree_rounds(J: int) -> int:
     return math.ceil(math.log2(J)) if J > 1 else 0
 
 
-def doubling_scan(local: Dict[int, Summary], J: int,
+def doubling_scan(kind: Kind, local: Dict[int, Summary], J: int,
                   deliver: Callable[[int, Dict[int, Summary]], Dict[int, Summary]]) -> Dict[int, torch.Tensor]:
     """Exclusive scan over elements 0..J-1 of which this caller holds ``local`` (position ->
-    (Â, X)). Returns position -> X of the composition of every earlier element (zeros for 0).
+    (Â, X), Â in ``kind``'s form). Returns position -> X of the composition of every earlier
+    element (zeros for 0).
 
     ``deliver(d, outgoing)`` moves round d's messages: ``outgoing`` maps each local position i
     with i + 2^d < J to its inclusive aggregate (for position i + 2^d); it returns, for each local
@@ -66,8 +68,8 @@ def doubling_scan(local: Dict[int, Summary], J: int,
         for i in local:
             if i >= step:
                 earlier = got[i]
-                excl[i] = earlier if excl[i] is None else compose(excl[i], earlier)
-                incl[i] = compose(incl[i], earlier)
+                excl[i] = earlier if excl[i] is None else compose(kind, excl[i], earlier)
+                incl[i] = compose(kind, incl[i], earlier)
     return {i: torch.zeros_like(local[i][1]) if excl[i] is None else excl[i][1] for i in local}
 
 
@@ -117,20 +119,16 @@ class TreeExchange:
     def forward(work: List[SegmentWork], call: LinearCall, local_work):
         order = list(range(call.layout.num_segments))
         local = {w.seg.index: (w.transition.detach(), w.summary_state.detach()) for w in work}
-        P = overlapped(lambda: doubling_scan(local, len(order), _p2p_deliver(call, order, local[work[0].seg.index])),
-                       local_work)
+        kind, like = work[0].kind, local[work[0].seg.index]
+        P = overlapped(lambda: doubling_scan(kind, local, len(order), _p2p_deliver(call, order, like)), local_work)
         return [P[w.seg.index] for w in work], None
 
     @staticmethod
     def backward(G: List[torch.Tensor], work: List[SegmentWork], call: LinearCall, saved):
         J = call.layout.num_segments
         order = list(range(J - 1, -1, -1))  # scan position i holds segment J - 1 - i
-        local = {J - 1 - w.seg.index: (_transposed(w.transition.detach(), G_j), G_j) for w, G_j in zip(work, G)}
+        local = {J - 1 - w.seg.index: (w.kind.transpose(w.transition.detach()), G_j) for w, G_j in zip(work, G)}
         first = next(iter(local))
-        N = doubling_scan(local, J, _p2p_deliver(call, order, local[first]))
+        N = doubling_scan(work[0].kind, local, J, _p2p_deliver(call, order, local[first]))
         return [N[J - 1 - w.seg.index] for w in work]
 
-
-def _transposed(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """Â^T: matrices transposed; decay vectors (diagonal) unchanged."""
-    return A.transpose(-1, -2) if A.dim() == X.dim() else A

@@ -9,11 +9,11 @@ Triton interpreter, for exactness tests; lasp2 applies the compatibility it need
 The contract, per backend module (the SP strategies call it through ``parallel/linear_local.py``
 and never know which backend runs):
 
-    linear_attention(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens)
+    linear_attention(q, k, v, g, beta, *, kind, scale, initial_state, output_final_state, cu_seqlens)
         -> (o [B, T, H, V] in q's dtype, final state(s) fp32 or None)        one device, causal
-    segment_work(q, k, v, g, beta, scale, starts) -> a segment object with
+    segment_work(q, k, v, g, beta, kind, scale, starts) -> a segment object with
         summary_state  Ŝ [B, H, K, V] (with graph): the state leaving the segment from zero
-        transition     Â [B, H, Kg] (Kg = 1 or K) or [B, H, K, K] (with graph)
+        transition     Â in the kind's form, [B, H, Kg] (Kg = 1 or K) or [B, H, K, K] (with graph)
         intra_outputs()          the work that needs no incoming state
         add_incoming(P)          the output term linear in the incoming state P [B, H, K, V]
         take_outputs(length)     outputs [B, length, H, V] with graph (released after)
@@ -21,6 +21,8 @@ and never know which backend runs):
         inter_backward(do_b)     (G = dL/dP [B, H, K, V], data for grad_targets)
         grad_targets(data, D)    (tensors, grads) for the one autograd.grad, given the gradient D
                                  [B, H, K, V] reaching the segment's final state Â P + Ŝ
+    ``kind``: the transition (g, beta) name (``ops.transition.classify``), classified once by the
+    caller; each backend maps kind names to its kernels in one table.
     ``starts``: bool [T] document starts in the segment (None without documents).
 
 Shapes follow DESIGN §1-2. Every running state and summary is fp32 (fp64 for fp64 inputs with

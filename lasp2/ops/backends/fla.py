@@ -16,11 +16,11 @@ fp32 states; final states and everything lasp2 sends between ranks are fp32. fp6
 
 Local work of one segment for the SP strategies (``FlaSegment``, DESIGN §1), without running the
 op twice:
-- diagonal family: ONE zero-state fla call gives the zero-state outputs and Ŝ (its final state);
-  Â = exp(sum g) and the inter query q̃_s = scale * q_s ⊙ exp(cumsum g) (over the tokens before
+- decay-vector kinds (identity, scalar, diagonal; ``ops.transition``): ONE zero-state fla call
+  gives the zero-state outputs and Ŝ (its final state); Â = exp(sum g) and the inter query q̃_s = scale * q_s ⊙ exp(cumsum g) (over the tokens before
   the segment's first document start) come from the gates in PyTorch, and the incoming state's
   term q̃ P (one [T, K] x [K, V] matmul) is added, and differentiated, in PyTorch;
-- delta rule: the op is linear in (v, initial state) jointly, so ONE fla call with the values
+- the delta rule (the matrix kind): the op is linear in (v, initial state) jointly, so ONE fla call with the values
   widened to [v | 0] (V + K columns) and the initial state [0 | I] gives, in its first V columns,
   the zero-state outputs and Ŝ, and in its last K columns q̃_s = scale * q_s Λ_{<=s} (the
   coefficient of the incoming state in o_s) and Â (the final state of I). The WY transform is
@@ -75,29 +75,36 @@ def _ready(q: torch.Tensor, v: torch.Tensor) -> SimpleNamespace:
     return ops
 
 
-def _op(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, cu_seqlens):
-    """One fla chunk op (see the module docstring for which); initial_state fp32 or None,
+def _gated_delta_rule(ops, q, k, v, g, beta, **common):
+    gate = q.new_zeros(q.shape[:3], dtype=torch.float32) if g is None else g.float()  # DeltaNet: g = 0
+    return ops.chunk_gated_delta_rule(q, k, v, gate, beta.to(q.dtype), **common)
+
+
+KERNELS = {
+    "identity": lambda ops, q, k, v, g, beta, **common: ops.chunk_linear_attn(q, k, v, normalize=False, **common),
+    "scalar": lambda ops, q, k, v, g, beta, **common: ops.chunk_simple_gla(q, k, v, g=g.float(), **common),
+    "diagonal": lambda ops, q, k, v, g, beta, **common: ops.chunk_gla(q, k, v, g.float(), **common),
+    "matrix": _gated_delta_rule,
+}
+"""Kind name (``ops.transition``) -> fla's chunk op for it: one row per supported kind."""
+
+
+def _op(kind, q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, cu_seqlens):
+    """One fla chunk op, the one of ``kind`` (``KERNELS``); initial_state fp32 or None,
     cu_seqlens long or None. Returns (o in v's dtype, final state fp32 or None)."""
     ops = _ready(q, v)
-    common = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  cu_seqlens=cu_seqlens)
-    if beta is not None:
-        gate = q.new_zeros(q.shape[:3], dtype=torch.float32) if g is None else g.float()
-        return ops.chunk_gated_delta_rule(q, k, v, gate, beta.to(q.dtype), **common)
-    if g is None:
-        return ops.chunk_linear_attn(q, k, v, normalize=False, **common)
-    if g.dim() == 3:
-        return ops.chunk_simple_gla(q, k, v, g=g.float(), **common)
-    return ops.chunk_gla(q, k, v, g.float(), **common)
+    return KERNELS[kind.name](ops, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
-def linear_attention(q, k, v, g, beta, *, scale: float, initial_state, output_final_state: bool,
+def linear_attention(q, k, v, g, beta, *, kind, scale: float, initial_state, output_final_state: bool,
                      cu_seqlens) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Causal linear attention on one device by fla's kernels (inputs validated by the caller).
-    Shapes as ``lasp2.linear_attention``; returns (o in q's dtype, final state(s) fp32 or None)."""
+    """Causal linear attention on one device by fla's kernel for ``kind`` (inputs validated by
+    the caller). Shapes as ``lasp2.linear_attention``; returns (o in q's dtype, final state(s)
+    fp32 or None)."""
     h0 = None if initial_state is None else initial_state.float()
     cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.long)
-    o, ht = _op(q, k, v.to(q.dtype), g, beta, scale, h0, output_final_state, cu)
+    o, ht = _op(kind, q, k, v.to(q.dtype), g, beta, scale, h0, output_final_state, cu)
     return o.to(q.dtype), ht
 
 
@@ -108,7 +115,7 @@ class FlaSegment:
     first document start; 0 when a document starts at its first token).
     """
 
-    def __init__(self, q, k, v, g, beta, scale: float, starts: Optional[torch.Tensor]):
+    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[torch.Tensor]):
         B, T, H, K = q.shape
         V = v.shape[-1]
         positions = [] if starts is None else starts.nonzero().flatten().tolist()
@@ -116,10 +123,11 @@ class FlaSegment:
         self.reach = positions[0] if positions else T
         cu = None if not inner else torch.tensor([0, *inner, T], dtype=torch.long, device=q.device)
         v = v.to(q.dtype)
-        if beta is None:
-            o0, ht = _op(q, k, v, g, None, scale, None, True, cu)
+        self.kind = kind
+        if not kind.matrix:
+            o0, ht = _op(kind, q, k, v, g, None, scale, None, True, cu)
             self._S = ht[-1:] if cu is not None else ht
-            self._A, self.q_tilde = self._diagonal_terms(q, g, scale)
+            self._A, self.q_tilde = self._decay_terms(q, kind.gate_channels(g), scale)
         else:
             # [v | 0] with initial state [0 | I]: columns V: carry q_s Λ_{<=s} and Â (module docstring)
             n_init = B if cu is None else len(inner) + 1
@@ -127,28 +135,27 @@ class FlaSegment:
             if self.reach > 0:
                 target = h0[:, :, :, V:] if cu is None else h0[:1, :, :, V:]  # the continuing document
                 target.copy_(torch.eye(K, dtype=torch.float32, device=q.device).expand_as(target))
-            o_aug, ht = _op(q, k, torch.cat([v, v.new_zeros(B, T, H, K)], dim=-1), g, beta, scale, h0, True, cu)
+            o_aug, ht = _op(kind, q, k, torch.cat([v, v.new_zeros(B, T, H, K)], dim=-1), g, beta, scale, h0, True, cu)
             last = ht[-1:] if cu is not None else ht
             o0, self._S, self._A = o_aug[..., :V], last[..., :V], last[..., V:]
             self.q_tilde = o_aug[:, : self.reach, :, V:].float()
         self.o0, self.P, self.outputs = o0, None, None
 
-    def _diagonal_terms(self, q, g, scale: float):
-        """(Â [B, H, Kg], q̃ [B, reach, H, K]) from the gates, fp32, with graph."""
+    def _decay_terms(self, q, gk, scale: float):
+        """(Â [B, H, Kg], q̃ [B, reach, H, K]) from the gates gk [B, T, H, Kg] (None: no gate),
+        fp32, with graph."""
         B, T, H, K = q.shape
         r = self.reach
         q_tilde = q[:, :r].float() * scale
-        if g is None:
+        if gk is None:
             A = q.new_full((B, H, 1), 1.0 if r == T else 0.0, dtype=torch.float32)
             return A, q_tilde
-        c = g[:, :r].float().cumsum(1)  # [B, r, H(, K)], non-increasing: exp never overflows
-        decay = c.exp()
-        q_tilde = q_tilde * (decay if g.dim() == 4 else decay.unsqueeze(-1))
+        decay = gk[:, :r].float().cumsum(1).exp()  # [B, r, H, Kg]; the cumsum is non-increasing: no overflow
         if r < T:  # a document starts inside the segment: the incoming state stops there
-            A = q.new_zeros((B, H, K if g.dim() == 4 else 1), dtype=torch.float32)
+            A = q.new_zeros(self.kind.algebra.shape(B, H, K), dtype=torch.float32)
         else:
-            A = decay[:, -1] if g.dim() == 4 else decay[:, -1].unsqueeze(-1)
-        return A, q_tilde
+            A = decay[:, -1]
+        return A, q_tilde * decay
 
     @property
     def summary_state(self) -> torch.Tensor:
@@ -185,17 +192,11 @@ class FlaSegment:
         return G, None
 
     def grad_targets(self, _unused, final_grad: torch.Tensor):
-        """Ŝ gets D (fla's dht), Â gets <D, P> in its own shape: D P^T (matrix), sum over V
-        (per-channel), sum over K and V (scalar)."""
-        D, P, A = final_grad.to(self._S.dtype), self.P.to(self._S.dtype), self._A
-        if A.dim() == D.dim():
-            dA = D @ P.transpose(-1, -2)
-        elif A.shape[-1] == 1:
-            dA = (D * P).sum((-2, -1)).unsqueeze(-1)
-        else:
-            dA = (D * P).sum(-1)
-        return [self._S, A], [D, dA]
+        """Ŝ gets D (fla's dht), Â gets D P^T in its kind's form (``Kind.grad``: the matrix, its
+        diagonal for per-channel decays, its trace for scalar ones)."""
+        D, P = final_grad.to(self._S.dtype), self.P.to(self._S.dtype)
+        return [self._S, self._A], [D, self.kind.grad(D, P)]
 
 
 segment_work = FlaSegment
-"""The contract's constructor: ``segment_work(q, k, v, g, beta, scale, starts)`` for one segment."""
+"""The contract's constructor: ``segment_work(q, k, v, g, beta, kind, scale, starts)`` for one segment."""

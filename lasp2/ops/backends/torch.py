@@ -6,8 +6,8 @@ Local work of one segment for the SP strategies (``TorchSegment``, the contract 
 ``ops/backends/__init__.py``):
 
 1. construction: chunk the segment and scan its chunk states from a zero incoming state; the last
-   one is the segment's Ŝ, and Â is its transition (a decay vector for the diagonal family, a
-   K x K matrix for the delta rule; 0 when the segment holds a document start);
+   one is the segment's Ŝ, and Â is its transition in its kind's form (``ops.transition``: a decay
+   vector, or a K x K matrix for the delta rule; 0 when the segment holds a document start);
 2. ``intra_outputs``: the intra-chunk outputs, which need no state: the bulk of the work, done
    while the summaries travel;
 3. ``add_incoming``: once the incoming state P is known, the chunk-entry states become
@@ -33,61 +33,72 @@ from ..precision import no_autocast
 name = "torch"
 
 
-def linear_attention(q, k, v, g, beta, *, scale: float, initial_state, output_final_state: bool,
+class DecayForm:
+    """The chunk form of the decay-vector kinds (identity, scalar, diagonal): ``ops/chunk.py``."""
+
+    @staticmethod
+    def linear_attention(q, k, v, g, beta, kind, **options):
+        return chunk.chunk_linear_attention(q, k, v, g, kind=kind, **options)
+
+    @staticmethod
+    def summarise(q, k, v, g, beta, kind, scale: float, starts):
+        """(chunked inputs, zero-state chunk-entry states [N + 1], entry decays Λ [N + 1])."""
+        c = chunk.prepare(q, k, v, g, scale, starts, kind=kind)
+        a, U = chunk.chunk_transitions(c)
+        return c, chunk.scan_states(a, U, None), chunk.entry_decays(c)
+
+    intra_outputs = staticmethod(chunk.intra_outputs)
+    inter_query = staticmethod(chunk.inter_query)
+
+
+class DeltaForm:
+    """The chunk form of the delta rule (the matrix kind): ``ops/delta.py``."""
+
+    @staticmethod
+    def linear_attention(q, k, v, g, beta, kind, **options):
+        return delta.delta_linear_attention(q, k, v, g, beta, **options)
+
+    @staticmethod
+    def summarise(q, k, v, g, beta, kind, scale: float, starts):
+        """(chunked inputs, zero-state chunk-entry states [N + 1], entry transitions Λ [N + 1])."""
+        c = delta.prepare_delta(q, k, v, g, beta, scale, starts)
+        M, U = delta.delta_chunk_transitions(c)
+        return c, delta.scan_matrix_states(M, U, None), delta.delta_entry_transitions(c, M)
+
+    intra_outputs = staticmethod(delta.delta_intra_outputs)
+    inter_query = staticmethod(delta.delta_inter_query)
+
+
+FORMS = {"identity": DecayForm, "scalar": DecayForm, "diagonal": DecayForm, "matrix": DeltaForm}
+"""Kind name (``ops.transition``) -> its chunk form: one row per supported kind."""
+
+
+def linear_attention(q, k, v, g, beta, *, kind, scale: float, initial_state, output_final_state: bool,
                      cu_seqlens) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Causal linear attention on one device (inputs validated by the caller): the delta rule when
-    ``beta`` is given, else the diagonal family. Shapes and dtypes as ``lasp2.linear_attention``."""
-    if beta is not None:
-        return delta.delta_linear_attention(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    return chunk.chunk_linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
-                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-
-
-def transition_grad(Lam: torch.Tensor, dX: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """dL/dΛ for X = Λ P given dL/dX [B, H, M, K, V], P [B, H, K, V]; Λ [B, H, M, Kg] (decay
-    vectors, Kg = 1 or K) or [B, H, M, K, K] (matrices)."""
-    if Lam.dim() == dX.dim():  # matrices: dΛ_n = dX_n P^T
-        return _stacked(dX, P.transpose(-1, -2)).reshape(*dX.shape[:-1], P.shape[-2])
-    if Lam.shape[-1] == 1:  # scalar decays
-        return torch.einsum("bhnkv,bhkv->bhn", dX, P).unsqueeze(-1)
-    return torch.einsum("bhnkv,bhkv->bhnk", dX, P)
-
-
-def _stacked(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """[B, H, M, R, C] @ [B, H, C, D] as one [B, H, M * R, C] @ [B, H, C, D] matmul, [B, H, M * R, D]
-    (broadcasting Y over M instead would copy it M times)."""
-    B, H, M, R, C = X.shape
-    return X.reshape(B, H, M * R, C) @ Y
+    """Causal linear attention on one device (inputs validated by the caller) in the chunk form
+    of ``kind`` (``ops.transition.classify(g, beta)``). Shapes and dtypes as
+    ``lasp2.linear_attention``."""
+    return FORMS[kind.name].linear_attention(q, k, v, g, beta, kind, scale=scale, initial_state=initial_state,
+                                             output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
 class TorchSegment:
     """One segment's local work in the chunk form.
 
+    kind: the transition (``ops.transition``); form: its chunk form (``FORMS``);
     c: the chunked inputs (``chunk.Chunked`` or ``delta.DeltaChunked``);
     states [B, H, N + 1, K, V]: chunk-entry states for a zero incoming state (with graph); the
         real ones are states + Λ P (``entry_states``);
-    decays Λ: segment start -> chunk entries, [B, H, N + 1, Kg] (decay vectors) or
-        [B, H, N + 1, K, K] (delta rule); Λ_N = Â;
+    decays Λ: segment start -> chunk entries in the kind's form, [B, H, N + 1, Kg] (decay
+        vectors) or [B, H, N + 1, K, K] (matrices); Λ_N = Â;
     intra [B, H, N, C, V], q_inter [B, H, N, C, K], outputs [B, H, N, C, V] (intra + inter, with
         graph; replaces ``intra``, released by ``take_outputs``); P [B, H, K, V] (a constant).
     """
 
-    def __init__(self, q, k, v, g, beta, scale: float, starts: Optional[torch.Tensor]):
-        if beta is None:
-            self.c = chunk.prepare(q, k, v, g, scale, starts)
-            a, U = chunk.chunk_transitions(self.c)
-            self.states, self.decays = chunk.scan_states(a, U, None), chunk.entry_decays(self.c)
-        else:
-            self.c = delta.prepare_delta(q, k, v, g, beta, scale, starts)
-            M, U = delta.delta_chunk_transitions(self.c)
-            self.states = delta.scan_matrix_states(M, U, None)
-            self.decays = delta.delta_entry_transitions(self.c, M)
+    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[torch.Tensor]):
+        self.kind, self.form = kind, FORMS[kind.name]
+        self.c, self.states, self.decays = self.form.summarise(q, k, v, g, beta, kind, scale, starts)
         self.intra = self.q_inter = self.outputs = self.P = None
-
-    @property
-    def delta(self) -> bool:
-        return isinstance(self.c, delta.DeltaChunked)
 
     @property
     def summary_state(self) -> torch.Tensor:
@@ -96,12 +107,12 @@ class TorchSegment:
 
     @property
     def transition(self) -> torch.Tensor:
-        """Â [B, H, Kg] or [B, H, K, K] (with graph)."""
+        """Â in the kind's form, [B, H, Kg] or [B, H, K, K] (with graph)."""
         return self.decays[:, :, -1]
 
     def intra_outputs(self) -> None:
         """The intra-chunk outputs, which need no state (overlaps the communication)."""
-        self.intra = delta.delta_intra_outputs(self.c) if self.delta else chunk.intra_outputs(self.c)
+        self.intra = self.form.intra_outputs(self.c)
 
     def add_incoming(self, P: torch.Tensor) -> None:
         """P [B, H, K, V] the state entering the segment (a constant): the inter-chunk term
@@ -115,7 +126,7 @@ class TorchSegment:
         here instead of living until backward.
         """
         self.P = P
-        self.q_inter = delta.delta_inter_query(self.c) if self.delta else chunk.inter_query(self.c)
+        self.q_inter = self.form.inter_query(self.c)
         self.outputs, self.intra = self.intra + _InterTerm.apply(self.q_inter, self), None
 
     def take_outputs(self, length: int) -> torch.Tensor:
@@ -132,15 +143,7 @@ class TorchSegment:
         entry states' gradient dS_n = Q_n^T dO_n. G = sum_n Λ_n^T dS_n, since the entry states
         are S_in + Λ P. (dQ comes from ``_InterTerm`` during the local backward.)"""
         dS = self.q_inter.detach().transpose(-1, -2) @ do_chunks
-        Lam = self.decays[:, :, :-1].detach()
-        if Lam.dim() == dS.dim() - 1 and Lam.shape[-1] == 1:  # scalar decays: a batched matmul over
-            G = torch.einsum("bhn,bhnkv->bhkv", Lam.squeeze(-1), dS)  # n, no [N, K, V] temporary
-        elif Lam.dim() == dS.dim():  # matrices: sum_n Λ_n^T dS_n is one matmul over stacked rows
-            B, H, N, K, V = dS.shape
-            G = Lam.reshape(B, H, N * K, K).transpose(-1, -2) @ dS.reshape(B, H, N * K, V)
-        else:
-            G = (Lam.unsqueeze(-1) * dS).sum(2)
-        return G, dS
+        return self.kind.algebra.adjoint_sum(self.decays[:, :, :-1].detach(), dS), dS
 
     def grad_targets(self, dS: torch.Tensor, final_grad: torch.Tensor):
         """(tensors, grads) of this segment for the strategy's one ``autograd.grad`` (besides the
@@ -149,16 +152,13 @@ class TorchSegment:
         states: separate views of the entry and final states would each expand their gradient to
         the full [N + 1] size inside autograd.)"""
         dS_all = torch.cat([dS, final_grad.unsqueeze(2).to(dS.dtype)], dim=2)  # entry states, then final
-        return [self.states, self.decays], [dS_all, transition_grad(self.decays, dS_all, self.P)]
+        return [self.states, self.decays], [dS_all, self.kind.algebra.stacked_grad(self.decays, dS_all, self.P)]
 
 
 def entry_states(w: TorchSegment) -> torch.Tensor:
     """The chunk-entry states S_in(0) + Λ P [B, H, N, K, V], without graph (a temporary: never
     kept between forward and backward)."""
-    S, Lam = w.states[:, :, :-1].detach(), w.decays[:, :, :-1].detach()
-    if Lam.dim() == S.dim():  # delta rule: Λ_n are K x K matrices
-        return S + _stacked(Lam, w.P).reshape(S.shape)
-    return torch.addcmul(S, Lam.unsqueeze(-1), w.P.unsqueeze(2))
+    return w.kind.algebra.entry_states(w.states[:, :, :-1].detach(), w.decays[:, :, :-1].detach(), w.P)
 
 
 class _InterTerm(torch.autograd.Function):
@@ -179,4 +179,4 @@ class _InterTerm(torch.autograd.Function):
 
 
 segment_work = TorchSegment
-"""The contract's constructor: ``segment_work(q, k, v, g, beta, scale, starts)`` for one segment."""
+"""The contract's constructor: ``segment_work(q, k, v, g, beta, kind, scale, starts)`` for one segment."""

@@ -144,7 +144,7 @@ class ModelSuite:
         gen = torch.Generator().manual_seed(3000 + rank)
         ids = torch.randint(0, 256, (spec.batch, T), generator=gen).to(device)
         do = torch.randn(spec.batch, T, 256, generator=gen).to(device=device, dtype=_dtype(spec))
-        return {"leaves": [p for m in models.values() for p in m.parameters()], "do": do, "batch": batch,
+        return {"leaves": [p for m in models.values() for p in m.parameters()], "do": do, "ids": ids,
                 "models": models}
 
     def forward(self, config, x, group, spec):

@@ -35,8 +35,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden, c.norm_eps)
         self.mlp = SwiGLU(c.hidden, c.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cu_seqlens=cu_seqlens)
+    def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None, batch=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cu_seqlens=cu_seqlens, batch=batch)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -95,12 +95,16 @@ class LinearLlama(nn.Module):
         if not c.tie_embeddings:
             nn.init.normal_(self.output.weight, 0.0, c.init_std, generator=gen)
 
-    def forward(self, input_ids: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
+                batch=None) -> torch.Tensor:
         """input_ids [B, T] int -> logits [B, T, vocab_size] in the parameters' dtype.
 
         cu_seqlens: global cumulative document lengths [N + 1] (B == 1): linear-attention states
         reset, softmax attention stays within each document and RoPE positions restart at each
         document start.
+        batch: under sequence parallelism, this batch's context (``lasp2.SPBatch.build``) in place
+        of cu_seqlens: positions and documents fixed once per batch, no value checks or host syncs
+        in the layers.
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an int tensor [B, T], got {tuple(input_ids.shape)} "
@@ -109,9 +113,9 @@ class LinearLlama(nn.Module):
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
             if recompute:
-                x = checkpoint(block, x, cu_seqlens=cu_seqlens, use_reentrant=False)
+                x = checkpoint(block, x, cu_seqlens=cu_seqlens, batch=batch, use_reentrant=False)
             else:
-                x = block(x, cu_seqlens=cu_seqlens)
+                x = block(x, cu_seqlens=cu_seqlens, batch=batch)
         return self.output(self.norm(x))
 
     def num_params(self) -> int:

@@ -32,15 +32,36 @@ class SPContext:
     layout: str = "contiguous"
 
 
+def where(sp: Optional[SPContext], cu_seqlens: Optional[torch.Tensor], batch) -> dict:
+    """The keyword arguments that place an SP op's call: ``batch=`` (this batch's context, its
+    layout and group checked against the module's: a ValueError on a mismatch, never wrong
+    positions) or the module's group / layout with the raw ``cu_seqlens``."""
+    if batch is None:
+        return dict(group=sp.group, layout=sp.layout, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        raise ValueError("pass the batch context (batch=) or cu_seqlens, not both: the batch holds the documents")
+    if batch.layout.name != sp.layout:
+        raise ValueError(f"this batch was sharded with layout={batch.layout.name!r} but the model was parallelized "
+                         f"with layout={sp.layout!r}; build the batch (SPBatch.build / lasp2.shard) with "
+                         f"layout={sp.layout!r}")
+    if batch.group is not sp.group:
+        raise ValueError("this batch's context was built for another process group than the model's "
+                         "sequence-parallel group; build it with the model's group")
+    return dict(batch=batch)
+
+
 def token_positions(T: int, sp: Optional[SPContext], cu_seqlens: Optional[torch.Tensor],
-                    device) -> torch.Tensor:
+                    device, batch=None) -> torch.Tensor:
     """Position of each of the T local tokens, int64 [T], for RoPE.
 
     Without SP the tokens are the whole sequence (positions 0..T-1). Under SP they are the
     *global* positions of this rank's tokens in ``sp.layout``, so RoPE sees the same angles as on
     one device. With ``cu_seqlens`` (global document boundaries) positions restart at 0 at every
     document start: packed documents are then encoded exactly as if each were its own sequence.
+    With ``batch`` (this batch's context) they are its positions, computed once per batch.
     """
+    if batch is not None:
+        return batch.position_ids.to(device, non_blocking=True)
     if sp is None:
         pos = torch.arange(T, device=device)
     else:

@@ -39,7 +39,7 @@ from ..ops.common import compute_dtype
 from ..ops.backends import BACKENDS
 from ..ops.transition import Kind, kind_of
 from ..parallel.api import sp_linear_attention
-from .context import SPContext
+from .context import SPContext, where
 from .feature_maps import ReBasedFeatureMap, TaylorFeatureMap
 from .gates import FixedGate, LowRankChannelGate, Mamba2Gate, lightning_log_decay, retention_log_decay
 from .norm import RMSNorm
@@ -120,7 +120,8 @@ class LinearAttention(nn.Module):
         backend: the op's kernels, "auto" / "torch" / "fla" (``lasp2.ops.backends``; an attribute,
             which ``lasp2.parallelize(..., backend=...)`` may set).
 
-    ``forward(x [B, T, hidden], *, cu_seqlens=None) -> [B, T, hidden]``. Without an SP context
+    ``forward(x [B, T, hidden], *, cu_seqlens=None, batch=None) -> [B, T, hidden]`` (``batch``:
+    this batch's ``SPBatch`` in place of ``cu_seqlens``, checked once when it was built). Without an SP context
     (``self.sp is None``) T is the whole sequence and ``lasp2.linear_attention`` runs; with one
     (set by ``lasp2.parallelize``) x holds this rank's tokens in ``self.sp.layout`` and
     ``lasp2.sp_linear_attention`` runs. ``cu_seqlens`` are always the *global* document boundaries.
@@ -197,22 +198,23 @@ class LinearAttention(nn.Module):
         """g in log space, fp32 (fp64 for fp64 x): None, [B, T, H] or [B, T, H, K] (per channel)."""
         return None if self.row.gate is None else self.row.gate(self, x, compute_dtype(x.dtype))  # fp32 at least
 
-    def _attend(self, q, k, v, g, beta, cu_seqlens) -> torch.Tensor:
+    def _attend(self, q, k, v, g, beta, cu_seqlens, batch) -> torch.Tensor:
         if self.sp is None:
+            if batch is not None:
+                cu_seqlens = batch.cu_seqlens
             o, _ = linear_attention(q, k, v, g, beta, scale=self.scale, cu_seqlens=cu_seqlens, backend=self.backend)
             return o
-        return sp_linear_attention(q, k, v, g, beta, group=self.sp.group, scale=self.scale,
-                                   strategy=self.sp.strategy, layout=self.sp.layout, cu_seqlens=cu_seqlens,
-                                   backend=self.backend)
+        return sp_linear_attention(q, k, v, g, beta, scale=self.scale, strategy=self.sp.strategy,
+                                   backend=self.backend, **where(self.sp, cu_seqlens, batch))
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None, batch=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, V = self.heads, self.head_dim
         q = self._features(self.q_proj(x).view(B, T, H, -1))
         k = self._features(self.k_proj(x).view(B, T, H, -1))
         v = self.v_proj(x).view(B, T, H, V)
         beta = torch.sigmoid(self.b_proj(x)) if self.row.beta else None
-        o = self.o_norm(self._attend(q, k, v, self._gate(x), beta, cu_seqlens))  # [B, T, H, V]
+        o = self.o_norm(self._attend(q, k, v, self._gate(x), beta, cu_seqlens, batch))  # [B, T, H, V]
         if self.g_proj is not None:
             gate = self.g_proj(x).view(B, T, H, V)
             o = o * (F.silu(gate) if self.output_gate == "swish" else torch.sigmoid(gate))

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..functional import softmax_attention
 from ..parallel import api as sp_api
-from .context import SPContext, token_positions
+from .context import SPContext, token_positions, where
 from .rope import apply_rope, rope_tables
 
 
@@ -44,20 +44,19 @@ class SoftmaxAttention(nn.Module):
             nn.init.normal_(lin.weight, 0.0, std, generator=generator)
         nn.init.normal_(self.o_proj.weight, 0.0, std if out_std is None else out_std, generator=generator)
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None, batch=None) -> torch.Tensor:
         B, T, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x).view(B, T, self.heads, D)
         k = self.k_proj(x).view(B, T, self.kv_heads, D)
         v = self.v_proj(x).view(B, T, self.kv_heads, D)
-        positions = token_positions(T, self.sp, cu_seqlens, x.device)
+        positions = token_positions(T, self.sp, cu_seqlens, x.device, batch)
         cos, sin = rope_tables(positions, D, self.rope_theta, torch.promote_types(x.dtype, torch.float32))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.sp is None:
-            o = softmax_attention(q, k, v, cu_seqlens=cu_seqlens)
+            o = softmax_attention(q, k, v, cu_seqlens=cu_seqlens if batch is None else batch.cu_seqlens)
         else:
-            o = sp_api.sp_softmax_attention(q, k, v, group=self.sp.group, strategy=self.sp.strategy,
-                                            layout=self.sp.layout, cu_seqlens=cu_seqlens)
+            o = sp_api.sp_softmax_attention(q, k, v, strategy=self.sp.strategy, **where(self.sp, cu_seqlens, batch))
         return self.o_proj(o.reshape(B, T, self.heads * D))
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ to N * C), Nd documents.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -58,12 +58,21 @@ def segment_starts(cu_seqlens: Optional[torch.Tensor], T: int, device) -> Option
     """bool [T]: True at every document start of a whole segment [0, T) except token 0 (document
     0 is the segment's continuing document: it receives the incoming state). None without
     ``cu_seqlens`` ([N + 1] int, 0 first, T last)."""
-    if cu_seqlens is None:
+    if cu_seqlens is None or cu_seqlens.numel() <= 2:  # one document: no start after token 0 (a shape test)
         return None
     starts = torch.zeros(T, dtype=torch.bool, device=device)
     starts[cu_seqlens[:-1].long()] = True
     starts[0] = False
     return starts
+
+
+def start_mask(starts: Optional[Sequence[int]], T: int, device) -> Optional[torch.Tensor]:
+    """bool [T], True at the host positions ``starts`` (None when there are none)."""
+    if not starts:
+        return None
+    mask = torch.zeros(T, dtype=torch.bool, device=device)
+    mask[list(starts)] = True
+    return mask
 
 
 def doc_positions(cu_seqlens: torch.Tensor, C: int):
@@ -109,8 +118,10 @@ class DocMasks:
 
     @staticmethod
     def maybe(starts: Optional[torch.Tensor], C: int) -> Optional["DocMasks"]:
-        """``build`` when ``starts`` marks at least one start, else None (one document)."""
-        return None if starts is None or not bool(starts.any()) else DocMasks.build(starts, C)
+        """``build`` for ``starts`` (which, when given, marks at least one start: every producer
+        returns None for a segment without one, from host knowledge), else None (one document).
+        No device read."""
+        return None if starts is None else DocMasks.build(starts, C)
 
 
 class ChunkedShape:

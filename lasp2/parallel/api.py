@@ -45,6 +45,14 @@ def _resolve_batch(batch, group, layout: Optional[str], cu_seqlens, what: str):
     return batch.group, batch.layout.name, batch.cu_seqlens
 
 
+def _host_documents(batch, cu_seqlens) -> Optional[tuple]:
+    """The global document boundaries as host ints: the batch's (read once when it was built),
+    or read from ``cu_seqlens`` now (one host read per call without a batch context)."""
+    if cu_seqlens is None:
+        return None
+    return batch.cu_list if batch is not None else tuple(cu_seqlens.tolist())
+
+
 def _describe(t: Optional[torch.Tensor]) -> str:
     return "None" if t is None else f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}"
 
@@ -152,11 +160,10 @@ def sp_linear_attention(
         return o
     # Everything, every call, rides the first message; with a batch context, checked once per batch.
     digest = agreement.call_digest(signature, cu_seqlens) if checks else agreement.UNCHECKED
+    cu_list = _host_documents(batch, cu_seqlens)
     if not causal:
-        return entry.bidirectional.apply(q, k, v, scale, lay, group, cu_seqlens, digest)
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(q.device)
-    call = LinearCall(group, lay, scale, cu_seqlens, digest=digest, grad_enabled=torch.is_grad_enabled(),
+        return entry.bidirectional.apply(q, k, v, scale, lay, group, cu_list, digest)
+    call = LinearCall(group, lay, scale, cu_list, digest=digest, grad_enabled=torch.is_grad_enabled(),
                       blocks=scan_blocks, backend=backend)
     return LinearSPFunction.apply(q, k, v, g, beta, call, entry.exchange, kind)
 
@@ -288,5 +295,5 @@ def sp_softmax_attention(
     doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), lay.global_len)
     checks = batch is None or batch.checks
     digest = agreement.call_digest(signature, cu_seqlens) if checks else agreement.UNCHECKED
-    cu_list = None if cu_seqlens is None else (batch.cu_list if batch is not None else tuple(cu_seqlens.tolist()))
+    cu_list = _host_documents(batch, cu_seqlens)
     return entry.load().apply(q, k, v, SoftmaxCall(scale, causal, lay, group, doc, digest=digest, cu_list=cu_list))

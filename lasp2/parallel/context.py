@@ -8,7 +8,7 @@ a field here (with a default), not a parameter to every function in between.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -22,7 +22,8 @@ class LinearCall:
     group: the SP process group (rank and size come from it).
     layout: where every token lives (``Layout``: contiguous or zigzag, W, T local).
     scale: the resolved query scale (float).
-    cu_seqlens: global int [N + 1] document boundaries on the inputs' device, or None.
+    cu_list: the global document boundaries [N + 1] as host ints, or None (one document): the
+        local work finds each segment's document starts from them without a device read.
     digest: the call's 64-bit agreement digest (``agreement.call_digest``); every strategy sends
         it inside its first message and checks the other ranks' (DESIGN §2, ``agreement``).
     grad_enabled: whether autograd was on at the call (the Function's forward runs without it).
@@ -31,13 +32,13 @@ class LinearCall:
         strategy choose (``allscan.pipeline_blocks``).
     backend: the resolved local-work backend, "torch" or "fla" (``ops.backends.resolve``).
 
-    ``eq=False``: identity semantics (cu_seqlens is a tensor; the object is never compared).
+    ``eq=False``: identity semantics (the object is never compared).
     """
 
     group: object
     layout: Layout
     scale: float
-    cu_seqlens: Optional[torch.Tensor] = None
+    cu_list: Optional[Tuple[int, ...]] = None
     digest: int = 0
     grad_enabled: bool = True
     overlap: bool = True

@@ -90,7 +90,7 @@ def _doc_pieces(layout: Layout, rank: int, cu_seqlens) -> List[List[Tuple[slice,
     Only a segment's first and last piece can belong to a document that other segments also
     hold; pieces in between are whole documents. Without cu_seqlens the sequence is document 0.
     """
-    cu = [0, layout.global_len] if cu_seqlens is None else cu_seqlens.tolist()
+    cu = [0, layout.global_len] if cu_seqlens is None else list(cu_seqlens)  # host ints
     per_segment = []
     for seg in layout.local_segments(rank):
         a, b = seg.global_start, seg.global_start + seg.length

@@ -10,7 +10,7 @@ contiguous run of global tokens; linear strategies publish one summary per segme
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -88,15 +88,14 @@ class Layout:
         return torch.cat([self.global_positions(r, device) for r in range(self.world)])
 
 
-def local_starts(cu_seqlens: Optional[torch.Tensor], seg: Segment) -> Optional[torch.Tensor]:
-    """Document starts inside one segment as bool [length] (None without documents).
+def local_starts(cu_list: Optional[Sequence[int]], seg: Segment) -> Optional[Tuple[int, ...]]:
+    """Document starts inside one segment as sorted host positions in [0, length) (None when no
+    document starts in it), from the global boundaries as host ints: no device read.
 
     The segment's first token counts as a start only when a document begins exactly there.
     """
-    if cu_seqlens is None:
+    if cu_list is None:
         return None
-    cu = cu_seqlens.to(torch.long)
-    inside = cu[(cu >= seg.global_start) & (cu < seg.global_start + seg.length)] - seg.global_start
-    starts = torch.zeros(seg.length, dtype=torch.bool, device=cu.device)
-    starts[inside] = True
-    return starts
+    end = seg.global_start + seg.length
+    inside = tuple(c - seg.global_start for c in cu_list if seg.global_start <= c < end)
+    return inside or None

@@ -55,17 +55,17 @@ class SegmentWork:
         return self.local.transition
 
 
-def summarise(q, k, v, g, beta, kind: Kind, scale: float, layout: Layout, rank: int, cu_seqlens,
+def summarise(q, k, v, g, beta, kind: Kind, scale: float, layout: Layout, rank: int, cu_list,
               backend: str = "torch") -> List[SegmentWork]:
     """Step 1 for every local segment (in local order). Inputs are the rank's [B, T, ...] leaves;
-    ``kind`` the transition (g, beta) name (``ops.transition.classify``); ``backend`` a resolved
-    name (``backends.resolve``)."""
+    ``kind`` the transition (g, beta) name (``ops.transition.classify``); ``cu_list`` the global
+    document boundaries as host ints (or None); ``backend`` a resolved name (``backends.resolve``)."""
     impl = backends.get(backend)
     work = []
     for seg in layout.local_segments(rank):
         sl = slice(seg.local_start, seg.local_start + seg.length)
         part = [None if t is None else t[:, sl] for t in (q, k, v, g, beta)]
-        work.append(SegmentWork(seg, impl.segment_work(*part, kind, scale, local_starts(cu_seqlens, seg)), kind))
+        work.append(SegmentWork(seg, impl.segment_work(*part, kind, scale, local_starts(cu_list, seg)), kind))
     return work
 
 

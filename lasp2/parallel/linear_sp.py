@@ -43,7 +43,7 @@ def linear_sp_fwd(q, k, v, g, beta, kind: Kind, call: LinearCall, exchange):
     Communication: the exchange's forward.
     """
     rank = comm.rank_and_size(call.group)[0]
-    work = summarise(q, k, v, g, beta, kind, call.scale, call.layout, rank, call.cu_seqlens, call.backend)
+    work = summarise(q, k, v, g, beta, kind, call.scale, call.layout, rank, call.cu_list, call.backend)
     P, saved = exchange.forward(work, call, lambda: intra_outputs(work))
     for w, P_j in zip(work, P):
         add_incoming(w, P_j)

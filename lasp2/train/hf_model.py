@@ -32,13 +32,13 @@ class HFCausalLM(torch.nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, batch=None) -> torch.Tensor:
         from ..hf.common import SP_KEY
         from ..parallel.batch import SPBatch
 
         W = torch.distributed.get_world_size(self.group)
-        sp = SPBatch.build(self.group, self.layout, tokens.shape[1] * W, tokens.shape[0], cu_seqlens=cu_seqlens,
-                           tokens=tokens)
+        sp = batch if batch is not None else SPBatch.build(self.group, self.layout, tokens.shape[1] * W,
+                                                           tokens.shape[0], cu_seqlens=cu_seqlens, tokens=tokens)
         return self.hf(input_ids=tokens, **{SP_KEY: sp}).logits
 
 

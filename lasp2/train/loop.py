@@ -45,6 +45,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from ..models import LinearLlama
 from ..models.parallelize import parallelize
 from ..parallel import comm
+from ..parallel.batch import SPBatch
 from ..parallel.layout import Layout
 from ..parallel.mesh import dp_sp_group, global_token_mean
 from . import state
@@ -145,6 +146,7 @@ class Run:
     log: RunLog
     t_start: float
     activation_peak: int = 0
+    sp_group: Any = None            # the sequence-parallel group (a mesh row)
 
 
 def _build_model(cfg: TrainConfig, mesh, device: torch.device):
@@ -195,7 +197,7 @@ def build(cfg: TrainConfig) -> Run:
     log.open(model, world, dist.get_backend(), placement)
     data = RankData(cfg, dp_rank=dp_rank, sp_group=sp_group)
     return Run(cfg, rank, world, device, group, sp_rank, model, wrapped, optimizer, autocast, loss_dtype,
-               start_step, data, log, t_start)
+               start_step, data, log, t_start, sp_group=sp_group)
 
 
 # ---- one step ------------------------------------------------------------------------------------
@@ -234,8 +236,10 @@ def forward_backward(run: Run, micro: List[MicroBatch], counts: torch.Tensor, gl
                 if cfg.no_state_passing:
                     tokens, cu = local_runs_view(mb, cfg, run.sp_rank)
                     logits = run.wrapped(tokens, cu_seqlens=cu).reshape(*mb.labels.shape, -1)
-                else:
-                    logits = run.wrapped(mb.tokens, cu_seqlens=mb.cu_seqlens)
+                else:  # this micro-batch's SP context: positions and documents fixed once, not per layer
+                    batch = SPBatch.build(run.sp_group, cfg.layout, mb.tokens.shape[1] * cfg.sp, mb.tokens.shape[0],
+                                          cu_seqlens=mb.cu_seqlens, tokens=mb.tokens)
+                    logits = run.wrapped(mb.tokens, batch=batch)
                 loss_sum = F.cross_entropy(logits.flatten(0, 1).to(run.loss_dtype), mb.labels.flatten(),
                                            ignore_index=IGNORE_INDEX, reduction="sum")
             mask = mb.labels != IGNORE_INDEX

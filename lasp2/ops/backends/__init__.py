@@ -23,7 +23,9 @@ and never know which backend runs):
                                  [B, H, K, V] reaching the segment's final state Â P + Ŝ
     ``kind``: the transition (g, beta) name (``ops.transition.classify``), classified once by the
     caller; each backend maps kind names to its kernels in one table.
-    ``starts``: bool [T] document starts in the segment (None without documents).
+    ``starts``: the document starts in the segment as host positions, a sorted tuple of ints in
+    [0, T) (None or empty without documents): known on the host from the batch's documents, so
+    no backend reads a device tensor to find them.
 
 Shapes follow DESIGN §1-2. Every running state and summary is fp32 (fp64 for fp64 inputs with
 ``torch``), whatever the input dtype.

@@ -115,10 +115,10 @@ class FlaSegment:
     first document start; 0 when a document starts at its first token).
     """
 
-    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[torch.Tensor]):
+    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        positions = [] if starts is None else starts.nonzero().flatten().tolist()
+        positions = list(starts or ())  # host positions: no device read
         inner = [p for p in positions if p > 0]
         self.reach = positions[0] if positions else T
         cu = None if not inner else torch.tensor([0, *inner, T], dtype=torch.long, device=q.device)

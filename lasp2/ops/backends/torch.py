@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import chunk, delta
-from ..common import from_chunks, to_chunks
+from ..common import from_chunks, start_mask, to_chunks
 from ..precision import no_autocast
 
 name = "torch"
@@ -95,9 +95,10 @@ class TorchSegment:
         graph; replaces ``intra``, released by ``take_outputs``); P [B, H, K, V] (a constant).
     """
 
-    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[torch.Tensor]):
+    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
         self.kind, self.form = kind, FORMS[kind.name]
-        self.c, self.states, self.decays = self.form.summarise(q, k, v, g, beta, kind, scale, starts)
+        self.c, self.states, self.decays = self.form.summarise(q, k, v, g, beta, kind, scale,
+                                                               start_mask(starts, q.shape[1], q.device))
         self.intra = self.q_inter = self.outputs = self.P = None
 
     @property

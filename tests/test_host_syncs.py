@@ -1,0 +1,127 @@
+"""One context per batch: inside the layers of a parallelized model, lasp2 reads no tensor on the
+host (``.item()``, ``.tolist()``, ``bool()``, ``int()``, ``float()``, ``nonzero``: each a host
+sync on a GPU, and a graph break for ``torch.compile``). Positions, documents and rank agreement
+are fixed when the batch's context is built (``lasp2.SPBatch.build``), not per layer call.
+
+Counted on CPU by patching those tensor methods for every thread of the rank (the scans run part
+of their exchange in a helper thread) and attributing each call to the innermost lasp2 frame. The
+same model called with raw ``cu_seqlens`` instead of a context is the positive control: the
+counter sees its per-call checks.
+
+One read remains, and is the only one allowed: ``ops/chunk.py: split_resets`` asks once per
+prepared segment whether any gate is an exact reset (below the compute dtype's smallest normal,
+e.g. ``logsigmoid(-120.)`` = -inf in fp32), so that the common case forms no reset counts. It
+depends on the gate values the layer computes, not on the batch; the README lists it under Known
+Limitations.
+"""
+from __future__ import annotations
+
+import collections
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import lasp2
+from tests.dist import run_distributed
+
+READS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero")
+ALLOWED = "ops/chunk.py"  # split_resets, see the module docstring
+T, DOCS = 64, [0, 20, 37, 64]
+
+
+def count_host_reads(fn) -> collections.Counter:
+    """Run ``fn()``; count host reads of tensors by the innermost lasp2 source line that made them."""
+    seen: collections.Counter = collections.Counter()
+    saved = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counting(name, original):
+        def read(self, *args, **kwargs):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/lasp2/" in f.filename]
+            if frames:
+                seen[f"{name} at {frames[-1].filename.rsplit('/lasp2/', 1)[-1]}:{frames[-1].lineno}"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name, original in saved.items():
+        setattr(torch.Tensor, name, counting(name, original))
+    try:
+        fn()
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+    return seen
+
+
+def _model(group, layout, variant):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lasp2.models import LinearLlama, LinearLlamaConfig
+
+    # a softmax layer and gated linear layers: Mamba2 (scalar gate), GLA (per channel), Gated DeltaNet
+    cfg = LinearLlamaConfig.preset("debug", layer_pattern="NLLL", linear_variant=variant)
+    model = LinearLlama(cfg, seed=0)
+    mesh = init_device_mesh("cpu", (1, dist.get_world_size(group)), mesh_dim_names=("dp", "sp"))
+    return lasp2.parallelize(model, mesh, layout=layout), mesh["sp"].get_group(), cfg
+
+
+def _worker(group, variant):
+    model, sp_group, cfg = _model(group, "zigzag", variant)
+    ids = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor(DOCS)
+    local = lasp2.shard(ids, group=sp_group, layout="zigzag")
+    batch = lasp2.SPBatch.build(sp_group, "zigzag", T, 1, cu_seqlens=cu)
+
+    def step(**where):
+        model.zero_grad()
+        model(local, **where).float().square().mean().backward()
+
+    step(batch=batch)  # first call of each signature: the one-off shape agreement
+    step(cu_seqlens=cu)
+    with_batch = count_host_reads(lambda: step(batch=batch))
+    raw = count_host_reads(lambda: step(cu_seqlens=cu))
+    checked = count_host_reads(lambda: step(batch=lasp2.SPBatch.build(sp_group, "zigzag", T, 1, cu_seqlens=cu,
+                                                                       checks=True)))
+    # The same model with a batch sharded in the other layout: refused, on every rank.
+    other = lasp2.SPBatch.build(sp_group, "contiguous", T, 1, cu_seqlens=cu)
+    try:
+        model(lasp2.shard(ids, group=sp_group, layout="contiguous"), batch=other)
+        mismatch = None
+    except ValueError as e:
+        mismatch = str(e)
+    return dict(with_batch=dict(with_batch), raw=dict(raw), checked=dict(checked), mismatch=mismatch)
+
+
+VARIANTS = ("mamba2", "gla", "gated_deltanet")
+
+
+def _all(group):
+    return {v: _worker(group, v) for v in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def reports():
+    runs = run_distributed(_all, 2)
+    return [rep for by_variant in runs for rep in by_variant.values()]
+
+
+def test_no_host_reads_inside_the_layers_with_a_batch_context(reports):
+    for rep in reports:
+        others = {k: n for k, n in rep["with_batch"].items() if ALLOWED not in k}
+        assert others == {}, others
+        assert sum(rep["with_batch"].values()) <= 2 * 3 * 2  # split_resets: segments x layers x (fwd + recompute)
+
+
+def test_the_counter_sees_per_call_checks(reports):
+    """Positive controls: raw cu_seqlens are validated per call, and batch.checks=True restores
+    the per-call value checks and agreement digests (for debugging)."""
+    for rep in reports:
+        assert any("check_cu_seqlens" in k or "validation.py" in k for k in rep["raw"]), rep["raw"]
+        assert sum(rep["raw"].values()) > 0 and sum(rep["checked"].values()) > 0
+        assert any("agreement.py" in k for k in rep["checked"]), rep["checked"]
+
+
+def test_layout_mismatch_is_a_value_error_on_every_rank(reports):
+    for rep in reports:
+        assert rep["mismatch"] and "layout='contiguous'" in rep["mismatch"] and "zigzag" in rep["mismatch"]

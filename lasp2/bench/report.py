@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List
@@ -32,6 +33,17 @@ def hardware(cuda: bool = False) -> str:
     if cuda and torch.cuda.is_available():
         text = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}; " + text
     return text
+
+
+def machine_tag() -> str:
+    """A short name of this machine for results folders: the host name's first label."""
+    name = platform.node().split(".")[0] or platform.machine()
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in name)[:32] or "machine"
+
+
+def default_out(suite: str) -> Path:
+    """``<suite>_<machine>_<date>`` in the working directory (the default of ``lasp2 bench --out``)."""
+    return Path(f"{suite}_{machine_tag()}_{time.strftime('%Y-%m-%d')}")
 
 
 def matplotlib_pyplot():

@@ -45,7 +45,9 @@ def add_parser(subparsers) -> None:
                                        "a JSON file, or a directory with config.json)")
     b.add_argument("--dtype", choices=("float32", "bfloat16", "float64"),
                    help="default float32 (--suite gpu on CUDA: bfloat16)")
-    b.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
+    b.add_argument("--layout", choices=("contiguous", "zigzag", "both"), default="contiguous",
+                   help="how the sequence is sharded; both (linear, softmax): every strategy under each, side by "
+                        "side (load balance: contiguous vs zigzag in the same run)")
     b.add_argument("--backend", choices=("auto", "torch", "fla"), default="torch",
                    help="linear-attention kernels for every strategy and the ideal (fla: its Triton kernels; "
                         "auto: fla on CUDA when installed)")

@@ -3,6 +3,8 @@
 Method (the same as benchmarks/bench_linear_sp.py, generalised):
 - every configuration of a suite runs in the same processes on the same inputs, interleaved
   repeat by repeat (the starting configuration rotates), so that machine noise hits them alike;
+- each rank also records the CPU seconds of its process in every timed call (a rank waiting
+  for a peer sleeps): their spread over ranks is the load balance of the configuration;
 - a point's time is the slowest rank's median over ``repeats`` timed fwd+bwd calls, taken after
   ``warmup`` calls and one call under ``comm.track()`` (which gives the communication per layer
   call: operations and bytes per rank, forward and backward separately);
@@ -42,7 +44,7 @@ class BenchSpec:
     kv_heads: Optional[int] = None
     dim: int = 64
     dtype: str = "float32"
-    layout: str = "contiguous"
+    layout: str = "contiguous"  # or "both": every SP configuration under contiguous and under zigzag
     backend: str = "torch"  # linear-attention kernels (``lasp2.ops.backends``)
     repeats: int = 5
     warmup: int = 1
@@ -51,9 +53,12 @@ class BenchSpec:
 
     def configs(self, suite) -> List[str]:
         """The suite's configurations this run measures (the baseline always)."""
-        from .suites import IDEAL
+        from .suites import IDEAL, LAYOUTS
 
-        return [c for c in suite.configs() if self.strategies is None or c in self.strategies or c == IDEAL]
+        picked = [c for c in suite.configs() if self.strategies is None or c in self.strategies or c == IDEAL]
+        if self.layout != "both":
+            return picked
+        return [x for c in picked for x in ([c] if c == IDEAL else [f"{c}@{lay}" for lay in LAYOUTS])]
 
     def local_len(self, T: int, W: int) -> int:
         return T // W if self.seq_is_global else T
@@ -70,6 +75,8 @@ def check_spec(spec: BenchSpec) -> None:
         if unknown or not spec.strategies:
             raise ValueError(f"--strategies {','.join(spec.strategies)}: {', '.join(unknown) or 'empty'} not in the "
                              f"{spec.suite} suite; choose from {', '.join(suite.configs())}")
+    if spec.layout == "both" and spec.suite not in ("linear", "softmax"):
+        raise ValueError(f"--layout both: the linear and softmax suites only, not {spec.suite}")
     if spec.suite == "hf":
         if not spec.hf_config:
             raise ValueError("--suite hf needs --hf-config (e.g. qwen3-next-tiny)")
@@ -94,7 +101,7 @@ def check_spec(spec: BenchSpec) -> None:
     for W in spec.world_sizes:
         if W < 1:
             raise ValueError(f"--world-sizes must be >= 1, got {W}")
-        parts = 2 if spec.layout == "zigzag" and W > 1 else 1
+        parts = 2 if spec.layout in ("zigzag", "both") and W > 1 else 1
         for T in spec.seq_lens:
             if T < 1 or (spec.seq_is_global and T % (W * parts)) or spec.local_len(T, W) % parts:
                 unit = f"{W * parts} (W={W}{' x 2 segments for zigzag' if parts == 2 else ''})"
@@ -150,9 +157,17 @@ def _step(suite, config, x, group, spec, sync):
 
 
 def _tracked_step(suite, config, x, group, spec, sync) -> dict:
+    """One fwd+bwd with its communication per direction and the bytes its forward saves for
+    backward (the distinct storages given to autograd)."""
     from lasp2.parallel import comm
 
-    with comm.track() as fwd:
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with comm.track() as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         o = suite.forward(config, x, group, spec)
     with comm.track() as bwd:
         o.backward(x["do"])
@@ -161,6 +176,7 @@ def _tracked_step(suite, config, x, group, spec, sync) -> dict:
     sync()
     ops = lambda log: {op: log.count(op) for op in sorted({r.op for r in log.records})}  # noqa: E731
     return {"comm_fwd": ops(fwd), "comm_bwd": ops(bwd), "comm_wait_s": [fwd.waited_s, bwd.waited_s],
+            "saved_bytes": sum(saved.values()),
             "bytes_sent": fwd.bytes_sent + bwd.bytes_sent, "bytes_received": fwd.bytes_received + bwd.bytes_received}
 
 
@@ -193,7 +209,8 @@ def measure_rank(spec: BenchSpec, W: int, group, device: torch.device, progress:
     for T in lengths:
         x = suite.inputs(spec, spec.local_len(T, W), W, rank, device, group)
         for c in configs:
-            results[(T, c)] = {"T": T, "config": c, "skip": suite.skip_reason(c, spec, W), "times": []}
+            results[(T, c)] = {"T": T, "config": c, "skip": suite.skip_reason(c, spec, W), "times": [], "cpu": [],
+                               "visible_pairs": _visible_pairs(suite, c, spec, spec.global_len(T, W), group)}
         for c in active:
             for _ in range(spec.warmup):
                 _step(suite, c, x, group, spec, sync)
@@ -204,9 +221,10 @@ def measure_rank(spec: BenchSpec, W: int, group, device: torch.device, progress:
             for c in active[rep % len(active):] + active[:rep % len(active)]:
                 dist.barrier(group)
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 _step(suite, c, x, group, spec, sync)
                 results[(T, c)]["times"].append(time.perf_counter() - t0)
+                results[(T, c)]["cpu"].append(time.process_time() - c0)
                 bar.update()
         if rank == 0 and progress:
             bar.write(f"  W={W} T={T} (rank 0 medians): " + ", ".join(
@@ -225,6 +243,19 @@ def measure_rank(spec: BenchSpec, W: int, group, device: torch.device, progress:
                 results[(T, c)].update(peak_mem_mb=mb, mem_method=how)
         del x
     return list(results.values())
+
+
+def _visible_pairs(suite, config, spec, T_global: int, group) -> Optional[int]:
+    """Causal (query, key) pairs of this rank's queries, for suites whose work grows with them."""
+    import lasp2
+
+    from .suites import IDEAL, split_layout
+
+    strategy, layout = split_layout(config, spec)
+    if config == IDEAL or not hasattr(suite, "shards_queries") or not suite.shards_queries(strategy):
+        return None
+    pos = lasp2.shard(torch.arange(T_global)[None], group=group, layout=layout)
+    return int((pos + 1).sum())
 
 
 class _NoBar:

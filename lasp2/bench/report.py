@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import torch
 
-from .suites import IDEAL
+from .suites import IDEAL, split_layout
 
 
 def cpu_model() -> str:
@@ -74,6 +74,7 @@ def build_records(spec, per_w: Dict[int, List[List[dict]]], meta: dict) -> List[
                    "T_global": spec.global_len(T, W), "T_local": spec.local_len(T, W),
                    **{k: v for k, v in asdict(spec).items() if k not in ("suite", "world_sizes", "seq_lens")},
                    "skipped": rs[0]["skip"]}
+            rec["config_layout"] = None if config == IDEAL else split_layout(config, spec)[1]  # --layout both
             if rec["skipped"] is None:
                 medians = [statistics.median(r["times"]) for r in rs]
                 rec.update(time_s=max(medians), per_rank_time_s=medians,
@@ -85,7 +86,15 @@ def build_records(spec, per_w: Dict[int, List[List[dict]]], meta: dict) -> List[
                            comm_fwd=_max_counts(r["comm_fwd"] for r in rs),
                            comm_bwd=_max_counts(r["comm_bwd"] for r in rs),
                            per_rank_comm_wait_s=[r.get("comm_wait_s") for r in rs],
-                           per_rank_times_s=[r["times"] for r in rs])
+                           per_rank_times_s=[r["times"] for r in rs],
+                           saved_bytes_per_rank=[r["saved_bytes"] for r in rs])
+                # load balance: each rank's median CPU seconds per call (a rank waiting for a peer
+                # sleeps), and the causal pairs its queries see
+                cpu = [statistics.median(r["cpu"]) for r in rs]
+                rec.update(per_rank_cpu_s=cpu, cpu_max_over_min=max(cpu) / max(min(cpu), 1e-9))
+                if rs[0].get("visible_pairs"):
+                    pairs = [r["visible_pairs"] for r in rs]
+                    rec.update(per_rank_visible_pairs=pairs, pairs_max_over_min=max(pairs) / min(pairs))
             records.append({**rec, **meta})
     ideal = {(r["W"], r["T_global"]): r.get("time_s") for r in records if r["baseline"]}
     for r in records:
@@ -143,6 +152,21 @@ def markdown(records: List[dict], meta: dict, spec) -> str:
         lines.append(head + f" {r['time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r.get('efficiency', 0):.3f} | "
                      f"{r['peak_mem_mb']:.0f} | {max(r['bytes_sent_per_rank']) / 2**20:.2f} | "
                      f"{_ops(r['comm_fwd'])} | {_ops(r['comm_bwd'])} | {_blocked(r)} |")
+    if spec.suite == "softmax" and any("cpu_max_over_min" in r for r in records):
+        lines += ["", "## Load balance and saved memory", "",
+                  "CPU = the CPU seconds of a rank's process per fwd+bwd call (median over repeats; a rank "
+                  "waiting for a peer sleeps, so on CPU ranks this is its compute); max/min over ranks, next to the "
+                  "exact ratio of the causal (query, key) pairs the ranks' queries see (not for Ulysses, which "
+                  "splits heads). Saved = bytes of the storages the forward saves for backward.", "",
+                  "| W | T global | strategy | layout | CPU per rank (ms) | CPU max/min | pairs max/min | "
+                  "saved MiB/rank |", "|---|---|---|---|---|---|---|---|"]
+        for r in records:
+            if r["skipped"] or "cpu_max_over_min" not in r:
+                continue
+            pairs = f"{r['pairs_max_over_min']:.2f}" if "pairs_max_over_min" in r else ""
+            lines.append(f"| {r['W']} | {r['T_global']} | {r['strategy']} | {r['config_layout'] or ''} | "
+                         f"{', '.join(f'{b * 1e3:.1f}' for b in r['per_rank_cpu_s'])} | "
+                         f"{r['cpu_max_over_min']:.2f} | {pairs} | {max(r['saved_bytes_per_rank']) / 2**20:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,13 @@ import torch.nn.functional as F
 from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, softmax
 
 IDEAL = "ideal"
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def split_layout(config: str, spec):
+    """(strategy, layout) of a configuration: ``allgather@zigzag`` under ``--layout both``."""
+    name, _, layout = config.partition("@")
+    return name, layout or spec.layout
 
 
 def _dtype(spec) -> torch.dtype:
@@ -60,7 +67,8 @@ class LinearSuite:
         q, k, v, g = x["leaves"]
         if config == IDEAL:
             return lasp2.linear_attention(q, k, v, g, backend=spec.backend)[0]
-        return lasp2.sp_linear_attention(q, k, v, g, group=group, strategy=config, layout=spec.layout,
+        strategy, layout = split_layout(config, spec)
+        return lasp2.sp_linear_attention(q, k, v, g, group=group, strategy=strategy, layout=layout,
                                          backend=spec.backend)
 
 
@@ -77,7 +85,13 @@ class SoftmaxSuite:
     def configs(self):
         return list(self.strategies) + [IDEAL]
 
+    def shards_queries(self, strategy):
+        """Whether a rank's work follows its query positions (its visible causal pairs), which
+        --layout decides; Ulysses attends the whole sequence on a share of the heads instead."""
+        return not softmax(strategy).heads_divisible
+
     def skip_reason(self, config, spec, W):
+        config = split_layout(config, spec)[0]
         if config != IDEAL and softmax(config).heads_divisible and spec.heads % W:
             return f"{config} needs heads % W == 0 (heads={spec.heads}, W={W})"
         return None
@@ -99,7 +113,8 @@ class SoftmaxSuite:
         q, k, v, k_ideal, v_ideal = x["leaves"]
         if config == IDEAL:
             return attention_blockwise(q, k_ideal, v_ideal, causal=False)
-        return lasp2.sp_softmax_attention(q, k, v, group=group, strategy=config, layout=spec.layout)
+        strategy, layout = split_layout(config, spec)
+        return lasp2.sp_softmax_attention(q, k, v, group=group, strategy=strategy, layout=layout)
 
 
 class ModelSuite:

@@ -1,6 +1,7 @@
 """``lasp2 bench`` and ``lasp2 plan`` (registered by lasp2/cli.py through ``add_parser``)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -56,7 +57,7 @@ def add_parser(subparsers) -> None:
                                                 "gpu: 2, --quick 0)")
     one = b.add_argument_group("one-device and memory suites")
     one.add_argument("--variants", nargs="+", choices=onedevice.VARIANTS, metavar="V",
-                     help=f"ops/gpu: linear-attention variants ({', '.join(onedevice.VARIANTS)}; default ops: "
+                     help=f"ops/gpu (linear: one): linear-attention variants ({', '.join(onedevice.VARIANTS)}; default ops: "
                           f"{' '.join(onedevice.OPS_DEFAULT_VARIANTS)}, gpu: all)")
     one.add_argument("--baseline-len", type=int, metavar="T",
                      help="ops: the quadratic form's / recurrence's length (default 2048; --quick 128)")
@@ -122,6 +123,10 @@ def bench_spec(args):
                      dtype=args.dtype or "float32", layout=args.layout, backend=args.backend, repeats=pick("repeats"),
                      warmup=1 if args.warmup is None else args.warmup,
                      strategies=args.strategies, hf_config=args.hf_config)
+    if args.variants:
+        if len(args.variants) != 1:
+            raise _usage(ValueError(f"--variants: one variant per run of --suite {args.suite}"))
+        spec = dataclasses.replace(spec, variant=args.variants[0])
     try:
         check_spec(spec)
     except ValueError as e:

@@ -50,6 +50,7 @@ class BenchSpec:
     warmup: int = 1
     strategies: Optional[Tuple[str, ...]] = None  # a subset of the suite's configurations (None: all)
     hf_config: Optional[str] = None  # --suite hf: the transformers config (lasp2.hf.loading)
+    variant: str = "scalar"  # --suite linear: the linear-attention variant (lasp2.bench.onedevice.VARIANTS)
 
     def configs(self, suite) -> List[str]:
         """The suite's configurations this run measures (the baseline always)."""
@@ -75,6 +76,8 @@ def check_spec(spec: BenchSpec) -> None:
         if unknown or not spec.strategies:
             raise ValueError(f"--strategies {','.join(spec.strategies)}: {', '.join(unknown) or 'empty'} not in the "
                              f"{spec.suite} suite; choose from {', '.join(suite.configs())}")
+    if spec.variant != "scalar" and spec.suite != "linear":
+        raise ValueError(f"--variants: the linear suite only (and the ops and gpu suites), not {spec.suite}")
     if spec.layout == "both" and spec.suite not in ("linear", "softmax"):
         raise ValueError(f"--layout both: the linear and softmax suites only, not {spec.suite}")
     if spec.suite == "hf":

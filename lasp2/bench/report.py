@@ -96,10 +96,17 @@ def build_records(spec, per_w: Dict[int, List[List[dict]]], meta: dict) -> List[
                     pairs = [r["visible_pairs"] for r in rs]
                     rec.update(per_rank_visible_pairs=pairs, pairs_max_over_min=max(pairs) / min(pairs))
             records.append({**rec, **meta})
-    ideal = {(r["W"], r["T_global"]): r.get("time_s") for r in records if r["baseline"]}
+    ideal = {(r["W"], r["T_global"]): r for r in records if r["baseline"] and r.get("time_s")}
     for r in records:
-        if r.get("time_s") and ideal.get((r["W"], r["T_global"])):
-            r["efficiency"] = ideal[(r["W"], r["T_global"])] / r["time_s"]
+        base = ideal.get((r["W"], r["T_global"]))
+        if r.get("time_s") and base:
+            r["efficiency"] = base["time_s"] / r["time_s"]
+            r["cpu_efficiency"] = max(base["per_rank_cpu_s"]) / max(max(r["per_rank_cpu_s"]), 1e-9)
+    # weak scaling (--local-lens with --world-sizes 1 ...): against one process doing one rank's share
+    single = {r["T_local"]: r["time_s"] for r in records if r["baseline"] and r["W"] == 1 and r.get("time_s")}
+    for r in records:
+        if r.get("time_s") and r["T_local"] in single and not spec.seq_is_global:
+            r["efficiency_vs_one_process"] = single[r["T_local"]] / r["time_s"]
     return records
 
 
@@ -124,16 +131,25 @@ def _blocked(r: dict) -> str:
     return " / ".join(f"{max(w[i] for w in waits) * 1e3:.1f}" for i in (0, 1))
 
 
+def _cpu(r: dict) -> str:
+    """The busiest rank's CPU ms per call and the ideal's over it ("|" alone for older results)."""
+    if "per_rank_cpu_s" not in r:
+        return " |"
+    return f"{max(r['per_rank_cpu_s']) * 1e3:.1f} | {r.get('cpu_efficiency', 0):.3f}"
+
+
 def markdown(records: List[dict], meta: dict, spec) -> str:
     seq = "global tokens (split over W)" if spec.seq_is_global else "tokens per rank"
     shapes = (f"model {spec.hf_config} (its config fixes the shapes), B={spec.batch}" if spec.suite == "hf" else
-              f"B={spec.batch}, H={spec.heads}, Hkv={spec.kv_heads or spec.heads}, D={spec.dim}")
+              f"B={spec.batch}, H={spec.heads}, Hkv={spec.kv_heads or spec.heads}, D={spec.dim}"
+              + (f", variant {getattr(spec, 'variant', 'scalar')}" if spec.suite == "linear" else ""))
     lines = [f"# lasp2 bench --suite {spec.suite}", "", f"Command: `{meta['command']}`", "",
              f"torch {meta['torch']}; {meta['hardware']}; {shapes}, {spec.dtype}, layout {spec.layout}; "
              f"lengths given as {seq}. Time: the slowest rank's median of {spec.repeats} fwd+bwd calls "
              f"(after {spec.warmup} warm-up + 1 tracked call), configurations interleaved repeat by repeat. "
              "Efficiency = ideal time / time, where the ideal is every rank running the one-device op on "
-             "1/W of the work with no communication, at the same time. Peak memory: per rank above the "
+             "1/W of the work with no communication, at the same time; CPU efficiency is the same ratio of "
+             "the busiest rank's CPU seconds per call (a rank waiting for a peer sleeps). Peak memory: per rank above the "
              "inputs, max over ranks. Communication per call of the measured op (one layer; one whole "
              "model step for --suite model and hf), per rank, forward and backward; 'blocked' is the "
              "time the slowest rank spent inside lasp2's communication calls in that tracked call (all "
@@ -143,15 +159,16 @@ def markdown(records: List[dict], meta: dict, spec) -> str:
     if meta.get("note"):
         lines += [f"**Note:** {meta['note']}", ""]
     lines += ["| W | T global | T local | strategy | fwd+bwd (ms) | tokens/s | efficiency | peak MB/rank "
-              "| MB sent/rank | comm fwd | comm bwd | blocked fwd/bwd (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| MB sent/rank | comm fwd | comm bwd | blocked fwd/bwd (ms) | CPU ms/rank | CPU efficiency |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         head = f"| {r['W']} | {r['T_global']} | {r['T_local']} | {r['strategy']} |"
         if r["skipped"]:
-            lines.append(head + f" skipped: {r['skipped']} | | | | | | | |")
+            lines.append(head + f" skipped: {r['skipped']} | | | | | | | | | |")
             continue
         lines.append(head + f" {r['time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r.get('efficiency', 0):.3f} | "
                      f"{r['peak_mem_mb']:.0f} | {max(r['bytes_sent_per_rank']) / 2**20:.2f} | "
-                     f"{_ops(r['comm_fwd'])} | {_ops(r['comm_bwd'])} | {_blocked(r)} |")
+                     f"{_ops(r['comm_fwd'])} | {_ops(r['comm_bwd'])} | {_blocked(r)} | {_cpu(r)} |")
     if spec.suite == "softmax" and any("cpu_max_over_min" in r for r in records):
         lines += ["", "## Load balance and saved memory", "",
                   "CPU = the CPU seconds of a rank's process per fwd+bwd call (median over repeats; a rank "

@@ -283,6 +283,7 @@ def run_gpu(spec: LocalSpec, progress: bool = True) -> Tuple[List[dict], dict]:
     from lasp2.launch import spawn
 
     cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    os.environ.setdefault("FLA_DISABLE_BACKEND_DISPATCH", "1")  # the rank inherits it: the kernels the table names
     timeout = (spec.budget_s or 3600.0) + 600.0  # the point under way when the budget runs out, compiles
     return spawn(_gpu_rank, 1, spec, progress, backend="nccl" if cuda else "gloo", timeout_s=timeout,
                  threads_per_rank=spec.threads)[0]

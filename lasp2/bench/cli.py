@@ -67,7 +67,8 @@ def add_parser(subparsers) -> None:
     one.add_argument("--presets", nargs="+", metavar="PRESET",
                      help="memory: lasp2 train presets (default debug linear-llama3-mid; --quick debug)")
     one.add_argument("--shapes", nargs="+", metavar="DPxSP",
-                     help="memory: meshes (default 2x2 1x4; --quick 1x2); --seq-lens: tokens per sequence")
+                     help="memory: meshes (default 2x2 1x4; --quick 1x2); --seq-lens: tokens per sequence "
+                          "(default 2048 for debug, 1024 for other presets; --quick 256)")
     b.add_argument("--out", type=Path, help="output directory (default ./<suite>_<machine>_<date>)")
     b.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke run (< 2 min): global 512 1024, H=4, D=32, 2 repeats")
@@ -244,7 +245,7 @@ def run_local(args) -> int:
         except ValueError as e:
             raise _usage(e) from None
         config = {"presets": list(args.presets or b["presets"]), "shapes": [list(s) for s in shapes],
-                  "seq_lens": list(args.seq_lens or b["seq_lens"])}
+                  "seq_lens": args.seq_lens or b["seq_lens"]}
     else:
         spec = local_spec(args)
         config = asdict(spec)

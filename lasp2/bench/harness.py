@@ -1,6 +1,6 @@
 """Measuring: fwd+bwd time, communication and peak memory of every configuration of a suite.
 
-Method (the same as benchmarks/bench_linear_sp.py, generalised):
+Method:
 - every configuration of a suite runs in the same processes on the same inputs, interleaved
   repeat by repeat (the starting configuration rotates), so that machine noise hits them alike;
 - each rank also records the CPU seconds of its process in every timed call (a rank waiting

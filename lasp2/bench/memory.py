@@ -15,7 +15,8 @@ from typing import List, Tuple
 
 MODES = ("ddp", "fsdp2")
 FIELDS = ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_peak_bytes")
-DEFAULT = dict(presets=("debug", "linear-llama3-mid"), shapes=("2x2", "1x4"), seq_lens=(1024,))
+DEFAULT = dict(presets=("debug", "linear-llama3-mid"), shapes=("2x2", "1x4"), seq_lens=None)
+PRESET_LEN = {"debug": 2048}  # tokens per sequence when --seq-lens is not given (others: 1024)
 QUICK = dict(presets=("debug",), shapes=("1x2",), seq_lens=(256,))
 
 
@@ -47,12 +48,13 @@ def _one(preset: str, dp: int, sp: int, mode: str, T: int, tmp: Path) -> dict:
 
 
 def run(presets, shapes, seq_lens, progress: bool = True) -> List[dict]:
-    """One record per (preset, mesh, T, ddp | fsdp2), with ratios against DDP."""
+    """One record per (preset, mesh, T, ddp | fsdp2), with ratios against DDP; ``seq_lens`` None:
+    one length per preset (``PRESET_LEN``)."""
     records = []
     with tempfile.TemporaryDirectory(prefix="lasp2-bench-memory-") as tmp:
         for preset in presets:
             for dp, sp in shapes:
-                for T in seq_lens:
+                for T in seq_lens or (PRESET_LEN.get(preset, 1024),):
                     pair = [_one(preset, dp, sp, mode, T, Path(tmp)) for mode in MODES]
                     held = [r["param_bytes"] + r["optimizer_bytes"] for r in pair]
                     for r, h in zip(pair, held):

@@ -16,11 +16,8 @@ Method:
 """
 from __future__ import annotations
 
-import ctypes
-import os
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -28,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .rss import RssPeak, libc_or_none
 from .suites import get_suite
 
 
@@ -50,7 +48,7 @@ class BenchSpec:
     warmup: int = 1
     strategies: Optional[Tuple[str, ...]] = None  # a subset of the suite's configurations (None: all)
     hf_config: Optional[str] = None  # --suite hf: the transformers config (lasp2.hf.loading)
-    variant: str = "scalar"  # --suite linear: the linear-attention variant (lasp2.bench.onedevice.VARIANTS)
+    variant: str = "scalar"  # --suite linear: the linear-attention variant (lasp2.bench.inputs.VARIANTS)
 
     def configs(self, suite) -> List[str]:
         """The suite's configurations this run measures (the baseline always)."""
@@ -113,44 +111,6 @@ def check_spec(spec: BenchSpec) -> None:
                                  f"{unit if spec.seq_is_global else parts}")
 
 
-class _RssPeak:
-    """Peak RSS above the RSS at entry, sampled by a thread (CPU memory pass only)."""
-
-    _page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    @classmethod
-    def rss(cls) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * cls._page
-
-    def __enter__(self):
-        self.base = self.peak = self.rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.0005):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
 def _step(suite, config, x, group, spec, sync):
     o = suite.forward(config, x, group, spec)
     o.backward(x["do"])
@@ -190,11 +150,11 @@ def _peak_memory_mb(suite, config, x, group, spec, device, sync) -> Tuple[float,
         before = torch.cuda.memory_allocated(device)
         _step(suite, config, x, group, spec, sync)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20, "cuda max_memory_allocated"
-    libc = _libc()
+    libc = libc_or_none()
     if libc is not None:
         libc.malloc_trim(0)
     dist.barrier(group)
-    with _RssPeak() as peak:
+    with RssPeak() as peak:
         _step(suite, config, x, group, spec, sync)
     return peak.mb, "sampled RSS" + (" (glibc mmap threshold 64 KiB)" if libc is not None else "")
 
@@ -235,7 +195,7 @@ def measure_rank(spec: BenchSpec, W: int, group, device: torch.device, progress:
         del x
     bar.close()
     # Memory pass last, so that the allocator setting it needs never touches a timed call.
-    libc = _libc() if device.type != "cuda" else None
+    libc = libc_or_none() if device.type != "cuda" else None
     if libc is not None:
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
     for T in lengths:

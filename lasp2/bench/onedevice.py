@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-VARIANTS = ("basic", "scalar", "channel", "deltanet", "gated_deltanet")
+from .inputs import VARIANTS, make_inputs
+
 OPS_DEFAULT_VARIANTS = ("scalar", "deltanet", "gated_deltanet")
 GPU_CONFIGS = ("fla", "lasp2", "lasp2-sp-local")
 SIZES = {  # (full, --quick) per suite; the gpu quick sizes on CPU are the interpreter's smoke sizes
@@ -58,24 +58,6 @@ class LocalSpec:
 
 def baseline_name(variant: str) -> str:
     return "quadratic" if variant in ("basic", "scalar") else "recurrence"
-
-
-def make_inputs(variant: str, T: int, H: int, D: int, dtype, device, seed: int = 0, batch: int = 1):
-    """(leaves (q, k, v, g, beta), do): unit keys for the delta rule, g = logsigmoid(x + 4)."""
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(batch, T, *s, generator=gen).to(device)  # noqa: E731
-    q, k, v = rnd(H, D), rnd(H, D), rnd(H, D)
-    g = beta = None
-    if variant in ("scalar", "gated_deltanet"):
-        g = F.logsigmoid(rnd(H) + 4.0)
-    elif variant == "channel":
-        g = F.logsigmoid(rnd(H, D) + 4.0) / 16
-    if variant in ("deltanet", "gated_deltanet"):
-        k = F.normalize(k, dim=-1)
-        beta = torch.sigmoid(rnd(H)).to(dtype)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    do = rnd(H, D).to(dtype)
-    return [t if t is None else t.requires_grad_() for t in (q, k, v, g, beta)], do
 
 
 def quadratic(q, k, v, g, beta, scale):
@@ -161,7 +143,7 @@ def _fwd_bwd(fn, leaves, do, scale):
 
 def measure(points: List[Tuple[str, Callable, list, torch.Tensor]], spec: LocalSpec, device) -> Dict[str, dict]:
     """points: (name, fn, leaves, do). Interleaved timing, then one memory pass; {name: result}."""
-    from .harness import _libc, _RssPeak
+    from .rss import RssPeak, libc_or_none
 
     scale = spec.dim ** -0.5
     start = _timer(device)
@@ -176,7 +158,7 @@ def measure(points: List[Tuple[str, Callable, list, torch.Tensor]], spec: LocalS
             if rep >= spec.warmup:
                 times[name].append(seconds)
     res = {name: {"times": times[name], "output": outputs[name]} for name in times}
-    libc = _libc() if device.type != "cuda" else None
+    libc = libc_or_none() if device.type != "cuda" else None
     for name, fn, leaves, do in points:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -190,7 +172,7 @@ def measure(points: List[Tuple[str, Callable, list, torch.Tensor]], spec: LocalS
         if libc is not None:
             libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: freed tensors leave the RSS
             libc.malloc_trim(0)
-        with _RssPeak() as peak:
+        with RssPeak() as peak:
             _fwd_bwd(fn, leaves, do, scale)
         res[name].update(peak_mem_mb=peak.mb, mem_method="sampled RSS")
     return res
@@ -312,6 +294,22 @@ def check(spec: LocalSpec) -> None:
             raise ValueError(f"--suite {spec.suite}: {e}") from None
 
 
+_TABLES = {  # suite: (the lines above the table, [(column, cell of a record)])
+    "ops": ("Baseline per variant: the masked quadratic form (basic, scalar gate) or the per-token recurrence, at "
+            "one length; 'vs baseline' = tokens/s over the baseline's tokens/s.",
+            [("variant", lambda r: r["variant"]), ("op", lambda r: r["config"]), ("T", lambda r: str(r["T"])),
+             ("fwd+bwd (ms)", lambda r: f"{r['time_s'] * 1e3:.1f}"), ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
+             ("vs baseline", lambda r: f"{r['tokens_per_s_vs_baseline']:.2f}"),
+             ("peak MB", lambda r: f"{r['peak_mem_mb']:.0f}"), ("MB per 1K tokens", lambda r: f"{r['mb_per_1k_tokens']:.1f}")]),
+    "gpu": ("fla: fla's op called directly; lasp2: `lasp2.linear_attention(backend=\"fla\")`; lasp2-sp-local: "
+            "`lasp2.sp_linear_attention` on a group of one rank (the SP local path).",
+            [("variant", lambda r: r["variant"]), ("T", lambda r: str(r["T"])), ("config", lambda r: r["config"]),
+             ("fwd+bwd (ms)", lambda r: f"{r['time_s'] * 1e3:.2f}"), ("x fla", lambda r: f"{r['time_vs_fla']:.3f}"),
+             ("peak MiB", lambda r: f"{r['peak_mem_mb']:.0f}"),
+             ("output rel. RMS vs fla", lambda r: f"{r['output_rel_rms_vs_fla']:.1e}")]),
+}
+
+
 def markdown(records: List[dict], meta: dict, spec: LocalSpec) -> str:
     cfg = (f"B=1, H={spec.heads}, K=V={spec.dim}, {spec.dtype}; fwd+bwd, median of {spec.repeats} after "
            f"{spec.warmup} warm-up, configurations interleaved round by round; peak memory above the inputs "
@@ -322,23 +320,10 @@ def markdown(records: List[dict], meta: dict, spec: LocalSpec) -> str:
                  f"{meta['device']}; triton {meta['triton']}, fla {meta['fla']}; ") + cfg, ""]
     if meta.get("note"):
         lines += [f"**Note:** {meta['note']}", ""]
-    if spec.suite == "ops":
-        lines += ["Baseline per variant: the masked quadratic form (basic, scalar gate) or the per-token "
-                  "recurrence, at one length; 'vs baseline' = tokens/s over the baseline's tokens/s.", "",
-                  "| variant | op | T | fwd+bwd (ms) | tokens/s | vs baseline | peak MB | MB per 1K tokens |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in records:
-            lines.append(f"| {r['variant']} | {r['config']} | {r['T']} | {r['time_s'] * 1e3:.1f} | "
-                         f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_vs_baseline']:.2f} | {r['peak_mem_mb']:.0f} | "
-                         f"{r['mb_per_1k_tokens']:.1f} |")
-    else:
-        lines += ["fla: fla's op called directly; lasp2: `lasp2.linear_attention(backend=\"fla\")`; "
-                  "lasp2-sp-local: `lasp2.sp_linear_attention` on a group of one rank (the SP local path).", "",
-                  "| variant | T | config | fwd+bwd (ms) | x fla | peak MiB | output rel. RMS vs fla |",
-                  "|---|---:|---|---:|---:|---:|---:|"]
-        for r in records:
-            lines.append(f"| {r['variant']} | {r['T']} | {r['config']} | {r['time_s'] * 1e3:.2f} | "
-                         f"{r['time_vs_fla']:.3f} | {r['peak_mem_mb']:.0f} | {r['output_rel_rms_vs_fla']:.1e} |")
+    intro, columns = _TABLES[spec.suite]
+    lines += [intro, "", "| " + " | ".join(name for name, _ in columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in records]
+    if spec.suite == "gpu":
         if meta.get("skipped (time budget)"):
             lines += ["", f"Not run (time budget): {', '.join(meta['skipped (time budget)'])}"]
     return "\n".join(lines) + "\n"

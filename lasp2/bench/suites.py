@@ -17,7 +17,6 @@ from __future__ import annotations
 
 
 import torch
-import torch.nn.functional as F
 
 from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, softmax
 
@@ -56,7 +55,7 @@ class LinearSuite:
         return None
 
     def inputs(self, spec, T, W, rank, device, group):
-        from .onedevice import make_inputs
+        from .inputs import make_inputs
 
         leaves, do = make_inputs(spec.variant, T, spec.heads, spec.dim, _dtype(spec), device, seed=1000 + rank,
                                  batch=spec.batch)

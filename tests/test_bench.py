@@ -101,6 +101,7 @@ def test_from_json_rewrites_the_report_without_measuring(quick_run, tmp_path):
     (["bench", "--variants", "deltanet", "scalar"], "one variant per run"),
     (["bench", "--suite", "memory", "--shapes", "2by2"], "--shapes 2by2"),
     (["bench", "--suite", "ops", "--heads", "0"], "--heads"),
+    (["bench", "--suite", "ops", "--world-sizes", "2"], "not a flag of --suite ops"),
     (["plan", "--layer-pattern", "LXS"], "layer pattern"),
     (["plan", "--gpus", "3", "--seq-lens", "1000"], "does not split"),
     (["plan", "--mfu", "2"], "--mfu"),

@@ -62,6 +62,12 @@ def test_bench_ops_suite(tmp_path):
     for r in recs:
         if r["baseline"]:  # the baseline computes what the chunked op computes
             assert r["tokens_per_s_vs_baseline"] == 1.0 and r["output_rel_rms_vs_chunked"] < 1e-5, r
+    md = (tmp_path / "results.md").read_text()
+    from lasp2.cli import main  # --from-json rewrites the same report without measuring
+
+    assert main(["bench", "--from-json", str(tmp_path / "results.json"), "--out", str(tmp_path / "again"),
+                 "--no-plots"]) == 0
+    assert (tmp_path / "again" / "results.md").read_text() == md
 
 
 def test_bench_memory_suite(tmp_path):

@@ -11,7 +11,8 @@ QUICK = dict(seq_lens=(512, 1024), heads=4, dim=32, repeats=2, world_sizes=(2,))
 DEFAULT = dict(seq_lens=(4096, 8192, 16384), heads=8, dim=64, repeats=5, world_sizes=(2,))
 
 
-SUITE_CHOICES = ("linear", "softmax", "model", "hf", "ops", "gpu", "memory")
+LOCAL_SUITES = ("ops", "gpu", "memory")  # not sequence-parallel: lasp2/bench/onedevice.py, memory.py
+SUITE_CHOICES = ("linear", "softmax", "model", "hf") + LOCAL_SUITES
 
 
 def add_parser(subparsers) -> None:
@@ -35,7 +36,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--world-sizes", type=int, nargs="+", metavar="W", help="SP group sizes (default 2)")
     lens = b.add_mutually_exclusive_group()
     lens.add_argument("--seq-lens", type=int, nargs="+", metavar="T",
-                      help="GLOBAL sequence lengths, split over W ranks (default 4096 8192 16384)")
+                      help="GLOBAL sequence lengths, split over W ranks (default 4096 8192 16384); ops/gpu: T of one "
+                           "call (default ops 8192 16384 32768, gpu 8192 ... 65536); memory: tokens per sequence")
     lens.add_argument("--local-lens", type=int, nargs="+", metavar="T",
                       help="tokens PER RANK instead (weak scaling: the global length is W x T)")
     b.add_argument("--heads", type=int, help="query heads H (default 8)")
@@ -71,7 +73,8 @@ def add_parser(subparsers) -> None:
                           "(default 2048 for debug, 1024 for other presets; --quick 256)")
     b.add_argument("--out", type=Path, help="output directory (default ./<suite>_<machine>_<date>)")
     b.add_argument("--quick", action="store_true",
-                   help="tiny sizes for a smoke run (< 2 min): global 512 1024, H=4, D=32, 2 repeats")
+                   help="tiny sizes for a smoke run (< 2 min): SP suites global 512 1024, H=4, D=32, 2 repeats; "
+                        "ops, gpu, memory: their own tiny sizes")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     b.add_argument("--tuned-allocator", action="store_true",
                    help="CPU: keep large tensors on glibc's heap (lasp2/cpu_allocator.py): faster at long "
@@ -144,6 +147,8 @@ def rerender(args) -> int:
     try:
         data = json.loads(args.from_json.read_text())
         recs, meta = data["records"], data["meta"]
+        if recs[0]["suite"] in LOCAL_SUITES:
+            return _rerender_local(args, recs, meta)
         fields = {f: recs[0][f] for f in BenchSpec.__dataclass_fields__ if f in recs[0]}
         spec = BenchSpec(**{**fields, "suite": recs[0]["suite"], "world_sizes": tuple(sorted({r["W"] for r in recs})),
                             "seq_lens": tuple(sorted({r["T_global"] for r in recs}))})
@@ -157,6 +162,27 @@ def rerender(args) -> int:
     return 0
 
 
+def _rerender_local(args, recs, meta) -> int:
+    from . import memory, onedevice
+
+    out = args.out or args.from_json.parent
+    if recs[0]["suite"] == "memory":
+        md, spec = memory.markdown(recs, meta), None
+    else:
+        spec = onedevice.LocalSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+        md = onedevice.markdown(recs, meta, spec)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(md)
+    paths = [out / "results.md"]
+    if spec is not None and not args.no_plots:
+        try:
+            paths += onedevice.plot(recs, out, spec)
+        except RuntimeError as e:
+            raise _usage(e) from None
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def run_bench(args) -> int:
     import torch
 
@@ -166,7 +192,7 @@ def run_bench(args) -> int:
 
     if args.from_json:
         return rerender(args)
-    if args.suite in ("ops", "gpu", "memory"):
+    if args.suite in LOCAL_SUITES:
         return run_local(args)
     if args.tuned_allocator:  # before any large tensor; the spawned ranks inherit it
         from lasp2.cpu_allocator import tune_cpu_allocator
@@ -237,6 +263,18 @@ def run_local(args) -> int:
 
     from . import memory, onedevice, report
 
+    sp_only = [flag for flag, given in (("--world-sizes", args.world_sizes), ("--local-lens", args.local_lens),
+                                        ("--kv-heads", args.kv_heads), ("--strategies", args.strategies),
+                                        ("--hf-config", args.hf_config), ("--batch", args.batch != 1),
+                                        ("--layout", args.layout != "contiguous"),
+                                        ("--tuned-allocator", args.tuned_allocator and args.suite == "memory"))
+               if given]
+    if sp_only:
+        raise _usage(ValueError(f"{', '.join(sp_only)}: not a flag of --suite {args.suite}"))
+    if args.tuned_allocator:
+        from lasp2.cpu_allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
     spec = None
     if args.suite == "memory":
         b = memory.QUICK if args.quick else memory.DEFAULT
@@ -258,7 +296,7 @@ def run_local(args) -> int:
     meta = {"command": "lasp2 " + shlex.join(args.argv), "torch": torch.__version__,
             "hardware": report.hardware(cuda=args.suite == "gpu" and torch.cuda.is_available()
                                         and os.environ.get("TRITON_INTERPRET", "0") != "1"),
-            "config": config, "note": args.note}
+            "config": config, "tuned_allocator": args.tuned_allocator, "note": args.note}
     try:
         if args.suite == "memory":
             records = memory.run(config["presets"], shapes, config["seq_lens"], not args.quiet)

@@ -1,7 +1,7 @@
 """The one-device suites of ``lasp2 bench``, public APIs only:
 
-- ``ops``: ``lasp2.linear_attention`` (the chunked op) against a one-device baseline in the same
-  run: the masked quadratic form ``((q k^T) * decay) v`` for the basic and scalar-gate variants,
+- ``ops``: ``lasp2.linear_attention`` (the chunked op) on CPU against a one-device baseline in
+  the same run: the masked quadratic form ``((q k^T) * decay) v`` for the basic and scalar-gate variants,
   the per-token recurrence for the others. The chunked op runs at every ``--seq-lens`` T and at
   the baseline's length ``--baseline-len`` (equal work for one ratio); peak memory per point
   shows the chunked op's linear growth against the quadratic form's [T, T] matrices.
@@ -316,16 +316,17 @@ def markdown(records: List[dict], meta: dict, spec: LocalSpec) -> str:
            f"({records[0]['mem_method'] if records else ''}).")
     lines = [f"# lasp2 bench --suite {spec.suite}", "", f"Command: `{meta['command']}`", "",
              f"torch {meta['torch']}; {meta['hardware']}; " + (
-                 f"{meta['threads']} threads; backend {spec.backend}; " if spec.suite == "ops" else
+                 f"{meta['threads']} threads; backend {spec.backend}; "
+                 f"allocator {'tuned (--tuned-allocator)' if meta.get('tuned_allocator') else 'glibc as it comes'}; "
+                 if spec.suite == "ops" else
                  f"{meta['device']}; triton {meta['triton']}, fla {meta['fla']}; ") + cfg, ""]
     if meta.get("note"):
         lines += [f"**Note:** {meta['note']}", ""]
     intro, columns = _TABLES[spec.suite]
     lines += [intro, "", "| " + " | ".join(name for name, _ in columns) + " |", "|---" * len(columns) + "|"]
     lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in records]
-    if spec.suite == "gpu":
-        if meta.get("skipped (time budget)"):
-            lines += ["", f"Not run (time budget): {', '.join(meta['skipped (time budget)'])}"]
+    if meta.get("skipped (time budget)"):
+        lines += ["", f"Not run (time budget): {', '.join(meta['skipped (time budget)'])}"]
     return "\n".join(lines) + "\n"
 
 

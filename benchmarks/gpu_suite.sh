@@ -11,5 +11,5 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export FLA_DISABLE_BACKEND_DISPATCH=1   # the kernels named in the tables, not FlashQLA/TileLang swaps
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"  # a rerun skips compilation
 plots=$(python3 -c 'import matplotlib' 2>/dev/null || echo --no-plots)
-exec timeout 290 python3 -m lasp2 bench --suite gpu --budget-s 270 \
-    --out "benchmarks/results/gpu_$(hostname -s)_$(date +%F)" $plots "$@"
+out=benchmarks/results/$(python3 -c 'from lasp2.bench.report import default_out; print(default_out("gpu"))')
+exec timeout 290 python3 -m lasp2 bench --suite gpu --budget-s 270 --out "$out" $plots "$@"

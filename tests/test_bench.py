@@ -102,6 +102,7 @@ def test_from_json_rewrites_the_report_without_measuring(quick_run, tmp_path):
     (["bench", "--suite", "memory", "--shapes", "2by2"], "--shapes 2by2"),
     (["bench", "--suite", "ops", "--heads", "0"], "--heads"),
     (["bench", "--suite", "ops", "--world-sizes", "2"], "not a flag of --suite ops"),
+    (["bench", "--suite", "memory", "--heads", "2", "--shapes", "1x2"], "--heads: not a flag of --suite memory"),
     (["plan", "--layer-pattern", "LXS"], "layer pattern"),
     (["plan", "--gpus", "3", "--seq-lens", "1000"], "does not split"),
     (["plan", "--mfu", "2"], "--mfu"),

@@ -263,14 +263,20 @@ def run_local(args) -> int:
 
     from . import memory, onedevice, report
 
-    sp_only = [flag for flag, given in (("--world-sizes", args.world_sizes), ("--local-lens", args.local_lens),
-                                        ("--kv-heads", args.kv_heads), ("--strategies", args.strategies),
-                                        ("--hf-config", args.hf_config), ("--batch", args.batch != 1),
-                                        ("--layout", args.layout != "contiguous"),
-                                        ("--tuned-allocator", args.tuned_allocator and args.suite == "memory"))
-               if given]
-    if sp_only:
-        raise _usage(ValueError(f"{', '.join(sp_only)}: not a flag of --suite {args.suite}"))
+    given = {"--world-sizes": args.world_sizes, "--local-lens": args.local_lens, "--kv-heads": args.kv_heads,
+             "--strategies": args.strategies, "--hf-config": args.hf_config, "--batch": args.batch != 1,
+             "--layout": args.layout != "contiguous", "--variants": args.variants, "--baseline-len": args.baseline_len,
+             "--threads": args.threads, "--budget-s": args.budget_s, "--presets": args.presets, "--shapes": args.shapes,
+             "--heads": args.heads, "--dim": args.dim, "--dtype": args.dtype, "--repeats": args.repeats,
+             "--warmup": args.warmup, "--backend": args.backend != "torch", "--tuned-allocator": args.tuned_allocator}
+    takes = {"ops": ("--variants", "--baseline-len", "--threads", "--heads", "--dim", "--dtype", "--repeats", "--warmup",
+                     "--backend", "--tuned-allocator"),
+             "gpu": ("--variants", "--threads", "--budget-s", "--heads", "--dim", "--dtype", "--repeats", "--warmup",
+                     "--tuned-allocator"),
+             "memory": ("--presets", "--shapes")}[args.suite]
+    foreign = [flag for flag, value in given.items() if value and flag not in takes]
+    if foreign:
+        raise _usage(ValueError(f"{', '.join(foreign)}: not a flag of --suite {args.suite}"))
     if args.tuned_allocator:
         from lasp2.cpu_allocator import tune_cpu_allocator
 

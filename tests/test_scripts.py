@@ -113,7 +113,7 @@ def test_gpu_suite_smoke_on_cpu(tmp_path):
     recs = _records(tmp_path, ("T", "time_s", "time_vs_fla", "output_rel_rms_vs_fla", "peak_mem_mb"))
     assert {(r["variant"], r["config"]) for r in recs} == {
         (v, c) for v in ("basic", "scalar", "channel", "deltanet", "gated_deltanet")
-        for c in ("fla", "lasp2", "lasp2-sp-local")}
+        for c in ("fla", "linear_attention", "sp_linear_attention")}
     assert all(r["output_rel_rms_vs_fla"] < 1e-4 for r in recs), recs  # fp32 in the interpreter: the same math
 
 

@@ -6,9 +6,9 @@
   the baseline's length ``--baseline-len`` (equal work for one ratio); peak memory per point
   shows the chunked op's linear growth against the quadratic form's [T, T] matrices.
 - ``gpu``: the fla backend at SP = 1 against fla's own op called directly (``fla``):
-  ``lasp2.linear_attention(backend="fla")`` (``lasp2``) and ``lasp2.sp_linear_attention`` on a
-  group of one rank (``lasp2-sp-local``: the work every rank of an SP run does besides
-  communication). On CUDA (one rank started by ``lasp2.launch.spawn``, NCCL); on CPU only under
+  ``lasp2.linear_attention(backend="fla")`` (``linear_attention``) and
+  ``lasp2.sp_linear_attention`` on a group of one rank (``sp_linear_attention``: the work every
+  rank of an SP run does besides communication). On CUDA (one rank started by ``lasp2.launch.spawn``, NCCL); on CPU only under
   ``TRITON_INTERPRET=1`` (a smoke run: timings there mean nothing). Each point also reports how
   closely the outputs agree (relative RMS against fla's).
 
@@ -31,7 +31,7 @@ import torch
 from .inputs import VARIANTS, make_inputs
 
 OPS_DEFAULT_VARIANTS = ("scalar", "deltanet", "gated_deltanet")
-GPU_CONFIGS = ("fla", "lasp2", "lasp2-sp-local")
+GPU_CONFIGS = ("fla", "linear_attention", "sp_linear_attention")
 SIZES = {  # (full, --quick) per suite; the gpu quick sizes on CPU are the interpreter's smoke sizes
     "ops": (dict(seq_lens=(8192, 16384, 32768), baseline_len=2048, heads=8, dim=64, repeats=5, warmup=1),
             dict(seq_lens=(512, 1024), baseline_len=128, heads=2, dim=32, repeats=2, warmup=1)),
@@ -231,10 +231,10 @@ def _gpu_rank(spec: LocalSpec, progress: bool) -> Tuple[List[dict], dict]:
     t_start, records, skipped = time.time(), [], []
     for variant in spec.variants:
         runners = {"fla": _fla_direct(variant),
-                   "lasp2": lambda q, k, v, g, beta, scale: lasp2.linear_attention(
+                   "linear_attention": lambda q, k, v, g, beta, scale: lasp2.linear_attention(
                        q, k, v, g, beta, scale=scale, backend="fla")[0],
-                   "lasp2-sp-local": lambda q, k, v, g, beta, scale: lasp2.sp_linear_attention(
-                       q, k, v, g, beta, group=group, scale=scale, strategy="lasp2", backend="fla")}
+                   "sp_linear_attention": lambda q, k, v, g, beta, scale: lasp2.sp_linear_attention(
+                       q, k, v, g, beta, group=group, scale=scale, backend="fla")}  # the default strategy
         for T in spec.seq_lens:
             if spec.budget_s is not None and time.time() - t_start > spec.budget_s:
                 skipped.append(f"{variant} T={T}")
@@ -301,8 +301,9 @@ _TABLES = {  # suite: (the lines above the table, [(column, cell of a record)])
              ("fwd+bwd (ms)", lambda r: f"{r['time_s'] * 1e3:.1f}"), ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
              ("vs baseline", lambda r: f"{r['tokens_per_s_vs_baseline']:.2f}"),
              ("peak MB", lambda r: f"{r['peak_mem_mb']:.0f}"), ("MB per 1K tokens", lambda r: f"{r['mb_per_1k_tokens']:.1f}")]),
-    "gpu": ("fla: fla's op called directly; lasp2: `lasp2.linear_attention(backend=\"fla\")`; lasp2-sp-local: "
-            "`lasp2.sp_linear_attention` on a group of one rank (the SP local path).",
+    "gpu": ("fla: fla's op called directly; linear_attention: `lasp2.linear_attention(backend=\"fla\")`; "
+            "sp_linear_attention: `lasp2.sp_linear_attention(backend=\"fla\")` on a group of one rank (the SP "
+            "local path).",
             [("variant", lambda r: r["variant"]), ("T", lambda r: str(r["T"])), ("config", lambda r: r["config"]),
              ("fwd+bwd (ms)", lambda r: f"{r['time_s'] * 1e3:.2f}"), ("x fla", lambda r: f"{r['time_vs_fla']:.3f}"),
              ("peak MiB", lambda r: f"{r['peak_mem_mb']:.0f}"),

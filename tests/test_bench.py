@@ -96,6 +96,13 @@ def test_from_json_rewrites_the_report_without_measuring(quick_run, tmp_path):
     (["bench", "--heads", "8", "--kv-heads", "3"], "--kv-heads 3"),
     (["bench", "--suite", "bogus"], "invalid choice"),
     (["bench", "--seq-lens", "512", "--local-lens", "256"], "not allowed with"),
+    (["bench", "--suite", "model", "--layout", "both"], "--layout both"),
+    (["bench", "--suite", "softmax", "--variants", "deltanet"], "--variants"),
+    (["bench", "--variants", "deltanet", "scalar"], "one variant per run"),
+    (["bench", "--suite", "memory", "--shapes", "2by2"], "--shapes 2by2"),
+    (["bench", "--suite", "ops", "--heads", "0"], "--heads"),
+    (["bench", "--suite", "ops", "--world-sizes", "2"], "not a flag of --suite ops"),
+    (["bench", "--suite", "memory", "--heads", "2", "--shapes", "1x2"], "--heads: not a flag of --suite memory"),
     (["plan", "--layer-pattern", "LXS"], "layer pattern"),
     (["plan", "--gpus", "3", "--seq-lens", "1000"], "does not split"),
     (["plan", "--mfu", "2"], "--mfu"),
@@ -108,6 +115,14 @@ def test_bad_flags_give_one_error_line(argv, needle, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and needle in err and err.strip().count("\n") == 0, err
+
+
+def test_results_folder_defaults_to_suite_machine_date(monkeypatch):
+    from lasp2.bench import report
+
+    monkeypatch.setattr(report.platform, "node", lambda: "gpu-box_7.example.org")
+    monkeypatch.setattr(report.time, "strftime", lambda fmt: "2026-12-07")
+    assert str(report.default_out("ops")) == "ops_gpu-box-7_2026-12-07"
 
 
 def test_missing_matplotlib_is_a_clear_error_before_anything_runs(monkeypatch, capsys, tmp_path):

@@ -1,10 +1,12 @@
-"""Every script under benchmarks/ and examples/ runs, in a tiny CPU mode, and writes what it says.
+"""Every ``lasp2 bench`` suite, benchmarks/gpu_suite.sh and the examples run, in a tiny CPU mode,
+and write what they say.
 
-Scripts that no test runs rot silently (a renamed field once broke the GPU suite before it met a
-GPU). Each runs here as a user would start it (a fresh interpreter from the repository root), at
+Benchmarks that no test runs rot silently (a renamed field once broke the GPU suite before it met
+a GPU). Each runs here as a user would start it (a fresh interpreter from the repository root), at
 the smallest sizes its flags allow, writing into a temporary directory; the test checks the exit
-code and that every result row it wrote carries the measured fields with finite values. Timings
-in these runs mean nothing. ``examples/sp_linear_attention.py`` is run by ``test_launch.py``.
+code and that every record it wrote carries the measured fields with finite values, with the
+command, torch version and hardware. Timings in these runs mean nothing. The linear suite's quick
+run is in ``test_bench.py``; ``examples/sp_linear_attention.py`` is run by ``test_launch.py``.
 """
 from __future__ import annotations
 
@@ -29,64 +31,90 @@ def _run(args, tmp_path, **env):
     return p
 
 
-def _rows(path: Path, fields) -> list:
-    data = json.loads(path.read_text())
-    rows = data["rows"]
-    assert rows, f"{path.name} has no rows"
-    for row in rows:
+def _records(out: Path, fields) -> list:
+    """results.json's records, each carrying ``fields`` as finite non-negative numbers, its command,
+    torch version and hardware, and results.md with a table row per record."""
+    data = json.loads((out / "results.json").read_text())
+    records, meta = data["records"], data["meta"]
+    assert records, f"{out} has no records"
+    assert meta["command"].startswith("lasp2 bench") and meta["torch"] and meta["hardware"], meta
+    for r in records:
         for field in fields:
-            value = row[field]
-            assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (path.name, field, row)
-    assert path.with_suffix(".md").read_text().count("\n|") >= len(rows), f"{path.with_suffix('.md')} lacks its table"
-    return rows
+            value = r[field]
+            assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (field, r)
+    assert (out / "results.md").read_text().count("\n|") >= len(records) + 2, "results.md lacks its table"
+    return records
 
 
-def test_bench_chunk(tmp_path):
-    _run(["benchmarks/bench_chunk.py", "--chunk-lengths", "64", "128", "--quadratic-length", "64", "--repeats", "1",
-          "--allocators", "default", "--heads", "1", "--dim", "8", "--threads", "1", "--out", str(tmp_path)], tmp_path)
-    rows = _rows(tmp_path / "chunk.json", ("T", "seconds", "peak_mem_mb"))
-    assert sorted((r["op"], r["T"]) for r in rows) == [("chunk", 64), ("chunk", 128), ("quadratic", 64)]
+def _bench(args, tmp_path, **env):
+    _run(["-m", "lasp2", "bench", *args, "--no-plots", "--quiet", "--out", str(tmp_path)], tmp_path, **env)
 
 
-def test_bench_delta(tmp_path):
-    _run(["benchmarks/bench_delta.py", "--chunk-length", "128", "--recurrence-length", "32", "--repeats", "1",
-          "--recurrence-repeats", "1", "--heads", "1", "--dim", "8", "--threads", "1", "--out", str(tmp_path)], tmp_path)
-    rows = _rows(tmp_path / "delta.json", ("T", "seconds", "tokens_per_s"))
-    assert {(r["variant"], r["op"]) for r in rows} == {(v, op) for v in ("delta", "gated_delta")
-                                                       for op in ("chunk", "recurrence")}
+def test_bench_ops_suite(tmp_path):
+    """Chunked op vs the quadratic form (scalar gate) and vs the per-token recurrence (delta rule)."""
+    _bench(["--suite", "ops", "--seq-lens", "64", "128", "--baseline-len", "32", "--repeats", "1", "--heads", "1",
+            "--dim", "8", "--threads", "1"], tmp_path)
+    recs = _records(tmp_path, ("T", "time_s", "tokens_per_s", "tokens_per_s_vs_baseline", "peak_mem_mb",
+                               "mb_per_1k_tokens"))
+    assert sorted((r["variant"], r["config"], r["T"]) for r in recs) == sorted(
+        [(v, "chunked", T) for v in ("scalar", "deltanet", "gated_deltanet") for T in (32, 64, 128)]
+        + [("scalar", "quadratic", 32), ("deltanet", "recurrence", 32), ("gated_deltanet", "recurrence", 32)])
+    for r in recs:
+        if r["baseline"]:  # the baseline computes what the chunked op computes
+            assert r["tokens_per_s_vs_baseline"] == 1.0 and r["output_rel_rms_vs_chunked"] < 1e-5, r
+    md = (tmp_path / "results.md").read_text()
+    from lasp2.cli import main  # --from-json rewrites the same report without measuring
+
+    assert main(["bench", "--from-json", str(tmp_path / "results.json"), "--out", str(tmp_path / "again"),
+                 "--no-plots"]) == 0
+    assert (tmp_path / "again" / "results.md").read_text() == md
 
 
-def test_bench_linear_sp(tmp_path):
-    _run(["benchmarks/bench_linear_sp.py", "--world-size", "2", "--local-len", "64", "--heads", "1", "--dim", "8",
-          "--repeats", "1", "--allocators", "default", "--no-memory", "--out", str(tmp_path)], tmp_path)
-    rows = _rows(tmp_path / "linear_sp.json", ("W", "T_global", "seconds", "efficiency"))
-    sp = [r for r in rows if r["W"] == 2]
-    assert {r["config"] for r in sp} >= {"lasp2", "ideal-concurrent"}, [r["config"] for r in rows]
-    assert all(r["T_global"] == 128 and math.isfinite(r["vs_no_sp_ranks"]) for r in sp)
+def test_bench_memory_suite(tmp_path):
+    _bench(["--suite", "memory", "--quick", "--shapes", "1x2", "--seq-lens", "256"], tmp_path)
+    recs = _records(tmp_path, ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_peak_bytes",
+                               "params_and_state_vs_ddp"))
+    assert [r["data_parallel"] for r in recs] == ["ddp", "fsdp2"] and all(r["param_bytes"] > 0 for r in recs)
+    assert recs[0]["params_and_state_vs_ddp"] == 1.0 and recs[1]["params_and_state_vs_ddp"] < 1.0
 
 
-def test_bench_softmax_sp(tmp_path):
-    _run(["benchmarks/bench_softmax_sp.py", "--quick", "--worlds", "2", "--out", str(tmp_path)], tmp_path)
-    report = json.loads((tmp_path / "softmax_sp.json").read_text())
-    assert report["timings"] and report["balance"], sorted(report)
-    assert {t["strategy"] for t in report["timings"]} == {"allgather", "ring", "ulysses"}
+def test_bench_softmax_load_balance(tmp_path):
+    """--layout both: every strategy contiguous and zigzag in one run, with per-rank CPU seconds,
+    the causal pairs per rank and the bytes saved for backward."""
+    _bench(["--suite", "softmax", "--world-sizes", "2", "--seq-lens", "64", "--layout", "both", "--heads", "2",
+            "--kv-heads", "1", "--dim", "8", "--repeats", "1", "--warmup", "0"], tmp_path)
+    recs = _records(tmp_path, ("time_s", "efficiency", "cpu_max_over_min", "cpu_efficiency"))
+    assert {r["strategy"] for r in recs} == {f"{s}@{lay}" for s in ("allgather", "ring", "ulysses")
+                                            for lay in ("contiguous", "zigzag")} | {"ideal"}
+    for r in recs:
+        assert len(r["per_rank_cpu_s"]) == 2 and min(r["saved_bytes_per_rank"]) > 0, r
+        if r["strategy"] in ("allgather@zigzag", "ring@zigzag"):
+            assert r["pairs_max_over_min"] == 1.0, r
+        if r["strategy"] in ("allgather@contiguous", "ring@contiguous"):
+            assert r["pairs_max_over_min"] > 2.5, r  # (3 T^2 / 8) / (T^2 / 8), up to the diagonal
+    assert "Load balance" in (tmp_path / "results.md").read_text()
 
 
-def test_bench_memory(tmp_path):
-    _run(["benchmarks/bench_memory.py", "--quick", "--shapes", "1x2", "--seq-len", "256", "--out", str(tmp_path)],
-         tmp_path)
-    rows = _rows(tmp_path / "memory_quick.json", ("param_bytes", "grad_bytes", "optimizer_bytes",
-                                                  "activation_peak_bytes"))
-    assert {r["data_parallel"] for r in rows} == {"ddp", "fsdp2"} and all(r["param_bytes"] > 0 for r in rows)
+def test_bench_linear_weak_scaling_delta(tmp_path):
+    """The linear suite's weak scaling against one process (W = 1 in the same run), for the
+    Gated DeltaNet variant."""
+    _bench(["--suite", "linear", "--variants", "gated_deltanet", "--world-sizes", "1", "2", "--local-lens", "64",
+            "--strategies", "lasp2", "--heads", "1", "--dim", "8", "--repeats", "1", "--warmup", "0"], tmp_path)
+    recs = _records(tmp_path, ("time_s", "efficiency", "efficiency_vs_one_process", "cpu_efficiency"))
+    assert sorted((r["W"], r["strategy"]) for r in recs) == [(1, "ideal"), (1, "lasp2"), (2, "ideal"), (2, "lasp2")]
+    assert all(r["variant"] == "gated_deltanet" and r["T_local"] == 64 for r in recs)
 
 
 def test_gpu_suite_smoke_on_cpu(tmp_path):
+    """benchmarks/gpu_suite.sh (lasp2 bench --suite gpu) in the Triton interpreter, tiny shapes."""
     pytest.importorskip("fla")
-    _run(["bash", "benchmarks/gpu_suite.sh", "--smoke", "--out", str(tmp_path)], tmp_path, TRITON_INTERPRET="1",
-         TRITON_CACHE_DIR=str(tmp_path / "triton"))
-    rows = _rows(tmp_path / "gpu_suite_smoke.json", ("T", "fla_ms", "lasp2_ms", "lasp2-local_ms",
-                                                     "output_rel_rms_vs_fla"))
-    assert all(r["output_rel_rms_vs_fla"] < 1e-4 for r in rows), rows  # fp32 in the interpreter: the same math
+    _run(["bash", "benchmarks/gpu_suite.sh", "--quick", "--no-plots", "--quiet", "--out", str(tmp_path)], tmp_path,
+         TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    recs = _records(tmp_path, ("T", "time_s", "time_vs_fla", "output_rel_rms_vs_fla", "peak_mem_mb"))
+    assert {(r["variant"], r["config"]) for r in recs} == {
+        (v, c) for v in ("basic", "scalar", "channel", "deltanet", "gated_deltanet")
+        for c in ("fla", "linear_attention", "sp_linear_attention")}
+    assert all(r["output_rel_rms_vs_fla"] < 1e-4 for r in recs), recs  # fp32 in the interpreter: the same math
 
 
 def test_lasp2_bench_hf_suite(tmp_path):

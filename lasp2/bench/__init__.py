@@ -2,8 +2,12 @@
 
 - :mod:`.harness`: measuring (timing, communication per layer call, peak memory), self-launched
   gloo ranks or torchrun ranks;
-- :mod:`.suites`: what is measured (every strategy of the registry,
+- :mod:`.suites`: what the sequence-parallel suites measure (every strategy of the registry,
   ``lasp2.parallel.strategies``, each against the one-device ideal);
+- :mod:`.onedevice`: the one-device suites ``ops`` (chunked ops against the quadratic form and
+  the per-token recurrence) and ``gpu`` (the fla backend against fla's own op);
+  :mod:`.memory`: per-rank bytes of ``lasp2 train``, FSDP2 against DDP; :mod:`.inputs`,
+  :mod:`.rss`: the inputs and the CPU peak-memory probe they share;
 - :mod:`.report`: results.json, results.md and PNG plots (matplotlib, the ``bench`` extra);
 - :mod:`.cost_model`: the alpha-beta model of one layer; :mod:`.plan`, :mod:`.plan_render`:
   whole-model predictions and the projection table; :mod:`.validate`: the model fitted on this

@@ -1,6 +1,8 @@
 """``lasp2 bench`` and ``lasp2 plan`` (registered by lasp2/cli.py through ``add_parser``)."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -9,8 +11,13 @@ QUICK = dict(seq_lens=(512, 1024), heads=4, dim=32, repeats=2, world_sizes=(2,))
 DEFAULT = dict(seq_lens=(4096, 8192, 16384), heads=8, dim=64, repeats=5, world_sizes=(2,))
 
 
+LOCAL_SUITES = ("ops", "gpu", "memory")  # not sequence-parallel: lasp2/bench/onedevice.py, memory.py
+SUITE_CHOICES = ("linear", "softmax", "model", "hf") + LOCAL_SUITES
+
+
 def add_parser(subparsers) -> None:
     from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
+    from . import onedevice
 
     b = subparsers.add_parser(
         "bench", help="measure sequence-parallel attention strategies against the ideal",
@@ -18,16 +25,19 @@ def add_parser(subparsers) -> None:
                     "communication per rank for every strategy of a suite, baselines in the same run. Not "
                     "under torchrun it starts W gloo ranks (1 thread each) per world size itself; under "
                     "torchrun it uses the given ranks (NCCL on GPUs), the first W of them for each W.")
-    b.add_argument("--suite", choices=("linear", "softmax", "model", "hf"), default="linear",
+    b.add_argument("--suite", choices=SUITE_CHOICES, default="linear",
                    help=f"linear: {', '.join(LINEAR_STRATEGIES)} | softmax: {', '.join(SOFTMAX_STRATEGIES)} | "
                         "model: lasp2.models | hf: a transformers model (--hf-config) parallelized by lasp2.hf vs "
-                        "the unmodified model on each rank's shard")
+                        "the unmodified model on each rank's shard | one device: ops: lasp2.linear_attention vs the "
+                        "quadratic form / per-token recurrence; gpu: the fla backend vs fla's own op at SP = 1 (CUDA, "
+                        "or CPU under TRITON_INTERPRET=1) | memory: per-rank bytes of lasp2 train, DDP vs FSDP2")
     b.add_argument("--strategies", type=lambda s: tuple(x for x in s.split(",") if x), metavar="A,B,...",
                    help="measure only these configurations of the suite (comma-separated; the ideal always)")
     b.add_argument("--world-sizes", type=int, nargs="+", metavar="W", help="SP group sizes (default 2)")
     lens = b.add_mutually_exclusive_group()
     lens.add_argument("--seq-lens", type=int, nargs="+", metavar="T",
-                      help="GLOBAL sequence lengths, split over W ranks (default 4096 8192 16384)")
+                      help="GLOBAL sequence lengths, split over W ranks (default 4096 8192 16384); ops/gpu: T of one "
+                           "call (default ops 8192 16384 32768, gpu 8192 ... 65536); memory: tokens per sequence")
     lens.add_argument("--local-lens", type=int, nargs="+", metavar="T",
                       help="tokens PER RANK instead (weak scaling: the global length is W x T)")
     b.add_argument("--heads", type=int, help="query heads H (default 8)")
@@ -36,16 +46,35 @@ def add_parser(subparsers) -> None:
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--hf-config", help="--suite hf: a transformers config (shipped name such as qwen3-next-tiny, "
                                        "a JSON file, or a directory with config.json)")
-    b.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
-    b.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
+    b.add_argument("--dtype", choices=("float32", "bfloat16", "float64"),
+                   help="default float32 (--suite gpu on CUDA: bfloat16)")
+    b.add_argument("--layout", choices=("contiguous", "zigzag", "both"), default="contiguous",
+                   help="how the sequence is sharded; both (linear, softmax): every strategy under each, side by "
+                        "side (load balance: contiguous vs zigzag in the same run)")
     b.add_argument("--backend", choices=("auto", "torch", "fla"), default="torch",
                    help="linear-attention kernels for every strategy and the ideal (fla: its Triton kernels; "
                         "auto: fla on CUDA when installed)")
     b.add_argument("--repeats", type=int, help="timed calls per point (default 5)")
-    b.add_argument("--warmup", type=int, default=1, help="untimed calls per point before the tracked one")
-    b.add_argument("--out", type=Path, help="output directory (default ./lasp2_bench_<suite>)")
+    b.add_argument("--warmup", type=int, help="untimed calls per point before the tracked one (default 1; "
+                                                "gpu: 2, --quick 0)")
+    one = b.add_argument_group("one-device and memory suites")
+    one.add_argument("--variants", nargs="+", choices=onedevice.VARIANTS, metavar="V",
+                     help=f"ops/gpu (linear: one): linear-attention variants ({', '.join(onedevice.VARIANTS)}; default ops: "
+                          f"{' '.join(onedevice.OPS_DEFAULT_VARIANTS)}, gpu: all)")
+    one.add_argument("--baseline-len", type=int, metavar="T",
+                     help="ops: the quadratic form's / recurrence's length (default 2048; --quick 128)")
+    one.add_argument("--threads", type=int, help="ops/gpu: torch threads (default: torch's)")
+    one.add_argument("--budget-s", type=float, default=None,
+                     help="gpu: start no new point after this many seconds (gpu_suite.sh: 270)")
+    one.add_argument("--presets", nargs="+", metavar="PRESET",
+                     help="memory: lasp2 train presets (default debug linear-llama3-mid; --quick debug)")
+    one.add_argument("--shapes", nargs="+", metavar="DPxSP",
+                     help="memory: meshes (default 2x2 1x4; --quick 1x2); --seq-lens: tokens per sequence "
+                          "(default 2048 for debug, 1024 for other presets; --quick 256)")
+    b.add_argument("--out", type=Path, help="output directory (default ./<suite>_<machine>_<date>)")
     b.add_argument("--quick", action="store_true",
-                   help="tiny sizes for a smoke run (< 2 min): global 512 1024, H=4, D=32, 2 repeats")
+                   help="tiny sizes for a smoke run (< 2 min): SP suites global 512 1024, H=4, D=32, 2 repeats; "
+                        "ops, gpu, memory: their own tiny sizes")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     b.add_argument("--tuned-allocator", action="store_true",
                    help="CPU: keep large tensors on glibc's heap (lasp2/cpu_allocator.py): faster at long "
@@ -95,9 +124,13 @@ def bench_spec(args):
     spec = BenchSpec(suite=args.suite, world_sizes=tuple(pick("world_sizes")),
                      seq_lens=tuple(args.local_lens or pick("seq_lens")), seq_is_global=args.local_lens is None,
                      batch=args.batch, heads=pick("heads"), kv_heads=args.kv_heads, dim=pick("dim"),
-                     dtype=args.dtype, layout=args.layout, backend=args.backend, repeats=pick("repeats"),
-                     warmup=args.warmup,
+                     dtype=args.dtype or "float32", layout=args.layout, backend=args.backend, repeats=pick("repeats"),
+                     warmup=1 if args.warmup is None else args.warmup,
                      strategies=args.strategies, hf_config=args.hf_config)
+    if args.variants:
+        if len(args.variants) != 1:
+            raise _usage(ValueError(f"--variants: one variant per run of --suite {args.suite}"))
+        spec = dataclasses.replace(spec, variant=args.variants[0])
     try:
         check_spec(spec)
     except ValueError as e:
@@ -114,6 +147,8 @@ def rerender(args) -> int:
     try:
         data = json.loads(args.from_json.read_text())
         recs, meta = data["records"], data["meta"]
+        if recs[0]["suite"] in LOCAL_SUITES:
+            return _rerender_local(args, recs, meta)
         fields = {f: recs[0][f] for f in BenchSpec.__dataclass_fields__ if f in recs[0]}
         spec = BenchSpec(**{**fields, "suite": recs[0]["suite"], "world_sizes": tuple(sorted({r["W"] for r in recs})),
                             "seq_lens": tuple(sorted({r["T_global"] for r in recs}))})
@@ -127,6 +162,27 @@ def rerender(args) -> int:
     return 0
 
 
+def _rerender_local(args, recs, meta) -> int:
+    from . import memory, onedevice
+
+    out = args.out or args.from_json.parent
+    if recs[0]["suite"] == "memory":
+        md, spec = memory.markdown(recs, meta), None
+    else:
+        spec = onedevice.LocalSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+        md = onedevice.markdown(recs, meta, spec)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(md)
+    paths = [out / "results.md"]
+    if spec is not None and not args.no_plots:
+        try:
+            paths += onedevice.plot(recs, out, spec)
+        except RuntimeError as e:
+            raise _usage(e) from None
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def run_bench(args) -> int:
     import torch
 
@@ -136,6 +192,8 @@ def run_bench(args) -> int:
 
     if args.from_json:
         return rerender(args)
+    if args.suite in LOCAL_SUITES:
+        return run_local(args)
     if args.tuned_allocator:  # before any large tensor; the spawned ranks inherit it
         from lasp2.cpu_allocator import tune_cpu_allocator
 
@@ -146,7 +204,7 @@ def run_bench(args) -> int:
             report.matplotlib_pyplot()  # fail now, not after minutes of measuring
         except RuntimeError as e:
             raise _usage(e) from None
-    out = args.out or Path(f"lasp2_bench_{spec.suite}")
+    out = args.out or report.default_out(spec.suite)
     try:
         per_w = harness.run_torchrun(spec, not args.quiet) if under_torchrun() else \
             harness.run_spawned(spec, not args.quiet)
@@ -166,6 +224,105 @@ def run_bench(args) -> int:
     paths = report.write_all(records, meta, spec, out, not args.no_plots)
     if not args.quiet:
         print(report.markdown(records, meta, spec))
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def local_spec(args):
+    """The LocalSpec of these flags for --suite ops / gpu."""
+    import torch
+
+    from . import onedevice
+
+    base = onedevice.SIZES[args.suite][1 if args.quick else 0]
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
+    cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    spec = onedevice.LocalSpec(
+        suite=args.suite, variants=tuple(args.variants or (onedevice.OPS_DEFAULT_VARIANTS if args.suite == "ops"
+                                                          else onedevice.VARIANTS)),
+        seq_lens=tuple(pick("seq_lens")), baseline_len=pick("baseline_len"), heads=pick("heads"), dim=pick("dim"),
+        dtype=args.dtype or ("bfloat16" if args.suite == "gpu" and cuda else "float32"),
+        backend="fla" if args.suite == "gpu" else args.backend, repeats=pick("repeats"),
+        warmup=args.warmup if args.warmup is not None else base["warmup"], threads=args.threads,
+        budget_s=args.budget_s)
+    try:
+        onedevice.check(spec)
+    except ValueError as e:
+        raise _usage(e) from None
+    return spec
+
+
+def run_local(args) -> int:
+    """--suite ops, gpu (lasp2/bench/onedevice.py) and memory (lasp2/bench/memory.py)."""
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from lasp2.launch import RankFailure
+
+    from . import memory, onedevice, report
+
+    given = {"--world-sizes": args.world_sizes, "--local-lens": args.local_lens, "--kv-heads": args.kv_heads,
+             "--strategies": args.strategies, "--hf-config": args.hf_config, "--batch": args.batch != 1,
+             "--layout": args.layout != "contiguous", "--variants": args.variants, "--baseline-len": args.baseline_len,
+             "--threads": args.threads, "--budget-s": args.budget_s, "--presets": args.presets, "--shapes": args.shapes,
+             "--heads": args.heads, "--dim": args.dim, "--dtype": args.dtype, "--repeats": args.repeats,
+             "--warmup": args.warmup, "--backend": args.backend != "torch", "--tuned-allocator": args.tuned_allocator}
+    takes = {"ops": ("--variants", "--baseline-len", "--threads", "--heads", "--dim", "--dtype", "--repeats", "--warmup",
+                     "--backend", "--tuned-allocator"),
+             "gpu": ("--variants", "--threads", "--budget-s", "--heads", "--dim", "--dtype", "--repeats", "--warmup",
+                     "--tuned-allocator"),
+             "memory": ("--presets", "--shapes")}[args.suite]
+    foreign = [flag for flag, value in given.items() if value and flag not in takes]
+    if foreign:
+        raise _usage(ValueError(f"{', '.join(foreign)}: not a flag of --suite {args.suite}"))
+    if args.tuned_allocator:
+        from lasp2.cpu_allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
+    spec = None
+    if args.suite == "memory":
+        b = memory.QUICK if args.quick else memory.DEFAULT
+        try:
+            shapes = [memory.parse_shape(s) for s in args.shapes or b["shapes"]]
+        except ValueError as e:
+            raise _usage(e) from None
+        config = {"presets": list(args.presets or b["presets"]), "shapes": [list(s) for s in shapes],
+                  "seq_lens": args.seq_lens or b["seq_lens"]}
+    else:
+        spec = local_spec(args)
+        config = asdict(spec)
+        if not args.no_plots:
+            try:
+                report.matplotlib_pyplot()
+            except RuntimeError as e:
+                raise _usage(e) from None
+    out = args.out or report.default_out(args.suite)
+    meta = {"command": "lasp2 " + shlex.join(args.argv), "torch": torch.__version__,
+            "hardware": report.hardware(cuda=args.suite == "gpu" and torch.cuda.is_available()
+                                        and os.environ.get("TRITON_INTERPRET", "0") != "1"),
+            "config": config, "tuned_allocator": args.tuned_allocator, "note": args.note}
+    try:
+        if args.suite == "memory":
+            records = memory.run(config["presets"], shapes, config["seq_lens"], not args.quiet)
+        else:
+            records, extra = (onedevice.run_ops if args.suite == "ops" else onedevice.run_gpu)(spec, not args.quiet)
+            meta.update(extra)
+    except (RankFailure, RuntimeError) as e:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "failure.txt").write_text(getattr(e, "traceback", None) or str(e))
+        print(f"lasp2 bench: error: {str(e).splitlines()[0]} (details in {out / 'failure.txt'})", file=sys.stderr)
+        return 1
+    md = memory.markdown(records, meta) if spec is None else onedevice.markdown(records, meta, spec)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    (out / "results.md").write_text(md)
+    paths = [out / "results.json", out / "results.md"]
+    if spec is not None and not args.no_plots and records:
+        paths += onedevice.plot(records, out, spec)
+    if not args.quiet:
+        print(md)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -1,8 +1,10 @@
 """Measuring: fwd+bwd time, communication and peak memory of every configuration of a suite.
 
-Method (the same as benchmarks/bench_linear_sp.py, generalised):
+Method:
 - every configuration of a suite runs in the same processes on the same inputs, interleaved
   repeat by repeat (the starting configuration rotates), so that machine noise hits them alike;
+- each rank also records the CPU seconds of its process in every timed call (a rank waiting
+  for a peer sleeps): their spread over ranks is the load balance of the configuration;
 - a point's time is the slowest rank's median over ``repeats`` timed fwd+bwd calls, taken after
   ``warmup`` calls and one call under ``comm.track()`` (which gives the communication per layer
   call: operations and bytes per rank, forward and backward separately);
@@ -14,11 +16,8 @@ Method (the same as benchmarks/bench_linear_sp.py, generalised):
 """
 from __future__ import annotations
 
-import ctypes
-import os
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -26,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .rss import RssPeak, libc_or_none
 from .suites import get_suite
 
 
@@ -42,18 +42,22 @@ class BenchSpec:
     kv_heads: Optional[int] = None
     dim: int = 64
     dtype: str = "float32"
-    layout: str = "contiguous"
+    layout: str = "contiguous"  # or "both": every SP configuration under contiguous and under zigzag
     backend: str = "torch"  # linear-attention kernels (``lasp2.ops.backends``)
     repeats: int = 5
     warmup: int = 1
     strategies: Optional[Tuple[str, ...]] = None  # a subset of the suite's configurations (None: all)
     hf_config: Optional[str] = None  # --suite hf: the transformers config (lasp2.hf.loading)
+    variant: str = "scalar"  # --suite linear: the linear-attention variant (lasp2.bench.inputs.VARIANTS)
 
     def configs(self, suite) -> List[str]:
         """The suite's configurations this run measures (the baseline always)."""
-        from .suites import IDEAL
+        from .suites import IDEAL, LAYOUTS
 
-        return [c for c in suite.configs() if self.strategies is None or c in self.strategies or c == IDEAL]
+        picked = [c for c in suite.configs() if self.strategies is None or c in self.strategies or c == IDEAL]
+        if self.layout != "both":
+            return picked
+        return [x for c in picked for x in ([c] if c == IDEAL else [f"{c}@{lay}" for lay in LAYOUTS])]
 
     def local_len(self, T: int, W: int) -> int:
         return T // W if self.seq_is_global else T
@@ -70,6 +74,10 @@ def check_spec(spec: BenchSpec) -> None:
         if unknown or not spec.strategies:
             raise ValueError(f"--strategies {','.join(spec.strategies)}: {', '.join(unknown) or 'empty'} not in the "
                              f"{spec.suite} suite; choose from {', '.join(suite.configs())}")
+    if spec.variant != "scalar" and spec.suite != "linear":
+        raise ValueError(f"--variants: the linear suite only (and the ops and gpu suites), not {spec.suite}")
+    if spec.layout == "both" and spec.suite not in ("linear", "softmax"):
+        raise ValueError(f"--layout both: the linear and softmax suites only, not {spec.suite}")
     if spec.suite == "hf":
         if not spec.hf_config:
             raise ValueError("--suite hf needs --hf-config (e.g. qwen3-next-tiny)")
@@ -94,51 +102,13 @@ def check_spec(spec: BenchSpec) -> None:
     for W in spec.world_sizes:
         if W < 1:
             raise ValueError(f"--world-sizes must be >= 1, got {W}")
-        parts = 2 if spec.layout == "zigzag" and W > 1 else 1
+        parts = 2 if spec.layout in ("zigzag", "both") and W > 1 else 1
         for T in spec.seq_lens:
             if T < 1 or (spec.seq_is_global and T % (W * parts)) or spec.local_len(T, W) % parts:
                 unit = f"{W * parts} (W={W}{' x 2 segments for zigzag' if parts == 2 else ''})"
                 what = "global length" if spec.seq_is_global else "tokens per rank"
                 raise ValueError(f"{flag} {T}: the {what} must be a positive multiple of "
                                  f"{unit if spec.seq_is_global else parts}")
-
-
-class _RssPeak:
-    """Peak RSS above the RSS at entry, sampled by a thread (CPU memory pass only)."""
-
-    _page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    @classmethod
-    def rss(cls) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * cls._page
-
-    def __enter__(self):
-        self.base = self.peak = self.rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.0005):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
 def _step(suite, config, x, group, spec, sync):
@@ -150,9 +120,17 @@ def _step(suite, config, x, group, spec, sync):
 
 
 def _tracked_step(suite, config, x, group, spec, sync) -> dict:
+    """One fwd+bwd with its communication per direction and the bytes its forward saves for
+    backward (the distinct storages given to autograd)."""
     from lasp2.parallel import comm
 
-    with comm.track() as fwd:
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with comm.track() as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         o = suite.forward(config, x, group, spec)
     with comm.track() as bwd:
         o.backward(x["do"])
@@ -161,6 +139,7 @@ def _tracked_step(suite, config, x, group, spec, sync) -> dict:
     sync()
     ops = lambda log: {op: log.count(op) for op in sorted({r.op for r in log.records})}  # noqa: E731
     return {"comm_fwd": ops(fwd), "comm_bwd": ops(bwd), "comm_wait_s": [fwd.waited_s, bwd.waited_s],
+            "saved_bytes": sum(saved.values()),
             "bytes_sent": fwd.bytes_sent + bwd.bytes_sent, "bytes_received": fwd.bytes_received + bwd.bytes_received}
 
 
@@ -171,11 +150,11 @@ def _peak_memory_mb(suite, config, x, group, spec, device, sync) -> Tuple[float,
         before = torch.cuda.memory_allocated(device)
         _step(suite, config, x, group, spec, sync)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20, "cuda max_memory_allocated"
-    libc = _libc()
+    libc = libc_or_none()
     if libc is not None:
         libc.malloc_trim(0)
     dist.barrier(group)
-    with _RssPeak() as peak:
+    with RssPeak() as peak:
         _step(suite, config, x, group, spec, sync)
     return peak.mb, "sampled RSS" + (" (glibc mmap threshold 64 KiB)" if libc is not None else "")
 
@@ -193,7 +172,8 @@ def measure_rank(spec: BenchSpec, W: int, group, device: torch.device, progress:
     for T in lengths:
         x = suite.inputs(spec, spec.local_len(T, W), W, rank, device, group)
         for c in configs:
-            results[(T, c)] = {"T": T, "config": c, "skip": suite.skip_reason(c, spec, W), "times": []}
+            results[(T, c)] = {"T": T, "config": c, "skip": suite.skip_reason(c, spec, W), "times": [], "cpu": [],
+                               "visible_pairs": _visible_pairs(suite, c, spec, spec.global_len(T, W), group)}
         for c in active:
             for _ in range(spec.warmup):
                 _step(suite, c, x, group, spec, sync)
@@ -204,9 +184,10 @@ def measure_rank(spec: BenchSpec, W: int, group, device: torch.device, progress:
             for c in active[rep % len(active):] + active[:rep % len(active)]:
                 dist.barrier(group)
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 _step(suite, c, x, group, spec, sync)
                 results[(T, c)]["times"].append(time.perf_counter() - t0)
+                results[(T, c)]["cpu"].append(time.process_time() - c0)
                 bar.update()
         if rank == 0 and progress:
             bar.write(f"  W={W} T={T} (rank 0 medians): " + ", ".join(
@@ -214,7 +195,7 @@ def measure_rank(spec: BenchSpec, W: int, group, device: torch.device, progress:
         del x
     bar.close()
     # Memory pass last, so that the allocator setting it needs never touches a timed call.
-    libc = _libc() if device.type != "cuda" else None
+    libc = libc_or_none() if device.type != "cuda" else None
     if libc is not None:
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
     for T in lengths:
@@ -225,6 +206,19 @@ def measure_rank(spec: BenchSpec, W: int, group, device: torch.device, progress:
                 results[(T, c)].update(peak_mem_mb=mb, mem_method=how)
         del x
     return list(results.values())
+
+
+def _visible_pairs(suite, config, spec, T_global: int, group) -> Optional[int]:
+    """Causal (query, key) pairs of this rank's queries, for suites whose work grows with them."""
+    import lasp2
+
+    from .suites import IDEAL, split_layout
+
+    strategy, layout = split_layout(config, spec)
+    if config == IDEAL or not hasattr(suite, "shards_queries") or not suite.shards_queries(strategy):
+        return None
+    pos = lasp2.shard(torch.arange(T_global)[None], group=group, layout=layout)
+    return int((pos + 1).sum())
 
 
 class _NoBar:

@@ -5,13 +5,14 @@ import json
 import os
 import platform
 import statistics
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 
-from .suites import IDEAL
+from .suites import IDEAL, split_layout
 
 
 def cpu_model() -> str:
@@ -32,6 +33,17 @@ def hardware(cuda: bool = False) -> str:
     if cuda and torch.cuda.is_available():
         text = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}; " + text
     return text
+
+
+def machine_tag() -> str:
+    """A short name of this machine for results folders: the host name's first label."""
+    name = platform.node().split(".")[0] or platform.machine()
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in name)[:32] or "machine"
+
+
+def default_out(suite: str) -> Path:
+    """``<suite>_<machine>_<date>`` in the working directory (the default of ``lasp2 bench --out``)."""
+    return Path(f"{suite}_{machine_tag()}_{time.strftime('%Y-%m-%d')}")
 
 
 def matplotlib_pyplot():
@@ -62,6 +74,7 @@ def build_records(spec, per_w: Dict[int, List[List[dict]]], meta: dict) -> List[
                    "T_global": spec.global_len(T, W), "T_local": spec.local_len(T, W),
                    **{k: v for k, v in asdict(spec).items() if k not in ("suite", "world_sizes", "seq_lens")},
                    "skipped": rs[0]["skip"]}
+            rec["config_layout"] = None if config == IDEAL else split_layout(config, spec)[1]  # --layout both
             if rec["skipped"] is None:
                 medians = [statistics.median(r["times"]) for r in rs]
                 rec.update(time_s=max(medians), per_rank_time_s=medians,
@@ -73,12 +86,27 @@ def build_records(spec, per_w: Dict[int, List[List[dict]]], meta: dict) -> List[
                            comm_fwd=_max_counts(r["comm_fwd"] for r in rs),
                            comm_bwd=_max_counts(r["comm_bwd"] for r in rs),
                            per_rank_comm_wait_s=[r.get("comm_wait_s") for r in rs],
-                           per_rank_times_s=[r["times"] for r in rs])
+                           per_rank_times_s=[r["times"] for r in rs],
+                           saved_bytes_per_rank=[r["saved_bytes"] for r in rs])
+                # load balance: each rank's median CPU seconds per call (a rank waiting for a peer
+                # sleeps), and the causal pairs its queries see
+                cpu = [statistics.median(r["cpu"]) for r in rs]
+                rec.update(per_rank_cpu_s=cpu, cpu_max_over_min=max(cpu) / max(min(cpu), 1e-9))
+                if rs[0].get("visible_pairs"):
+                    pairs = [r["visible_pairs"] for r in rs]
+                    rec.update(per_rank_visible_pairs=pairs, pairs_max_over_min=max(pairs) / min(pairs))
             records.append({**rec, **meta})
-    ideal = {(r["W"], r["T_global"]): r.get("time_s") for r in records if r["baseline"]}
+    ideal = {(r["W"], r["T_global"]): r for r in records if r["baseline"] and r.get("time_s")}
     for r in records:
-        if r.get("time_s") and ideal.get((r["W"], r["T_global"])):
-            r["efficiency"] = ideal[(r["W"], r["T_global"])] / r["time_s"]
+        base = ideal.get((r["W"], r["T_global"]))
+        if r.get("time_s") and base:
+            r["efficiency"] = base["time_s"] / r["time_s"]
+            r["cpu_efficiency"] = max(base["per_rank_cpu_s"]) / max(max(r["per_rank_cpu_s"]), 1e-9)
+    # weak scaling (--local-lens with --world-sizes 1 ...): against one process doing one rank's share
+    single = {r["T_local"]: r["time_s"] for r in records if r["baseline"] and r["W"] == 1 and r.get("time_s")}
+    for r in records:
+        if r.get("time_s") and r["T_local"] in single and not spec.seq_is_global:
+            r["efficiency_vs_one_process"] = single[r["T_local"]] / r["time_s"]
     return records
 
 
@@ -103,16 +131,25 @@ def _blocked(r: dict) -> str:
     return " / ".join(f"{max(w[i] for w in waits) * 1e3:.1f}" for i in (0, 1))
 
 
+def _cpu(r: dict) -> str:
+    """The busiest rank's CPU ms per call and the ideal's over it ("|" alone for older results)."""
+    if "per_rank_cpu_s" not in r:
+        return " |"
+    return f"{max(r['per_rank_cpu_s']) * 1e3:.1f} | {r.get('cpu_efficiency', 0):.3f}"
+
+
 def markdown(records: List[dict], meta: dict, spec) -> str:
     seq = "global tokens (split over W)" if spec.seq_is_global else "tokens per rank"
     shapes = (f"model {spec.hf_config} (its config fixes the shapes), B={spec.batch}" if spec.suite == "hf" else
-              f"B={spec.batch}, H={spec.heads}, Hkv={spec.kv_heads or spec.heads}, D={spec.dim}")
+              f"B={spec.batch}, H={spec.heads}, Hkv={spec.kv_heads or spec.heads}, D={spec.dim}"
+              + (f", variant {getattr(spec, 'variant', 'scalar')}" if spec.suite == "linear" else ""))
     lines = [f"# lasp2 bench --suite {spec.suite}", "", f"Command: `{meta['command']}`", "",
              f"torch {meta['torch']}; {meta['hardware']}; {shapes}, {spec.dtype}, layout {spec.layout}; "
              f"lengths given as {seq}. Time: the slowest rank's median of {spec.repeats} fwd+bwd calls "
              f"(after {spec.warmup} warm-up + 1 tracked call), configurations interleaved repeat by repeat. "
              "Efficiency = ideal time / time, where the ideal is every rank running the one-device op on "
-             "1/W of the work with no communication, at the same time. Peak memory: per rank above the "
+             "1/W of the work with no communication, at the same time; CPU efficiency is the same ratio of "
+             "the busiest rank's CPU seconds per call (a rank waiting for a peer sleeps). Peak memory: per rank above the "
              "inputs, max over ranks. Communication per call of the measured op (one layer; one whole "
              "model step for --suite model and hf), per rank, forward and backward; 'blocked' is the "
              "time the slowest rank spent inside lasp2's communication calls in that tracked call (all "
@@ -122,15 +159,31 @@ def markdown(records: List[dict], meta: dict, spec) -> str:
     if meta.get("note"):
         lines += [f"**Note:** {meta['note']}", ""]
     lines += ["| W | T global | T local | strategy | fwd+bwd (ms) | tokens/s | efficiency | peak MB/rank "
-              "| MB sent/rank | comm fwd | comm bwd | blocked fwd/bwd (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| MB sent/rank | comm fwd | comm bwd | blocked fwd/bwd (ms) | CPU ms/rank | CPU efficiency |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         head = f"| {r['W']} | {r['T_global']} | {r['T_local']} | {r['strategy']} |"
         if r["skipped"]:
-            lines.append(head + f" skipped: {r['skipped']} | | | | | | | |")
+            lines.append(head + f" skipped: {r['skipped']} | | | | | | | | | |")
             continue
         lines.append(head + f" {r['time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {r.get('efficiency', 0):.3f} | "
                      f"{r['peak_mem_mb']:.0f} | {max(r['bytes_sent_per_rank']) / 2**20:.2f} | "
-                     f"{_ops(r['comm_fwd'])} | {_ops(r['comm_bwd'])} | {_blocked(r)} |")
+                     f"{_ops(r['comm_fwd'])} | {_ops(r['comm_bwd'])} | {_blocked(r)} | {_cpu(r)} |")
+    if spec.suite == "softmax" and any("cpu_max_over_min" in r for r in records):
+        lines += ["", "## Load balance and saved memory", "",
+                  "CPU = the CPU seconds of a rank's process per fwd+bwd call (median over repeats; a rank "
+                  "waiting for a peer sleeps, so on CPU ranks this is its compute); max/min over ranks, next to the "
+                  "exact ratio of the causal (query, key) pairs the ranks' queries see (not for Ulysses, which "
+                  "splits heads). Saved = bytes of the storages the forward saves for backward.", "",
+                  "| W | T global | strategy | layout | CPU per rank (ms) | CPU max/min | pairs max/min | "
+                  "saved MiB/rank |", "|---|---|---|---|---|---|---|---|"]
+        for r in records:
+            if r["skipped"] or "cpu_max_over_min" not in r:
+                continue
+            pairs = f"{r['pairs_max_over_min']:.2f}" if "pairs_max_over_min" in r else ""
+            lines.append(f"| {r['W']} | {r['T_global']} | {r['strategy']} | {r['config_layout'] or ''} | "
+                         f"{', '.join(f'{b * 1e3:.1f}' for b in r['per_rank_cpu_s'])} | "
+                         f"{r['cpu_max_over_min']:.2f} | {pairs} | {max(r['saved_bytes_per_rank']) / 2**20:.2f} |")
     return "\n".join(lines) + "\n"
 
 

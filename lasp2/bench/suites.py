@@ -17,11 +17,17 @@ from __future__ import annotations
 
 
 import torch
-import torch.nn.functional as F
 
 from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, softmax
 
 IDEAL = "ideal"
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def split_layout(config: str, spec):
+    """(strategy, layout) of a configuration: ``allgather@zigzag`` under ``--layout both``."""
+    name, _, layout = config.partition("@")
+    return name, layout or spec.layout
 
 
 def _dtype(spec) -> torch.dtype:
@@ -33,9 +39,11 @@ def _randn(gen, *shape, spec, device):
 
 
 class LinearSuite:
-    """Causal linear attention with a scalar decay gate (Lightning/Mamba2-style): every linear
+    """Causal linear attention, by default with a scalar decay gate (Lightning/Mamba2-style;
+    ``--variants`` picks another: basic, channel, deltanet, gated_deltanet): every linear
     strategy of the registry (``lasp2.parallel.strategies``) and the ideal, ``linear_attention``
-    on the local shard."""
+    on the local shard. ``--world-sizes 1`` adds the single process (the SP local path and the
+    one-device op on a group of one rank)."""
 
     name = "linear"
     strategies = LINEAR_STRATEGIES
@@ -47,20 +55,20 @@ class LinearSuite:
         return None
 
     def inputs(self, spec, T, W, rank, device, group):
-        gen = torch.Generator().manual_seed(1000 + rank)
-        B, H, D = spec.batch, spec.heads, spec.dim
-        q, k, v = (_randn(gen, B, T, H, D, spec=spec, device=device) for _ in range(3))
-        g = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 4).to(device).requires_grad_()
-        do = torch.randn(B, T, H, D, generator=gen).to(device=device, dtype=_dtype(spec))
-        return {"leaves": (q, k, v, g), "do": do}
+        from .inputs import make_inputs
+
+        leaves, do = make_inputs(spec.variant, T, spec.heads, spec.dim, _dtype(spec), device, seed=1000 + rank,
+                                 batch=spec.batch)
+        return {"args": leaves, "leaves": [t for t in leaves if t is not None], "do": do}
 
     def forward(self, config, x, group, spec):
         import lasp2
 
-        q, k, v, g = x["leaves"]
+        q, k, v, g, beta = x["args"]
         if config == IDEAL:
-            return lasp2.linear_attention(q, k, v, g, backend=spec.backend)[0]
-        return lasp2.sp_linear_attention(q, k, v, g, group=group, strategy=config, layout=spec.layout,
+            return lasp2.linear_attention(q, k, v, g, beta, backend=spec.backend)[0]
+        strategy, layout = split_layout(config, spec)
+        return lasp2.sp_linear_attention(q, k, v, g, beta, group=group, strategy=strategy, layout=layout,
                                          backend=spec.backend)
 
 
@@ -77,7 +85,13 @@ class SoftmaxSuite:
     def configs(self):
         return list(self.strategies) + [IDEAL]
 
+    def shards_queries(self, strategy):
+        """Whether a rank's work follows its query positions (its visible causal pairs), which
+        --layout decides; Ulysses attends the whole sequence on a share of the heads instead."""
+        return not softmax(strategy).heads_divisible
+
     def skip_reason(self, config, spec, W):
+        config = split_layout(config, spec)[0]
         if config != IDEAL and softmax(config).heads_divisible and spec.heads % W:
             return f"{config} needs heads % W == 0 (heads={spec.heads}, W={W})"
         return None
@@ -99,7 +113,8 @@ class SoftmaxSuite:
         q, k, v, k_ideal, v_ideal = x["leaves"]
         if config == IDEAL:
             return attention_blockwise(q, k_ideal, v_ideal, causal=False)
-        return lasp2.sp_softmax_attention(q, k, v, group=group, strategy=config, layout=spec.layout)
+        strategy, layout = split_layout(config, spec)
+        return lasp2.sp_softmax_attention(q, k, v, group=group, strategy=strategy, layout=layout)
 
 
 class ModelSuite:

@@ -96,15 +96,16 @@ def _shape(r: dict) -> Shape:
 
 def _cost(r: dict, rate: float, link: Link, cores: int):
     slow = max(1.0, r["W"] / cores)
-    strategy = "ideal" if r["baseline"] else r["strategy"]
+    strategy = "ideal" if r["baseline"] else r["strategy"].partition("@")[0]  # "ring@zigzag": --layout both
+    layout = r.get("config_layout") or r["layout"]
     if r["suite"] == "linear":
-        segs = 2 if r["layout"] == "zigzag" and r["W"] > 1 else 1
+        segs = 2 if layout == "zigzag" and r["W"] > 1 else 1
         s = _shape(r)
         # the block count the measured run used: the library's default for that state
         blocks = default_blocks(r["W"] * segs, s.B * s.H * s.K * s.V * 4, s.V) if strategy in LINEAR_STRATEGIES \
             and linear(strategy).pipelined else None
         return linear_layer(strategy, r["W"], s, rate / slow, link.scaled(slow), segs, blocks), slow
-    return softmax_layer(strategy, r["W"], _shape(r), rate / slow, link.scaled(slow), r["layout"]), slow
+    return softmax_layer(strategy, r["W"], _shape(r), rate / slow, link.scaled(slow), layout), slow
 
 
 def fit_compute(points: List[dict], link: Link, cores: int):

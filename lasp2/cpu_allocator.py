@@ -5,7 +5,7 @@ with a fresh ``mmap`` and unmaps them on ``free``. The tensors of long-sequence 
 exactly that size (one [1, 32768, 8, 64] fp32 tensor is 64 MiB), so every temporary costs a
 round trip to the kernel plus a page fault per 4 KiB touched: on the 2-core development machine
 the chunked op's fwd+bwd at T = 32768 spends as much time in the kernel as in arithmetic, and
-takes ~2x as long as with the thresholds raised (``benchmarks/bench_chunk.py`` measures both in
+takes ~2x as long as with the thresholds raised (``lasp2 bench --suite ops`` measures both in
 one run). PyTorch's CPU performance guide recommends a caching allocator (jemalloc, tcmalloc)
 for the same reason; raising glibc's thresholds gets most of that without a new library.
 

@@ -128,3 +128,14 @@ def test_lasp2_bench_hf_suite(tmp_path):
     assert {r["strategy"] for r in records} == {"lasp2+allgather", "ideal"}, [r["strategy"] for r in records]
     for r in records:
         assert r["skipped"] is None and r["W"] == 2 and math.isfinite(r["time_s"]) and r["time_s"] > 0, r
+
+
+def test_lasp2_bench_model_suite(tmp_path):
+    """The model suite: Linear-Llama with SP contexts on its layers against the ideal."""
+    _run(["-m", "lasp2", "bench", "--suite", "model", "--strategies", "lasp2+allgather", "--world-sizes", "2",
+          "--seq-lens", "64", "--heads", "2", "--dim", "16", "--repeats", "1", "--warmup", "0", "--no-plots",
+          "--quiet", "--out", str(tmp_path)], tmp_path)
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert {r["strategy"] for r in records} == {"lasp2+allgather", "ideal"}, [r["strategy"] for r in records]
+    for r in records:
+        assert r["skipped"] is None and r["W"] == 2 and math.isfinite(r["time_s"]) and r["time_s"] > 0, r

@@ -54,6 +54,30 @@ def parent_store(timeout: float = 600.0) -> Iterator[dist.TCPStore]:
         del store
 
 
+def run_as_torchrun_workers(script, cwd, world_size: int = 2, timeout: float = 600.0) -> tuple[list[int], str]:
+    """Run ``python script`` as ``world_size`` plain processes in the environment torchrun gives
+    its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, the agent's store held by this
+    process: ``parent_store``); return (exit codes, their stdout + stderr joined)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with parent_store(timeout) as store:
+        base = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(world_size),
+                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                "TORCHELASTIC_USE_AGENT_STORE": "True"}
+        procs = [subprocess.Popen([sys.executable, str(script)], cwd=cwd, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world_size)]
+        outs = []
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=timeout)[0])
+            finally:
+                p.kill()
+    return [p.returncode for p in procs], "".join(outs)
+
+
 class DistributedError(AssertionError):
     """A distributed run failed: a rank raised, died, or the run timed out.
 

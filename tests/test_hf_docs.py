@@ -5,13 +5,12 @@ and gradient against the unmodified model, the DDP recipe's gradient (the data-p
 used to give 0.5x the gradient at SP = 2), bf16 autocast, and the exact fp64 recipe."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist import run_as_torchrun_workers
 
 pytest.importorskip("transformers")
 
@@ -29,14 +28,6 @@ def docs_script() -> str:
     return "\n".join(docs_blocks())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _values(out: str, pattern: str) -> dict:
     found = {int(r): float(v) for r, v in re.findall(r"rank (\d): " + pattern, out)}
     assert sorted(found) == [0, 1], (pattern, out)
@@ -46,18 +37,8 @@ def _values(out: str, pattern: str) -> dict:
 def test_docs_hf_snippets_run_as_written(tmp_path):
     script = tmp_path / "hf_docs.py"
     script.write_text(docs_script())
-    base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=600)[0])
-        finally:
-            p.kill()
-    out = "".join(outs)
-    assert all(p.returncode == 0 for p in procs), out
+    codes, out = run_as_torchrun_workers(script, ROOT)
+    assert codes == [0, 0], out
     # fp32 against the unmodified model: ~1e-6 (reduction order); 2e-4 as in test_hf.
     assert all(e < 2e-4 for e in _values(out, f"fp32 logits error {NUMBER}").values()), out
     assert all(e < 2e-4 for e in _values(out, f"fp32 logits error \\S+, gradient error {NUMBER}").values()), out

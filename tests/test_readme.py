@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist import parent_store
+from tests.dist import run_as_torchrun_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 ERR = re.compile(r"rank (\d): max \|sp - single device\| = (\S+)")
@@ -38,25 +38,9 @@ def _check(outputs: str) -> None:
 def test_readme_snippet_runs_as_written(tmp_path):
     script = tmp_path / "demo.py"
     script.write_text(readme_snippet())
-    with parent_store() as store:  # torchrun's agent holds the store; here this process does (no port race)
-        _run_two_workers(script, tmp_path, store.port)
-
-
-def _run_two_workers(script, tmp_path, port: int) -> None:
-    base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "TORCHELASTIC_USE_AGENT_STORE": "True"}
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=600)[0])
-        finally:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
-    _check("".join(outs))
+    codes, out = run_as_torchrun_workers(script, tmp_path)  # torchrun's worker environment, no torchrun
+    assert codes == [0, 0], out
+    _check(out)
 
 
 @pytest.mark.slow

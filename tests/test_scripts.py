@@ -108,12 +108,13 @@ def test_bench_linear_weak_scaling_delta(tmp_path):
 def test_gpu_suite_smoke_on_cpu(tmp_path):
     """benchmarks/gpu_suite.sh (lasp2 bench --suite gpu) in the Triton interpreter, tiny shapes."""
     pytest.importorskip("fla")
-    _run(["bash", "benchmarks/gpu_suite.sh", "--quick", "--no-plots", "--quiet", "--out", str(tmp_path)], tmp_path,
-         TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    # One diagonal and one delta-rule variant (CI time; tests/test_fla_backend.py proves every variant's
+    # kernels exact): the script path is the same for all.
+    _run(["bash", "benchmarks/gpu_suite.sh", "--quick", "--variants", "scalar", "gated_deltanet", "--no-plots",
+          "--quiet", "--out", str(tmp_path)], tmp_path, TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp_path / "triton"))
     recs = _records(tmp_path, ("T", "time_s", "time_vs_fla", "output_rel_rms_vs_fla", "peak_mem_mb"))
     assert {(r["variant"], r["config"]) for r in recs} == {
-        (v, c) for v in ("basic", "scalar", "channel", "deltanet", "gated_deltanet")
-        for c in ("fla", "linear_attention", "sp_linear_attention")}
+        (v, c) for v in ("scalar", "gated_deltanet") for c in ("fla", "linear_attention", "sp_linear_attention")}
     assert all(r["output_rel_rms_vs_fla"] < 1e-4 for r in recs), recs  # fp32 in the interpreter: the same math
 
 

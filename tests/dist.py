@@ -1,7 +1,7 @@
 """Distributed test harness: run a function on W gloo ranks in spawned processes.
 
 Typical use in a test module (the worker function must live at module level so that the
-spawned children can import it by name, e.g. ``tests.test_something._worker``)::
+spawned children can import it by name, e.g. ``tests.parallel.test_something._worker``)::
 
     def _worker(group, n):
         x = torch.full((n,), float(dist.get_rank(group)))

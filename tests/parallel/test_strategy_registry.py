@@ -11,7 +11,7 @@ import pytest
 
 from lasp2.parallel import allscan, strategies
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _package_nodes():

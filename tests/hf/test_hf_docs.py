@@ -14,7 +14,7 @@ from tests.dist import run_as_torchrun_workers
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUMBER = r"([0-9.]+e[-+][0-9]+)"
 
 

@@ -28,7 +28,7 @@ from lasp2.cli import main as cli_main
 from lasp2.train import checkpoint
 from tests.dist import parent_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-9
 # 4 steps of 2 x 128 tokens, 2 blocks (one softmax, one linear layer), fp64.
 QUICK = ["--steps", "4", "--seq-len", "128", "--batch-size", "2", "--mqar-pairs", "4", "--mqar-queries", "32",

@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List, Set, Tuple
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lasp2"
+PACKAGE = Path(__file__).resolve().parents[2] / "lasp2"
 
 # Subpackage -> the lasp2 subpackages it must never import (directly or lazily in a function).
 FORBIDDEN = {

@@ -16,7 +16,7 @@ from lasp2.bench import plan
 from lasp2.cli import main
 from lasp2.parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 LINK = cm.Link("test", alpha=1e-5, bandwidth=1e9, p2p_alpha=2e-5)  # beta = 1 ns per byte
 

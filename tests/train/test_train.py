@@ -26,7 +26,7 @@ from lasp2.train.loop import local_runs_view, lr_at
 from lasp2.train.packing import IGNORE_INDEX
 from tests.dist import run_distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Tiny: 4 steps of 2 x 128 tokens, SP = 2. A hybrid model (N and L layers) so both kinds of SP op run.
 QUICK = ["--steps", "4", "--seq-len", "128", "--batch-size", "2", "--mqar-pairs", "4", "--mqar-queries", "32",
          "--mqar-keys", "8", "--mqar-values", "8", "--layer-pattern", "NL", "--layers", "2", "--warmup", "1",

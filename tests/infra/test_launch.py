@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from lasp2.launch import RankFailure, spawn, under_torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # Rank bodies: module level, so that the spawned ranks can import them by name.

@@ -18,7 +18,7 @@ import pytest
 
 from tests.dist import run_as_torchrun_workers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ERR = re.compile(r"rank (\d): max \|sp - single device\| = (\S+)")
 
 

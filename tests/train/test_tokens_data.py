@@ -20,7 +20,7 @@ from lasp2.train.config import TrainConfig
 from lasp2.train.data import EOS_ID, TextData
 from lasp2.train.tokens import TokenData, inspect
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = "the cat sat\non the mat\n\nthe dog ran\n\n\nfar away"
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600  # generous: a loaded 2-core machine; each run takes seconds when the machine is idle
 
 
@@ -108,7 +108,7 @@ def test_bench_linear_weak_scaling_delta(tmp_path):
 def test_gpu_suite_smoke_on_cpu(tmp_path):
     """benchmarks/gpu_suite.sh (lasp2 bench --suite gpu) in the Triton interpreter, tiny shapes."""
     pytest.importorskip("fla")
-    # One diagonal and one delta-rule variant (CI time; tests/test_fla_backend.py proves every variant's
+    # One diagonal and one delta-rule variant (CI time; tests/ops/test_fla_backend.py proves every variant's
     # kernels exact): the script path is the same for all.
     _run(["bash", "benchmarks/gpu_suite.sh", "--quick", "--variants", "scalar", "gated_deltanet", "--no-plots",
           "--quiet", "--out", str(tmp_path)], tmp_path, TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp_path / "triton"))

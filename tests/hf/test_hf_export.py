@@ -28,7 +28,7 @@ import lasp2  # noqa: E402,F401
 from tests.dist import run_distributed  # noqa: E402
 
 T = 32
-FP32_TOL = 2e-4  # as tests/test_hf.py: fp32, reductions in another order (~1e-6 observed)
+FP32_TOL = 2e-4  # as tests/hf/test_hf_parity.py: fp32, reductions in another order (~1e-6 observed)
 
 
 def _ids():

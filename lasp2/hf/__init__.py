@@ -27,6 +27,7 @@ from .compat import check_transformers
 check_transformers(transformers.__version__)
 
 from .api import parallelize, shard_batch
+from .trainer import sequence_parallel
 from .families import FAMILIES, supported
 
-__all__ = ["parallelize", "shard_batch", "FAMILIES", "supported"]
+__all__ = ["parallelize", "shard_batch", "sequence_parallel", "FAMILIES", "supported"]

@@ -276,11 +276,11 @@ def _references(dp, names):
 # Refusals: ValueErrors on every rank, before any rank computes.
 
 
-def _plain_trainer(model, **kw):
+def _plain_trainer(model, batch=1, **kw):
     from transformers import Trainer
 
     out = tempfile.mkdtemp()
-    return Trainer(model=model, args=_args(out, 1, 1, True, **kw), train_dataset=_dataset(False))
+    return Trainer(model=model, args=_args(out, batch, 1, True), train_dataset=_dataset(False), **kw)
 
 
 def _refusals(group):
@@ -330,8 +330,7 @@ def _refusals(group):
         refuses(r"lasp2\.hf\.sequence_parallel\(trainer", _plain_trainer(model).train)
 
     def padding():
-        trainer = _plain_trainer(make_model(FAMILY, torch.float32))
-        trainer.data_collator = _pad_collator
+        trainer = _plain_trainer(make_model(FAMILY, torch.float32), batch=2, data_collator=_pad_collator)
         trainer.train_dataset = _dataset(True)
         lasp2.hf.sequence_parallel(trainer, sp=2)
         refuses("has padding.*DataCollatorWithFlattening.*padding_free=True", trainer.train)
@@ -339,10 +338,8 @@ def _refusals(group):
     def length_not_divisible():
         from transformers import DataCollatorWithFlattening
 
-        trainer = _plain_trainer(make_model(FAMILY, torch.float32))
-        trainer.data_collator = DataCollatorWithFlattening()
+        trainer = _plain_trainer(make_model(FAMILY, torch.float32), batch=2, data_collator=DataCollatorWithFlattening())
         trainer.train_dataset = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]})
-        trainer.args.per_device_train_batch_size = 2
         lasp2.hf.sequence_parallel(trainer, sp=2)
         refuses(r"length 11 is not a multiple of 4 .*pad_to_multiple=True", trainer.train)
 
@@ -430,3 +427,4 @@ def test_trainer_dp2_sp2_equals_single_process():
     """W = 4: dp = 2 replicas of sp = 2; the reference runs per_device_train_batch_size x 2."""
     refs = _references(2, ("trainer-ga1", "trainer-ga2-eval"))
     run_distributed(_worker_w4, 4, refs)
+

@@ -281,6 +281,12 @@ def _shard_batches(trainer, state: SPTrainerState) -> None:
 
     def prediction_step(model, inputs, prediction_loss_only, ignore_keys=None):
         loss, _, _ = original_prediction_step(model, shard_inputs(state, inputs), True, ignore_keys=ignore_keys)
+        if loss is not None:
+            # every rank of the group reports its replica's loss, as one data-parallel rank would (the
+            # evaluation loop repeats it per example and drops the examples accelerate padded in)
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, group=state.group)
+            loss = loss / state.sp
         return loss, None, None
 
     trainer.get_batch_samples = get_batch_samples

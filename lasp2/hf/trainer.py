@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from ..ops.backends import BACKENDS
+from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..parallel.layout import LAYOUTS
 from ..validation import check_choice
 from .api import parallelize, shard_batch
@@ -58,7 +60,7 @@ def _fail(msg: str):
     raise ValueError(msg)
 
 
-def _check_trainer(trainer, sp, layout) -> None:
+def _check_trainer(trainer, sp, layout, strategy="lasp2", softmax_strategy="allgather", backend="auto") -> None:
     """Every refusal that needs no communication (the same on every rank)."""
     import torch.distributed as dist
     from transformers import Trainer
@@ -69,6 +71,9 @@ def _check_trainer(trainer, sp, layout) -> None:
     if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
         _fail(f"sp must be a positive int (the ranks per sequence-parallel group), got {sp!r}")
     check_choice("layout", layout, LAYOUTS)
+    check_choice("strategy", strategy, LINEAR_STRATEGIES)
+    check_choice("softmax_strategy", softmax_strategy, SOFTMAX_STRATEGIES)
+    check_choice("backend", backend, BACKENDS)
     if getattr(trainer, "_lasp2_sp", None) is not None:
         _fail("this trainer was already wrapped by lasp2.hf.sequence_parallel; call it once per trainer")
     if trainer.model_wrapped is not trainer.model:
@@ -146,7 +151,7 @@ def sequence_parallel(trainer, sp: int, *, layout: str = "zigzag", strategy: str
     same-batch check of ``shard_batch`` over the SP group; otherwise that of the model's layers and
     the Trainer's DDP.
     """
-    _check_trainer(trainer, sp, layout)
+    _check_trainer(trainer, sp, layout, strategy, softmax_strategy, backend)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -416,14 +416,17 @@ def test_bf16_trains_under_sp():
     assert all(0 < e <= BF16_TOL for e in errors), errors
 
 
+W4 = ("trainer-ga1", "trainer-ga2-eval", "trainer-ga2-noavg", "trainer-packed", "sft")
+
+
 def _worker_w4(group, refs):
     _setup_env(group)
-    _exactness(group, refs, 2, ("trainer-ga1", "trainer-ga2-eval"))
+    _exactness(group, refs, 2, W4)
 
 
 @pytest.mark.slow
 def test_trainer_dp2_sp2_equals_single_process():
     """W = 4: dp = 2 replicas of sp = 2; the reference runs per_device_train_batch_size x 2."""
-    refs = _references(2, ("trainer-ga1", "trainer-ga2-eval"))
+    refs = _references(2, W4)
     run_distributed(_worker_w4, 4, refs)
 

@@ -10,6 +10,8 @@ from the lasp2 checkout; ``import lasp2.hf``, which ``import lasp2`` does not do
 ``shard_batch`` checks that every rank holds the same batch (one 8-byte all-gather) and returns the
 batch's sequence-parallel context with the tokens; the model refuses forwards without it, and
 ``generate``. ``lasp2 export`` writes trained checkpoints back as transformers directories.
+Under transformers' ``Trainer`` or TRL's ``SFTTrainer`` (extra ``[trainer]``), hand the trainer
+the unmodified model and call ``lasp2.hf.sequence_parallel(trainer, sp=2)`` instead (``trainer.py``).
 
 Supported: Qwen3-Next, Qwen3.5 and Qwen3.5-MoE (Gated DeltaNet + gated softmax attention), MiniMax (Lightning
 + softmax attention), Bamba (Mamba2 + softmax attention), and subclasses of their model classes. Each model's own layers (parameters,
@@ -27,6 +29,7 @@ from .compat import check_transformers
 check_transformers(transformers.__version__)
 
 from .api import parallelize, shard_batch
+from .trainer import sequence_parallel
 from .families import FAMILIES, supported
 
-__all__ = ["parallelize", "shard_batch", "FAMILIES", "supported"]
+__all__ = ["parallelize", "shard_batch", "sequence_parallel", "FAMILIES", "supported"]

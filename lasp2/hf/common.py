@@ -102,7 +102,9 @@ def check_batch(ctx: HFContext, sp, x: torch.Tensor, ids: Optional[torch.Tensor]
     if sp is None:
         raise ValueError(f"a model parallelized by lasp2.hf needs this batch's sequence-parallel context: "
                          f"{SHARD_HINT}. Feeding it whole sequences, or tokens sharded another way, would give "
-                         f"wrong logits on every rank but the first")
+                         f"wrong logits on every rank but the first. Under transformers' Trainer or TRL's "
+                         f"SFTTrainer: hand the trainer the unmodified model and call "
+                         f"lasp2.hf.sequence_parallel(trainer, sp=...), which parallelizes it and shards every batch")
     if not isinstance(sp, SPBatch):
         raise ValueError(f"{SP_KEY} must be the SPBatch that lasp2.hf.shard_batch returned, got {type(sp).__name__}")
     if not _same_group(sp.group, ctx.group):
@@ -139,6 +141,8 @@ def make_pre_hook(ctx: HFContext, layer_types):
             raise ValueError("a parallelized model trains on whole sequences: pass use_cache=False and no "
                              "past_key_values (generation under sequence parallelism is not supported yet)")
         kwargs["use_cache"] = False
+        if kwargs.get(SP_KEY) is None:  # the most likely mistake first (e.g. a plain Trainer's batch)
+            check_batch(ctx, None, None, None, None)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             raise ValueError("a parallelized model takes no attention_mask (padding is not supported under "

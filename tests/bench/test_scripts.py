@@ -140,3 +140,14 @@ def test_lasp2_bench_model_suite(tmp_path):
     assert {r["strategy"] for r in records} == {"lasp2+allgather", "ideal"}, [r["strategy"] for r in records]
     for r in records:
         assert r["skipped"] is None and r["W"] == 2 and math.isfinite(r["time_s"]) and r["time_s"] > 0, r
+
+
+def test_hf_trainer_sft_example(tmp_path):
+    """examples/hf_trainer_sft.py as a user starts it (2 local gloo ranks, sp = 2, packed SFT with TRL):
+    finite losses, and the saved model reloads into an unmodified transformers model."""
+    pytest.importorskip("trl")
+    _run(["examples/hf_trainer_sft.py", "--steps", "2", "--examples", "16", "--max-len", "48", "--out",
+          str(tmp_path)], tmp_path)
+    report = json.loads((tmp_path / "hf_trainer_sft.json").read_text())
+    assert report["world_size"] == 2 and report["sp"] == 2 and len(report["losses"]) == 2, report
+    assert all(math.isfinite(x) and x > 0 for x in report["losses"]) and report["reloaded_equal"], report

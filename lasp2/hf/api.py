@@ -34,7 +34,7 @@ def _check_modules(model, family) -> None:
     known = _known_mixers(family)
     everything = {c for f in FAMILIES for c in _known_mixers(f)}
     for name, m in model.named_modules():
-        if mixer_class(m, known) is not None:
+        if mixer_class(m, known) is not None or type(m).__name__ in family.tokenwise + family.models:
             continue
         cls = type(m).__name__
         inside_linear = name.rsplit(".", 1)[0] if "." in name else ""
@@ -123,9 +123,9 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
                 sp_config = copy.deepcopy(m.config)
                 sp_config._attn_implementation = ATTN_IMPLEMENTATION
             m._lasp2, m.config = ctx, sp_config
-    base = model.model if model_class(model, family) == family.models[0] else model
-    model._lasp2_hook = base.register_forward_pre_hook(make_pre_hook(ctx, getattr(config, family.layer_types)),
-                                                       with_kwargs=True)
+    base = getattr(model, family.base) if model_class(model, family) == family.models[0] else model
+    kinds = None if family.layer_types is None else getattr(config, family.layer_types)
+    model._lasp2_hook = base.register_forward_pre_hook(make_pre_hook(ctx, kinds), with_kwargs=True)
     model._lasp2 = ctx
     model.generate = _refuse_generate  # this instance only
     return model

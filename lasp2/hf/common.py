@@ -125,7 +125,7 @@ def make_pre_hook(ctx: HFContext, layer_types):
     checked (``check_batch``), ``position_ids`` from it when none are given, attention masks
     replaced by ``None`` per layer type (the SP ops apply causality and documents from global
     positions), and no KV/recurrent cache."""
-    no_masks = {t: None for t in set(layer_types)}
+    no_masks = None if layer_types is None else {t: None for t in set(layer_types)}  # None: one mask, no kinds
 
     def hook(module, args, kwargs):
         if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
@@ -137,7 +137,7 @@ def make_pre_hook(ctx: HFContext, layer_types):
             raise ValueError("a parallelized model takes no attention_mask (padding is not supported under "
                              "sequence parallelism); pack documents and pass lasp2.hf.shard_batch(..., "
                              "cu_seqlens=...)'s output, which carries the document boundaries")
-        kwargs["attention_mask"] = dict(no_masks)
+        kwargs["attention_mask"] = None if no_masks is None else dict(no_masks)
         ids = kwargs.get("input_ids", args[0] if args else None)
         x = ids if ids is not None else kwargs.get("inputs_embeds")
         if x is None:

@@ -20,8 +20,11 @@ class Family:
     models: Tuple[str, ...]           # model classes (first: the causal LM), base model at ``.model``
     linear: Dict[str, Callable]       # linear mixer class -> replacement forward(layer, modeling, ...)
     softmax: Tuple[str, ...]          # softmax attention classes
-    layer_types: str                  # config attribute listing "linear_attention" / "full_attention"
+    layer_types: Optional[str]        # config attribute listing the layer kinds the model builds masks for
+                                      # (None: the model takes one attention_mask, passed as None)
     unsupported_config: Optional[Callable] = None   # config -> problem description or None
+    base: str = "model"               # attribute of the causal LM holding the base model
+    tokenwise: Tuple[str, ...] = ()   # classes named like mixers (``Mamba2RMSNorm``...) that mix no tokens
 
     def modeling(self):
         return importlib.import_module(self.module)
@@ -63,6 +66,10 @@ FAMILIES = (
            ("BambaForCausalLM", "BambaModel"),
            {"BambaMixer": _plain(bamba.mamba2_forward)}, ("BambaAttention",),
            "layers_block_type"),
+    Family("mamba2", "transformers.models.mamba2.modeling_mamba2",
+           ("Mamba2ForCausalLM", "Mamba2Model"),
+           {"Mamba2Mixer": _plain(bamba.mamba2_forward)}, (), None, base="backbone",
+           tokenwise=("Mamba2Block", "Mamba2RMSNorm", "Mamba2RMSNormGated")),
 )
 
 

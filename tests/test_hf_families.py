@@ -1,0 +1,110 @@
+"""lasp2.hf families beyond the first five (``lasp2/hf/families.py``) against the unmodified
+transformers model on one process (``tests/hf_reference.py``), in fp64: logits shard by shard,
+the loss (each rank's share summed over SP) and every parameter gradient (each rank's gradient
+of its share, summed over SP) to ~1e-10; both layouts and packed documents.
+
+One spawn per world size runs a table of cases over the families; references are computed once,
+here. Parameters that transformers itself casts to fp32 inside an fp64 model (``A_log.float()``)
+get token sums in fp32, and are held to the fp32 bound."""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+import lasp2  # noqa: E402
+import lasp2.hf  # noqa: E402
+from lasp2.parallel import comm  # noqa: E402
+from tests.dist import run_cases, run_distributed  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+from tests.hf_reference import make_model, reference  # noqa: E402
+
+T = 24
+DOCS = [0, 5, 13, 24]
+# transformers computes these in fp32 inside an fp64 model: their gradients are fp32 token sums.
+FP32_REDUCED = {
+    "mamba2": re.compile(r"A_log$"),
+}
+# Families and what their default cases cover: fp64, both layouts, documents.
+FAMILIES = ("mamba2",)
+
+
+def _ids(seed=0):
+    return torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _run_case(group, *, family: str, layout: str, ref: dict, cu: Optional[list] = None, count_comm: bool = False):
+    ids = _ids()
+    model = make_model(family, torch.float64)
+    model.load_state_dict(ref["state"])
+    lasp2.hf.parallelize(model, group, layout=layout)
+    batch = lasp2.hf.shard_batch(ids, ids, group=group, layout=layout,
+                                 cu_seqlens=None if cu is None else torch.tensor(cu))
+    if count_comm:
+        with torch.no_grad():  # the first call runs a one-off agreement check
+            model(**batch)
+    with comm.track() as fwd:
+        out = model(**batch)
+    loss = F.cross_entropy(out.logits.double().flatten(0, 1), batch["shift_labels"].flatten(), ignore_index=-100,
+                           reduction="sum") / ref["n"]
+    params = list(model.named_parameters())
+    with comm.track() as bwd:
+        grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double() for (_, p), g in zip(params, grads)]
+                     + [loss.detach().view(1), out.loss.detach().double().view(1)])
+    dist.all_reduce(flat, group=group)  # the shares' sum: the whole sequence's gradient and loss
+    assert_close("logits", out.logits, lasp2.shard(ref["logits"], group=group, layout=layout), torch.float64,
+                 whole=ref["logits"])
+    offset, fp32_sums = 0, FP32_REDUCED.get(family)
+    for (name, p), ref_name in zip(params, ref["names"]):
+        assert name == ref_name
+        g = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if fp32_sums is not None and fp32_sums.search(name):
+            assert_close(f"d {name}", g, ref["grads"][name], torch.float32, depth=T)
+        else:
+            assert_close(f"d {name}", g, ref["grads"][name], torch.float64)
+    assert abs(flat[-2].item() - ref["loss"].item()) <= 1e-10 * abs(ref["loss"].item()), (flat[-2], ref["loss"])
+    # transformers' own loss (fp32 logits in some families) with shard_batch's shift_labels / num_items_in_batch
+    assert abs(flat[-1].item() - ref["hf_loss"].item()) <= 1e-5 * abs(ref["hf_loss"].item())
+    if count_comm:  # per layer and direction one collective, plus one halo exchange per short conv
+        n_layers = model.config.num_hidden_layers
+        assert fwd.count("all_gather") == n_layers and bwd.count("all_gather") == n_layers, (fwd.records, bwd.records)
+        p2p = fwd.count("send") + fwd.count("recv")  # rank-dependent: the first rank only sends, the last receives
+        assert (fwd.count("send"), fwd.count("recv")) == (bwd.count("recv"), bwd.count("send")), (fwd.records, bwd.records)
+        assert 1 <= p2p / n_layers <= 2, fwd.records
+        assert fwd.count() == n_layers + p2p and bwd.count() == n_layers + p2p
+
+
+def _worker(group, table):
+    sys.modules.setdefault("fla", None)  # the parallelized layers never call fla's kernels
+    run_cases([(name, dict(params, group=group)) for name, params in table], lambda **p: _run_case(**p))
+
+
+def _table(families, layouts=("contiguous", "zigzag"), docs=True):
+    table = []
+    for fam in families:
+        ref = reference(fam, torch.float64, _ids())
+        table += [(f"{fam}-{layout}", dict(family=fam, layout=layout, ref=ref)) for layout in layouts]
+        if docs:
+            table.append((f"{fam}-docs", dict(family=fam, layout="zigzag", ref=reference(fam, torch.float64, _ids(), DOCS),
+                                              cu=DOCS)))
+    return table
+
+
+def test_families_sp2():
+    table = _table(FAMILIES)
+    table.append(("mamba2-comm", dict(table[0][1], count_comm=True)))
+    run_distributed(_worker, 2, table, timeout=900)
+
+
+@pytest.mark.slow
+def test_families_sp4():
+    run_distributed(_worker, 4, _table(FAMILIES), timeout=900)

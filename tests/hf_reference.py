@@ -36,13 +36,16 @@ CONFIGS = {
                                                                        "linear_attention"], block_size=8)),
     "bamba": ("bamba-tiny", dict(num_hidden_layers=3, attn_layer_indices=[1], mamba_chunk_size=8)),
     "mamba2": ("mamba2-tiny", dict(num_hidden_layers=2, chunk_size=8)),
+    "nemotron_h": ("nemotron-h-tiny", dict(layers_block_type=["linear_attention", "full_attention", "moe"],
+                                           chunk_size=8)),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
            "qwen3_5_moe": "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
            "minimax": "transformers.models.minimax.modeling_minimax",
            "bamba": "transformers.models.bamba.modeling_bamba",
-           "mamba2": "transformers.models.mamba2.modeling_mamba2"}
+           "mamba2": "transformers.models.mamba2.modeling_mamba2",
+           "nemotron_h": "transformers.models.nemotron_h.modeling_nemotron_h"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0):

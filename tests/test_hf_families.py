@@ -31,9 +31,11 @@ DOCS = [0, 5, 13, 24]
 # transformers computes these in fp32 inside an fp64 model: their gradients are fp32 token sums.
 FP32_REDUCED = {
     "mamba2": re.compile(r"A_log$"),
+    # Nemotron-H: its RMSNorms (weight.float()) and MoE router (fp32 linear)
+    "nemotron_h": re.compile(r"(A_log|layers\.\d+\.norm\.weight|norm_f\.weight|mixer\.gate\.weight)$"),
 }
 # Families and what their default cases cover: fp64, both layouts, documents.
-FAMILIES = ("mamba2",)
+FAMILIES = ("mamba2", "nemotron_h")
 
 
 def _ids(seed=0):

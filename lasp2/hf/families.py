@@ -38,7 +38,7 @@ def _plain(fn):
     return lambda layer, modeling: (lambda *a, **k: fn(layer, *a, **k))
 
 
-def _minimax_config(config) -> Optional[str]:
+def _no_sliding_window(config) -> Optional[str]:
     if getattr(config, "sliding_window", None) is not None:
         return (f"config.sliding_window = {config.sliding_window}: sliding-window softmax attention is not "
                 f"supported under sequence parallelism; set it to None")
@@ -61,7 +61,7 @@ FAMILIES = (
     Family("minimax", "transformers.models.minimax.modeling_minimax",
            ("MiniMaxForCausalLM", "MiniMaxModel"),
            {"MiniMaxLightningAttention": _plain(minimax.lightning_forward)}, ("MiniMaxAttention",),
-           "layer_types", _minimax_config),
+           "layer_types", _no_sliding_window),
     Family("bamba", "transformers.models.bamba.modeling_bamba",
            ("BambaForCausalLM", "BambaModel"),
            {"BambaMixer": _plain(bamba.mamba2_forward)}, ("BambaAttention",),
@@ -70,6 +70,10 @@ FAMILIES = (
            ("Mamba2ForCausalLM", "Mamba2Model"),
            {"Mamba2Mixer": _plain(bamba.mamba2_forward)}, (), None, base="backbone",
            tokenwise=("Mamba2Block", "Mamba2RMSNorm", "Mamba2RMSNormGated")),
+    Family("nemotron_h", "transformers.models.nemotron_h.modeling_nemotron_h",
+           ("NemotronHForCausalLM", "NemotronHModel"),
+           {"NemotronHMamba2Mixer": _plain(bamba.mamba2_forward)}, ("NemotronHAttention",),
+           "layer_types", _no_sliding_window),
 )
 
 

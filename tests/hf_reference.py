@@ -38,6 +38,8 @@ CONFIGS = {
     "mamba2": ("mamba2-tiny", dict(num_hidden_layers=2, chunk_size=8)),
     "nemotron_h": ("nemotron-h-tiny", dict(layers_block_type=["linear_attention", "full_attention", "moe"],
                                            chunk_size=8)),
+    "granitemoehybrid": ("granite-4.0-h-tiny", dict(num_hidden_layers=3, mamba_chunk_size=8,
+                                                    layer_types=["mamba", "attention", "mamba"])),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -45,7 +47,8 @@ MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "minimax": "transformers.models.minimax.modeling_minimax",
            "bamba": "transformers.models.bamba.modeling_bamba",
            "mamba2": "transformers.models.mamba2.modeling_mamba2",
-           "nemotron_h": "transformers.models.nemotron_h.modeling_nemotron_h"}
+           "nemotron_h": "transformers.models.nemotron_h.modeling_nemotron_h",
+           "granitemoehybrid": "transformers.models.granitemoehybrid.modeling_granitemoehybrid"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0):

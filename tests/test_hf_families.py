@@ -33,9 +33,10 @@ FP32_REDUCED = {
     "mamba2": re.compile(r"A_log$"),
     # Nemotron-H: its RMSNorms (weight.float()) and MoE router (fp32 linear)
     "nemotron_h": re.compile(r"(A_log|layers\.\d+\.norm\.weight|norm_f\.weight|mixer\.gate\.weight)$"),
+    "granitemoehybrid": re.compile(r"A_log$"),
 }
 # Families and what their default cases cover: fp64, both layouts, documents.
-FAMILIES = ("mamba2", "nemotron_h")
+FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid")
 
 
 def _ids(seed=0):

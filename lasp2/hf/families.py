@@ -74,6 +74,10 @@ FAMILIES = (
            ("NemotronHForCausalLM", "NemotronHModel"),
            {"NemotronHMamba2Mixer": _plain(bamba.mamba2_forward)}, ("NemotronHAttention",),
            "layer_types", _no_sliding_window),
+    Family("granitemoehybrid", "transformers.models.granitemoehybrid.modeling_granitemoehybrid",
+           ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridModel"),
+           {"GraniteMoeHybridMambaLayer": _plain(bamba.mamba2_forward)}, ("GraniteMoeHybridAttention",),
+           "layers_block_type", _no_sliding_window),
 )
 
 

@@ -40,6 +40,7 @@ CONFIGS = {
                                            chunk_size=8)),
     "granitemoehybrid": ("granite-4.0-h-tiny", dict(num_hidden_layers=3, mamba_chunk_size=8,
                                                     layer_types=["mamba", "attention", "mamba"])),
+    "falcon_h1": ("falcon-h1-tiny", dict(num_hidden_layers=2, mamba_chunk_size=8)),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -48,7 +49,8 @@ MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "bamba": "transformers.models.bamba.modeling_bamba",
            "mamba2": "transformers.models.mamba2.modeling_mamba2",
            "nemotron_h": "transformers.models.nemotron_h.modeling_nemotron_h",
-           "granitemoehybrid": "transformers.models.granitemoehybrid.modeling_granitemoehybrid"}
+           "granitemoehybrid": "transformers.models.granitemoehybrid.modeling_granitemoehybrid",
+           "falcon_h1": "transformers.models.falcon_h1.modeling_falcon_h1"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0):

@@ -124,7 +124,8 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
                 sp_config._attn_implementation = ATTN_IMPLEMENTATION
             m._lasp2, m.config = ctx, sp_config
     base = getattr(model, family.base) if model_class(model, family) == family.models[0] else model
-    kinds = None if family.layer_types is None else getattr(config, family.layer_types)
+    kinds = family.layer_types if family.layer_types is None or isinstance(family.layer_types, tuple) else \
+        getattr(config, family.layer_types)
     model._lasp2_hook = base.register_forward_pre_hook(make_pre_hook(ctx, kinds), with_kwargs=True)
     model._lasp2 = ctx
     model.generate = _refuse_generate  # this instance only

@@ -23,12 +23,17 @@ from .common import documents, compute_dtype, linear_core
 
 
 def mamba2_forward(layer, hidden_states, cache_params=None, attention_mask=None, **kwargs):
-    """Replacement forward of ``BambaMixer``."""
+    """Replacement forward of ``BambaMixer`` (and of the Mamba2 mixers that run the same code:
+    ``Mamba2Mixer``, ``NemotronHMamba2Mixer``, ``GraniteMoeHybridMambaLayer``)."""
+    return mamba2_mix(layer, layer.in_proj(hidden_states), hidden_states.dtype, kwargs, layer.norm)
+
+
+def mamba2_mix(layer, projected, dtype, kwargs, finish):
+    """Everything after ``in_proj``: conv, SSD scan with the D skip, ``finish(y, gate)`` (the
+    layer's gated norm), ``out_proj``. ``projected`` [B, T, intermediate + conv_dim + H]."""
     ctx, cu = layer._lasp2, documents(layer, kwargs)
-    batch_size, seq_len, _ = hidden_states.shape
-    dtype = hidden_states.dtype
+    batch_size, seq_len, _ = projected.shape
     H, P, G, N = layer.num_heads, layer.head_dim, layer.n_groups, layer.ssm_state_size
-    projected = layer.in_proj(hidden_states)
     gate, xbc, dt = projected.split([layer.intermediate_size, layer.conv_dim, H], dim=-1)
 
     w = layer.conv1d.weight.squeeze(1)
@@ -46,5 +51,5 @@ def mamba2_forward(layer, hidden_states, cache_params=None, attention_mask=None,
     dt = dt.to(cdt)
     y = linear_core(ctx, C, B, x * dt[..., None], A.to(cdt) * dt, scale=1.0, cu_seqlens=cu)
     y = y + layer.D[..., None] * x
-    scan_output = layer.norm(y.reshape(batch_size, seq_len, -1), gate)
+    scan_output = finish(y.reshape(batch_size, seq_len, -1), gate)
     return layer.out_proj(scan_output.to(dtype))

@@ -10,7 +10,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
-from . import bamba, minimax, qwen3_next
+from . import bamba, falcon_h1, minimax, qwen3_next
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,8 @@ class Family:
     models: Tuple[str, ...]           # model classes (first: the causal LM), base model at ``.model``
     linear: Dict[str, Callable]       # linear mixer class -> replacement forward(layer, modeling, ...)
     softmax: Tuple[str, ...]          # softmax attention classes
-    layer_types: Optional[str]        # config attribute listing the layer kinds the model builds masks for
-                                      # (None: the model takes one attention_mask, passed as None)
+    layer_types: object               # config attribute listing the layer kinds the model builds masks for,
+                                      # or a tuple of those kinds (None: one attention_mask, passed as None)
     unsupported_config: Optional[Callable] = None   # config -> problem description or None
     base: str = "model"               # attribute of the causal LM holding the base model
     tokenwise: Tuple[str, ...] = ()   # classes named like mixers (``Mamba2RMSNorm``...) that mix no tokens
@@ -78,6 +78,10 @@ FAMILIES = (
            ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridModel"),
            {"GraniteMoeHybridMambaLayer": _plain(bamba.mamba2_forward)}, ("GraniteMoeHybridAttention",),
            "layers_block_type", _no_sliding_window),
+    Family("falcon_h1", "transformers.models.falcon_h1.modeling_falcon_h1",
+           ("FalconH1ForCausalLM", "FalconH1Model"),
+           {"FalconH1Mixer": _plain(falcon_h1.falcon_h1_mixer_forward)}, ("FalconH1Attention",),
+           ("full_attention", "linear_attention"), _no_sliding_window),
 )
 
 

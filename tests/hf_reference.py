@@ -41,6 +41,8 @@ CONFIGS = {
     "granitemoehybrid": ("granite-4.0-h-tiny", dict(num_hidden_layers=3, mamba_chunk_size=8,
                                                     layer_types=["mamba", "attention", "mamba"])),
     "falcon_h1": ("falcon-h1-tiny", dict(num_hidden_layers=2, mamba_chunk_size=8)),
+    "zamba2": ("zamba2-tiny", dict(num_hidden_layers=3, layers_block_type=["hybrid", "mamba", "hybrid"],
+                                   chunk_size=8)),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -50,7 +52,8 @@ MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "mamba2": "transformers.models.mamba2.modeling_mamba2",
            "nemotron_h": "transformers.models.nemotron_h.modeling_nemotron_h",
            "granitemoehybrid": "transformers.models.granitemoehybrid.modeling_granitemoehybrid",
-           "falcon_h1": "transformers.models.falcon_h1.modeling_falcon_h1"}
+           "falcon_h1": "transformers.models.falcon_h1.modeling_falcon_h1",
+           "zamba2": "transformers.models.zamba2.modeling_zamba2"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0):

@@ -35,9 +35,10 @@ FP32_REDUCED = {
     "nemotron_h": re.compile(r"(A_log|layers\.\d+\.norm\.weight|norm_f\.weight|mixer\.gate\.weight)$"),
     "granitemoehybrid": re.compile(r"A_log$"),
     "falcon_h1": re.compile(r"A_log$"),
+    "zamba2": re.compile(r"A_log$"),
 }
 # Families and what their default cases cover: fp64, both layouts, documents.
-FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1")
+FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2")
 
 
 def _ids(seed=0):

@@ -82,6 +82,10 @@ FAMILIES = (
            ("FalconH1ForCausalLM", "FalconH1Model"),
            {"FalconH1Mixer": _plain(falcon_h1.falcon_h1_mixer_forward)}, ("FalconH1Attention",),
            ("full_attention", "linear_attention"), _no_sliding_window),
+    Family("zamba2", "transformers.models.zamba2.modeling_zamba2",
+           ("Zamba2ForCausalLM", "Zamba2Model"),
+           {"Zamba2MambaMixer": _plain(bamba.mamba2_forward)}, ("Zamba2Attention",),
+           ("full_attention", "linear_attention"), _no_sliding_window, tokenwise=("Zamba2MambaDecoderLayer",)),
 )
 
 

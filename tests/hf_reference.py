@@ -43,6 +43,7 @@ CONFIGS = {
     "falcon_h1": ("falcon-h1-tiny", dict(num_hidden_layers=2, mamba_chunk_size=8)),
     "zamba2": ("zamba2-tiny", dict(num_hidden_layers=3, layers_block_type=["hybrid", "mamba", "hybrid"],
                                    chunk_size=8)),
+    "mamba": ("mamba-tiny", dict(num_hidden_layers=2)),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -53,7 +54,8 @@ MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "nemotron_h": "transformers.models.nemotron_h.modeling_nemotron_h",
            "granitemoehybrid": "transformers.models.granitemoehybrid.modeling_granitemoehybrid",
            "falcon_h1": "transformers.models.falcon_h1.modeling_falcon_h1",
-           "zamba2": "transformers.models.zamba2.modeling_zamba2"}
+           "zamba2": "transformers.models.zamba2.modeling_zamba2",
+           "mamba": "transformers.models.mamba.modeling_mamba"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0):
@@ -96,12 +98,35 @@ def mamba2_fp64(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, in
     return y if D is None else y + D[..., None] * x
 
 
+def mamba1_fp64(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                return_last_state=False, **kwargs):
+    """transformers' ``mamba_selective_scan`` (its per-token recurrence, written out) in fp64:
+    hidden_states/dt/z [b, I, T], A [I, N], B/C [b, N, T]."""
+    assert not return_last_state
+    dt = dt.double()
+    if delta_bias is not None:
+        dt = dt + delta_bias.double()[..., None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    x, A, B, C = hidden_states.double(), A.double(), B.double(), C.double()
+    state = x.new_zeros(x.shape[0], x.shape[1], A.shape[1])           # [b, I, N]
+    ys = []
+    for t in range(x.shape[2]):
+        state = torch.exp(A * dt[:, :, t, None]) * state + dt[:, :, t, None] * B[:, None, :, t] * x[:, :, t, None]
+        ys.append((state * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + x * D.double()[None, :, None]
+    return y if z is None else y * F.silu(z.double())
+
+
 @contextlib.contextmanager
 def hf_kernels(family: str, dtype: torch.dtype, model):
     """Pin the reference model's scan kernels (see the module docstring)."""
     use_torch_kernels(model)
     modeling = importlib.import_module(MODULES[family])
-    pins = {"torch_chunk_gated_delta_rule": gdn_fp64(modeling), "mamba2_chunk_scan": mamba2_fp64}
+    pins = {"torch_chunk_gated_delta_rule": gdn_fp64(modeling), "mamba2_chunk_scan": mamba2_fp64,
+            "mamba_selective_scan": mamba1_fp64}
     saved: Dict[str, object] = {}
     if dtype == torch.float64:
         for name, fp64 in pins.items():

@@ -36,9 +36,10 @@ FP32_REDUCED = {
     "granitemoehybrid": re.compile(r"A_log$"),
     "falcon_h1": re.compile(r"A_log$"),
     "zamba2": re.compile(r"A_log$"),
+    "mamba": re.compile(r"(A_log|mixer\.D|dt_proj\.bias)$"),  # A_log.float(), D.float(), dt_proj.bias.float()
 }
 # Families and what their default cases cover: fp64, both layouts, documents.
-FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2")
+FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba")
 
 
 def _ids(seed=0):
@@ -113,3 +114,25 @@ def test_families_sp2():
 @pytest.mark.slow
 def test_families_sp4():
     run_distributed(_worker, 4, _table(FAMILIES), timeout=900)
+
+
+@pytest.mark.parametrize("family", ["mamba"])
+def test_mamba1_fp64_kernel_matches_transformers(family):
+    """The fp64 reference selective scan equals transformers' PyTorch ``mamba_selective_scan`` to fp32 precision."""
+    import importlib
+
+    from lasp2.hf.loading import use_torch_kernels
+    from tests.helpers import max_rel_err
+    from tests.hf_reference import MODULES, mamba1_fp64
+
+    modeling = importlib.import_module(MODULES[family])
+    use_torch_kernels(make_model(family, torch.float32))
+    gen = torch.Generator().manual_seed(3)
+    b, I, N, L = 2, 6, 4, 19
+    x, dt, z = (torch.randn(b, I, L, generator=gen) for _ in range(3))
+    A = -torch.rand(I, N, generator=gen) - 0.5
+    B, C = (torch.randn(b, N, L, generator=gen) for _ in range(2))
+    kw = dict(D=torch.randn(I, generator=gen), z=z, delta_bias=torch.randn(I, generator=gen), delta_softplus=True)
+    ours = mamba1_fp64(x, dt, A, B, C, **kw)
+    theirs = modeling.mamba_selective_scan(x, dt, A, B, C, **kw)
+    assert max_rel_err(ours, theirs.double()) < 1e-5

@@ -13,7 +13,7 @@ from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_group, s
 from ..parallel.layout import LAYOUTS
 from ..validation import check_choice, check_cu_seqlens
 from ..parallel.batch import SPBatch, batch_digest
-from .common import ATTN_IMPLEMENTATION, SP_KEY, HFContext, attention_function, make_pre_hook
+from .common import ATTN_IMPLEMENTATION, SP_KEY, BatchSlot, HFContext, attention_function, make_pre_hook
 from .families import FAMILIES, family_of, mixer_class, model_class
 
 # Class names that mix tokens; any such module that a family does not know is refused.
@@ -113,20 +113,23 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     ctx = HFContext(group, layout, strategy, softmax_strategy, backend)
     modeling = family.modeling()
     sp_config = None
+    slot = BatchSlot() if family.slot else None
     for m in model.modules():
         cls = mixer_class(m, _known_mixers(family))
         if cls in family.linear:
-            m._lasp2 = ctx
+            m._lasp2, m._lasp2_slot = ctx, slot
             m.forward = family.linear[cls](m, modeling)
         elif cls in family.softmax:
             if sp_config is None:  # a private config: the model's own (maybe shared) one is untouched
                 sp_config = copy.deepcopy(m.config)
                 sp_config._attn_implementation = ATTN_IMPLEMENTATION
             m._lasp2, m.config = ctx, sp_config
-    base = getattr(model, family.base) if model_class(model, family) == family.models[0] else model
+    # the hook sits on the base model (which gets **kwargs), or on the model when it drops them
+    top = model_class(model, family) == family.models[0] and family.base is not None
+    base = getattr(model, family.base) if top else model
     kinds = family.layer_types if family.layer_types is None or isinstance(family.layer_types, tuple) else \
         getattr(config, family.layer_types)
-    model._lasp2_hook = base.register_forward_pre_hook(make_pre_hook(ctx, kinds), with_kwargs=True)
+    model._lasp2_hook = base.register_forward_pre_hook(make_pre_hook(ctx, kinds, slot), with_kwargs=True)
     model._lasp2 = ctx
     model.generate = _refuse_generate  # this instance only
     return model

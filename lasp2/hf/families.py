@@ -10,7 +10,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
-from . import bamba, falcon_h1, minimax, qwen3_next
+from . import bamba, falcon_h1, mamba, minimax, qwen3_next
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,11 @@ class Family:
     layer_types: object               # config attribute listing the layer kinds the model builds masks for,
                                       # or a tuple of those kinds (None: one attention_mask, passed as None)
     unsupported_config: Optional[Callable] = None   # config -> problem description or None
-    base: str = "model"               # attribute of the causal LM holding the base model
+    base: Optional[str] = "model"     # attribute of the causal LM holding the base model, which passes
+                                      # **kwargs to its layers (None: the causal LM drops them; hook it)
     tokenwise: Tuple[str, ...] = ()   # classes named like mixers (``Mamba2RMSNorm``...) that mix no tokens
+    slot: bool = False                # the decoder layers drop **kwargs on the way to the mixers (Mamba,
+                                      # Jamba): the batch's SP context reaches them through a ``BatchSlot``
 
     def modeling(self):
         return importlib.import_module(self.module)
@@ -86,6 +89,10 @@ FAMILIES = (
            ("Zamba2ForCausalLM", "Zamba2Model"),
            {"Zamba2MambaMixer": _plain(bamba.mamba2_forward)}, ("Zamba2Attention",),
            ("full_attention", "linear_attention"), _no_sliding_window, tokenwise=("Zamba2MambaDecoderLayer",)),
+    Family("mamba", "transformers.models.mamba.modeling_mamba",
+           ("MambaForCausalLM", "MambaModel"),
+           {"MambaMixer": _plain(mamba.mamba_forward)}, (), None, base=None,
+           tokenwise=("MambaBlock", "MambaRMSNorm"), slot=True),
 )
 
 

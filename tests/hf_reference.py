@@ -44,6 +44,8 @@ CONFIGS = {
     "zamba2": ("zamba2-tiny", dict(num_hidden_layers=3, layers_block_type=["hybrid", "mamba", "hybrid"],
                                    chunk_size=8)),
     "mamba": ("mamba-tiny", dict(num_hidden_layers=2)),
+    "falcon_mamba": ("falcon-mamba-tiny", dict(num_hidden_layers=2)),
+    "jamba": ("jamba-tiny", dict(num_hidden_layers=3, attn_layer_period=3)),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -55,7 +57,9 @@ MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "granitemoehybrid": "transformers.models.granitemoehybrid.modeling_granitemoehybrid",
            "falcon_h1": "transformers.models.falcon_h1.modeling_falcon_h1",
            "zamba2": "transformers.models.zamba2.modeling_zamba2",
-           "mamba": "transformers.models.mamba.modeling_mamba"}
+           "mamba": "transformers.models.mamba.modeling_mamba",
+           "falcon_mamba": "transformers.models.falcon_mamba.modeling_falcon_mamba",
+           "jamba": "transformers.models.jamba.modeling_jamba"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0):

@@ -37,9 +37,11 @@ FP32_REDUCED = {
     "falcon_h1": re.compile(r"A_log$"),
     "zamba2": re.compile(r"A_log$"),
     "mamba": re.compile(r"(A_log|mixer\.D|dt_proj\.bias)$"),  # A_log.float(), D.float(), dt_proj.bias.float()
+    "falcon_mamba": re.compile(r"(A_log|mixer\.D|dt_proj\.bias)$"),
+    "jamba": re.compile(r"(A_log|mamba\.D|dt_proj\.bias)$"),
 }
 # Families and what their default cases cover: fp64, both layouts, documents.
-FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba")
+FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba", "falcon_mamba", "jamba")
 
 
 def _ids(seed=0):
@@ -116,7 +118,7 @@ def test_families_sp4():
     run_distributed(_worker, 4, _table(FAMILIES), timeout=900)
 
 
-@pytest.mark.parametrize("family", ["mamba"])
+@pytest.mark.parametrize("family", ["mamba", "falcon_mamba", "jamba"])
 def test_mamba1_fp64_kernel_matches_transformers(family):
     """The fp64 reference selective scan equals transformers' PyTorch ``mamba_selective_scan`` to fp32 precision."""
     import importlib

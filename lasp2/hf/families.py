@@ -93,6 +93,14 @@ FAMILIES = (
            ("MambaForCausalLM", "MambaModel"),
            {"MambaMixer": _plain(mamba.mamba_forward)}, (), None, base=None,
            tokenwise=("MambaBlock", "MambaRMSNorm"), slot=True),
+    Family("falcon_mamba", "transformers.models.falcon_mamba.modeling_falcon_mamba",
+           ("FalconMambaForCausalLM", "FalconMambaModel"),
+           {"FalconMambaMixer": _plain(mamba.mamba_forward)}, (), None, base=None,
+           tokenwise=("FalconMambaBlock", "FalconMambaRMSNorm", "FalconMambaWeightlessRMSNorm"), slot=True),
+    Family("jamba", "transformers.models.jamba.modeling_jamba",
+           ("JambaForCausalLM", "JambaModel"),
+           {"JambaMambaMixer": _plain(mamba.mamba_forward)}, ("JambaAttention",), "layer_types", _no_sliding_window,
+           tokenwise=("JambaMambaDecoderLayer",), slot=True),
 )
 
 

@@ -46,6 +46,8 @@ CONFIGS = {
     "mamba": ("mamba-tiny", dict(num_hidden_layers=2)),
     "falcon_mamba": ("falcon-mamba-tiny", dict(num_hidden_layers=2)),
     "jamba": ("jamba-tiny", dict(num_hidden_layers=3, attn_layer_period=3)),
+    "olmo_hybrid": ("olmo-hybrid-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                                                               "linear_attention"])),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -59,7 +61,8 @@ MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "zamba2": "transformers.models.zamba2.modeling_zamba2",
            "mamba": "transformers.models.mamba.modeling_mamba",
            "falcon_mamba": "transformers.models.falcon_mamba.modeling_falcon_mamba",
-           "jamba": "transformers.models.jamba.modeling_jamba"}
+           "jamba": "transformers.models.jamba.modeling_jamba",
+           "olmo_hybrid": "transformers.models.olmo_hybrid.modeling_olmo_hybrid"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0):

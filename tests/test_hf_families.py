@@ -39,9 +39,10 @@ FP32_REDUCED = {
     "mamba": re.compile(r"(A_log|mixer\.D|dt_proj\.bias)$"),  # A_log.float(), D.float(), dt_proj.bias.float()
     "falcon_mamba": re.compile(r"(A_log|mixer\.D|dt_proj\.bias)$"),
     "jamba": re.compile(r"(A_log|mamba\.D|dt_proj\.bias)$"),
+    "olmo_hybrid": re.compile(r"A_log$"),
 }
 # Families and what their default cases cover: fp64, both layouts, documents.
-FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba", "falcon_mamba", "jamba")
+FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba", "falcon_mamba", "jamba", "olmo_hybrid")
 
 
 def _ids(seed=0):

@@ -10,7 +10,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
-from . import bamba, falcon_h1, mamba, minimax, qwen3_next
+from . import bamba, falcon_h1, mamba, minimax, olmo_hybrid, qwen3_next
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,13 @@ def _gdn(fn):
 
 def _plain(fn):
     return lambda layer, modeling: (lambda *a, **k: fn(layer, *a, **k))
+
+
+def _olmo_hybrid_config(config) -> Optional[str]:
+    if getattr(config, "linear_allow_neg_eigval", False):
+        return ("config.linear_allow_neg_eigval = True: its Gated DeltaNet layers take beta in [0, 2], and lasp2's "
+                "delta rule takes beta in [0, 1] (beta is never clamped); set linear_allow_neg_eigval = False")
+    return _no_sliding_window(config)
 
 
 def _no_sliding_window(config) -> Optional[str]:
@@ -101,6 +108,10 @@ FAMILIES = (
            ("JambaForCausalLM", "JambaModel"),
            {"JambaMambaMixer": _plain(mamba.mamba_forward)}, ("JambaAttention",), "layer_types", _no_sliding_window,
            tokenwise=("JambaMambaDecoderLayer",), slot=True),
+    Family("olmo_hybrid", "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
+           ("OlmoHybridForCausalLM", "OlmoHybridModel"),
+           {"OlmoHybridGatedDeltaNet": _gdn(olmo_hybrid.olmo_hybrid_gdn_forward)}, ("OlmoHybridAttention",),
+           "layer_types", _olmo_hybrid_config),
 )
 
 

@@ -92,9 +92,39 @@ def _run_case(group, *, family: str, layout: str, ref: dict, cu: Optional[list] 
         assert fwd.count() == n_layers + p2p and bwd.count() == n_layers + p2p
 
 
+def _refusals(group):
+    """What a family has that lasp2 cannot run exactly is a ValueError at parallelize (or at the
+    forward that asks for it), on every rank, naming the setting and the fix."""
+    def configured(family, **fields):
+        model = make_model(family, torch.float32)
+        for k, v in fields.items():
+            setattr(model.config, k, v)
+        return model
+
+    for family, fields, match in (
+            ("bamba", dict(z_loss_coefficient=0.1), r"z_loss_coefficient = 0.1: the z-loss .* set it to 0"),
+            ("granitemoehybrid", dict(output_router_logits=True), r"output_router_logits = True: the MoE router"),
+            ("jamba", dict(output_router_logits=True), r"output_router_logits = True"),
+            ("qwen3_next", dict(output_router_logits=True), r"output_router_logits = True"),
+            ("olmo_hybrid", dict(linear_allow_neg_eigval=True), r"linear_allow_neg_eigval = True: .*beta in \[0, 2\]"),
+            ("nemotron_h", dict(sliding_window=4), r"sliding_window = 4"),
+            ("falcon_h1", dict(sliding_window=4), r"sliding_window = 4")):
+        with pytest.raises(ValueError, match=match):
+            lasp2.hf.parallelize(configured(family, **fields), group)
+    ids = _ids()
+    granite = lasp2.hf.parallelize(make_model("granitemoehybrid", torch.float32), group)
+    batch = lasp2.hf.shard_batch(ids, ids, group=group)
+    with pytest.raises(ValueError, match="output_router_logits=True on a parallelized model"):
+        granite(**batch, output_router_logits=True)
+    mamba = lasp2.hf.parallelize(make_model("mamba", torch.float32), group)  # its context reaches the mixers by a slot
+    with pytest.raises(ValueError, match="sequence-parallel context"):
+        mamba(input_ids=batch["input_ids"])
+
+
 def _worker(group, table):
     sys.modules.setdefault("fla", None)  # the parallelized layers never call fla's kernels
-    run_cases([(name, dict(params, group=group)) for name, params in table], lambda **p: _run_case(**p))
+    cases = [(name, dict(params, group=group)) for name, params in table] + [("refusals", dict(group=group))]
+    run_cases(cases, lambda **p: _refusals(p["group"]) if len(p) == 1 else _run_case(**p))
 
 
 def _table(families, layouts=("contiguous", "zigzag"), docs=True):

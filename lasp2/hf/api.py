@@ -14,7 +14,7 @@ from ..parallel.layout import LAYOUTS
 from ..validation import check_choice, check_cu_seqlens
 from ..parallel.batch import SPBatch, batch_digest
 from .common import ATTN_IMPLEMENTATION, SP_KEY, BatchSlot, HFContext, attention_function, make_pre_hook
-from .families import FAMILIES, family_of, mixer_class, model_class
+from .families import FAMILIES, family_of, loss_problem, mixer_class, model_class
 
 # Class names that mix tokens; any such module that a family does not know is refused.
 _MIXER_NAME = re.compile(r"(Attention|Mixer|DeltaNet|Mamba\w*|SSM|Conv\w*)$")
@@ -84,8 +84,10 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
         shard of the single-device logits. ``model.generate`` raises ValueError (SP generation is
         planned as ``lasp2.hf.sp_prefill``). No DP wrapping: gradients are partial sums over each
         rank's tokens (all-reduce them with SUM over the SP group; under DDP, which averages,
-        multiply the loss share by the SP size). The router auxiliary loss of MoE layers
-        (``output_router_logits=True``) is computed per rank, not over the whole sequence.
+        multiply the loss share by the SP size). Loss terms that are means over the whole sequence
+        and that a rank cannot compute alone, the MoE router auxiliary loss
+        (``output_router_logits=True``) and Bamba's z-loss (``z_loss_coefficient > 0``), are refused
+        with ValueError (at ``parallelize``, or at the forward that asks for router logits).
         Subclasses of the supported model classes are accepted (their layers are checked).
 
     Communication: per layer and direction, the linear strategy's collective (LASP-2: one
@@ -103,7 +105,7 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     if getattr(model, "_lasp2", None) is not None:
         raise ValueError("model was already parallelized by lasp2.hf.parallelize; build or load a fresh model")
     config = model.config
-    problem = family.unsupported_config(config) if family.unsupported_config else None
+    problem = (family.unsupported_config(config) if family.unsupported_config else None) or loss_problem(config)
     if problem:
         raise ValueError(f"{type(model).__name__}: {problem}")
     _check_modules(model, family)

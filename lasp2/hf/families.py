@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 from . import bamba, falcon_h1, mamba, minimax, olmo_hybrid, qwen3_next
+from .common import ROUTER_AUX_HINT
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,19 @@ FAMILIES = (
            {"OlmoHybridGatedDeltaNet": _gdn(olmo_hybrid.olmo_hybrid_gdn_forward)}, ("OlmoHybridAttention",),
            "layer_types", _olmo_hybrid_config),
 )
+
+
+def loss_problem(config) -> Optional[str]:
+    """A loss term the model would add that is not exact under SP (each rank would take a mean over
+    its own tokens as if they were the whole sequence), or None. Refused rather than approximated."""
+    if getattr(config, "output_router_logits", False):
+        return f"config.output_router_logits = True: {ROUTER_AUX_HINT}; set it to False"
+    z = getattr(config, "z_loss_coefficient", 0) or 0
+    if z > 0:
+        return (f"config.z_loss_coefficient = {z}: the z-loss is a mean of logsumexp(logits)^2 over the whole "
+                f"sequence, which each rank would take over its own tokens; set it to 0 (and add the z-loss to "
+                f"your loss share yourself: sum over your tokens / the batch's number of tokens)")
+    return None
 
 
 def supported() -> str:

@@ -48,6 +48,7 @@ CONFIGS = {
     "jamba": ("jamba-tiny", dict(num_hidden_layers=3, attn_layer_period=3)),
     "olmo_hybrid": ("olmo-hybrid-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
                                                                                "linear_attention"])),
+    "lfm2": ("lfm2-tiny", dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"])),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -62,7 +63,8 @@ MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "mamba": "transformers.models.mamba.modeling_mamba",
            "falcon_mamba": "transformers.models.falcon_mamba.modeling_falcon_mamba",
            "jamba": "transformers.models.jamba.modeling_jamba",
-           "olmo_hybrid": "transformers.models.olmo_hybrid.modeling_olmo_hybrid"}
+           "olmo_hybrid": "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
+           "lfm2": "transformers.models.lfm2.modeling_lfm2"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0):

@@ -42,7 +42,7 @@ FP32_REDUCED = {
     "olmo_hybrid": re.compile(r"A_log$"),
 }
 # Families and what their default cases cover: fp64, both layouts, documents.
-FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba", "falcon_mamba", "jamba", "olmo_hybrid")
+FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba", "falcon_mamba", "jamba", "olmo_hybrid", "lfm2")
 
 
 def _ids(seed=0):

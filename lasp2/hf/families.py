@@ -10,7 +10,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
-from . import bamba, falcon_h1, mamba, minimax, olmo_hybrid, qwen3_next
+from . import bamba, falcon_h1, lfm2, mamba, minimax, olmo_hybrid, qwen3_next
 from .common import ROUTER_AUX_HINT
 
 
@@ -113,6 +113,9 @@ FAMILIES = (
            ("OlmoHybridForCausalLM", "OlmoHybridModel"),
            {"OlmoHybridGatedDeltaNet": _gdn(olmo_hybrid.olmo_hybrid_gdn_forward)}, ("OlmoHybridAttention",),
            "layer_types", _olmo_hybrid_config),
+    Family("lfm2", "transformers.models.lfm2.modeling_lfm2",
+           ("Lfm2ForCausalLM", "Lfm2Model"),
+           {"Lfm2ShortConv": _plain(lfm2.lfm2_conv_forward)}, ("Lfm2Attention",), "layer_types", _no_sliding_window),
 )
 
 

@@ -121,32 +121,75 @@ def _refusals(group):
         mamba(input_ids=batch["input_ids"])
 
 
-def _worker(group, table):
+def _train(group, out: str, name: str):
+    """``lasp2 train --hf-config NAME --sp 2`` (fp32, zigzag, 2 steps) finishes with finite losses."""
+    import json
+    import math
+    from pathlib import Path
+
+    from lasp2.train.config import TrainConfig
+    from lasp2.train.loop import train
+
+    run = Path(out) / name
+    train(TrainConfig(hf_config=name, task="mqar", seq_len=32, batch_size=2, steps=2, warmup=1, mqar_pairs=2,
+                      mqar_queries=8, mqar_keys=4, mqar_values=4, dtype="float32", save_every=0, plot=False,
+                      device="cpu", layout="zigzag", sp=2, out=str(run)))
+    dist.barrier(group)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2], rows
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows), rows
+
+
+def _worker(group, table, out=None, train_configs=()):
     sys.modules.setdefault("fla", None)  # the parallelized layers never call fla's kernels
     cases = [(name, dict(params, group=group)) for name, params in table] + [("refusals", dict(group=group))]
-    run_cases(cases, lambda **p: _refusals(p["group"]) if len(p) == 1 else _run_case(**p))
+    cases += [(f"train-{n}", dict(group=group, train=n)) for n in train_configs]
+
+    def check(group, train=None, **p):
+        if train is not None:
+            return _train(group, out, train)
+        return _run_case(group, **p) if p else _refusals(group)
+    run_cases(cases, check)
 
 
-def _table(families, layouts=("contiguous", "zigzag"), docs=True):
+def _table(families, full: bool):
+    """``full``: every family on both layouts and with packed documents. Otherwise one case per
+    family, packed documents on a layout that alternates over the families (so both layouts and
+    documents are covered in the default run); the first family also counts its collectives."""
     table = []
-    for fam in families:
-        ref = reference(fam, torch.float64, _ids())
-        table += [(f"{fam}-{layout}", dict(family=fam, layout=layout, ref=ref)) for layout in layouts]
-        if docs:
-            table.append((f"{fam}-docs", dict(family=fam, layout="zigzag", ref=reference(fam, torch.float64, _ids(), DOCS),
-                                              cu=DOCS)))
+    for i, fam in enumerate(families):
+        docs_ref = reference(fam, torch.float64, _ids(), DOCS)
+        if full or i == 0:
+            ref = reference(fam, torch.float64, _ids())
+            layouts = ("contiguous", "zigzag") if full else ("zigzag",)
+            table += [(f"{fam}-{layout}", dict(family=fam, layout=layout, ref=ref, count_comm=not full))
+                      for layout in layouts]
+        for layout in ("contiguous", "zigzag") if full else (("zigzag", "contiguous")[i % 2],):
+            table.append((f"{fam}-docs-{layout}", dict(family=fam, layout=layout, ref=docs_ref, cu=DOCS)))
     return table
 
 
-def test_families_sp2():
-    table = _table(FAMILIES)
-    table.append(("mamba2-comm", dict(table[0][1], count_comm=True)))
-    run_distributed(_worker, 2, table, timeout=900)
+# Shipped configs of these families (``lasp2/hf/configs``), trained by ``lasp2 train --hf-config``.
+TRAIN_CONFIGS = ("mamba2-tiny", "nemotron-h-tiny", "granite-4.0-h-tiny", "falcon-h1-tiny", "zamba2-tiny",
+                 "mamba-tiny", "falcon-mamba-tiny", "jamba-tiny", "olmo-hybrid-tiny", "lfm2-tiny")
+
+
+def test_families_sp2(tmp_path):
+    """Every family in fp64 against the unmodified model (one case each: packed documents, the
+    layout alternating), the collective count, the refusals, and ``lasp2 train --hf-config
+    mamba-tiny`` (the family whose batch context reaches its mixers through the slot). The slow
+    tests run every family on both layouts with and without documents, and train every config."""
+    run_distributed(_worker, 2, _table(FAMILIES, full=False), str(tmp_path), ("mamba-tiny",), timeout=900)
+
+
+@pytest.mark.slow
+def test_families_sp2_full(tmp_path):
+    run_distributed(_worker, 2, _table(FAMILIES, full=True), str(tmp_path), TRAIN_CONFIGS, timeout=1800)
 
 
 @pytest.mark.slow
 def test_families_sp4():
-    run_distributed(_worker, 4, _table(FAMILIES), timeout=900)
+    run_distributed(_worker, 4, _table(FAMILIES, full=True), timeout=1800)
 
 
 @pytest.mark.parametrize("family", ["mamba", "falcon_mamba", "jamba"])
@@ -169,3 +212,32 @@ def test_mamba1_fp64_kernel_matches_transformers(family):
     ours = mamba1_fp64(x, dt, A, B, C, **kw)
     theirs = modeling.mamba_selective_scan(x, dt, A, B, C, **kw)
     assert max_rel_err(ours, theirs.double()) < 1e-5
+
+
+def _table_rows(text: str, header: str):
+    """The rows of the markdown table that starts with ``header`` in ``text``."""
+    lines = text[text.index(header):].splitlines()
+    return [x for x in lines[2:next((i for i, x in enumerate(lines) if not x.startswith("|")), len(lines))]]
+
+
+def test_docs_and_readme_list_exactly_the_supported_families():
+    """docs/hf.md's families table is the one generated from ``FAMILIES``; the README's families
+    table names exactly the supported causal-LM classes; every family ships its tiny config and
+    has fp64 parity cases (here or in tests/test_hf.py)."""
+    from pathlib import Path
+
+    from lasp2.hf.families import FAMILIES as TABLE, TABLE_HEADER, markdown_table
+    from lasp2.hf.loading import config_names
+    from tests import test_hf
+
+    root = Path(__file__).resolve().parents[1]
+    docs = (root / "docs" / "hf.md").read_text()
+    assert markdown_table() in docs, "docs/hf.md: regenerate the table with lasp2.hf.families.markdown_table()"
+    assert len(_table_rows(docs, TABLE_HEADER.splitlines()[0])) == len(TABLE)
+    readme = (root / "README.md").read_text()
+    rows = _table_rows(readme, "| family (transformers class)")
+    listed = set(re.findall(r"`(\w+ForCausalLM)`", "\n".join(rows)))
+    assert listed == {f.models[0] for f in TABLE}, f"README families table: {sorted(listed)}"
+    assert sorted(f.config for f in TABLE) == config_names()
+    assert all(len(f.doc) == 4 and all(f.doc) for f in TABLE)
+    assert {f.name for f in TABLE} == set(FAMILIES) | set(test_hf.FAMILIES)

@@ -27,6 +27,8 @@ class Family:
     base: Optional[str] = "model"     # attribute of the causal LM holding the base model, which passes
                                       # **kwargs to its layers (None: the causal LM drops them; hook it)
     tokenwise: Tuple[str, ...] = ()   # classes named like mixers (``Mamba2RMSNorm``...) that mix no tokens
+    doc: Tuple[str, str, str, str] = ()  # (name, sequence mixers -> lasp2, short conv, softmax layers): the docs
+    config: str = ""                  # the shipped tiny config (``lasp2/hf/configs``)
     slot: bool = False                # the decoder layers drop **kwargs on the way to the mixers (Mamba,
                                       # Jamba): the batch's SP context reaches them through a ``BatchSlot``
 
@@ -60,62 +62,92 @@ FAMILIES = (
     Family("qwen3_next", "transformers.models.qwen3_next.modeling_qwen3_next",
            ("Qwen3NextForCausalLM", "Qwen3NextModel"),
            {"Qwen3NextGatedDeltaNet": _gdn(qwen3_next.qwen3_next_gdn_forward)}, ("Qwen3NextAttention",),
-           "layer_types"),
+           "layer_types",
+           doc=('Qwen3-Next', 'Gated DeltaNet (q/k L2-norm, GQA value heads) → `sp_linear_attention(q, k, v, g, beta)`',
+                'kernel 4', 'gated, partial RoPE'), config='qwen3-next-tiny'),
     Family("qwen3_5", "transformers.models.qwen3_5.modeling_qwen3_5",
            ("Qwen3_5ForCausalLM", "Qwen3_5TextModel"),
            {"Qwen3_5GatedDeltaNet": _gdn(qwen3_next.qwen3_5_gdn_forward)}, ("Qwen3_5Attention",),
-           "layer_types"),
+           "layer_types",
+           doc=('Qwen3.5 (text)', 'Gated DeltaNet, as Qwen3-Next (separate projections)',
+                'kernel 4', 'gated, partial RoPE'), config='qwen3.5-tiny'),
     Family("qwen3_5_moe", "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
            ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeTextModel"),
            {"Qwen3_5MoeGatedDeltaNet": _gdn(qwen3_next.qwen3_5_gdn_forward)}, ("Qwen3_5MoeAttention",),
-           "layer_types"),
+           "layer_types",
+           doc=('Qwen3.5-MoE (text)', 'Gated DeltaNet, as Qwen3.5; MoE MLPs',
+                'kernel 4', 'gated, partial RoPE'), config='qwen3.5-moe-tiny'),
     Family("minimax", "transformers.models.minimax.modeling_minimax",
            ("MiniMaxForCausalLM", "MiniMaxModel"),
            {"MiniMaxLightningAttention": _plain(minimax.lightning_forward)}, ("MiniMaxAttention",),
-           "layer_types", _no_sliding_window),
+           "layer_types", _no_sliding_window,
+           doc=('MiniMax', 'Lightning (constant decay −slope, no 1/√d, SiLU q/k/v, output gate) → `sp_linear_attention(q, k, v, g)`',
+                '—', 'no sliding window'), config='minimax-tiny'),
     Family("bamba", "transformers.models.bamba.modeling_bamba",
            ("BambaForCausalLM", "BambaModel"),
            {"BambaMixer": _plain(bamba.mamba2_forward)}, ("BambaAttention",),
-           "layers_block_type"),
+           "layers_block_type",
+           doc=('Bamba', 'Mamba2 SSD: q = C, k = B (grouped), v = x·dt, g = A·dt, + D·x → `sp_linear_attention`',
+                'kernel 4', 'RoPE'), config='bamba-tiny'),
     Family("mamba2", "transformers.models.mamba2.modeling_mamba2",
            ("Mamba2ForCausalLM", "Mamba2Model"),
            {"Mamba2Mixer": _plain(bamba.mamba2_forward)}, (), None, base="backbone",
-           tokenwise=("Mamba2Block", "Mamba2RMSNorm", "Mamba2RMSNormGated")),
+           tokenwise=("Mamba2Block", "Mamba2RMSNorm", "Mamba2RMSNormGated"),
+           doc=('Mamba2', 'Mamba2 SSD, as Bamba (no softmax layers)',
+                'kernel 4', '—'), config='mamba2-tiny'),
     Family("nemotron_h", "transformers.models.nemotron_h.modeling_nemotron_h",
            ("NemotronHForCausalLM", "NemotronHModel"),
            {"NemotronHMamba2Mixer": _plain(bamba.mamba2_forward)}, ("NemotronHAttention",),
-           "layer_types", _no_sliding_window),
+           "layer_types", _no_sliding_window,
+           doc=('Nemotron-H', 'Mamba2 SSD, as Bamba; MLP and MoE blocks',
+                'kernel 4', 'no RoPE, no sliding window'), config='nemotron-h-tiny'),
     Family("granitemoehybrid", "transformers.models.granitemoehybrid.modeling_granitemoehybrid",
            ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridModel"),
            {"GraniteMoeHybridMambaLayer": _plain(bamba.mamba2_forward)}, ("GraniteMoeHybridAttention",),
-           "layers_block_type", _no_sliding_window),
+           "layers_block_type", _no_sliding_window,
+           doc=('Granite-4.0 hybrid', 'Mamba2 SSD, as Bamba; MoE + shared MLP; embedding / residual / attention / logits multipliers kept',
+                'kernel 4', 'RoPE or none'), config='granite-4.0-h-tiny'),
     Family("falcon_h1", "transformers.models.falcon_h1.modeling_falcon_h1",
            ("FalconH1ForCausalLM", "FalconH1Model"),
            {"FalconH1Mixer": _plain(falcon_h1.falcon_h1_mixer_forward)}, ("FalconH1Attention",),
-           ("full_attention", "linear_attention"), _no_sliding_window),
+           ("full_attention", "linear_attention"), _no_sliding_window,
+           doc=('Falcon-H1', 'Mamba2 SSD **in parallel with** attention in every layer, outputs summed; µP multipliers (`mup_vector`, ssm/attention in/out, key, embedding, LM head) kept',
+                'kernel 4', 'RoPE, key multiplier'), config='falcon-h1-tiny'),
     Family("zamba2", "transformers.models.zamba2.modeling_zamba2",
            ("Zamba2ForCausalLM", "Zamba2Model"),
            {"Zamba2MambaMixer": _plain(bamba.mamba2_forward)}, ("Zamba2Attention",),
-           ("full_attention", "linear_attention"), _no_sliding_window, tokenwise=("Zamba2MambaDecoderLayer",)),
+           ("full_attention", "linear_attention"), _no_sliding_window, tokenwise=("Zamba2MambaDecoderLayer",),
+           doc=('Zamba2', 'Mamba2 SSD, as Bamba; a **shared** attention + MLP block (LoRA adapters) at several depths, its gradients summed over the applications',
+                'kernel 4', 'shared block, RoPE'), config='zamba2-tiny'),
     Family("mamba", "transformers.models.mamba.modeling_mamba",
            ("MambaForCausalLM", "MambaModel"),
            {"MambaMixer": _plain(mamba.mamba_forward)}, (), None, base=None,
-           tokenwise=("MambaBlock", "MambaRMSNorm"), slot=True),
+           tokenwise=("MambaBlock", "MambaRMSNorm"), slot=True,
+           doc=('Mamba', 'Mamba1 selective scan = per-channel gate, one head per channel: q = C, k = B, v = dt·x, g = dt ⊗ A [B, T, I, N] (K = N, V = 1), + D·x → `sp_linear_attention`',
+                'kernel 4', '—'), config='mamba-tiny'),
     Family("falcon_mamba", "transformers.models.falcon_mamba.modeling_falcon_mamba",
            ("FalconMambaForCausalLM", "FalconMambaModel"),
            {"FalconMambaMixer": _plain(mamba.mamba_forward)}, (), None, base=None,
-           tokenwise=("FalconMambaBlock", "FalconMambaRMSNorm", "FalconMambaWeightlessRMSNorm"), slot=True),
+           tokenwise=("FalconMambaBlock", "FalconMambaRMSNorm", "FalconMambaWeightlessRMSNorm"), slot=True,
+           doc=('Falcon-Mamba', 'Mamba1 selective scan, as Mamba, after RMSNorms on dt, B, C',
+                'kernel 4', '—'), config='falcon-mamba-tiny'),
     Family("jamba", "transformers.models.jamba.modeling_jamba",
            ("JambaForCausalLM", "JambaModel"),
            {"JambaMambaMixer": _plain(mamba.mamba_forward)}, ("JambaAttention",), "layer_types", _no_sliding_window,
-           tokenwise=("JambaMambaDecoderLayer",), slot=True),
+           tokenwise=("JambaMambaDecoderLayer",), slot=True,
+           doc=('Jamba', 'Mamba1 selective scan, as Falcon-Mamba; MoE MLPs',
+                'kernel 4', 'no RoPE'), config='jamba-tiny'),
     Family("olmo_hybrid", "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
            ("OlmoHybridForCausalLM", "OlmoHybridModel"),
            {"OlmoHybridGatedDeltaNet": _gdn(olmo_hybrid.olmo_hybrid_gdn_forward)}, ("OlmoHybridAttention",),
-           "layer_types", _olmo_hybrid_config),
+           "layer_types", _olmo_hybrid_config,
+           doc=('OLMo hybrid', 'Gated DeltaNet, as Qwen3-Next, with `linear_allow_neg_eigval=False` (β ∈ [0, 2] is refused)',
+                'kernel 4', 'q/k norm, RoPE'), config='olmo-hybrid-tiny'),
     Family("lfm2", "transformers.models.lfm2.modeling_lfm2",
            ("Lfm2ForCausalLM", "Lfm2Model"),
-           {"Lfm2ShortConv": _plain(lfm2.lfm2_conv_forward)}, ("Lfm2Attention",), "layer_types", _no_sliding_window),
+           {"Lfm2ShortConv": _plain(lfm2.lfm2_conv_forward)}, ("Lfm2Attention",), "layer_types", _no_sliding_window,
+           doc=('LFM2', 'gated short conv only (y = C · conv(B · x)), no scan',
+                'kernel 3', 'GQA, q/k norm, RoPE'), config='lfm2-tiny'),
 )
 
 
@@ -130,6 +162,17 @@ def loss_problem(config) -> Optional[str]:
                 f"sequence, which each rank would take over its own tokens; set it to 0 (and add the z-loss to "
                 f"your loss share yourself: sum over your tokens / the batch's number of tokens)")
     return None
+
+
+TABLE_HEADER = ("| family (transformers classes) | sequence mixers → lasp2 | short conv → `sp_causal_conv1d` | "
+                "softmax layers → `sp_softmax_attention` | tiny config |\n|---|---|---|---|---|")
+
+
+def markdown_table() -> str:
+    """The families table of ``docs/hf.md`` (checked against this table by ``tests/test_hf_families.py``)."""
+    rows = [f"| {f.doc[0]} ({', '.join(f'`{m}`' for m in f.models)}) | {f.doc[1]} | {f.doc[2]} | {f.doc[3]} | "
+            f"`{f.config}` |" for f in FAMILIES]
+    return "\n".join([TABLE_HEADER] + rows)
 
 
 def supported() -> str:
@@ -154,7 +197,7 @@ def family_of(model) -> Family:
         if any(n in f.models for n in names):
             return f
     raise ValueError(f"lasp2.hf does not support {type(model).__name__}; supported models: {supported()} "
-                     f"(Qwen3-Next, Qwen3.5 and Qwen3.5-MoE text, MiniMax, Bamba) and their subclasses")
+                     f"({', '.join(f.doc[0] for f in FAMILIES)}) and their subclasses")
 
 
 def mixer_class(module, known) -> Optional[str]:

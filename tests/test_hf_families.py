@@ -42,7 +42,8 @@ FP32_REDUCED = {
     "olmo_hybrid": re.compile(r"A_log$"),
 }
 # Families and what their default cases cover: fp64, both layouts, documents.
-FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba", "falcon_mamba", "jamba", "olmo_hybrid", "lfm2")
+FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba", "falcon_mamba", "jamba",
+            "olmo_hybrid", "lfm2")
 
 
 def _ids(seed=0):
@@ -87,7 +88,7 @@ def _run_case(group, *, family: str, layout: str, ref: dict, cu: Optional[list] 
         n_layers = model.config.num_hidden_layers
         assert fwd.count("all_gather") == n_layers and bwd.count("all_gather") == n_layers, (fwd.records, bwd.records)
         p2p = fwd.count("send") + fwd.count("recv")  # rank-dependent: the first rank only sends, the last receives
-        assert (fwd.count("send"), fwd.count("recv")) == (bwd.count("recv"), bwd.count("send")), (fwd.records, bwd.records)
+        assert (fwd.count("send"), fwd.count("recv")) == (bwd.count("recv"), bwd.count("send")), bwd.records
         assert 1 <= p2p / n_layers <= 2, fwd.records
         assert fwd.count() == n_layers + p2p and bwd.count() == n_layers + p2p
 
@@ -111,6 +112,10 @@ def _refusals(group):
             ("falcon_h1", dict(sliding_window=4), r"sliding_window = 4")):
         with pytest.raises(ValueError, match=match):
             lasp2.hf.parallelize(configured(family, **fields), group)
+    odd = make_model("mamba2", torch.float32)  # a mixer the family does not know, named in the error
+    odd.backbone.layers[1].mixer = torch.nn.Conv1d(4, 4, 2)
+    with pytest.raises(ValueError, match=r"backbone\.layers\.1\.mixer = Conv1d, a sequence-mixing layer"):
+        lasp2.hf.parallelize(odd, group)
     ids = _ids()
     granite = lasp2.hf.parallelize(make_model("granitemoehybrid", torch.float32), group)
     batch = lasp2.hf.shard_batch(ids, ids, group=group)

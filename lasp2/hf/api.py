@@ -64,8 +64,9 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     """Make a transformers hybrid model sequence parallel over ``group``, in place.
 
     Args:
-        model: a ``Qwen3NextForCausalLM``, ``Qwen3_5ForCausalLM``, ``MiniMaxForCausalLM`` or
-            ``BambaForCausalLM`` (or its base model), identical on every rank of ``group``.
+        model: a causal LM (or its base model) of a family in ``lasp2.hf.FAMILIES`` (Qwen3-Next,
+            Qwen3.5, MiniMax, Bamba, Mamba2, Nemotron-H, Granite-4.0 hybrid, Falcon-H1, Zamba2,
+            Mamba, Falcon-Mamba, Jamba, OLMo hybrid, LFM2), identical on every rank of ``group``.
         group: the sequence-parallel process group (required; ``mesh["sp"].get_group()``).
         layout: "contiguous" or "zigzag", how ``shard_batch`` splits the tokens.
         strategy: linear-attention strategy ("lasp2" or "lasp1").
@@ -74,7 +75,8 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
             "fla" (``lasp2.ops.backends``); the communication is the same.
 
     Returns:
-        ``model`` itself. Its linear mixers (Gated DeltaNet, Lightning, Mamba2) run their own
+        ``model`` itself. Its linear mixers (Gated DeltaNet, Lightning, Mamba2, Mamba1, short
+        convs) run their own
         projections, norms and gates with ``lasp2.sp_causal_conv1d`` and
         ``lasp2.sp_linear_attention`` as the conv and scan; its softmax attention modules run
         their own forward with ``lasp2.sp_softmax_attention`` as the attention function. Its

@@ -3,6 +3,8 @@ and the lasp2 forward that replaces each linear-attention / SSM mixer's.
 
 Softmax attention modules keep their forward (projections, norms, RoPE, gates) and run through
 the ``"lasp2"`` attention interface; every other module is token-wise and runs unchanged.
+Adding a family whose mixer lasp2 has: one adapter module, one shipped config, one row here (its
+``doc`` is the row of ``docs/hf.md``'s generated table, ``markdown_table()``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from .common import ROUTER_AUX_HINT
 class Family:
     name: str
     module: str                       # transformers modeling module
-    models: Tuple[str, ...]           # model classes (first: the causal LM), base model at ``.model``
+    models: Tuple[str, ...]           # model classes (first: the causal LM, its base model at ``base``)
     linear: Dict[str, Callable]       # linear mixer class -> replacement forward(layer, modeling, ...)
     softmax: Tuple[str, ...]          # softmax attention classes
     layer_types: object               # config attribute listing the layer kinds the model builds masks for,
@@ -63,7 +65,8 @@ FAMILIES = (
            ("Qwen3NextForCausalLM", "Qwen3NextModel"),
            {"Qwen3NextGatedDeltaNet": _gdn(qwen3_next.qwen3_next_gdn_forward)}, ("Qwen3NextAttention",),
            "layer_types",
-           doc=('Qwen3-Next', 'Gated DeltaNet (q/k L2-norm, GQA value heads) → `sp_linear_attention(q, k, v, g, beta)`',
+           doc=('Qwen3-Next',
+                'Gated DeltaNet (q/k L2-norm, GQA value heads) → `sp_linear_attention(q, k, v, g, beta)`',
                 'kernel 4', 'gated, partial RoPE'), config='qwen3-next-tiny'),
     Family("qwen3_5", "transformers.models.qwen3_5.modeling_qwen3_5",
            ("Qwen3_5ForCausalLM", "Qwen3_5TextModel"),
@@ -81,7 +84,9 @@ FAMILIES = (
            ("MiniMaxForCausalLM", "MiniMaxModel"),
            {"MiniMaxLightningAttention": _plain(minimax.lightning_forward)}, ("MiniMaxAttention",),
            "layer_types", _no_sliding_window,
-           doc=('MiniMax', 'Lightning (constant decay −slope, no 1/√d, SiLU q/k/v, output gate) → `sp_linear_attention(q, k, v, g)`',
+           doc=('MiniMax',
+                'Lightning (constant decay −slope, no 1/√d, SiLU q/k/v, output gate) → `sp_linear_attention(q, k,'
+                ' v, g)`',
                 '—', 'no sliding window'), config='minimax-tiny'),
     Family("bamba", "transformers.models.bamba.modeling_bamba",
            ("BambaForCausalLM", "BambaModel"),
@@ -105,25 +110,33 @@ FAMILIES = (
            ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridModel"),
            {"GraniteMoeHybridMambaLayer": _plain(bamba.mamba2_forward)}, ("GraniteMoeHybridAttention",),
            "layers_block_type", _no_sliding_window,
-           doc=('Granite-4.0 hybrid', 'Mamba2 SSD, as Bamba; MoE + shared MLP; embedding / residual / attention / logits multipliers kept',
+           doc=('Granite-4.0 hybrid',
+                'Mamba2 SSD, as Bamba; MoE + shared MLP; embedding / residual / attention / logits multipliers '
+                'kept',
                 'kernel 4', 'RoPE or none'), config='granite-4.0-h-tiny'),
     Family("falcon_h1", "transformers.models.falcon_h1.modeling_falcon_h1",
            ("FalconH1ForCausalLM", "FalconH1Model"),
            {"FalconH1Mixer": _plain(falcon_h1.falcon_h1_mixer_forward)}, ("FalconH1Attention",),
            ("full_attention", "linear_attention"), _no_sliding_window,
-           doc=('Falcon-H1', 'Mamba2 SSD **in parallel with** attention in every layer, outputs summed; µP multipliers (`mup_vector`, ssm/attention in/out, key, embedding, LM head) kept',
+           doc=('Falcon-H1',
+                'Mamba2 SSD **in parallel with** attention in every layer, outputs summed; µP multipliers '
+                '(`mup_vector`, ssm/attention in/out, key, embedding, LM head) kept',
                 'kernel 4', 'RoPE, key multiplier'), config='falcon-h1-tiny'),
     Family("zamba2", "transformers.models.zamba2.modeling_zamba2",
            ("Zamba2ForCausalLM", "Zamba2Model"),
            {"Zamba2MambaMixer": _plain(bamba.mamba2_forward)}, ("Zamba2Attention",),
            ("full_attention", "linear_attention"), _no_sliding_window, tokenwise=("Zamba2MambaDecoderLayer",),
-           doc=('Zamba2', 'Mamba2 SSD, as Bamba; a **shared** attention + MLP block (LoRA adapters) at several depths, its gradients summed over the applications',
+           doc=('Zamba2',
+                'Mamba2 SSD, as Bamba; a **shared** attention + MLP block (LoRA adapters) at several depths, its '
+                'gradients summed over the applications',
                 'kernel 4', 'shared block, RoPE'), config='zamba2-tiny'),
     Family("mamba", "transformers.models.mamba.modeling_mamba",
            ("MambaForCausalLM", "MambaModel"),
            {"MambaMixer": _plain(mamba.mamba_forward)}, (), None, base=None,
            tokenwise=("MambaBlock", "MambaRMSNorm"), slot=True,
-           doc=('Mamba', 'Mamba1 selective scan = per-channel gate, one head per channel: q = C, k = B, v = dt·x, g = dt ⊗ A [B, T, I, N] (K = N, V = 1), + D·x → `sp_linear_attention`',
+           doc=('Mamba',
+                'Mamba1 selective scan = per-channel gate, one head per channel: q = C, k = B, v = dt·x, g = dt ⊗'
+                ' A [B, T, I, N] (K = N, V = 1), + D·x → `sp_linear_attention`',
                 'kernel 4', '—'), config='mamba-tiny'),
     Family("falcon_mamba", "transformers.models.falcon_mamba.modeling_falcon_mamba",
            ("FalconMambaForCausalLM", "FalconMambaModel"),
@@ -141,7 +154,8 @@ FAMILIES = (
            ("OlmoHybridForCausalLM", "OlmoHybridModel"),
            {"OlmoHybridGatedDeltaNet": _gdn(olmo_hybrid.olmo_hybrid_gdn_forward)}, ("OlmoHybridAttention",),
            "layer_types", _olmo_hybrid_config,
-           doc=('OLMo hybrid', 'Gated DeltaNet, as Qwen3-Next, with `linear_allow_neg_eigval=False` (β ∈ [0, 2] is refused)',
+           doc=('OLMo hybrid',
+                'Gated DeltaNet, as Qwen3-Next, with `linear_allow_neg_eigval=False` (β ∈ [0, 2] is refused)',
                 'kernel 4', 'q/k norm, RoPE'), config='olmo-hybrid-tiny'),
     Family("lfm2", "transformers.models.lfm2.modeling_lfm2",
            ("Lfm2ForCausalLM", "Lfm2Model"),

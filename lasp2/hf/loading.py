@@ -1,6 +1,5 @@
 """Configs and models from local files only (no network): the tiny configs shipped under
-``lasp2/hf/configs`` (``qwen3-next-tiny``, ``qwen3.5-tiny``, ``qwen3.5-moe-tiny``, ``minimax-tiny``,
-``bamba-tiny``),
+``lasp2/hf/configs`` (one per family: ``config_names()``, e.g. ``qwen3-next-tiny``, ``mamba2-tiny``),
 any config JSON, and safetensors weights in a local directory."""
 from __future__ import annotations
 

@@ -103,7 +103,6 @@ def _refusals(group):
         return model
 
     for family, fields, match in (
-            ("bamba", dict(z_loss_coefficient=0.1), r"z_loss_coefficient = 0.1: the z-loss .* set it to 0"),
             ("granitemoehybrid", dict(output_router_logits=True), r"output_router_logits = True: the MoE router"),
             ("jamba", dict(output_router_logits=True), r"output_router_logits = True"),
             ("qwen3_next", dict(output_router_logits=True), r"output_router_logits = True"),
@@ -126,6 +125,45 @@ def _refusals(group):
         mamba(input_ids=batch["input_ids"])
 
 
+Z_LOSS = 0.1
+
+
+def _z_loss_model():
+    model = make_model("bamba", torch.float64)
+    model.config.z_loss_coefficient = model.z_loss_coefficient = Z_LOSS  # as the config would set it at init
+    return model
+
+
+def _z_loss_reference() -> dict:
+    """Bamba with a z-loss: transformers' own loss (LM + z-loss) of the unmodified model and its gradients."""
+    from tests.hf_reference import hf_kernels
+
+    model, ids = _z_loss_model(), _ids()
+    with hf_kernels("bamba", torch.float64, model):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return {"state": model.state_dict(), "loss": loss.detach(), "grads": [g.detach() for g in grads]}
+
+
+def _z_loss_case(group, *, layout: str, ref: dict):
+    """Each rank's ``out.loss`` (LM share + z-loss share) summed over SP is the model's loss with its
+    z-loss, and so are the gradients. transformers takes both terms in fp32 (logits.float()): fp32 bounds."""
+    model = _z_loss_model()
+    model.load_state_dict(ref["state"])
+    lasp2.hf.parallelize(model, group, layout=layout)
+    ids = _ids()
+    out = model(**lasp2.hf.shard_batch(ids, ids, group=group, layout=layout))
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    flat = torch.cat([g.flatten() for g in grads] + [out.loss.detach().double().view(1)])
+    dist.all_reduce(flat, group=group)
+    assert abs(flat[-1] - ref["loss"]) <= 1e-6 * abs(ref["loss"]), (flat[-1].item(), ref["loss"].item())
+    offset = 0
+    for (name, p), r in zip(model.named_parameters(), ref["grads"]):
+        g = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        assert (g - r).norm() <= 1e-5 * r.norm() + 1e-12, f"d {name}: {((g - r).norm() / r.norm()).item():.2e}"
+
+
 def _train(group, out: str, name: str):
     """``lasp2 train --hf-config NAME --sp 2`` (fp32, zigzag, 2 steps) finishes with finite losses."""
     import json
@@ -145,14 +183,18 @@ def _train(group, out: str, name: str):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows), rows
 
 
-def _worker(group, table, out=None, train_configs=()):
+def _worker(group, table, out=None, train_configs=(), z_ref=None):
     sys.modules.setdefault("fla", None)  # the parallelized layers never call fla's kernels
     cases = [(name, dict(params, group=group)) for name, params in table] + [("refusals", dict(group=group))]
     cases += [(f"train-{n}", dict(group=group, train=n)) for n in train_configs]
+    if z_ref is not None:
+        cases += [(f"bamba-z-loss-{lay}", dict(group=group, z_loss=lay)) for lay in ("contiguous", "zigzag")]
 
-    def check(group, train=None, **p):
+    def check(group, train=None, z_loss=None, **p):
         if train is not None:
             return _train(group, out, train)
+        if z_loss is not None:
+            return _z_loss_case(group, layout=z_loss, ref=z_ref)
         return _run_case(group, **p) if p else _refusals(group)
     run_cases(cases, check)
 
@@ -182,19 +224,22 @@ TRAIN_CONFIGS = ("mamba2-tiny", "nemotron-h-tiny", "granite-4.0-h-tiny", "falcon
 def test_families_sp2(tmp_path):
     """Every family in fp64 against the unmodified model (one case each: packed documents, the
     layout alternating), the collective count, the refusals, and ``lasp2 train --hf-config
-    mamba-tiny`` (the family whose batch context reaches its mixers through the slot). The slow
+    mamba-tiny`` (the family whose batch context reaches its mixers through the slot), Bamba's
+    z-loss summed over SP on both layouts. The slow
     tests run every family on both layouts with and without documents, and train every config."""
-    run_distributed(_worker, 2, _table(FAMILIES, full=False), str(tmp_path), ("mamba-tiny",), timeout=900)
+    run_distributed(_worker, 2, _table(FAMILIES, full=False), str(tmp_path), ("mamba-tiny",), _z_loss_reference(),
+                    timeout=900)
 
 
 @pytest.mark.slow
 def test_families_sp2_full(tmp_path):
-    run_distributed(_worker, 2, _table(FAMILIES, full=True), str(tmp_path), TRAIN_CONFIGS, timeout=1800)
+    run_distributed(_worker, 2, _table(FAMILIES, full=True), str(tmp_path), TRAIN_CONFIGS, _z_loss_reference(),
+                    timeout=1800)
 
 
 @pytest.mark.slow
 def test_families_sp4():
-    run_distributed(_worker, 4, _table(FAMILIES, full=True), timeout=1800)
+    run_distributed(_worker, 4, _table(FAMILIES, full=True), None, (), _z_loss_reference(), timeout=1800)
 
 
 @pytest.mark.parametrize("family", ["mamba", "falcon_mamba", "jamba"])

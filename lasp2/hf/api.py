@@ -88,8 +88,8 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
         rank's tokens (all-reduce them with SUM over the SP group; under DDP, which averages,
         multiply the loss share by the SP size). Loss terms that are means over the whole sequence
         and that a rank cannot compute alone, the MoE router auxiliary loss
-        (``output_router_logits=True``) and Bamba's z-loss (``z_loss_coefficient > 0``), are refused
-        with ValueError (at ``parallelize``, or at the forward that asks for router logits).
+        (``output_router_logits=True``), are refused with ValueError (at ``parallelize``, or at the
+        forward that asks for router logits); Bamba's z-loss becomes each rank's share (exact).
         Subclasses of the supported model classes are accepted (their layers are checked).
 
     Communication: per layer and direction, the linear strategy's collective (LASP-2: one
@@ -107,7 +107,7 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     if getattr(model, "_lasp2", None) is not None:
         raise ValueError("model was already parallelized by lasp2.hf.parallelize; build or load a fresh model")
     config = model.config
-    problem = (family.unsupported_config(config) if family.unsupported_config else None) or loss_problem(config)
+    problem = (family.unsupported_config(config) if family.unsupported_config else None) or loss_problem(config, family)
     if problem:
         raise ValueError(f"{type(model).__name__}: {problem}")
     _check_modules(model, family)
@@ -115,6 +115,8 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
                                  f"softmax={softmax_strategy} params={sum(p.numel() for p in model.parameters())}")
     _register_attention()
     ctx = HFContext(group, layout, strategy, softmax_strategy, backend)
+    if family.prepare is not None:
+        family.prepare(model, comm.rank_and_size(group)[1])
     modeling = family.modeling()
     sp_config = None
     slot = BatchSlot() if family.slot else None

@@ -11,7 +11,8 @@ layer's own parameters and two calls replaced:
   S_t = exp(g_t) S_{t-1} + k_t^T v_t and y_t = q_t S_t are the SSD recurrence the chunked scan
   evaluates.
 
-The softmax layers run unchanged with ``attn_implementation="lasp2"``.
+The softmax layers run unchanged with ``attn_implementation="lasp2"``. The z-loss
+(``z_loss_coefficient > 0``) becomes each rank's share of it (``share_z_loss``).
 """
 from __future__ import annotations
 
@@ -53,3 +54,14 @@ def mamba2_mix(layer, projected, dtype, kwargs, finish):
     y = y + layer.D[..., None] * x
     scan_output = finish(y.reshape(batch_size, seq_len, -1), gate)
     return layer.out_proj(scan_output.to(dtype))
+
+
+def share_z_loss(model, world: int) -> None:
+    """Make ``BambaForCausalLM``'s z-loss exact under SP. It adds coef * mean(logsumexp(logits)^2)
+    over the B * T positions; each rank holds B * T / W of them (both layouts) and takes the mean
+    over its own, so with coef / W each rank adds its share, and the shares sum over the SP group
+    to the whole-sequence term (as the LM loss shares do). Sets the instance's
+    ``z_loss_coefficient`` (read at every forward); the config is unchanged (export keeps it)."""
+    coef = getattr(model, "z_loss_coefficient", 0) or 0
+    if coef > 0:
+        model.z_loss_coefficient = coef / world

@@ -31,6 +31,7 @@ class Family:
     tokenwise: Tuple[str, ...] = ()   # classes named like mixers (``Mamba2RMSNorm``...) that mix no tokens
     doc: Tuple[str, str, str, str] = ()  # (name, sequence mixers -> lasp2, short conv, softmax layers): the docs
     config: str = ""                  # the shipped tiny config (``lasp2/hf/configs``)
+    prepare: Optional[Callable] = None  # (model, W) -> None: loss terms made exact shares (Bamba's z-loss)
     slot: bool = False                # the decoder layers drop **kwargs on the way to the mixers (Mamba,
                                       # Jamba): the batch's SP context reaches them through a ``BatchSlot``
 
@@ -91,7 +92,7 @@ FAMILIES = (
     Family("bamba", "transformers.models.bamba.modeling_bamba",
            ("BambaForCausalLM", "BambaModel"),
            {"BambaMixer": _plain(bamba.mamba2_forward)}, ("BambaAttention",),
-           "layers_block_type",
+           "layers_block_type", prepare=bamba.share_z_loss,
            doc=('Bamba', 'Mamba2 SSD: q = C, k = B (grouped), v = x·dt, g = A·dt, + D·x → `sp_linear_attention`',
                 'kernel 4', 'RoPE'), config='bamba-tiny'),
     Family("mamba2", "transformers.models.mamba2.modeling_mamba2",
@@ -165,13 +166,14 @@ FAMILIES = (
 )
 
 
-def loss_problem(config) -> Optional[str]:
+def loss_problem(config, family: "Family") -> Optional[str]:
     """A loss term the model would add that is not exact under SP (each rank would take a mean over
-    its own tokens as if they were the whole sequence), or None. Refused rather than approximated."""
+    its own tokens as if they were the whole sequence) and that ``family.prepare`` does not make
+    exact, or None. Refused rather than approximated."""
     if getattr(config, "output_router_logits", False):
         return f"config.output_router_logits = True: {ROUTER_AUX_HINT}; set it to False"
     z = getattr(config, "z_loss_coefficient", 0) or 0
-    if z > 0:
+    if z > 0 and family.prepare is None:
         return (f"config.z_loss_coefficient = {z}: the z-loss is a mean of logsumexp(logits)^2 over the whole "
                 f"sequence, which each rank would take over its own tokens; set it to 0 (and add the z-loss to "
                 f"your loss share yourself: sum over your tokens / the batch's number of tokens)")

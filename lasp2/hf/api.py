@@ -14,6 +14,7 @@ from ..parallel.layout import LAYOUTS
 from ..validation import check_choice, check_cu_seqlens
 from ..parallel.batch import SPBatch, batch_digest
 from .common import ATTN_IMPLEMENTATION, SP_KEY, BatchSlot, HFContext, attention_function, make_pre_hook
+from .router_aux import exact_router_aux_loss
 from .families import FAMILIES, family_of, loss_problem, mixer_class, model_class
 
 # Class names that mix tokens; any such module that a family does not know is refused.
@@ -87,9 +88,9 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
         planned as ``lasp2.hf.sp_prefill``). No DP wrapping: gradients are partial sums over each
         rank's tokens (all-reduce them with SUM over the SP group; under DDP, which averages,
         multiply the loss share by the SP size). Loss terms that are means over the whole sequence
-        and that a rank cannot compute alone, the MoE router auxiliary loss
-        (``output_router_logits=True``), are refused with ValueError (at ``parallelize``, or at the
-        forward that asks for router logits); Bamba's z-loss becomes each rank's share (exact).
+        are made exact shares (summed over the SP group: the model's term, value and gradient):
+        the MoE router auxiliary loss (``output_router_logits=True``: one all-gather of E floats
+        per forward) and Bamba's z-loss.
         Subclasses of the supported model classes are accepted (their layers are checked).
 
     Communication: per layer and direction, the linear strategy's collective (LASP-2: one
@@ -117,6 +118,8 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     ctx = HFContext(group, layout, strategy, softmax_strategy, backend)
     if family.prepare is not None:
         family.prepare(model, comm.rank_and_size(group)[1])
+    if family.router_aux and model_class(model, family) == family.models[0]:
+        exact_router_aux_loss(model, group)
     modeling = family.modeling()
     sp_config = None
     slot = BatchSlot() if family.slot else None

@@ -21,8 +21,6 @@ from ..parallel.batch import SPBatch
 
 SP_KEY = "lasp2_sp"
 ATTN_IMPLEMENTATION = "lasp2"
-ROUTER_AUX_HINT = ("the MoE router auxiliary (load-balancing) loss is a mean over the whole sequence's tokens, which "
-                   "a sequence-parallel rank does not see: it would be computed per rank and be wrong")
 SHARD_HINT = ("build each batch with batch = lasp2.hf.shard_batch(input_ids, labels, group=group, layout=layout) "
               "from the whole batch (identical on every rank) and call model(**batch)")
 
@@ -146,9 +144,6 @@ def make_pre_hook(ctx: HFContext, layer_types, slot: Optional[BatchSlot] = None)
             raise ValueError("a parallelized model trains on whole sequences: pass use_cache=False and no "
                              "past_key_values (generation under sequence parallelism is not supported yet)")
         kwargs["use_cache"] = False
-        if kwargs.get("output_router_logits"):
-            raise ValueError(f"output_router_logits=True on a parallelized model: {ROUTER_AUX_HINT}; pass "
-                             f"output_router_logits=False")
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             raise ValueError("a parallelized model takes no attention_mask (padding is not supported under "

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 from . import bamba, falcon_h1, lfm2, mamba, minimax, olmo_hybrid, qwen3_next
-from .common import ROUTER_AUX_HINT
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,7 @@ class Family:
     doc: Tuple[str, str, str, str] = ()  # (name, sequence mixers -> lasp2, short conv, softmax layers): the docs
     config: str = ""                  # the shipped tiny config (``lasp2/hf/configs``)
     prepare: Optional[Callable] = None  # (model, W) -> None: loss terms made exact shares (Bamba's z-loss)
+    router_aux: bool = False          # the causal LM adds transformers' router aux loss: made exact shares
     slot: bool = False                # the decoder layers drop **kwargs on the way to the mixers (Mamba,
                                       # Jamba): the batch's SP context reaches them through a ``BatchSlot``
 
@@ -68,7 +68,7 @@ FAMILIES = (
            "layer_types",
            doc=('Qwen3-Next',
                 'Gated DeltaNet (q/k L2-norm, GQA value heads) → `sp_linear_attention(q, k, v, g, beta)`',
-                'kernel 4', 'gated, partial RoPE'), config='qwen3-next-tiny'),
+                'kernel 4', 'gated, partial RoPE'), config='qwen3-next-tiny', router_aux=True),
     Family("qwen3_5", "transformers.models.qwen3_5.modeling_qwen3_5",
            ("Qwen3_5ForCausalLM", "Qwen3_5TextModel"),
            {"Qwen3_5GatedDeltaNet": _gdn(qwen3_next.qwen3_5_gdn_forward)}, ("Qwen3_5Attention",),
@@ -80,7 +80,7 @@ FAMILIES = (
            {"Qwen3_5MoeGatedDeltaNet": _gdn(qwen3_next.qwen3_5_gdn_forward)}, ("Qwen3_5MoeAttention",),
            "layer_types",
            doc=('Qwen3.5-MoE (text)', 'Gated DeltaNet, as Qwen3.5; MoE MLPs',
-                'kernel 4', 'gated, partial RoPE'), config='qwen3.5-moe-tiny'),
+                'kernel 4', 'gated, partial RoPE'), config='qwen3.5-moe-tiny', router_aux=True),
     Family("minimax", "transformers.models.minimax.modeling_minimax",
            ("MiniMaxForCausalLM", "MiniMaxModel"),
            {"MiniMaxLightningAttention": _plain(minimax.lightning_forward)}, ("MiniMaxAttention",),
@@ -88,7 +88,7 @@ FAMILIES = (
            doc=('MiniMax',
                 'Lightning (constant decay −slope, no 1/√d, SiLU q/k/v, output gate) → `sp_linear_attention(q, k,'
                 ' v, g)`',
-                '—', 'no sliding window'), config='minimax-tiny'),
+                '—', 'no sliding window'), config='minimax-tiny', router_aux=True),
     Family("bamba", "transformers.models.bamba.modeling_bamba",
            ("BambaForCausalLM", "BambaModel"),
            {"BambaMixer": _plain(bamba.mamba2_forward)}, ("BambaAttention",),
@@ -114,7 +114,7 @@ FAMILIES = (
            doc=('Granite-4.0 hybrid',
                 'Mamba2 SSD, as Bamba; MoE + shared MLP; embedding / residual / attention / logits multipliers '
                 'kept',
-                'kernel 4', 'RoPE or none'), config='granite-4.0-h-tiny'),
+                'kernel 4', 'RoPE or none'), config='granite-4.0-h-tiny', router_aux=True),
     Family("falcon_h1", "transformers.models.falcon_h1.modeling_falcon_h1",
            ("FalconH1ForCausalLM", "FalconH1Model"),
            {"FalconH1Mixer": _plain(falcon_h1.falcon_h1_mixer_forward)}, ("FalconH1Attention",),
@@ -150,7 +150,7 @@ FAMILIES = (
            {"JambaMambaMixer": _plain(mamba.mamba_forward)}, ("JambaAttention",), "layer_types", _no_sliding_window,
            tokenwise=("JambaMambaDecoderLayer",), slot=True,
            doc=('Jamba', 'Mamba1 selective scan, as Falcon-Mamba; MoE MLPs',
-                'kernel 4', 'no RoPE'), config='jamba-tiny'),
+                'kernel 4', 'no RoPE'), config='jamba-tiny', router_aux=True),
     Family("olmo_hybrid", "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
            ("OlmoHybridForCausalLM", "OlmoHybridModel"),
            {"OlmoHybridGatedDeltaNet": _gdn(olmo_hybrid.olmo_hybrid_gdn_forward)}, ("OlmoHybridAttention",),
@@ -168,10 +168,9 @@ FAMILIES = (
 
 def loss_problem(config, family: "Family") -> Optional[str]:
     """A loss term the model would add that is not exact under SP (each rank would take a mean over
-    its own tokens as if they were the whole sequence) and that ``family.prepare`` does not make
-    exact, or None. Refused rather than approximated."""
-    if getattr(config, "output_router_logits", False):
-        return f"config.output_router_logits = True: {ROUTER_AUX_HINT}; set it to False"
+    its own tokens as if they were the whole sequence) and that the family does not make exact
+    (``prepare``; the router aux loss: ``router_aux``, every family whose causal LM adds it), or
+    None. Refused rather than approximated."""
     z = getattr(config, "z_loss_coefficient", 0) or 0
     if z > 0 and family.prepare is None:
         return (f"config.z_loss_coefficient = {z}: the z-loss is a mean of logsumexp(logits)^2 over the whole "

@@ -39,7 +39,9 @@ class HFContext:
 class BatchSlot:
     """This forward's SP context, for models whose forward does not pass ``**kwargs`` down to
     their layers (Mamba, Falcon-Mamba): the model's pre-hook puts the checked context here at
-    every forward and the model's mixers read it (``documents``)."""
+    every forward and the model's mixers read it (``documents``). Under activation checkpointing
+    a recomputation reads the context of the latest forward: run each backward before the next
+    forward (as training loops do)."""
 
     sp: Optional[SPBatch] = None
 

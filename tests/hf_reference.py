@@ -149,6 +149,24 @@ def hf_kernels(family: str, dtype: torch.dtype, model):
             setattr(modeling, name, fn)
 
 
+@contextlib.contextmanager
+def head_output(model):
+    """The LM head's own output, before the casts some causal LMs apply (Mamba, Mamba2, Nemotron-H
+    return ``lm_head(h).float()``: fp32 logits from an fp64 model). ``logits(out)`` picks it when
+    ``out.logits`` is not in the model's dtype, and ``out.logits`` otherwise."""
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out))
+    dtype = next(model.parameters()).dtype
+
+    def logits(out):
+        return out.logits if out.logits.dtype == dtype else seen[-1]
+
+    try:
+        yield logits
+    finally:
+        handle.remove()
+
+
 def shift(labels: torch.Tensor, cu: Optional[list]) -> torch.Tensor:
     """Next-token targets of the whole sequence; -100 at the end of each document."""
     out = torch.full_like(labels, -100)
@@ -167,11 +185,12 @@ def reference(family: str, dtype: torch.dtype, ids: torch.Tensor, cu: Optional[l
     spans = [(0, ids.shape[1])] if cu is None else list(zip(cu[:-1], cu[1:]))
     targets = shift(ids, cu)
     n = int((targets != -100).sum())
-    with hf_kernels(family, dtype, model), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    with hf_kernels(family, dtype, model), torch.autocast("cpu", torch.bfloat16, enabled=autocast), \
+            head_output(model) as head:
         logits, hf_loss = [], 0.0
         for a, b in spans:
             out = model(input_ids=ids[:, a:b], labels=ids[:, a:b], use_cache=False)
-            logits.append(out.logits)
+            logits.append(head(out))
             hf_loss = hf_loss + out.loss * int((targets[:, a:b] != -100).sum())
         logits = torch.cat(logits, dim=1)
     loss = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum") / n

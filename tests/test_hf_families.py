@@ -24,15 +24,20 @@ import lasp2.hf  # noqa: E402
 from lasp2.parallel import comm  # noqa: E402
 from tests.dist import run_cases, run_distributed  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
-from tests.hf_reference import make_model, reference  # noqa: E402
+from tests.hf_reference import head_output, make_model, reference  # noqa: E402
 
 T = 24
 DOCS = [0, 5, 13, 24]
 # transformers computes these in fp32 inside an fp64 model: their gradients are fp32 token sums.
 FP32_REDUCED = {
     "mamba2": re.compile(r"A_log$"),
-    # Nemotron-H: its RMSNorms (weight.float()) and MoE router (fp32 linear)
-    "nemotron_h": re.compile(r"(A_log|layers\.\d+\.norm\.weight|norm_f\.weight|mixer\.gate\.weight)$"),
+    # Nemotron-H runs its RMSNorms (hidden states and weight) and its MoE router entirely in fp32
+    # inside an fp64 model, forward and backward: every token's gradient is rounded to fp32 at every
+    # norm and router. Two fp64 runs that agree to ~1e-13 round identically except where a value
+    # sits at an fp32 rounding boundary, which then shows at fp32 precision in every parameter
+    # upstream and in the logits. With these seeds that happens at SP = 4 with documents (1e-8 in
+    # layer 0's dt_bias and in a logit): its logits and gradients are held to the fp32 bound.
+    "nemotron_h": re.compile(r"."),
     "granitemoehybrid": re.compile(r"A_log$"),
     "falcon_h1": re.compile(r"A_log$"),
     "zamba2": re.compile(r"A_log$"),
@@ -41,6 +46,7 @@ FP32_REDUCED = {
     "jamba": re.compile(r"(A_log|mamba\.D|dt_proj\.bias)$"),
     "olmo_hybrid": re.compile(r"A_log$"),
 }
+FP32_LOGITS = ("nemotron_h",)  # see above
 # Families and what their default cases cover: fp64, both layouts, documents.
 FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba", "falcon_mamba", "jamba",
             "olmo_hybrid", "lfm2")
@@ -60,9 +66,10 @@ def _run_case(group, *, family: str, layout: str, ref: dict, cu: Optional[list] 
     if count_comm:
         with torch.no_grad():  # the first call runs a one-off agreement check
             model(**batch)
-    with comm.track() as fwd:
+    with comm.track() as fwd, head_output(model) as head:
         out = model(**batch)
-    loss = F.cross_entropy(out.logits.double().flatten(0, 1), batch["shift_labels"].flatten(), ignore_index=-100,
+        logits = head(out)  # the fp64 head output where the model returns fp32 logits (Mamba, Mamba2, Nemotron-H)
+    loss = F.cross_entropy(logits.double().flatten(0, 1), batch["shift_labels"].flatten(), ignore_index=-100,
                            reduction="sum") / ref["n"]
     params = list(model.named_parameters())
     with comm.track() as bwd:
@@ -70,7 +77,8 @@ def _run_case(group, *, family: str, layout: str, ref: dict, cu: Optional[list] 
     flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double() for (_, p), g in zip(params, grads)]
                      + [loss.detach().view(1), out.loss.detach().double().view(1)])
     dist.all_reduce(flat, group=group)  # the shares' sum: the whole sequence's gradient and loss
-    assert_close("logits", out.logits, lasp2.shard(ref["logits"], group=group, layout=layout), torch.float64,
+    assert_close("logits", logits, lasp2.shard(ref["logits"], group=group, layout=layout),
+                 torch.float32 if family in FP32_LOGITS else torch.float64,
                  whole=ref["logits"])
     offset, fp32_sums = 0, FP32_REDUCED.get(family)
     for (name, p), ref_name in zip(params, ref["names"]):

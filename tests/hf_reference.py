@@ -35,12 +35,36 @@ CONFIGS = {
     "minimax": ("minimax-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
                                                                        "linear_attention"], block_size=8)),
     "bamba": ("bamba-tiny", dict(num_hidden_layers=3, attn_layer_indices=[1], mamba_chunk_size=8)),
+    "mamba2": ("mamba2-tiny", dict(num_hidden_layers=2, chunk_size=8)),
+    "nemotron_h": ("nemotron-h-tiny", dict(layers_block_type=["linear_attention", "full_attention", "moe"],
+                                           chunk_size=8)),
+    "granitemoehybrid": ("granite-4.0-h-tiny", dict(num_hidden_layers=3, mamba_chunk_size=8,
+                                                    layer_types=["mamba", "attention", "mamba"])),
+    "falcon_h1": ("falcon-h1-tiny", dict(num_hidden_layers=2, mamba_chunk_size=8)),
+    "zamba2": ("zamba2-tiny", dict(num_hidden_layers=3, layers_block_type=["hybrid", "mamba", "hybrid"],
+                                   chunk_size=8)),
+    "mamba": ("mamba-tiny", dict(num_hidden_layers=2)),
+    "falcon_mamba": ("falcon-mamba-tiny", dict(num_hidden_layers=2)),
+    "jamba": ("jamba-tiny", dict(num_hidden_layers=3, attn_layer_period=3)),
+    "olmo_hybrid": ("olmo-hybrid-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                                                               "linear_attention"])),
+    "lfm2": ("lfm2-tiny", dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"])),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
            "qwen3_5_moe": "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
            "minimax": "transformers.models.minimax.modeling_minimax",
-           "bamba": "transformers.models.bamba.modeling_bamba"}
+           "bamba": "transformers.models.bamba.modeling_bamba",
+           "mamba2": "transformers.models.mamba2.modeling_mamba2",
+           "nemotron_h": "transformers.models.nemotron_h.modeling_nemotron_h",
+           "granitemoehybrid": "transformers.models.granitemoehybrid.modeling_granitemoehybrid",
+           "falcon_h1": "transformers.models.falcon_h1.modeling_falcon_h1",
+           "zamba2": "transformers.models.zamba2.modeling_zamba2",
+           "mamba": "transformers.models.mamba.modeling_mamba",
+           "falcon_mamba": "transformers.models.falcon_mamba.modeling_falcon_mamba",
+           "jamba": "transformers.models.jamba.modeling_jamba",
+           "olmo_hybrid": "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
+           "lfm2": "transformers.models.lfm2.modeling_lfm2"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0):
@@ -83,12 +107,35 @@ def mamba2_fp64(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, in
     return y if D is None else y + D[..., None] * x
 
 
+def mamba1_fp64(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                return_last_state=False, **kwargs):
+    """transformers' ``mamba_selective_scan`` (its per-token recurrence, written out) in fp64:
+    hidden_states/dt/z [b, I, T], A [I, N], B/C [b, N, T]."""
+    assert not return_last_state
+    dt = dt.double()
+    if delta_bias is not None:
+        dt = dt + delta_bias.double()[..., None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    x, A, B, C = hidden_states.double(), A.double(), B.double(), C.double()
+    state = x.new_zeros(x.shape[0], x.shape[1], A.shape[1])           # [b, I, N]
+    ys = []
+    for t in range(x.shape[2]):
+        state = torch.exp(A * dt[:, :, t, None]) * state + dt[:, :, t, None] * B[:, None, :, t] * x[:, :, t, None]
+        ys.append((state * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + x * D.double()[None, :, None]
+    return y if z is None else y * F.silu(z.double())
+
+
 @contextlib.contextmanager
 def hf_kernels(family: str, dtype: torch.dtype, model):
     """Pin the reference model's scan kernels (see the module docstring)."""
     use_torch_kernels(model)
     modeling = importlib.import_module(MODULES[family])
-    pins = {"torch_chunk_gated_delta_rule": gdn_fp64(modeling), "mamba2_chunk_scan": mamba2_fp64}
+    pins = {"torch_chunk_gated_delta_rule": gdn_fp64(modeling), "mamba2_chunk_scan": mamba2_fp64,
+            "mamba_selective_scan": mamba1_fp64}
     saved: Dict[str, object] = {}
     if dtype == torch.float64:
         for name, fp64 in pins.items():
@@ -100,6 +147,24 @@ def hf_kernels(family: str, dtype: torch.dtype, model):
     finally:
         for name, fn in saved.items():
             setattr(modeling, name, fn)
+
+
+@contextlib.contextmanager
+def head_output(model):
+    """The LM head's own output, before the casts some causal LMs apply (Mamba, Mamba2, Nemotron-H
+    return ``lm_head(h).float()``: fp32 logits from an fp64 model). ``logits(out)`` picks it when
+    ``out.logits`` is not in the model's dtype, and ``out.logits`` otherwise."""
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out))
+    dtype = next(model.parameters()).dtype
+
+    def logits(out):
+        return out.logits if out.logits.dtype == dtype else seen[-1]
+
+    try:
+        yield logits
+    finally:
+        handle.remove()
 
 
 def shift(labels: torch.Tensor, cu: Optional[list]) -> torch.Tensor:
@@ -120,11 +185,12 @@ def reference(family: str, dtype: torch.dtype, ids: torch.Tensor, cu: Optional[l
     spans = [(0, ids.shape[1])] if cu is None else list(zip(cu[:-1], cu[1:]))
     targets = shift(ids, cu)
     n = int((targets != -100).sum())
-    with hf_kernels(family, dtype, model), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    with hf_kernels(family, dtype, model), torch.autocast("cpu", torch.bfloat16, enabled=autocast), \
+            head_output(model) as head:
         logits, hf_loss = [], 0.0
         for a, b in spans:
             out = model(input_ids=ids[:, a:b], labels=ids[:, a:b], use_cache=False)
-            logits.append(out.logits)
+            logits.append(head(out))
             hf_loss = hf_loss + out.loss * int((targets[:, a:b] != -100).sum())
         logits = torch.cat(logits, dim=1)
     loss = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum") / n

@@ -13,10 +13,12 @@ batch's sequence-parallel context with the tokens; the model refuses forwards wi
 Under transformers' ``Trainer`` or TRL's ``SFTTrainer`` (extra ``[trainer]``), hand the trainer
 the unmodified model and call ``lasp2.hf.sequence_parallel(trainer, sp=2)`` instead (``trainer.py``).
 
-Supported: Qwen3-Next, Qwen3.5 and Qwen3.5-MoE (Gated DeltaNet + gated softmax attention), MiniMax (Lightning
-+ softmax attention), Bamba (Mamba2 + softmax attention), and subclasses of their model classes. Each model's own layers (parameters,
-projections, norms, gates, MoE MLPs) run unchanged; only the sequence-mixing cores and the short
-convolutions become lasp2 SP ops. See ``families.py`` for the mapping.
+Supported: the families of ``FAMILIES`` (``families.py``, the table ``docs/hf.md`` is generated
+from): Qwen3-Next, Qwen3.5, Qwen3.5-MoE, MiniMax, Bamba, Mamba2, Nemotron-H, Granite-4.0 hybrid,
+Falcon-H1, Zamba2, Mamba, Falcon-Mamba, Jamba, OLMo hybrid, LFM2, and subclasses of their model
+classes. Each model's own layers (parameters, projections, norms, gates, multipliers, MoE MLPs) run
+unchanged; only the sequence-mixing cores and the short convolutions become lasp2 SP ops, one
+adapter module per family.
 """
 try:
     import transformers  # noqa: F401

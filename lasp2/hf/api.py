@@ -13,8 +13,9 @@ from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_group, s
 from ..parallel.layout import LAYOUTS
 from ..validation import check_choice, check_cu_seqlens
 from ..parallel.batch import SPBatch, batch_digest
-from .common import ATTN_IMPLEMENTATION, SP_KEY, HFContext, attention_function, make_pre_hook
-from .families import FAMILIES, family_of, mixer_class, model_class
+from .common import ATTN_IMPLEMENTATION, SP_KEY, BatchSlot, HFContext, attention_function, make_pre_hook
+from .router_aux import exact_router_aux_loss
+from .families import FAMILIES, family_of, loss_problem, mixer_class, model_class
 
 # Class names that mix tokens; any such module that a family does not know is refused.
 _MIXER_NAME = re.compile(r"(Attention|Mixer|DeltaNet|Mamba\w*|SSM|Conv\w*)$")
@@ -34,7 +35,7 @@ def _check_modules(model, family) -> None:
     known = _known_mixers(family)
     everything = {c for f in FAMILIES for c in _known_mixers(f)}
     for name, m in model.named_modules():
-        if mixer_class(m, known) is not None:
+        if mixer_class(m, known) is not None or type(m).__name__ in family.tokenwise + family.models:
             continue
         cls = type(m).__name__
         inside_linear = name.rsplit(".", 1)[0] if "." in name else ""
@@ -64,8 +65,9 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     """Make a transformers hybrid model sequence parallel over ``group``, in place.
 
     Args:
-        model: a ``Qwen3NextForCausalLM``, ``Qwen3_5ForCausalLM``, ``MiniMaxForCausalLM`` or
-            ``BambaForCausalLM`` (or its base model), identical on every rank of ``group``.
+        model: a causal LM (or its base model) of a family in ``lasp2.hf.FAMILIES`` (Qwen3-Next,
+            Qwen3.5, MiniMax, Bamba, Mamba2, Nemotron-H, Granite-4.0 hybrid, Falcon-H1, Zamba2,
+            Mamba, Falcon-Mamba, Jamba, OLMo hybrid, LFM2), identical on every rank of ``group``.
         group: the sequence-parallel process group (required; ``mesh["sp"].get_group()``).
         layout: "contiguous" or "zigzag", how ``shard_batch`` splits the tokens.
         strategy: linear-attention strategy ("lasp2" or "lasp1").
@@ -74,7 +76,8 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
             "fla" (``lasp2.ops.backends``); the communication is the same.
 
     Returns:
-        ``model`` itself. Its linear mixers (Gated DeltaNet, Lightning, Mamba2) run their own
+        ``model`` itself. Its linear mixers (Gated DeltaNet, Lightning, Mamba2, Mamba1, short
+        convs) run their own
         projections, norms and gates with ``lasp2.sp_causal_conv1d`` and
         ``lasp2.sp_linear_attention`` as the conv and scan; its softmax attention modules run
         their own forward with ``lasp2.sp_softmax_attention`` as the attention function. Its
@@ -84,8 +87,10 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
         shard of the single-device logits. ``model.generate`` raises ValueError (SP generation is
         planned as ``lasp2.hf.sp_prefill``). No DP wrapping: gradients are partial sums over each
         rank's tokens (all-reduce them with SUM over the SP group; under DDP, which averages,
-        multiply the loss share by the SP size). The router auxiliary loss of MoE layers
-        (``output_router_logits=True``) is computed per rank, not over the whole sequence.
+        multiply the loss share by the SP size). Loss terms that are means over the whole sequence
+        are made exact shares (summed over the SP group: the model's term, value and gradient):
+        the MoE router auxiliary loss (``output_router_logits=True``: one all-gather of E floats
+        per forward) and Bamba's z-loss.
         Subclasses of the supported model classes are accepted (their layers are checked).
 
     Communication: per layer and direction, the linear strategy's collective (LASP-2: one
@@ -103,7 +108,7 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     if getattr(model, "_lasp2", None) is not None:
         raise ValueError("model was already parallelized by lasp2.hf.parallelize; build or load a fresh model")
     config = model.config
-    problem = family.unsupported_config(config) if family.unsupported_config else None
+    problem = (family.unsupported_config(config) if family.unsupported_config else None) or loss_problem(config, family)
     if problem:
         raise ValueError(f"{type(model).__name__}: {problem}")
     _check_modules(model, family)
@@ -111,21 +116,29 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
                                  f"softmax={softmax_strategy} params={sum(p.numel() for p in model.parameters())}")
     _register_attention()
     ctx = HFContext(group, layout, strategy, softmax_strategy, backend)
+    if family.prepare is not None:
+        family.prepare(model, comm.rank_and_size(group)[1])
+    if family.router_aux and model_class(model, family) == family.models[0]:
+        exact_router_aux_loss(model, group)
     modeling = family.modeling()
     sp_config = None
+    slot = BatchSlot() if family.slot else None
     for m in model.modules():
         cls = mixer_class(m, _known_mixers(family))
         if cls in family.linear:
-            m._lasp2 = ctx
+            m._lasp2, m._lasp2_slot = ctx, slot
             m.forward = family.linear[cls](m, modeling)
         elif cls in family.softmax:
             if sp_config is None:  # a private config: the model's own (maybe shared) one is untouched
                 sp_config = copy.deepcopy(m.config)
                 sp_config._attn_implementation = ATTN_IMPLEMENTATION
             m._lasp2, m.config = ctx, sp_config
-    base = model.model if model_class(model, family) == family.models[0] else model
-    model._lasp2_hook = base.register_forward_pre_hook(make_pre_hook(ctx, getattr(config, family.layer_types)),
-                                                       with_kwargs=True)
+    # the hook sits on the base model (which gets **kwargs), or on the model when it drops them
+    top = model_class(model, family) == family.models[0] and family.base is not None
+    base = getattr(model, family.base) if top else model
+    kinds = family.layer_types if family.layer_types is None or isinstance(family.layer_types, tuple) else \
+        getattr(config, family.layer_types)
+    model._lasp2_hook = base.register_forward_pre_hook(make_pre_hook(ctx, kinds, slot), with_kwargs=True)
     model._lasp2 = ctx
     model.generate = _refuse_generate  # this instance only
     return model

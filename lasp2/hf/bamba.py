@@ -11,7 +11,8 @@ layer's own parameters and two calls replaced:
   S_t = exp(g_t) S_{t-1} + k_t^T v_t and y_t = q_t S_t are the SSD recurrence the chunked scan
   evaluates.
 
-The softmax layers run unchanged with ``attn_implementation="lasp2"``.
+The softmax layers run unchanged with ``attn_implementation="lasp2"``. The z-loss
+(``z_loss_coefficient > 0``) becomes each rank's share of it (``share_z_loss``).
 """
 from __future__ import annotations
 
@@ -23,12 +24,17 @@ from .common import documents, compute_dtype, linear_core
 
 
 def mamba2_forward(layer, hidden_states, cache_params=None, attention_mask=None, **kwargs):
-    """Replacement forward of ``BambaMixer``."""
+    """Replacement forward of ``BambaMixer`` (and of the Mamba2 mixers that run the same code:
+    ``Mamba2Mixer``, ``NemotronHMamba2Mixer``, ``GraniteMoeHybridMambaLayer``)."""
+    return mamba2_mix(layer, layer.in_proj(hidden_states), hidden_states.dtype, kwargs, layer.norm)
+
+
+def mamba2_mix(layer, projected, dtype, kwargs, finish):
+    """Everything after ``in_proj``: conv, SSD scan with the D skip, ``finish(y, gate)`` (the
+    layer's gated norm), ``out_proj``. ``projected`` [B, T, intermediate + conv_dim + H]."""
     ctx, cu = layer._lasp2, documents(layer, kwargs)
-    batch_size, seq_len, _ = hidden_states.shape
-    dtype = hidden_states.dtype
+    batch_size, seq_len, _ = projected.shape
     H, P, G, N = layer.num_heads, layer.head_dim, layer.n_groups, layer.ssm_state_size
-    projected = layer.in_proj(hidden_states)
     gate, xbc, dt = projected.split([layer.intermediate_size, layer.conv_dim, H], dim=-1)
 
     w = layer.conv1d.weight.squeeze(1)
@@ -46,5 +52,16 @@ def mamba2_forward(layer, hidden_states, cache_params=None, attention_mask=None,
     dt = dt.to(cdt)
     y = linear_core(ctx, C, B, x * dt[..., None], A.to(cdt) * dt, scale=1.0, cu_seqlens=cu)
     y = y + layer.D[..., None] * x
-    scan_output = layer.norm(y.reshape(batch_size, seq_len, -1), gate)
+    scan_output = finish(y.reshape(batch_size, seq_len, -1), gate)
     return layer.out_proj(scan_output.to(dtype))
+
+
+def share_z_loss(model, world: int) -> None:
+    """Make ``BambaForCausalLM``'s z-loss exact under SP. It adds coef * mean(logsumexp(logits)^2)
+    over the B * T positions; each rank holds B * T / W of them (both layouts) and takes the mean
+    over its own, so with coef / W each rank adds its share, and the shares sum over the SP group
+    to the whole-sequence term (as the LM loss shares do). Sets the instance's
+    ``z_loss_coefficient`` (read at every forward); the config is unchanged (export keeps it)."""
+    coef = getattr(model, "z_loss_coefficient", 0) or 0
+    if coef > 0:
+        model.z_loss_coefficient = coef / world

@@ -36,9 +36,23 @@ class HFContext:
     backend: str = "auto"
 
 
+class BatchSlot:
+    """This forward's SP context, for models whose forward does not pass ``**kwargs`` down to
+    their layers (Mamba, Falcon-Mamba): the model's pre-hook puts the checked context here at
+    every forward and the model's mixers read it (``batch_context``). Under activation
+    checkpointing a recomputation reads the context of the latest forward: run each backward
+    before the next forward (as training loops do)."""
+
+    sp: Optional[SPBatch] = None
+
+
 def batch_context(module, kwargs) -> SPBatch:
-    """This batch's SP context from ``kwargs``; ValueError when a layer runs without one."""
+    """This batch's SP context from ``kwargs`` (or the model's ``BatchSlot``); ValueError when a
+    layer runs without one."""
     sp = kwargs.get(SP_KEY)
+    slot = getattr(module, "_lasp2_slot", None)
+    if sp is None and slot is not None:
+        sp = slot.sp
     if not isinstance(sp, SPBatch):
         raise ValueError(f"{type(module).__name__} of a model parallelized by lasp2.hf ran without this batch's "
                          f"sequence-parallel context ({SP_KEY}); call the whole model: {SHARD_HINT}")
@@ -129,12 +143,12 @@ def check_batch(ctx: HFContext, sp, x: torch.Tensor, ids: Optional[torch.Tensor]
                              "pass the position_ids shard_batch returned, or none")
 
 
-def make_pre_hook(ctx: HFContext, layer_types):
+def make_pre_hook(ctx: HFContext, layer_types, slot: Optional[BatchSlot] = None):
     """Forward pre-hook (with kwargs) of the base model: this batch's SP context required and
     checked (``check_batch``), ``position_ids`` from it when none are given, attention masks
     replaced by ``None`` per layer type (the SP ops apply causality and documents from global
-    positions), and no KV/recurrent cache."""
-    no_masks = {t: None for t in set(layer_types)}
+    positions), and no KV/recurrent cache. With a ``slot``, the checked context is put there too."""
+    no_masks = None if layer_types is None else {t: None for t in set(layer_types)}  # None: one mask, no kinds
 
     def hook(module, args, kwargs):
         if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
@@ -148,13 +162,15 @@ def make_pre_hook(ctx: HFContext, layer_types):
             raise ValueError("a parallelized model takes no attention_mask (padding is not supported under "
                              "sequence parallelism); pack documents and pass lasp2.hf.shard_batch(..., "
                              "cu_seqlens=...)'s output, which carries the document boundaries")
-        kwargs["attention_mask"] = dict(no_masks)
+        kwargs["attention_mask"] = None if no_masks is None else dict(no_masks)
         ids = kwargs.get("input_ids", args[0] if args else None)
         x = ids if ids is not None else kwargs.get("inputs_embeds")
         if x is None:
             raise ValueError("pass input_ids (or inputs_embeds) to the parallelized model")
         sp = kwargs.get(SP_KEY)
         check_batch(ctx, sp, x, ids, kwargs.get("position_ids"))
+        if slot is not None:
+            slot.sp = sp
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = sp.position_ids.to(x.device).unsqueeze(0).expand(x.shape[0], -1)
         return args, kwargs

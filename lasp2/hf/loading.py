@@ -1,6 +1,5 @@
 """Configs and models from local files only (no network): the tiny configs shipped under
-``lasp2/hf/configs`` (``qwen3-next-tiny``, ``qwen3.5-tiny``, ``qwen3.5-moe-tiny``, ``minimax-tiny``,
-``bamba-tiny``),
+``lasp2/hf/configs`` (one per family: ``config_names()``, e.g. ``qwen3-next-tiny``, ``mamba2-tiny``),
 any config JSON, and safetensors weights in a local directory."""
 from __future__ import annotations
 
@@ -40,15 +39,23 @@ def load_config(name_or_path: str, **overrides):
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
+_ATTENTION_FREE = ("mamba", "mamba2", "falcon_mamba")  # transformers model types without softmax attention
+
+
+def _has_attention(config) -> bool:
+    return getattr(config, "model_type", None) not in _ATTENTION_FREE
+
+
 def build_model(config, *, weights: Optional[str] = None, dtype: torch.dtype = torch.float32,
                 device: Optional[torch.device] = None):
     """An ``AutoModelForCausalLM`` from ``config`` (random init under the caller's seed), or with
     the safetensors weights of the local directory ``weights``. Softmax attention runs with
     ``sdpa`` and MoE experts with the ``eager`` loop (both exact in fp64) until ``parallelize``
-    swaps in lasp2's SP attention."""
+    swaps in lasp2's SP attention. Models without softmax attention (Mamba, Mamba2), which
+    refuse ``sdpa``, are built with ``eager`` (which they never use)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(attn_implementation="sdpa", experts_implementation="eager")
+    kwargs = dict(attn_implementation="sdpa" if _has_attention(config) else "eager", experts_implementation="eager")
     if weights is not None:
         if not Path(weights).is_dir() or not any(Path(weights).glob("*.safetensors")):
             raise ValueError(f"--hf-weights {weights!r} must be a local directory holding *.safetensors")

@@ -275,7 +275,10 @@ def test_configs_weights_and_train_flags(tmp_path):
     from lasp2.hf.loading import build_model, config_names, load_config
     from lasp2.train.config import TrainConfig
 
-    assert config_names() == ["bamba-tiny", "minimax-tiny", "qwen3-next-tiny", "qwen3.5-moe-tiny", "qwen3.5-tiny"]
+    assert config_names() == ["bamba-tiny", "falcon-h1-tiny", "falcon-mamba-tiny", "granite-4.0-h-tiny",
+                              "jamba-tiny", "lfm2-tiny", "mamba-tiny", "mamba2-tiny", "minimax-tiny",
+                              "nemotron-h-tiny", "olmo-hybrid-tiny", "qwen3-next-tiny", "qwen3.5-moe-tiny",
+                              "qwen3.5-tiny", "zamba2-tiny"]
     model = make_model("minimax", torch.float32)
     model.save_pretrained(tmp_path / "w")
     assert any((tmp_path / "w").glob("*.safetensors"))

@@ -184,7 +184,7 @@ TABLE_HEADER = ("| family (transformers classes) | sequence mixers → lasp2 | s
 
 
 def markdown_table() -> str:
-    """The families table of ``docs/hf.md`` (checked against this table by ``tests/test_hf_families.py``)."""
+    """The families table of ``docs/hf.md`` (checked against this table by ``tests/hf/test_hf_families.py``)."""
     rows = [f"| {f.doc[0]} ({', '.join(f'`{m}`' for m in f.models)}) | {f.doc[1]} | {f.doc[2]} | {f.doc[3]} | "
             f"`{f.config}` |" for f in FAMILIES]
     return "\n".join([TABLE_HEADER] + rows)

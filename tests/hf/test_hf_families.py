@@ -289,14 +289,14 @@ def _table_rows(text: str, header: str):
 def test_docs_and_readme_list_exactly_the_supported_families():
     """docs/hf.md's families table is the one generated from ``FAMILIES``; the README's families
     table names exactly the supported causal-LM classes; every family ships its tiny config and
-    has fp64 parity cases (here or in tests/test_hf.py)."""
+    has fp64 parity cases (here or in tests/hf/test_hf_parity.py)."""
     from pathlib import Path
 
     from lasp2.hf.families import FAMILIES as TABLE, TABLE_HEADER, markdown_table
     from lasp2.hf.loading import config_names
-    from tests import test_hf
+    from tests.hf import test_hf_parity as test_hf
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     docs = (root / "docs" / "hf.md").read_text()
     assert markdown_table() in docs, "docs/hf.md: regenerate the table with lasp2.hf.families.markdown_table()"
     assert len(_table_rows(docs, TABLE_HEADER.splitlines()[0])) == len(TABLE)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..parallel.halo import sp_causal_conv1d
-from .common import documents, compute_dtype, linear_core
+from .common import batch_context, compute_dtype, linear_core
 
 
 def mamba2_forward(layer, hidden_states, cache_params=None, attention_mask=None, **kwargs):
@@ -32,14 +32,13 @@ def mamba2_forward(layer, hidden_states, cache_params=None, attention_mask=None,
 def mamba2_mix(layer, projected, dtype, kwargs, finish):
     """Everything after ``in_proj``: conv, SSD scan with the D skip, ``finish(y, gate)`` (the
     layer's gated norm), ``out_proj``. ``projected`` [B, T, intermediate + conv_dim + H]."""
-    ctx, cu = layer._lasp2, documents(layer, kwargs)
+    ctx, sp = layer._lasp2, batch_context(layer, kwargs)
     batch_size, seq_len, _ = projected.shape
     H, P, G, N = layer.num_heads, layer.head_dim, layer.n_groups, layer.ssm_state_size
     gate, xbc, dt = projected.split([layer.intermediate_size, layer.conv_dim, H], dim=-1)
 
     w = layer.conv1d.weight.squeeze(1)
-    xbc = sp_causal_conv1d(xbc.to(w.dtype), w, layer.conv1d.bias, group=ctx.group, layout=ctx.layout,
-                           activation=layer.activation, cu_seqlens=cu).to(xbc.dtype)
+    xbc = sp_causal_conv1d(xbc.to(w.dtype), w, layer.conv1d.bias, activation=layer.activation, batch=sp).to(xbc.dtype)
     x, B, C = torch.split(xbc, [layer.intermediate_size, G * N, G * N], dim=-1)
 
     cdt = compute_dtype(dtype)
@@ -50,7 +49,7 @@ def mamba2_mix(layer, projected, dtype, kwargs, finish):
     B = B.reshape(batch_size, seq_len, G, N).to(cdt).repeat_interleave(H // G, dim=2, output_size=H)
     C = C.reshape(batch_size, seq_len, G, N).to(cdt).repeat_interleave(H // G, dim=2, output_size=H)
     dt = dt.to(cdt)
-    y = linear_core(ctx, C, B, x * dt[..., None], A.to(cdt) * dt, scale=1.0, cu_seqlens=cu)
+    y = linear_core(ctx, C, B, x * dt[..., None], A.to(cdt) * dt, scale=1.0, batch=sp)
     y = y + layer.D[..., None] * x
     scan_output = finish(y.reshape(batch_size, seq_len, -1), gate)
     return layer.out_proj(scan_output.to(dtype))

@@ -24,18 +24,17 @@ import torch
 import torch.nn.functional as F
 
 from ..parallel.halo import sp_causal_conv1d
-from .common import compute_dtype, documents, linear_core
+from .common import compute_dtype, batch_context, linear_core
 
 
 def mamba_forward(layer, hidden_states, cache=None, attention_mask=None, **kwargs):
     """Replacement forward of ``MambaMixer``, ``FalconMambaMixer`` and ``JambaMambaMixer``."""
-    ctx, cu = layer._lasp2, documents(layer, kwargs)
+    ctx, sp = layer._lasp2, batch_context(layer, kwargs)
     dtype = hidden_states.dtype
     batch_size, seq_len, _ = hidden_states.shape
     x, gate = layer.in_proj(hidden_states).chunk(2, dim=-1)
     w = layer.conv1d.weight.squeeze(1)
-    x = sp_causal_conv1d(x.to(w.dtype), w, layer.conv1d.bias, group=ctx.group, layout=ctx.layout,
-                         activation=layer.activation, cu_seqlens=cu).to(x.dtype)
+    x = sp_causal_conv1d(x.to(w.dtype), w, layer.conv1d.bias, activation=layer.activation, batch=sp).to(x.dtype)
     dt, B, C = torch.split(layer.x_proj(x), [layer.time_step_rank, layer.ssm_state_size, layer.ssm_state_size], dim=-1)
     if hasattr(layer, "dt_layernorm"):  # Falcon-Mamba, Jamba
         dt, B, C = layer.dt_layernorm(dt), layer.b_layernorm(B), layer.c_layernorm(C)
@@ -49,6 +48,6 @@ def mamba_forward(layer, hidden_states, cache=None, attention_mask=None, **kwarg
     x = x.to(cdt)
     q = C.to(cdt)[:, :, None, :].expand(batch_size, seq_len, I, N)
     k = B.to(cdt)[:, :, None, :].expand(batch_size, seq_len, I, N)
-    y = linear_core(ctx, q, k, (dt * x)[..., None], dt[..., None] * A, scale=1.0, cu_seqlens=cu)[..., 0]
+    y = linear_core(ctx, q, k, (dt * x)[..., None], dt[..., None] * A, scale=1.0, batch=sp)[..., 0]
     y = (y + x * layer.D.float().to(cdt)) * F.silu(gate.to(cdt))
     return layer.out_proj(y.to(dtype))

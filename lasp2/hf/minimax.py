@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import documents, linear_core
+from .common import batch_context, linear_core
 
 
 def lightning_forward(layer, hidden_states, position_embeddings=None, attention_mask=None,
@@ -24,7 +24,7 @@ def lightning_forward(layer, hidden_states, position_embeddings=None, attention_
     qkv = layer.act_fn(layer.qkv_proj(hidden_states)).reshape(batch_size, seq_len, H, 3 * D)
     query, key, value = torch.split(qkv, D, dim=3)
     g = (-layer.slope_rate.reshape(1, 1, H)).expand(batch_size, seq_len, H)
-    out = linear_core(layer._lasp2, query, key, value, g, scale=1.0, cu_seqlens=documents(layer, kwargs))
+    out = linear_core(layer._lasp2, query, key, value, g, scale=1.0, batch=batch_context(layer, kwargs))
     out = layer.norm(out.reshape(batch_size, seq_len, H * D))
     out = F.sigmoid(layer.output_gate(hidden_states)) * out
     return layer.out_proj(out), None

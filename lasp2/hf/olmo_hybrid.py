@@ -14,16 +14,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import documents
+from .common import batch_context
 from .qwen3_next import _conv, gated_delta_core
 
 
 def olmo_hybrid_gdn_forward(layer, l2norm, hidden_states, cache=None, attention_mask=None, **kwargs):
     """Replacement forward of ``OlmoHybridGatedDeltaNet``."""
     batch_size, seq_len, _ = hidden_states.shape
-    cu = documents(layer, kwargs)
+    sp = batch_context(layer, kwargs)
     mixed = torch.cat([layer.q_proj(hidden_states), layer.k_proj(hidden_states), layer.v_proj(hidden_states)], dim=-1)
-    q, k, v = torch.split(_conv(layer, mixed, cu), [layer.key_dim, layer.key_dim, layer.value_dim], dim=-1)
+    q, k, v = torch.split(_conv(layer, mixed, sp), [layer.key_dim, layer.key_dim, layer.value_dim], dim=-1)
     q = q.reshape(batch_size, seq_len, -1, layer.head_k_dim)
     k = k.reshape(batch_size, seq_len, -1, layer.head_k_dim)
     v = v.reshape(batch_size, seq_len, -1, layer.head_v_dim)
@@ -31,7 +31,7 @@ def olmo_hybrid_gdn_forward(layer, l2norm, hidden_states, cache=None, attention_
     if layer.allow_neg_eigval:
         beta = beta * 2.0
     g = -layer.A_log.float().exp() * F.softplus(layer.a_proj(hidden_states).float() + layer.dt_bias)
-    out = gated_delta_core(layer, l2norm, q, k, v, g, beta, cu)
+    out = gated_delta_core(layer, l2norm, q, k, v, g, beta, sp)
     gate = layer.g_proj(hidden_states)
     out = layer.o_norm(out.reshape(-1, layer.head_v_dim), gate.reshape(-1, layer.head_v_dim))
     return layer.o_proj(out.reshape(batch_size, seq_len, -1))

@@ -18,27 +18,26 @@ import torch
 import torch.nn.functional as F
 
 from ..parallel.halo import sp_causal_conv1d
-from .common import documents, compute_dtype, linear_core
+from .common import batch_context, compute_dtype, linear_core
 
 
-def gated_delta_core(layer, l2norm, query, key, value, g, beta, cu_seqlens) -> torch.Tensor:
+def gated_delta_core(layer, l2norm, query, key, value, g, beta, batch) -> torch.Tensor:
     """What ``torch_chunk_gated_delta_rule(use_qk_l2norm_in_kernel=True)`` computes, under SP.
-    query/key [B, T, Hk, K], value [B, T, Hv, V], g/beta [B, T, Hv] -> o [B, T, Hv, V]."""
+    query/key [B, T, Hk, K], value [B, T, Hv, V], g/beta [B, T, Hv] -> o [B, T, Hv, V]; ``batch``
+    this batch's SP context."""
     ctx = layer._lasp2
     rep = value.shape[2] // key.shape[2]
     if rep != 1:
         query, key = query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2)
     cdt = compute_dtype(value.dtype)
     query, key = l2norm(query.to(cdt), dim=-1, eps=1e-6), l2norm(key.to(cdt), dim=-1, eps=1e-6)
-    return linear_core(ctx, query, key, value, g, beta, scale=query.shape[-1] ** -0.5, cu_seqlens=cu_seqlens)
+    return linear_core(ctx, query, key, value, g, beta, scale=query.shape[-1] ** -0.5, batch=batch)
 
 
-def _conv(layer, mixed_qkv: torch.Tensor, cu_seqlens) -> torch.Tensor:
+def _conv(layer, mixed_qkv: torch.Tensor, batch) -> torch.Tensor:
     """transformers' causal_conv1d_fn (conv in the weight's dtype, activation, back) under SP."""
-    ctx = layer._lasp2
     w = layer.conv1d.weight.squeeze(1)
-    y = sp_causal_conv1d(mixed_qkv.to(w.dtype), w, layer.conv1d.bias, group=ctx.group, layout=ctx.layout,
-                         activation=layer.activation, cu_seqlens=cu_seqlens)
+    y = sp_causal_conv1d(mixed_qkv.to(w.dtype), w, layer.conv1d.bias, activation=layer.activation, batch=batch)
     return y.to(mixed_qkv.dtype)
 
 
@@ -64,14 +63,14 @@ def _gates(layer, a, b):
 def qwen3_next_gdn_forward(layer, l2norm, hidden_states, cache_params=None, attention_mask=None, **kwargs):
     """Replacement forward of ``Qwen3NextGatedDeltaNet`` (fused qkvz / ba projections)."""
     batch_size, seq_len, _ = hidden_states.shape
-    cu = documents(layer, kwargs)
+    sp = batch_context(layer, kwargs)
     query, key, value, z, b, a = layer.fix_query_key_value_ordering(layer.in_proj_qkvz(hidden_states),
                                                                      layer.in_proj_ba(hidden_states))
     query, key, value = (x.reshape(x.shape[0], x.shape[1], -1) for x in (query, key, value))
-    mixed_qkv = _conv(layer, torch.cat((query, key, value), dim=-1), cu)
+    mixed_qkv = _conv(layer, torch.cat((query, key, value), dim=-1), sp)
     query, key, value = _split_qkv(layer, mixed_qkv, batch_size, seq_len)
     g, beta = _gates(layer, a, b)
-    core = gated_delta_core(layer, l2norm, query, key, value, g, beta, cu)
+    core = gated_delta_core(layer, l2norm, query, key, value, g, beta, sp)
     return _finish(layer, core, z, batch_size, seq_len)
 
 
@@ -79,11 +78,11 @@ def qwen3_5_gdn_forward(layer, l2norm, hidden_states, cache_params=None, attenti
     """Replacement forward of ``Qwen3_5GatedDeltaNet`` / ``Qwen3_5MoeGatedDeltaNet`` (separate
     qkv / z / b / a projections)."""
     batch_size, seq_len, _ = hidden_states.shape
-    cu = documents(layer, kwargs)
-    mixed_qkv = _conv(layer, layer.in_proj_qkv(hidden_states), cu)
+    sp = batch_context(layer, kwargs)
+    mixed_qkv = _conv(layer, layer.in_proj_qkv(hidden_states), sp)
     z = layer.in_proj_z(hidden_states).reshape(batch_size, seq_len, -1, layer.head_v_dim)
     b, a = layer.in_proj_b(hidden_states), layer.in_proj_a(hidden_states)
     query, key, value = _split_qkv(layer, mixed_qkv, batch_size, seq_len)
     g, beta = _gates(layer, a, b)
-    core = gated_delta_core(layer, l2norm, query, key, value, g, beta, cu)
+    core = gated_delta_core(layer, l2norm, query, key, value, g, beta, sp)
     return _finish(layer, core, z, batch_size, seq_len)

@@ -70,7 +70,7 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
             Mamba, Falcon-Mamba, Jamba, OLMo hybrid, LFM2), identical on every rank of ``group``.
         group: the sequence-parallel process group (required; ``mesh["sp"].get_group()``).
         layout: "contiguous" or "zigzag", how ``shard_batch`` splits the tokens.
-        strategy: linear-attention strategy ("lasp2" or "lasp1").
+        strategy: linear-attention strategy from the registry ("lasp2", "lasp1", "allscan", "tree").
         softmax_strategy: "allgather" (LASP-2H), "ring" or "ulysses".
         backend: the linear scans' local kernels, "auto" (fla on CUDA when installed), "torch" or
             "fla" (``lasp2.ops.backends``); the communication is the same.

@@ -11,7 +11,7 @@ from ..ops.transition import classify
 from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_group, check_qkv,
                           check_scale, resolve_scale)
 from . import agreement, comm, strategies
-from .batch import SPBatch
+from .batch import SPBatch, resolve_placement
 from .context import LinearCall
 from .layout import LAYOUTS, Layout
 from .linear_sp import LinearSPFunction
@@ -25,24 +25,6 @@ def _check_layout(entry, layout: str) -> None:
     if layout not in entry.layouts:
         raise ValueError(f"strategy={entry.name!r} does not run under layout={layout!r}; use layout="
                          f"{' or '.join(map(repr, entry.layouts))}, or another strategy")
-
-
-def _resolve_batch(batch, group, layout: Optional[str], cu_seqlens, what: str):
-    """(group, layout name, cu_seqlens) of a call: from ``batch`` (an ``SPBatch``) when given,
-    which then must not be contradicted by the other arguments, else the arguments themselves."""
-    if batch is None:
-        return group, layout or "contiguous", cu_seqlens
-    if not isinstance(batch, SPBatch):
-        raise ValueError(f"{what}: batch must be an SPBatch (lasp2.SPBatch.build, lasp2.hf.shard_batch), "
-                         f"got {type(batch).__name__}")
-    if group is not None and group is not batch.group:
-        raise ValueError(f"{what}: group differs from batch.group; pass one of them (the batch's is used)")
-    if layout is not None and layout != batch.layout.name:
-        raise ValueError(f"{what}: layout={layout!r} but the batch was sharded with layout={batch.layout.name!r}; "
-                         f"drop layout (the batch's is used)")
-    if cu_seqlens is not None:
-        raise ValueError(f"{what}: cu_seqlens comes from the batch context; pass batch or cu_seqlens, not both")
-    return batch.group, batch.layout.name, batch.cu_seqlens
 
 
 def _host_documents(batch, cu_seqlens) -> Optional[tuple]:
@@ -118,7 +100,7 @@ def sp_linear_attention(
     group adds one small all-gather that compares the shapes before anything of that size moves
     (then cached).
     """
-    group, layout, cu_seqlens = _resolve_batch(batch, group, layout, cu_seqlens, "sp_linear_attention")
+    group, layout, cu_seqlens = resolve_placement(batch, group, layout, cu_seqlens, "sp_linear_attention")
     check_group(group)
     entry = strategies.linear(strategy)
     _check_layout(entry, layout)
@@ -266,7 +248,7 @@ def sp_softmax_attention(
     from ..ops.softmax import doc_ids_from_cu_seqlens
     from .softmax_common import SoftmaxCall
 
-    group, layout, cu_seqlens = _resolve_batch(batch, group, layout, cu_seqlens, "sp_softmax_attention")
+    group, layout, cu_seqlens = resolve_placement(batch, group, layout, cu_seqlens, "sp_softmax_attention")
     check_group(group)
     entry = strategies.softmax(strategy)
     _check_layout(entry, layout)

@@ -128,3 +128,21 @@ class SPBatch:
         pos_ids = pos if cu is None else pos - cu[torch.searchsorted(cu, pos, right=True) - 1]
         return cls(group, lay, rank, batch_size, pos, pos_ids, cu, _local_cu_seqlens(lay, rank, cu), digest, tokens,
                    checks, None if cu is None else tuple(cu.tolist()))
+
+
+def resolve_placement(batch, group, layout: Optional[str], cu_seqlens, what: str):
+    """(group, layout name, cu_seqlens) of a call: from ``batch`` (an ``SPBatch``) when given,
+    which then must not be contradicted by the other arguments, else the arguments themselves."""
+    if batch is None:
+        return group, layout or "contiguous", cu_seqlens
+    if not isinstance(batch, SPBatch):
+        raise ValueError(f"{what}: batch must be an SPBatch (lasp2.SPBatch.build, lasp2.hf.shard_batch), "
+                         f"got {type(batch).__name__}")
+    if group is not None and group is not batch.group:
+        raise ValueError(f"{what}: group differs from batch.group; pass one of them (the batch's is used)")
+    if layout is not None and layout != batch.layout.name:
+        raise ValueError(f"{what}: layout={layout!r} but the batch was sharded with layout={batch.layout.name!r}; "
+                         f"drop layout (the batch's is used)")
+    if cu_seqlens is not None:
+        raise ValueError(f"{what}: cu_seqlens comes from the batch context; pass batch or cu_seqlens, not both")
+    return batch.group, batch.layout.name, batch.cu_seqlens

@@ -24,6 +24,7 @@ from ..ops.conv import activate, conv_with_context, doc_ids
 from ..ops.precision import no_autocast
 from ..validation import check_choice, check_conv, check_cu_seqlens, check_group
 from . import comm
+from .batch import resolve_placement
 from .layout import LAYOUTS, Layout
 
 
@@ -118,12 +119,7 @@ def sp_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     in the opposite direction. The first call with new shapes on a group adds one small
     agreement check (then cached).
     """
-    if batch is not None:
-        if group is not None or cu_seqlens is not None or layout not in (None, batch.layout.name):
-            raise ValueError("sp_causal_conv1d: batch gives group, layout and cu_seqlens; do not pass them too "
-                             "(or pass them and no batch)")
-        group, layout, cu_seqlens = batch.group, batch.layout.name, batch.cu_seqlens
-    layout = layout or "contiguous"
+    group, layout, cu_seqlens = resolve_placement(batch, group, layout, cu_seqlens, "sp_causal_conv1d")
     check_group(group)
     check_choice("layout", layout, LAYOUTS)
     check_conv(x, weight, bias, activation)

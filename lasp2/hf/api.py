@@ -15,6 +15,7 @@ from ..validation import check_choice, check_cu_seqlens
 from ..parallel.batch import SPBatch, batch_digest
 from .common import ATTN_IMPLEMENTATION, SP_KEY, BatchSlot, HFContext, attention_function, make_pre_hook
 from .router_aux import exact_router_aux_loss
+from .compat import check_family_release
 from .families import FAMILIES, family_of, loss_problem, mixer_class, model_class
 
 # Class names that mix tokens; any such module that a family does not know is refused.
@@ -105,6 +106,7 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a transformers model (torch.nn.Module), got {type(model).__name__}")
     family = family_of(model)
+    check_family_release(family)
     if getattr(model, "_lasp2", None) is not None:
         raise ValueError("model was already parallelized by lasp2.hf.parallelize; build or load a fresh model")
     config = model.config

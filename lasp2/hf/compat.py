@@ -49,6 +49,18 @@ def check_transformers(version: str) -> None:
                       f"run .ci/newest to check it", stacklevel=3)
 
 
+def check_family_release(family) -> None:
+    """ValueError when the installed transformers is older than the release this family's parity
+    tests pass on (its modeling code differs there: e.g. Mamba2's gated norm class, Mamba1's
+    kernels)."""
+    import transformers
+
+    if version_tuple(transformers.__version__) < family.since:
+        raise ValueError(f"lasp2.hf supports {family.name} from transformers {family.since[0]}.{family.since[1]} on "
+                         f"(its parity tests fail on older modeling code); found {transformers.__version__}: "
+                         f"pip install -c constraints.txt 'transformers>={family.since[0]}.{family.since[1]}'")
+
+
 def torch_fallbacks(modeling, version: str) -> None:
     """Make the transformers modeling module ``modeling`` run its own PyTorch kernels on CPU
     tensors (see the module docstring); a no-op from transformers 5.25 on."""

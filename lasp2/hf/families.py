@@ -34,6 +34,7 @@ class Family:
     router_aux: bool = False          # the causal LM adds transformers' router aux loss: made exact shares
     slot: bool = False                # the decoder layers drop **kwargs on the way to the mixers (Mamba,
                                       # Jamba): the batch's SP context reaches them through a ``BatchSlot``
+    since: Tuple[int, int] = (5, 23)  # oldest transformers release its parity tests pass on (older: refused)
 
     def modeling(self):
         return importlib.import_module(self.module)
@@ -100,13 +101,13 @@ FAMILIES = (
            {"Mamba2Mixer": _plain(bamba.mamba2_forward)}, (), None, base="backbone",
            tokenwise=("Mamba2Block", "Mamba2RMSNorm", "Mamba2RMSNormGated"),
            doc=('Mamba2', 'Mamba2 SSD, as Bamba (no softmax layers)',
-                'kernel 4', '—'), config='mamba2-tiny'),
+                'kernel 4', '—'), config='mamba2-tiny', since=(5, 25)),
     Family("nemotron_h", "transformers.models.nemotron_h.modeling_nemotron_h",
            ("NemotronHForCausalLM", "NemotronHModel"),
            {"NemotronHMamba2Mixer": _plain(bamba.mamba2_forward)}, ("NemotronHAttention",),
            "layer_types", _no_sliding_window,
            doc=('Nemotron-H', 'Mamba2 SSD, as Bamba; MLP and MoE blocks',
-                'kernel 4', 'no RoPE, no sliding window'), config='nemotron-h-tiny'),
+                'kernel 4', 'no RoPE, no sliding window'), config='nemotron-h-tiny', since=(5, 25)),
     Family("granitemoehybrid", "transformers.models.granitemoehybrid.modeling_granitemoehybrid",
            ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridModel"),
            {"GraniteMoeHybridMambaLayer": _plain(bamba.mamba2_forward)}, ("GraniteMoeHybridAttention",),
@@ -114,7 +115,7 @@ FAMILIES = (
            doc=('Granite-4.0 hybrid',
                 'Mamba2 SSD, as Bamba; MoE + shared MLP; embedding / residual / attention / logits multipliers '
                 'kept',
-                'kernel 4', 'RoPE or none'), config='granite-4.0-h-tiny', router_aux=True),
+                'kernel 4', 'RoPE or none'), config='granite-4.0-h-tiny', router_aux=True, since=(5, 25)),
     Family("falcon_h1", "transformers.models.falcon_h1.modeling_falcon_h1",
            ("FalconH1ForCausalLM", "FalconH1Model"),
            {"FalconH1Mixer": _plain(falcon_h1.falcon_h1_mixer_forward)}, ("FalconH1Attention",),
@@ -122,7 +123,7 @@ FAMILIES = (
            doc=('Falcon-H1',
                 'Mamba2 SSD **in parallel with** attention in every layer, outputs summed; µP multipliers '
                 '(`mup_vector`, ssm/attention in/out, key, embedding, LM head) kept',
-                'kernel 4', 'RoPE, key multiplier'), config='falcon-h1-tiny'),
+                'kernel 4', 'RoPE, key multiplier'), config='falcon-h1-tiny', since=(5, 25)),
     Family("zamba2", "transformers.models.zamba2.modeling_zamba2",
            ("Zamba2ForCausalLM", "Zamba2Model"),
            {"Zamba2MambaMixer": _plain(bamba.mamba2_forward)}, ("Zamba2Attention",),
@@ -130,7 +131,7 @@ FAMILIES = (
            doc=('Zamba2',
                 'Mamba2 SSD, as Bamba; a **shared** attention + MLP block (LoRA adapters) at several depths, its '
                 'gradients summed over the applications',
-                'kernel 4', 'shared block, RoPE'), config='zamba2-tiny'),
+                'kernel 4', 'shared block, RoPE'), config='zamba2-tiny', since=(5, 25)),
     Family("mamba", "transformers.models.mamba.modeling_mamba",
            ("MambaForCausalLM", "MambaModel"),
            {"MambaMixer": _plain(mamba.mamba_forward)}, (), None, base=None,
@@ -138,31 +139,31 @@ FAMILIES = (
            doc=('Mamba',
                 'Mamba1 selective scan = per-channel gate, one head per channel: q = C, k = B, v = dt·x, g = dt ⊗'
                 ' A [B, T, I, N] (K = N, V = 1), + D·x → `sp_linear_attention`',
-                'kernel 4', '—'), config='mamba-tiny'),
+                'kernel 4', '—'), config='mamba-tiny', since=(5, 25)),
     Family("falcon_mamba", "transformers.models.falcon_mamba.modeling_falcon_mamba",
            ("FalconMambaForCausalLM", "FalconMambaModel"),
            {"FalconMambaMixer": _plain(mamba.mamba_forward)}, (), None, base=None,
            tokenwise=("FalconMambaBlock", "FalconMambaRMSNorm", "FalconMambaWeightlessRMSNorm"), slot=True,
            doc=('Falcon-Mamba', 'Mamba1 selective scan, as Mamba, after RMSNorms on dt, B, C',
-                'kernel 4', '—'), config='falcon-mamba-tiny'),
+                'kernel 4', '—'), config='falcon-mamba-tiny', since=(5, 25)),
     Family("jamba", "transformers.models.jamba.modeling_jamba",
            ("JambaForCausalLM", "JambaModel"),
            {"JambaMambaMixer": _plain(mamba.mamba_forward)}, ("JambaAttention",), "layer_types", _no_sliding_window,
            tokenwise=("JambaMambaDecoderLayer",), slot=True,
            doc=('Jamba', 'Mamba1 selective scan, as Falcon-Mamba; MoE MLPs',
-                'kernel 4', 'no RoPE'), config='jamba-tiny', router_aux=True),
+                'kernel 4', 'no RoPE'), config='jamba-tiny', router_aux=True, since=(5, 25)),
     Family("olmo_hybrid", "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
            ("OlmoHybridForCausalLM", "OlmoHybridModel"),
            {"OlmoHybridGatedDeltaNet": _gdn(olmo_hybrid.olmo_hybrid_gdn_forward)}, ("OlmoHybridAttention",),
            "layer_types", _olmo_hybrid_config,
            doc=('OLMo hybrid',
                 'Gated DeltaNet, as Qwen3-Next, with `linear_allow_neg_eigval=False` (β ∈ [0, 2] is refused)',
-                'kernel 4', 'q/k norm, RoPE'), config='olmo-hybrid-tiny'),
+                'kernel 4', 'q/k norm, RoPE'), config='olmo-hybrid-tiny', since=(5, 25)),
     Family("lfm2", "transformers.models.lfm2.modeling_lfm2",
            ("Lfm2ForCausalLM", "Lfm2Model"),
            {"Lfm2ShortConv": _plain(lfm2.lfm2_conv_forward)}, ("Lfm2Attention",), "layer_types", _no_sliding_window,
            doc=('LFM2', 'gated short conv only (y = C · conv(B · x)), no scan',
-                'kernel 3', 'GQA, q/k norm, RoPE'), config='lfm2-tiny'),
+                'kernel 3', 'GQA, q/k norm, RoPE'), config='lfm2-tiny', since=(5, 25)),
 )
 
 

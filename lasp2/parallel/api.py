@@ -264,7 +264,8 @@ def sp_softmax_attention(
     layout: Optional[str] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     batch: Optional[SPBatch] = None,
-) -> torch.Tensor:
+    return_kv: bool = False,
+):
     """Sequence-parallel softmax attention: this rank's shard of ``softmax_attention`` on the
     whole sequence.
 
@@ -282,10 +283,13 @@ def sp_softmax_attention(
         batch: this batch's sequence-parallel context (``SPBatch``) in place of group, layout and
             cu_seqlens (checked once when it was built; no per-call agreement digest unless
             ``batch.checks``).
+        return_kv: also return the K/V of the whole sequence (a decode cache).
 
     Returns:
         o [B, T, H, Dv], this rank's shard, in q's dtype (computed in fp32 for half precision).
-        Differentiable w.r.t. q, k, v.
+        Differentiable w.r.t. q, k, v. With ``return_kv``: (o, (K [B, W T, Hkv, D],
+        V [B, W T, Hkv, Dv])) in k's / v's dtype, in global sequence order (zigzag segments put
+        back), identical on every rank; not differentiable.
 
     Communication (per call, W > 1): "allgather": forward 1 all-gather of [W, B, T, Hkv, D + Dv]
     in the input dtype; backward 1 reduce-scatter of the same shape in fp32 (fp64 for fp64).
@@ -295,7 +299,9 @@ def sp_softmax_attention(
     KV heads repeated when W does not divide Hkv. Agreement between the ranks (document
     boundaries included) is checked on every call by an 8-byte digest inside the first message
     (``agreement``); the first call with new shapes on a group adds one small all-gather that
-    compares the shapes before anything of that size moves (then cached).
+    compares the shapes before anything of that size moves (then cached). return_kv: "allgather"
+    adds nothing (its gather already holds them); "ring" and "ulysses" add 1 all-gather of
+    [W, B, T, Hkv, D + Dv] in the input dtype.
     """
     from ..ops.softmax import doc_ids_from_cu_seqlens
     from .softmax_common import SoftmaxCall
@@ -306,6 +312,8 @@ def sp_softmax_attention(
     _check_layout(entry, layout)
     check_qkv(q, k, v, kv_heads_may_differ=True)
     check_scale(scale)
+    if not isinstance(return_kv, bool):
+        raise ValueError(f"return_kv must be True or False, got {return_kv!r}")
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, q.shape[1])
     if batch is None:
@@ -320,14 +328,27 @@ def sp_softmax_attention(
                          f"by {world}, or strategy={any_heads}, which work with any H")
     scale = resolve_scale(scale, q)
     signature = (f"sp_softmax_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
-                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={cu_seqlens is not None}")
+                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={cu_seqlens is not None} "
+                 f"return_kv={return_kv}")
     # Shapes once per signature and group; everything else (the document boundaries included)
     # every call, inside the strategy's first message (``agreement``).
     comm.ensure_agreement(group, signature)
     if world == 1:
-        return functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
+        o = functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
+        return (o, (k.detach(), v.detach())) if return_kv else o
     doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), lay.global_len)
     checks = batch is None or batch.checks
     digest = agreement.call_digest(signature, cu_seqlens) if checks else agreement.UNCHECKED
     cu_list = _host_documents(batch, cu_seqlens)
-    return entry.load().apply(q, k, v, SoftmaxCall(scale, causal, lay, group, doc, digest=digest, cu_list=cu_list))
+    call = SoftmaxCall(scale, causal, lay, group, doc, digest=digest, cu_list=cu_list)
+    if not return_kv:
+        return entry.load().apply(q, k, v, call)
+    from .softmax_allgather import kv_in_sequence_order
+
+    if entry.pattern == "all-gather":  # its one gather already holds every rank's K/V
+        o, kv_all = entry.load().apply(q, k, v, call, True)
+    else:  # gather once more, K and V packed in one message
+        o = entry.load().apply(q, k, v, call)
+        kv_all = comm.all_gather(torch.cat([k.detach(), v.detach().to(k.dtype)], dim=-1).contiguous(), group)
+    k_all, v_all = kv_in_sequence_order(kv_all, lay, k.shape[-1])
+    return o, (k_all, v_all.to(v.dtype))

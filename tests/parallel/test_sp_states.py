@@ -155,11 +155,71 @@ def _misuse(group):
     run_cases(cases, one)
 
 
+def _conv_cache(group):
+    """sp_causal_conv1d(output_final_state=True): y shard by shard, the cache equal to the last
+    k - 1 inputs of the whole sequence on every rank (exact copies), and a decode step from it
+    equal to the whole-sequence conv's next output."""
+    W = dist.get_world_size(group)
+
+    def one(layout, k, T_local=8, B=2, C=3):
+        gen = torch.Generator().manual_seed(k)
+        x = torch.randn(B, W * T_local + 1, C, generator=gen, dtype=torch.float64)
+        weight, bias = torch.randn(C, k, generator=gen, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
+        prompt = x[:, :-1]
+        y, cache = lasp2.sp_causal_conv1d(lasp2.shard(prompt, group=group, layout=layout), weight, bias,
+                                          group=group, layout=layout, activation="silu", output_final_state=True)
+        caches = [torch.empty_like(cache) for _ in range(W)]
+        dist.all_gather(caches, cache.contiguous(), group=group)
+        y_ref = lasp2.causal_conv1d(x, weight, bias, activation="silu")
+        assert_close("y", y, lasp2.shard(y_ref[:, :-1], group=group, layout=layout), torch.float64)
+        assert cache.shape == (B, k - 1, C) and torch.equal(cache, prompt[:, prompt.shape[1] - (k - 1):])
+        assert all(torch.equal(caches[0], c) for c in caches), "conv cache differs between ranks"
+        y_next = lasp2.causal_conv1d(torch.cat([cache, x[:, -1:]], dim=1), weight, bias, activation="silu")[:, -1]
+        assert_close("decode step from the cache", y_next, y_ref[:, -1], torch.float64)
+
+    run_cases([(f"{layout}-k{k}", dict(layout=layout, k=k)) for layout in ("contiguous", "zigzag") for k in (4, 1)],
+              one)
+    x = torch.zeros(1, 16, 2)
+    _raises("not supported with cu_seqlens", lambda: lasp2.sp_causal_conv1d(
+        lasp2.shard(x, group=group), torch.ones(2, 4), group=group, cu_seqlens=torch.tensor([0, 5, 16]),
+        output_final_state=True))
+
+
+def _return_kv(group):
+    """sp_softmax_attention(return_kv=True): o unchanged, K/V of the whole sequence in global
+    order on every rank (exact copies); all-gather adds no collective, ring/ulysses one."""
+    W = dist.get_world_size(group)
+
+    def one(strategy, layout, B=1, T_local=6, H=4, Hkv=2, D=3):
+        gen = torch.Generator().manual_seed(7)
+        q = torch.randn(B, W * T_local, H, D, generator=gen, dtype=torch.float64)
+        k, v = (torch.randn(B, W * T_local, Hkv, D, generator=gen, dtype=torch.float64) for _ in range(2))
+        local = [lasp2.shard(t, group=group, layout=layout) for t in (q, k, v)]
+        call = dict(group=group, strategy=strategy, layout=layout)
+        with torch.no_grad():
+            lasp2.sp_softmax_attention(*local, **call)  # first-call agreement checks
+            lasp2.sp_softmax_attention(*local, **call, return_kv=True)
+            with comm.track() as plain:
+                o_plain = lasp2.sp_softmax_attention(*local, **call)
+            with comm.track() as log:
+                o, (k_all, v_all) = lasp2.sp_softmax_attention(*local, **call, return_kv=True)
+        extra = log.count() - plain.count()
+        assert torch.equal(o, o_plain)
+        assert_close("o", o, lasp2.shard(lasp2.softmax_attention(q, k, v), group=group, layout=layout),
+                     torch.float64)
+        assert torch.equal(k_all, k) and torch.equal(v_all, v), "K/V not the whole sequence in order"
+        want = 0 if strategies.softmax(strategy).pattern == "all-gather" else 1
+        assert extra == want, f"return_kv added {extra} collectives, expected {want}"
+
+    run_cases([(f"{s}-{lay}", dict(strategy=s, layout=lay)) for s in strategies.SOFTMAX_STRATEGIES
+               for lay in strategies.softmax(s).layouts], one)
+
+
 def _worker(group, full: bool):
     sections = [("states", lambda g: _table(g, _default_cases() if not full else
                                             _cases(DIAGONAL_VARIANTS + DELTA_VARIANTS, tuple(STATE_USES))))]
     if not full:
-        sections.append(("misuse", _misuse))
+        sections += [("misuse", _misuse), ("conv_cache", _conv_cache), ("return_kv", _return_kv)]
     return run_sections(group, sections)
 
 
@@ -173,6 +233,14 @@ def test_sp_states_match_single_device_w2():
 
 def test_sp_states_misuse_raises_on_all_ranks():
     SPAWNS.results(2, "misuse")
+
+
+def test_sp_conv_cache_w2():
+    SPAWNS.results(2, "conv_cache")
+
+
+def test_sp_softmax_return_kv_w2():
+    SPAWNS.results(2, "return_kv")
 
 
 @pytest.mark.slow

@@ -111,9 +111,9 @@ def _table(group, cases):
 
 def _default_cases():
     # every strategy x both layouts x in+out for one variant per transition kind; "in" and "out"
-    # alone once per kind on lasp2 and once on a point-to-point strategy
+    # alone for a decay and the matrix kind, on lasp2 and on a point-to-point strategy
     cases = _cases(ONE_PER_KIND, ("in+out",))
-    cases += _cases(ONE_PER_KIND, ("in", "out"), ("lasp2", "lasp1"))
+    cases += _cases(("scalar", "gated_deltanet"), ("in", "out"), ("lasp2", "lasp1"))
     return cases
 
 

@@ -156,13 +156,15 @@ def hf_kernels(family: str, dtype: torch.dtype, model):
 def head_output(model):
     """The LM head's own output, before the casts some causal LMs apply (Mamba, Mamba2, Nemotron-H
     return ``lm_head(h).float()``: fp32 logits from an fp64 model). ``logits(out)`` picks it when
-    ``out.logits`` is not in the model's dtype, and ``out.logits`` otherwise."""
+    the head's output is in the model's dtype and ``out.logits`` is not, and ``out.logits``
+    otherwise: under autocast the head's output is bf16 and ``out.logits`` keeps the scaling some
+    families apply after the head (Granite's ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``)."""
     seen = []
     handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out))
     dtype = next(model.parameters()).dtype
 
     def logits(out):
-        return out.logits if out.logits.dtype == dtype else seen[-1]
+        return seen[-1] if out.logits.dtype != dtype and seen[-1].dtype == dtype else out.logits
 
     try:
         yield logits

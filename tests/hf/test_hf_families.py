@@ -135,6 +135,7 @@ def _refusals(group):
 # Loss terms that are means over the whole sequence, made exact shares under SP: family -> settings.
 LOSS_TERMS = {"bamba": dict(z_loss_coefficient=0.1),                       # the z-loss
               "granitemoehybrid": dict(output_router_logits=True),          # the router aux loss
+              "jamba": dict(output_router_logits=True),                     # the same function as Granite's
               "qwen3_next": dict(output_router_logits=True, router_aux_loss_coef=0.5)}
 
 

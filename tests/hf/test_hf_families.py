@@ -237,7 +237,8 @@ def _table(families, full: bool):
             table.append((f"{fam}-docs-{layout}", dict(family=fam, layout=layout, ref=docs_ref, cu=DOCS)))
         for config in CONFIG_VARIANTS.get(fam, ()) if full else ():
             ref = reference(fam, torch.float64, _ids(), DOCS, config=config)
-            table.append((f"{fam}-{config}-docs", dict(family=fam, layout="zigzag", ref=ref, cu=DOCS, config=config)))
+            name = "-".join(f"{k}={v}" for k, v in config.items())
+            table.append((f"{fam}-{name}-docs", dict(family=fam, layout="zigzag", ref=ref, cu=DOCS, config=config)))
     return table
 
 

@@ -129,24 +129,24 @@ def _sp_case(group, variant, T_local, strategy, layout, cu=None, H=2, K=16, V=12
 
 def _sp_cases(W: int, full: bool):
     """The default run covers every variant, every strategy, both layouts and documents (cut
-    mid-rank, a start on a segment's first token, segments without a start) in 9 cases; ``full``
-    runs the whole product."""
+    mid-rank, a start on a segment's first token, segments without a start) and the delta rule
+    with beta in (0, 2) in 9 cases; ``full`` runs the whole product and beta in (0, 2) for both
+    delta variants under every strategy."""
     docs = [0, 5, 8, 16, 27, W * 16]
     if not full:
         picks = [("basic", "lasp2", "contiguous", None), ("constant", "lasp1", "zigzag", None),
                  ("scalar", "lasp2", "zigzag", docs), ("channel", "lasp1", "contiguous", docs),
-                 ("deltanet", "lasp2", "contiguous", docs), ("gated_deltanet", "lasp1", "zigzag", None),
+                 ("deltanet", "lasp2", "contiguous", docs),
+                 ("gated_deltanet", "lasp1", "zigzag", None, 2.0),  # beta in (0, 2): negative eigenvalues
                  ("gated_deltanet", "lasp2", "zigzag", docs),
                  # the other strategies share the local work (linear_local) with lasp2 and lasp1
                  ("channel", "allscan", "zigzag", docs), ("gated_deltanet", "tree", "contiguous", None)]
     else:
         picks = list(itertools.product(VARIANTS, LINEAR_STRATEGIES, ("contiguous", "zigzag"), (None, docs)))
-    cases = [(f"{variant}-{strategy}-{layout}{'-docs' if cu else ''}",
-              dict(variant=variant, T_local=16, strategy=strategy, layout=layout, cu=cu))
-             for variant, strategy, layout, cu in picks]
-    # beta in (0, 2): the delta rule with negative eigenvalues, SP with fla's kernels
-    return cases + [("gated_deltanet-lasp2-zigzag-docs-beta-to-2", dict(
-        variant="gated_deltanet", T_local=16, strategy="lasp2", layout="zigzag", cu=docs, beta_max=2.0))]
+        picks += [(v, s, "zigzag", docs, 2.0) for v in DELTA_VARIANTS for s in LINEAR_STRATEGIES]
+    return [(f"{variant}-{strategy}-{layout}{'-docs' if cu else ''}{'-beta-to-2' if beta else ''}",
+             dict(variant=variant, T_local=16, strategy=strategy, layout=layout, cu=cu, beta_max=beta or 1.0))
+            for variant, strategy, layout, cu, beta in (p + (None,) * (5 - len(p)) for p in picks)]
 
 
 def _worker(group, single, sp):

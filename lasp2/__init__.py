@@ -9,7 +9,7 @@ Shape legend (fla layout, used everywhere in lasp2):
 
     q, k  [B, T, H, K]     v  [B, T, H, V]
     g     [B, T, H] (scalar gate / constant decay) or [B, T, H, K] (per-channel), log space, <= 0
-    beta  [B, T, H] in [0, 1] (delta rule)
+    beta  [B, T, H] in [0, 2] (delta rule; > 1: negative eigenvalues)
     state [B, H, K, V] fp32, or [N, H, K, V] with cu_seqlens
     cu_seqlens [N + 1] int, global cumulative document lengths
 

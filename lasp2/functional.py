@@ -35,9 +35,9 @@ def linear_attention(
             different dtypes are cast to the autocast dtype first).
         g: None (basic / no decay), [B, T, H] (constant decay or scalar gate) or [B, T, H, K]
             (per-channel gate); log space, <= 0.
-        beta: None, or [B, T, H] in [0, 1] for the delta rule (DeltaNet; Gated DeltaNet with g
-            [B, T, H]). Keys are used as given (not normalised). The delta rule runs the
-            chunked WY/UT-transform op of ``ops/delta.py``.
+        beta: None, or [B, T, H] in [0, 2] for the delta rule (DeltaNet; Gated DeltaNet with g
+            [B, T, H]; beta > 1: negative eigenvalues, never clamped). Keys are used as given (not
+            normalised). The delta rule runs the chunked WY/UT-transform op of ``ops/delta.py``.
         scale: defaults to K**-0.5.
         causal: False gives bidirectional basic linear attention (no g, beta or states).
         initial_state: [B, H, K, V], or [N, H, K, V] (one per document) with cu_seqlens.

@@ -81,7 +81,12 @@ def check_gate(g, q: torch.Tensor, values: bool = True) -> None:
 
 
 def check_beta(beta, q: torch.Tensor, values: bool = True) -> None:
-    """beta None | [B, T, H] in [0, 1] (the range, a host sync, checked only when ``values``)."""
+    """beta None | [B, T, H] in [0, 2] (the range, a host sync, checked only when ``values``).
+
+    With L2-normalised keys the delta-rule transition I - beta k k^T has eigenvalues 1 and
+    1 - beta, so beta in [0, 2] keeps them in [-1, 1] (beta > 1: negative eigenvalues, e.g. OLMo
+    hybrid's ``linear_allow_neg_eigval``); the chunked and SP forms are exact for any beta, and
+    beta is never clamped."""
     if beta is None:
         return
     B, T, H, _ = q.shape
@@ -91,8 +96,9 @@ def check_beta(beta, q: torch.Tensor, values: bool = True) -> None:
         raise ValueError(f"beta must have shape [B, T, H] = {(B, T, H)}, got {tuple(beta.shape)}")
     if beta.device != q.device:
         raise ValueError(f"beta must be on q's device {q.device}, got {beta.device}")
-    if values and not bool(((beta >= 0) & (beta <= 1)).all()):
-        raise ValueError("beta must lie in [0, 1] (e.g. torch.sigmoid(x))")
+    if values and not bool(((beta >= 0) & (beta <= 2)).all()):
+        raise ValueError("beta must lie in [0, 2] (e.g. torch.sigmoid(x), or 2 * torch.sigmoid(x) for negative "
+                         "eigenvalues) and not be NaN")
 
 
 def check_cu_seqlens(cu_seqlens, total: int, batch: int, name: str = "cu_seqlens",

@@ -84,9 +84,10 @@ def make_gate(variant: str, B: int, T: int, H: int, K: int, generator: torch.Gen
 
 
 def make_inputs(variant: str, B: int, T: int, H: int, K: int, V: int, seed: int,
-                dtype=torch.float64, n_states: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """q, k, v, g (maybe None), beta (delta variants only) and an initial state
-    [n_states, H, K, V] (None if n_states is None)."""
+                dtype=torch.float64, n_states: Optional[int] = None, beta_max: float = 1.0) -> Dict[str, torch.Tensor]:
+    """q, k, v, g (maybe None), beta = beta_max * sigmoid(x) (delta variants only; beta_max = 2:
+    beta in (0, 2), negative eigenvalues) and an initial state [n_states, H, K, V] (None if
+    n_states is None)."""
     gen = torch.Generator().manual_seed(seed)
     out = {
         "q": torch.randn(B, T, H, K, generator=gen, dtype=torch.float64).to(dtype),
@@ -96,7 +97,7 @@ def make_inputs(variant: str, B: int, T: int, H: int, K: int, V: int, seed: int,
     }
     if variant in DELTA_VARIANTS:  # DeltaNet layers L2-normalise keys; beta = sigmoid(x)
         out["k"] = F.normalize(out["k"].double(), dim=-1).to(dtype)
-        out["beta"] = torch.sigmoid(torch.randn(B, T, H, generator=gen, dtype=torch.float64)).to(dtype)
+        out["beta"] = (beta_max * torch.sigmoid(torch.randn(B, T, H, generator=gen, dtype=torch.float64))).to(dtype)
     out["initial_state"] = (None if n_states is None else
                             torch.randn(n_states, H, K, V, generator=gen, dtype=torch.float64).float()
                             .to(torch.float64 if dtype == torch.float64 else torch.float32))

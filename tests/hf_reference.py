@@ -67,14 +67,17 @@ MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "lfm2": "transformers.models.lfm2.modeling_lfm2"}
 
 
-def make_model(family: str, dtype: torch.dtype, seed: int = 0):
+def make_model(family: str, dtype: torch.dtype, seed: int = 0, **config):
+    """The family's test config (``CONFIGS``, then ``config``'s fields) with seeded weights."""
     name, overrides = CONFIGS[family]
     torch.manual_seed(seed)
-    model = build_model(load_config(name, **overrides), dtype=dtype)
+    model = build_model(load_config(name, **{**overrides, **config}), dtype=dtype)
     with torch.no_grad():  # transformers zero-initialises some norm weights: make every path visible
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.add_(0.1 * torch.randn_like(p))
+            if family == "olmo_hybrid" and n.endswith("b_proj.weight"):  # beta = 2 sigmoid(.) spread over (0, 2),
+                p.mul_(30.0)                                                # not ~1 (negative eigenvalues tested)
     return model
 
 
@@ -153,13 +156,15 @@ def hf_kernels(family: str, dtype: torch.dtype, model):
 def head_output(model):
     """The LM head's own output, before the casts some causal LMs apply (Mamba, Mamba2, Nemotron-H
     return ``lm_head(h).float()``: fp32 logits from an fp64 model). ``logits(out)`` picks it when
-    ``out.logits`` is not in the model's dtype, and ``out.logits`` otherwise."""
+    the head's output is in the model's dtype and ``out.logits`` is not, and ``out.logits``
+    otherwise: under autocast the head's output is bf16 and ``out.logits`` keeps the scaling some
+    families apply after the head (Granite's ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``)."""
     seen = []
     handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out))
     dtype = next(model.parameters()).dtype
 
     def logits(out):
-        return out.logits if out.logits.dtype == dtype else seen[-1]
+        return seen[-1] if out.logits.dtype != dtype and seen[-1].dtype == dtype else out.logits
 
     try:
         yield logits
@@ -177,11 +182,12 @@ def shift(labels: torch.Tensor, cu: Optional[list]) -> torch.Tensor:
 
 
 def reference(family: str, dtype: torch.dtype, ids: torch.Tensor, cu: Optional[list] = None,
-              autocast: bool = False) -> dict:
+              autocast: bool = False, config: Optional[dict] = None) -> dict:
     """Logits, mean next-token loss and every parameter gradient of the unmodified model on the
     whole sequence (documents: each document fed alone, as packing means). ``autocast``: the
-    forward runs inside ``torch.autocast("cpu", torch.bfloat16)`` (transformers' own kernels)."""
-    model = make_model(family, dtype)
+    forward runs inside ``torch.autocast("cpu", torch.bfloat16)`` (transformers' own kernels).
+    ``config``: fields set on the family's test config."""
+    model = make_model(family, dtype, **(config or {}))
     spans = [(0, ids.shape[1])] if cu is None else list(zip(cu[:-1], cu[1:]))
     targets = shift(ids, cu)
     n = int((targets != -100).sum())

@@ -14,16 +14,17 @@ from tests.helpers import assert_close, make_inputs
 
 def compare_linear(group, *, variant: str, B: int, T_local: int, H: int, K: int, V: int,
                    dtype: torch.dtype, strategy: str, layout: str, causal: bool = True,
-                   cu: Optional[list] = None, seed: int = 0, **extra) -> Dict[str, int]:
+                   cu: Optional[list] = None, seed: int = 0, beta_max: float = 1.0, **extra) -> Dict[str, int]:
     """Compare ``sp_linear_attention`` with ``linear_attention``: o and every gradient.
 
     Returns the number of all-gathers in forward and in backward (from ``comm.track``), and the
     P2P sends, receives and bytes received per direction, for the caller's contract checks.
-    Collectives run before any assert. ``extra`` goes to ``sp_linear_attention`` (e.g. scan_blocks).
+    Collectives run before any assert. ``beta_max``: delta rule beta in (0, beta_max) (2: negative
+    eigenvalues). ``extra`` goes to ``sp_linear_attention`` (e.g. scan_blocks).
     """
     W = torch.distributed.get_world_size(group)
     T = W * T_local
-    inputs = make_inputs(variant, B, T, H, K, V, seed=seed, dtype=dtype)
+    inputs = make_inputs(variant, B, T, H, K, V, seed=seed, dtype=dtype, beta_max=beta_max)
     cu_t = None if cu is None else torch.tensor(cu)
     weight = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     names = [n for n in ("q", "k", "v", "g", "beta") if inputs.get(n) is not None]

@@ -45,7 +45,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--dim", type=int, help="head dimension K = V (default 64)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--hf-config", help="--suite hf: a transformers config (shipped name such as qwen3-next-tiny, "
-                                       "a JSON file, or a directory with config.json)")
+                                       "a JSON file, or a directory with config.json); several, comma-separated, "
+                                       "or 'all' (every family's tiny config): one summary table")
     b.add_argument("--dtype", choices=("float32", "bfloat16", "float64"),
                    help="default float32 (--suite gpu on CUDA: bfloat16)")
     b.add_argument("--layout", choices=("contiguous", "zigzag", "both"), default="contiguous",
@@ -184,8 +185,6 @@ def _rerender_local(args, recs, meta) -> int:
 
 
 def run_bench(args) -> int:
-    import torch
-
     from lasp2.launch import RankFailure, under_torchrun
 
     from . import harness, report
@@ -198,6 +197,10 @@ def run_bench(args) -> int:
         from lasp2.cpu_allocator import tune_cpu_allocator
 
         tune_cpu_allocator()
+    from . import hf_families
+
+    if args.suite == "hf" and args.hf_config and hf_families.several(args.hf_config):  # several families, one table
+        return hf_families.run_cli(args, bench_spec, _usage)
     spec = bench_spec(args)
     if not args.no_plots:
         try:
@@ -211,15 +214,10 @@ def run_bench(args) -> int:
     except ValueError as e:
         raise _usage(e) from None
     except RankFailure as e:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "failure.txt").write_text(e.traceback or str(e))
-        print(f"lasp2 bench: error: {e} (traceback in {out / 'failure.txt'})", file=sys.stderr)
-        return 1
+        return report.rank_failure(out, e)
     if per_w is None:  # a torchrun rank other than 0
         return 0
-    meta = {"command": "lasp2 " + shlex.join(args.argv), "torch": torch.__version__, "hardware": report.hardware(cuda=under_torchrun() and torch.cuda.is_available()),
-            "launcher": "torchrun" if under_torchrun() else "self-launched gloo, 1 thread per rank",
-            "note": args.note}
+    meta = report.run_meta(args)
     records = report.build_records(spec, per_w, meta)
     paths = report.write_all(records, meta, spec, out, not args.no_plots)
     if not args.quiet:

@@ -46,6 +46,27 @@ def default_out(suite: str) -> Path:
     return Path(f"{suite}_{machine_tag()}_{time.strftime('%Y-%m-%d')}")
 
 
+def run_meta(args) -> dict:
+    """What results.json records of an SP suite's run: the command, torch, hardware, launcher."""
+    import shlex
+
+    from lasp2.launch import under_torchrun
+
+    return {"command": "lasp2 " + shlex.join(args.argv), "torch": torch.__version__,
+            "hardware": hardware(cuda=under_torchrun() and torch.cuda.is_available()),
+            "launcher": "torchrun" if under_torchrun() else "self-launched gloo, 1 thread per rank", "note": args.note}
+
+
+def rank_failure(out: Path, e) -> int:
+    """A rank's error: its traceback in ``out``/failure.txt, one line on stderr; exit status 1."""
+    import sys
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "failure.txt").write_text(e.traceback or str(e))
+    print(f"lasp2 bench: error: {e} (traceback in {out / 'failure.txt'})", file=sys.stderr)
+    return 1
+
+
 def matplotlib_pyplot():
     """pyplot with the file-only backend, or a one-line error telling how to get it."""
     try:

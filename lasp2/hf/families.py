@@ -48,13 +48,6 @@ def _plain(fn):
     return lambda layer, modeling: (lambda *a, **k: fn(layer, *a, **k))
 
 
-def _olmo_hybrid_config(config) -> Optional[str]:
-    if getattr(config, "linear_allow_neg_eigval", False):
-        return ("config.linear_allow_neg_eigval = True: its Gated DeltaNet layers take beta in [0, 2], and lasp2's "
-                "delta rule takes beta in [0, 1] (beta is never clamped); set linear_allow_neg_eigval = False")
-    return _no_sliding_window(config)
-
-
 def _no_sliding_window(config) -> Optional[str]:
     if getattr(config, "sliding_window", None) is not None:
         return (f"config.sliding_window = {config.sliding_window}: sliding-window softmax attention is not "
@@ -155,9 +148,10 @@ FAMILIES = (
     Family("olmo_hybrid", "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
            ("OlmoHybridForCausalLM", "OlmoHybridModel"),
            {"OlmoHybridGatedDeltaNet": _gdn(olmo_hybrid.olmo_hybrid_gdn_forward)}, ("OlmoHybridAttention",),
-           "layer_types", _olmo_hybrid_config,
+           "layer_types", _no_sliding_window,
            doc=('OLMo hybrid',
-                'Gated DeltaNet, as Qwen3-Next, with `linear_allow_neg_eigval=False` (β ∈ [0, 2] is refused)',
+                'Gated DeltaNet, as Qwen3-Next; β ∈ [0, 2] with `linear_allow_neg_eigval` (its default: negative '
+                'eigenvalues, never clamped), β ∈ [0, 1] without',
                 'kernel 4', 'q/k norm, RoPE'), config='olmo-hybrid-tiny', since=(5, 25)),
     Family("lfm2", "transformers.models.lfm2.modeling_lfm2",
            ("Lfm2ForCausalLM", "Lfm2Model"),

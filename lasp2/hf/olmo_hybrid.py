@@ -5,9 +5,9 @@ The forward below is transformers' ``OlmoHybridGatedDeltaNet.forward`` for whole
 the layer's own parameters; the conv is ``lasp2.sp_causal_conv1d`` and
 ``torch_chunk_gated_delta_rule(use_qk_l2norm_in_kernel=True)`` is Qwen3-Next's mapping
 (``qwen3_next.gated_delta_core``: l2norm on q, k, scale K^-1/2, ``sp_linear_attention(q, k, v, g,
-beta)``). beta = sigmoid(b_proj(x)), doubled when ``linear_allow_neg_eigval`` (beta in [0, 2]);
-lasp2's delta rule takes beta in [0, 1] only, so ``parallelize`` refuses that setting (never
-clamps it) and runs ``linear_allow_neg_eigval=False`` exactly.
+beta)``). beta = sigmoid(b_proj(x)), doubled when ``linear_allow_neg_eigval`` (the config's
+default): beta in [0, 2], so I - beta k k^T has the eigenvalue 1 - beta in [-1, 1] along the unit
+key; lasp2's delta rule takes beta in [0, 2] and is exact for it (never clamped).
 """
 from __future__ import annotations
 

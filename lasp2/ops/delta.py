@@ -344,7 +344,7 @@ def delta_linear_attention(
     """Causal DeltaNet (g None) / Gated DeltaNet (g [B, T, H]), chunk form. Inputs assumed
     validated; keys are used as given (not normalised).
 
-    q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H] in [0, 1] (required);
+    q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H] in [0, 2] (required);
     initial_state None | [B, H, K, V] | [N, H, K, V] with cu_seqlens [N + 1] (B == 1).
     Returns o [B, T, H, V] in q's dtype and the final state(s) [B or N, H, K, V] (fp32; fp64
     for fp64 inputs), or None. Accumulates in fp32 for half-precision inputs.

@@ -67,8 +67,9 @@ def sp_linear_attention(
             <= 0) — this rank's shard in ``layout`` (T local; the global length is W * T).
             q, k, v share one dtype; inside torch.autocast, q, k, v of different dtypes are cast
             to the autocast dtype first (as for ``scaled_dot_product_attention``).
-        beta: None, or [B, T, H] in [0, 1] for DeltaNet / Gated DeltaNet (g then [B, T, H] or
-            None); keys are used as given (normalise them in the layer, as DeltaNet does).
+        beta: None, or [B, T, H] in [0, 2] for DeltaNet / Gated DeltaNet (g then [B, T, H] or
+            None; beta > 1 gives negative eigenvalues, exact as any beta); keys are used as given
+            (normalise them in the layer, as DeltaNet does).
         group: the sequence-parallel process group (required unless ``batch`` gives it).
         scale: defaults to K**-0.5. causal: False is bidirectional basic linear attention
             (no g, no beta; a strategy with a bidirectional op: "lasp2").

@@ -120,15 +120,26 @@ def test_gpu_suite_smoke_on_cpu(tmp_path):
 
 def test_lasp2_bench_hf_suite(tmp_path):
     """The hf suite drives a parallelized transformers model the way users must (whole batch
-    through ``shard_batch``, the batch's SP context in the forward)."""
+    through ``shard_batch``, the batch's SP context in the forward), several families in one run
+    (``--hf-config all`` names every family's tiny config): one summary row per family."""
     pytest.importorskip("transformers")
-    _run(["-m", "lasp2", "bench", "--suite", "hf", "--hf-config", "qwen3-next-tiny", "--world-sizes", "2",
+    from lasp2.bench.hf_families import config_names
+    from lasp2.hf.families import FAMILIES
+
+    assert config_names("all") == tuple(f.config for f in FAMILIES)
+    for bad in ("qwen3-next-tiny,,lfm2-tiny", "lfm2-tiny,lfm2-tiny"):
+        with pytest.raises(ValueError, match="distinct config names"):
+            config_names(bad)
+    _run(["-m", "lasp2", "bench", "--suite", "hf", "--hf-config", "qwen3-next-tiny,lfm2-tiny", "--world-sizes", "2",
           "--seq-lens", "32", "--repeats", "1", "--warmup", "0", "--no-plots", "--quiet", "--out", str(tmp_path)],
          tmp_path)
     records = json.loads((tmp_path / "results.json").read_text())["records"]
-    assert {r["strategy"] for r in records} == {"lasp2+allgather", "ideal"}, [r["strategy"] for r in records]
+    assert {(r["hf_config"], r["strategy"]) for r in records} == {
+        (c, s) for c in ("qwen3-next-tiny", "lfm2-tiny") for s in ("lasp2+allgather", "ideal")}, records
     for r in records:
         assert r["skipped"] is None and r["W"] == 2 and math.isfinite(r["time_s"]) and r["time_s"] > 0, r
+    table = [x for x in (tmp_path / "results.md").read_text().splitlines() if x.startswith("| `")]
+    assert [x.split(" | ")[0] for x in table] == ["| `qwen3-next-tiny`", "| `lfm2-tiny`"], table
 
 
 def test_lasp2_bench_model_suite(tmp_path):

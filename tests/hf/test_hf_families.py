@@ -49,6 +49,9 @@ FP32_REDUCED = {
     "olmo_hybrid": re.compile(r"A_log$"),
 }
 FP32_LOGITS = ("nemotron_h",)  # see above
+# Settings whose other value the shipped config does not take, run in the slow tables (OLMo hybrid's
+# shipped config keeps transformers' default linear_allow_neg_eigval=True: beta in [0, 2]).
+CONFIG_VARIANTS = {"olmo_hybrid": (dict(linear_allow_neg_eigval=False),)}
 # Families and what their default cases cover: fp64, both layouts, documents.
 FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba", "falcon_mamba", "jamba",
             "olmo_hybrid", "lfm2")
@@ -58,9 +61,10 @@ def _ids(seed=0):
     return torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(seed))
 
 
-def _run_case(group, *, family: str, layout: str, ref: dict, cu: Optional[list] = None, count_comm: bool = False):
+def _run_case(group, *, family: str, layout: str, ref: dict, cu: Optional[list] = None, count_comm: bool = False,
+              config: Optional[dict] = None):
     ids = _ids()
-    model = make_model(family, torch.float64)
+    model = make_model(family, torch.float64, **(config or {}))
     model.load_state_dict(ref["state"])
     lasp2.hf.parallelize(model, group, layout=layout)
     batch = lasp2.hf.shard_batch(ids, ids, group=group, layout=layout,
@@ -113,7 +117,6 @@ def _refusals(group):
         return model
 
     for family, fields, match in (
-            ("olmo_hybrid", dict(linear_allow_neg_eigval=True), r"linear_allow_neg_eigval = True: .*beta in \[0, 2\]"),
             ("nemotron_h", dict(sliding_window=4), r"sliding_window = 4"),
             ("falcon_h1", dict(sliding_window=4), r"sliding_window = 4")):
         with pytest.raises(ValueError, match=match):
@@ -132,6 +135,7 @@ def _refusals(group):
 # Loss terms that are means over the whole sequence, made exact shares under SP: family -> settings.
 LOSS_TERMS = {"bamba": dict(z_loss_coefficient=0.1),                       # the z-loss
               "granitemoehybrid": dict(output_router_logits=True),          # the router aux loss
+              "jamba": dict(output_router_logits=True),                     # the same function as Granite's
               "qwen3_next": dict(output_router_logits=True, router_aux_loss_coef=0.5)}
 
 
@@ -231,6 +235,10 @@ def _table(families, full: bool):
                       for layout in layouts]
         for layout in ("contiguous", "zigzag") if full else (("zigzag", "contiguous")[i % 2],):
             table.append((f"{fam}-docs-{layout}", dict(family=fam, layout=layout, ref=docs_ref, cu=DOCS)))
+        for config in CONFIG_VARIANTS.get(fam, ()) if full else ():
+            ref = reference(fam, torch.float64, _ids(), DOCS, config=config)
+            name = "-".join(f"{k}={v}" for k, v in config.items())
+            table.append((f"{fam}-{name}-docs", dict(family=fam, layout="zigzag", ref=ref, cu=DOCS, config=config)))
     return table
 
 
@@ -279,6 +287,37 @@ def test_mamba1_fp64_kernel_matches_transformers(family):
     kw = dict(D=torch.randn(I, generator=gen), z=z, delta_bias=torch.randn(I, generator=gen), delta_softplus=True)
     ours = mamba1_fp64(x, dt, A, B, C, **kw)
     theirs = modeling.mamba_selective_scan(x, dt, A, B, C, **kw)
+    assert max_rel_err(ours, theirs.double()) < 1e-5
+
+
+def test_olmo_hybrid_beta_to_2_reference():
+    """OLMo hybrid's default ``linear_allow_neg_eigval`` gives beta = 2 sigmoid(b_proj(x)) in [0, 2]:
+    the test model's layers do reach beta > 1 (the parity cases exercise negative eigenvalues), and
+    the fp64 reference kernel equals transformers' PyTorch ``torch_chunk_gated_delta_rule`` there."""
+    import importlib
+
+    from lasp2.hf.loading import use_torch_kernels
+    from tests.helpers import max_rel_err
+    from tests.hf_reference import MODULES, gdn_fp64
+
+    model = make_model("olmo_hybrid", torch.float32)
+    layer = model.model.layers[0].linear_attn
+    assert layer.allow_neg_eigval and model.config.linear_allow_neg_eigval
+    betas = []
+    handle = layer.b_proj.register_forward_hook(lambda m, a, out: betas.append(2 * out.sigmoid()))
+    with torch.no_grad():
+        model(input_ids=_ids(), use_cache=False)
+    handle.remove()
+    assert betas and betas[0].max() > 1.5 and betas[0].min() < 0.5, "the test model must spread beta over (0, 2)"
+    modeling = importlib.import_module(MODULES["olmo_hybrid"])
+    use_torch_kernels(model)
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 37, 2, 8, generator=gen) for _ in range(2))
+    v = torch.randn(1, 37, 4, 6, generator=gen)
+    g = F.logsigmoid(torch.randn(1, 37, 4, generator=gen) + 2)
+    beta = 2 * torch.rand(1, 37, 4, generator=gen)
+    ours, _ = gdn_fp64(modeling)(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    theirs, _ = modeling.torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=16, use_qk_l2norm_in_kernel=True)
     assert max_rel_err(ours, theirs.double()) < 1e-5
 
 

@@ -33,17 +33,35 @@ B_, H_, K_, V_ = 1, 2, 8, 6
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
-def make_delta_inputs(variant, B, T, H, K, V, seed, n_states=None):
-    """fp64 q, k (L2-normalised), v, beta = sigmoid(x), g (None for DeltaNet), h0."""
+def make_delta_inputs(variant, B, T, H, K, V, seed, n_states=None, beta_max=1.0):
+    """fp64 q, k (L2-normalised), v, beta = beta_max * sigmoid(x), g (None for DeltaNet), h0."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     out = {"q": r(B, T, H, K), "k": F.normalize(r(B, T, H, K), dim=-1), "v": r(B, T, H, V),
-           "beta": r(B, T, H).sigmoid(),
+           "beta": beta_max * r(B, T, H).sigmoid(),
            "g": F.logsigmoid(r(B, T, H) + 2.0) if variant == "gated_delta" else None}
     out["initial_state"] = None if n_states is None else r(n_states, H, K, V)
     return out
 
 
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_delta_beta_up_to_two_matches_naive(variant):
+    """beta in (0, 2) (OLMo hybrid's ``allow_neg_eigval``: I - beta k k^T has the eigenvalue
+    1 - beta in (-1, 1) along k) through the public op, fp64 vs the per-token recurrence: several
+    chunks, initial states, documents; beta's range is accepted and nothing is clamped."""
+    T = 100
+    cu = torch.tensor(DOCS[T])
+    base = make_delta_inputs(variant, B_, T, H_, K_, V_, seed=3, n_states=len(DOCS[T]) - 1, beta_max=2.0)
+    assert base["beta"].max() > 1.5, "the inputs must exercise beta > 1"
+    weights = loss_weights(B_, T, H_, K_, V_, len(DOCS[T]) - 1, seed=1)
+    ref = run_with_loss(naive_linear_attention, base, weights, cu)
+    got = run_with_loss(lasp2.linear_attention, base, weights, cu)
+    for name in ref:
+        assert_close(name, got[name], ref[name], torch.float64, depth=T + K_)
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 2\]"):
+        lasp2.linear_attention(base["q"], base["k"], base["v"], base["g"], base["beta"] + 1.0)
 
 
 # The default run: every length up to two chunks, every (initial state, documents) combination in

@@ -49,10 +49,10 @@ def _run_single(fn, inputs, h0, cu, out_weight, state_weight, dtype):
     return {"o": o, "ht": ht, **{f"d{n}": d for n, d in zip([*leaves, "h0"], grads)}}
 
 
-def _single_case(variant, B, T, H, K, V, cu):
+def _single_case(variant, B, T, H, K, V, cu, beta_max=1.0):
     cu_t = None if cu is None else torch.tensor(cu)
     n_states = B if cu is None else len(cu) - 1
-    inputs = make_inputs(variant, B, T, H, K, V, seed=3, n_states=n_states)
+    inputs = make_inputs(variant, B, T, H, K, V, seed=3, n_states=n_states, beta_max=beta_max)
     gen = torch.Generator().manual_seed(4)
     out_weight = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
     state_weight = torch.randn(n_states, H, K, V, generator=gen, dtype=torch.float64)
@@ -78,6 +78,9 @@ def _single_cases(full: bool):
             cu = [0, 9, 10, 27, 32] if docs else None
             out.append((f"{variant}{'-docs' if docs else ''}",
                         dict(variant=variant, B=1 if docs else 2, T=32, H=2, K=16, V=12, cu=cu)))
+    # beta in (0, 2) (negative eigenvalues): fla's kernels take it as given, like the torch backend
+    out.append(("gated_deltanet-beta-to-2", dict(variant="gated_deltanet", B=2, T=32, H=2, K=16, V=12, cu=None,
+                                                 beta_max=2.0)))
     return out
 
 
@@ -98,12 +101,12 @@ def _layer_case(variant):
         _close(f"layer tensor {i}", a, b, fp32_tol(24 + 16 + 32))  # tokens + head dim + hidden
 
 
-def _sp_case(group, variant, T_local, strategy, layout, cu=None, H=2, K=16, V=12):
+def _sp_case(group, variant, T_local, strategy, layout, cu=None, H=2, K=16, V=12, beta_max=1.0):
     """SP with the fla backend vs the single-device fp64 op on the whole sequence, shard by
     shard: output and every gradient. Collectives run before any assert."""
     W = dist.get_world_size(group)
     B = 1 if cu is not None else 2
-    inputs = make_inputs(variant, B, W * T_local, H, K, V, seed=5)
+    inputs = make_inputs(variant, B, W * T_local, H, K, V, seed=5, beta_max=beta_max)
     cu_t = None if cu is None else torch.tensor(cu)
     weight = torch.randn(B, W * T_local, H, V, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     names = [n for n in NAMES if inputs.get(n) is not None]
@@ -126,21 +129,24 @@ def _sp_case(group, variant, T_local, strategy, layout, cu=None, H=2, K=16, V=12
 
 def _sp_cases(W: int, full: bool):
     """The default run covers every variant, every strategy, both layouts and documents (cut
-    mid-rank, a start on a segment's first token, segments without a start) in 9 cases; ``full``
-    runs the whole product."""
+    mid-rank, a start on a segment's first token, segments without a start) and the delta rule
+    with beta in (0, 2) in 9 cases; ``full`` runs the whole product and beta in (0, 2) for both
+    delta variants under every strategy."""
     docs = [0, 5, 8, 16, 27, W * 16]
     if not full:
         picks = [("basic", "lasp2", "contiguous", None), ("constant", "lasp1", "zigzag", None),
                  ("scalar", "lasp2", "zigzag", docs), ("channel", "lasp1", "contiguous", docs),
-                 ("deltanet", "lasp2", "contiguous", docs), ("gated_deltanet", "lasp1", "zigzag", None),
+                 ("deltanet", "lasp2", "contiguous", docs),
+                 ("gated_deltanet", "lasp1", "zigzag", None, 2.0),  # beta in (0, 2): negative eigenvalues
                  ("gated_deltanet", "lasp2", "zigzag", docs),
                  # the other strategies share the local work (linear_local) with lasp2 and lasp1
                  ("channel", "allscan", "zigzag", docs), ("gated_deltanet", "tree", "contiguous", None)]
     else:
         picks = list(itertools.product(VARIANTS, LINEAR_STRATEGIES, ("contiguous", "zigzag"), (None, docs)))
-    return [(f"{variant}-{strategy}-{layout}{'-docs' if cu else ''}",
-             dict(variant=variant, T_local=16, strategy=strategy, layout=layout, cu=cu))
-            for variant, strategy, layout, cu in picks]
+        picks += [(v, s, "zigzag", docs, 2.0) for v in DELTA_VARIANTS for s in LINEAR_STRATEGIES]
+    return [(f"{variant}-{strategy}-{layout}{'-docs' if cu else ''}{'-beta-to-2' if beta else ''}",
+             dict(variant=variant, T_local=16, strategy=strategy, layout=layout, cu=cu, beta_max=beta or 1.0))
+            for variant, strategy, layout, cu, beta in (p + (None,) * (5 - len(p)) for p in picks)]
 
 
 def _worker(group, single, sp):

@@ -92,7 +92,7 @@ def _validation_cases(group, W: int):
     odd = _inputs(None, 5)
     pos_g = xg["g"].clone()
     pos_g[0, 1, 0] = 0.25  # the same positive entry on every rank
-    beta = torch.full((B, T, H), 1.5)  # outside [0, 1]
+    beta = torch.full((B, T, H), 2.5)  # outside [0, 2] (beta in (1, 2]: negative eigenvalues, accepted)
     cu_local = torch.tensor([0, 2, T])  # ends at the local length: a classic mistake
     cu_global = torch.tensor([0, 2, W * T])
     whole = torch.randn(2, 2 * W * 3, 4)
@@ -105,7 +105,7 @@ def _validation_cases(group, W: int):
         "cu_seqlens with B > 1": (
             lambda: sp(*_qkvg(x2)[:3], group=group, cu_seqlens=cu_global), r"cu_seqlens.*B == 1"),
         "positive g": (lambda: sp(xg["q"], xg["k"], xg["v"], pos_g, group=group), r"\bg\b.*<= 0"),
-        "beta outside [0, 1]": (lambda: sp(q, k, v, None, beta, group=group), r"beta must lie in \[0, 1\]"),
+        "beta outside [0, 2]": (lambda: sp(q, k, v, None, beta, group=group), r"beta must lie in \[0, 2\]"),
         "delta rule with a per-channel gate": (lambda: sp(q, k, v, -torch.ones(B, T, H, K), beta.clamp(0, 1),
                                                           group=group), r"scalar gate g \[B, T, H\]"),
         "causal=False with g": (

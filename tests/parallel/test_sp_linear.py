@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lasp2.parallel.strategies import LINEAR_STRATEGIES
 from tests.dist import WORLD_SIZES, Spawns, run_cases, run_sections
 from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS
 from tests.sp_cases import compare_linear
@@ -136,6 +137,11 @@ def _delta(group, full: bool):
         cases.append((f"docs-{scenario}-{variant}-{layout}",
                       dict(variant=variant, B=1, T_local=12, H=2, K=4, V=3, dtype=torch.float64,
                            strategy="lasp2", layout=layout, cu=cu, W=W)))
+    # beta in (0, 2) (negative eigenvalues, OLMo hybrid's allow_neg_eigval): every strategy, exact as any beta
+    for strategy, variant in zip(LINEAR_STRATEGIES, itertools.cycle(("gated_deltanet", "deltanet"))):
+        cases.append((f"beta-to-2-{variant}-{strategy}", dict(
+            variant=variant, B=1, T_local=12, H=2, K=4, V=3, dtype=torch.float64, strategy=strategy,
+            layout="zigzag", cu=doc_scenarios(W, 12)["cut-mid-rank"], beta_max=2.0, W=W)))
     cases.append(("gated_deltanet-fp32", dict(variant="gated_deltanet", B=1, T_local=70, H=2, K=8, V=8,
                                               dtype=torch.float32, strategy="lasp2", layout="zigzag", W=W)))
     run_cases(cases, lambda W, **p: _expect_contract(compare_linear(group, **p), dict(p, W=W)))

@@ -115,7 +115,10 @@ def _from_dict(data: dict, where: str) -> tuple:
     data = dict(data)
     cal = data.pop("calibration", {})
     if "preset" in data:
-        base = load_hardware(data.pop("preset"))[0]
+        preset = data.pop("preset")
+        if preset not in PRESETS:
+            raise ValueError(f"--hardware {where}: preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        base = PRESETS[preset]
         hw = replace(base, **_checked(data, Hardware, where))
     else:
         names = [f.name for f in fields(Hardware) if f.name != "source"]
@@ -135,13 +138,11 @@ def _checked(values: dict, cls, where: str) -> dict:
     return values
 
 
-def load_hardware(spec: str) -> tuple:
-    """(Hardware, Calibration) of a preset name or a JSON file; the calibration defaults to
-    ``published.paper_calibration()`` (the only published one) unless the file gives its own."""
-    from .published import paper_calibration
-
+def load_hardware(spec: str, default: Calibration = Calibration()) -> tuple:
+    """(Hardware, Calibration) of a preset name or a JSON file; the calibration is ``default``
+    (``lasp2 plan`` passes ``published.paper_calibration()``) unless the file gives its own."""
     if spec in PRESETS:
-        return PRESETS[spec], paper_calibration()
+        return PRESETS[spec], default
     path = Path(spec)
     if not path.suffix == ".json":
         raise ValueError(f"--hardware {spec!r}: choose a preset ({', '.join(PRESETS)}) or give a FILE.json")
@@ -152,7 +153,7 @@ def load_hardware(spec: str) -> tuple:
     except json.JSONDecodeError as e:
         raise ValueError(f"--hardware {spec}: not valid JSON ({e})") from None
     hw, cal = _from_dict(data, spec)
-    return hw, (cal if "calibration" in data else paper_calibration())
+    return hw, (cal if "calibration" in data else default)
 
 
 def parse_length(text: str) -> int:

@@ -10,7 +10,7 @@ from .hardware import load_hardware
 from .memory import parse_shape
 from .plan import (MODELS, ModelConfig, Prediction, assumptions, by_pattern, label, plan_table, predict,
                    reason, recommend, strategy_pairs)
-from .published import uncertainty
+from .published import paper_calibration, uncertainty
 from .step_model import Setup
 
 PROJ_GPUS = [16, 32, 64, 128, 256, 512, 1024]
@@ -35,7 +35,7 @@ def model_from_args(args) -> ModelConfig:
 
 
 def setup_from_args(args) -> Setup:
-    hw, cal = load_hardware(args.hardware)
+    hw, cal = load_hardware(args.hardware, paper_calibration())
     if args.mfu is not None:
         if not 0 < args.mfu <= 1:
             raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
@@ -158,8 +158,10 @@ def projection(model: ModelConfig, setup: Setup) -> str:
         return lambda p, W, T: f"{predict(model_, W, T, setup, old).time / p.time - 1:+.1%}"
 
     def best(p, W, T):
-        b = recommend([predict(model_, W, T, setup, pair) for pair in strategy_pairs(model_)])
-        return b.label if b else "nothing fits"
+        preds = [predict(model_, W, T, setup, pair) for pair in strategy_pairs(model_)]
+        b = recommend(preds)
+        close = b and any(q is not b and q.fits and q.time < b.time * (1 + u) for q in preds)
+        return (b.label + ("*" if close else "")) if b else "nothing fits"
     for pattern, new, old in (("L", by_pattern("all-gather", None), by_pattern("chain", None)),
                               ("LLLN", by_pattern("all-gather", "all-gather"), by_pattern("chain", "ring-pass"))):
         model_ = replace(model, pattern=pattern, name=model.name.split(" ")[0] + (" hybrid" if "N" in pattern else ""))
@@ -171,6 +173,7 @@ def projection(model: ModelConfig, setup: Setup) -> str:
                   *_grid(model_, setup, new, gain(new, old)), "",
                   f"### Memory per GPU (GB), {label(new)}", "", *_grid(model_, setup, new, mem), "",
                   "### Recommended: the fastest library strategy that fits in memory", "",
+                  f"(* the runner-up is within the model's +-{u:.0%}: measure both before choosing)", "",
                   *_grid(model_, setup, new, best), "", *_dp_fraction(model_, setup)]
     return "\n".join(lines) + "\n"
 

@@ -117,8 +117,8 @@ def test_presets_and_a_users_own_cluster(tmp_path):
     full = dict(name="mine", peak_flops=5e14, memory_bytes=96e9, hbm_bandwidth=4e12, nvlink_bandwidth=400e9,
                 inter_bandwidth=50e9, gpus_per_node=4)
     path.write_text(json.dumps(full))
-    hw, cal = hardware.load_hardware(str(path))
-    assert hw.gpus_per_node == 4 and cal == hardware.load_hardware("h100")[1]  # the published calibration
+    hw, cal = hardware.load_hardware(str(path), CAL)
+    assert hw.gpus_per_node == 4 and cal == CAL == hardware.load_hardware("h100", CAL)[1]  # the default given
 
 
 def _plan(args, capsys):

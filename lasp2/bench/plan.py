@@ -22,6 +22,10 @@ from ..parallel.strategies import LINEAR, LINEAR_STRATEGIES, SOFTMAX, SOFTMAX_ST
 from .baselines import BASELINES, linear_entry
 from .step_model import Setup, Term, step_cost
 
+# Linear exchange patterns a published GPU measurement covers (the LASP-2 paper: its all-gather and
+# LASP-1's chain; lasp2/bench/published.py). The others' terms are unvalidated on GPUs.
+MEASURED_PATTERNS = ("all-gather", "chain")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -194,19 +198,21 @@ def reason(best: Prediction, preds: List[Prediction], uncertainty: float) -> str
     oom = [p.label for p in preds if not p.fits and not p.note.startswith("not applicable")]
     tail = f"; {', '.join(oom)} would not fit in memory" if oom else ""
     dp = (f"; {best.tokens_per_s_per_gpu:,.0f} tokens/s per GPU = {best.dp_fraction:.2f} x the "
-          f"{best.dp_tokens_per_s_per_gpu:,.0f} tokens/s per GPU of plain data parallel on {best.dp * best.sp}-GPU "
-          f"batches of {best.tokens_per_s_per_gpu * best.time:,.0f}-token sequences (no SP)")
+          f"{best.dp_tokens_per_s_per_gpu:,.0f} tokens/s per GPU of plain data parallel (every GPU training whole "
+          f"{best.tokens_per_s_per_gpu * best.time:,.0f}-token sequences, no SP)")
     if not rivals:
         return "the only library strategy that fits in memory" + dp + tail
     ru = rivals[0]
     gain = ru.time / best.time - 1
-    delta = {t.name: t.exposed for t in ru.terms}
-    diffs = sorted(((delta.get(t.name, 0.0) - t.exposed, t.name) for t in best.terms), reverse=True)
-    why = f"{diffs[0][1]}: {diffs[0][0] * 1e3:+.1f} ms per step for the runner-up" if diffs and diffs[0][0] > 0 else ""
+    theirs, ours = ({t.name: t.exposed for t in p.terms} for p in (ru, best))
+    diff, name = max((theirs.get(n, 0.0) - ours.get(n, 0.0), n) for n in {**theirs, **ours})
+    why = f"; the largest difference is {name}: {diff * 1e3:+.1f} ms per step for the runner-up" if diff > 0 else ""
     close = (f" -- within the model's +-{uncertainty:.0%} uncertainty: measure both (lasp2 bench) before "
              "choosing" if gain < uncertainty else f" (beyond the model's +-{uncertainty:.0%} uncertainty)")
-    return (f"{gain:.1%} faster per step than the runner-up {ru.label} ({ru.split}){close}; largest difference "
-            f"{why}{dp}{tail}")
+    lin = linear_entry(best.pair[0]) if best.pair and best.pair[0] else None
+    unmeasured = (f"; no published GPU measurement covers {lin.name}'s {lin.pattern} exchange: its terms are "
+                  "first-principles only" if lin is not None and lin.pattern not in MEASURED_PATTERNS else "")
+    return f"{gain:.1%} faster per step than the runner-up {ru.label} ({ru.split}){close}{why}{dp}{unmeasured}{tail}"
 
 
 def assumptions(setup: Setup) -> List[str]:

@@ -102,6 +102,9 @@ def test_bad_lengths_and_hardware_are_refused(tmp_path, capsys):
     for spec, msg in cases:
         with pytest.raises(ValueError, match=msg):
             hardware.load_hardware(spec)
+    (tmp_path / "nested.json").write_text(json.dumps({"preset": str(tmp_path / "mine.json")}))
+    with pytest.raises(ValueError, match="preset .*choose one of a100-40gb"):
+        hardware.load_hardware(str(tmp_path / "nested.json"))
     (tmp_path / "typo.json").write_text(json.dumps({"preset": "h100", "memroy_bytes": 1}))
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['memroy_bytes'\]"):
         hardware.load_hardware(str(tmp_path / "typo.json"))
@@ -137,6 +140,9 @@ def test_json_is_one_object_of_the_documented_form(capsys):
         assert p["fits"] is False  # the paper's Table 6: 2048K on 64 A100-80GB is out of memory
     assert preds[2]["step_time_s"] > preds[0]["step_time_s"]
     assert main(["plan", "--gpus", "8", "16", "--json"]) == 2 and "one --gpus" in capsys.readouterr().err
+    na = json.loads(_plan(["--gpus", "64", "--seq-len", "64K", "--strategies", "megatron-sp", "--json"], capsys))
+    assert na == {"predictions": [{"strategy": "megatron-sp", "step_time_s": None, "tokens_per_s_per_gpu": None,
+                                   "memory_per_gpu_bytes": None, "fits": False}]}  # H % W != 0: cannot run
 
 
 def test_explain_table_and_recommendation(capsys):

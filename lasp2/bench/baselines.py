@@ -70,7 +70,8 @@ def _kv_ring(entry, W, s: Shape, link: Link, segments, blocks, compute, intra_s,
     hop_f, hop_b = p2p_time(kv, link), p2p_time(kv32 + kv, link)
     fwd = (W - 1) * max(0.0, hop_f - t_fwd / W)
     bwd = (W - 1) * max(0.0, hop_b - BWD_FACTOR["linear"] * t_fwd / W)
-    parts = (("K/V ring hops, forward", (W - 1) * hop_f, fwd), ("dK/dV + K/V ring hops, backward", (W - 1) * hop_b, bwd))
+    parts = (("K/V ring hops, forward", (W - 1) * hop_f, fwd),
+             ("dK/dV + K/V ring hops, backward", (W - 1) * hop_b, bwd))
     return LayerCost(entry.name, work, fwd + bwd, (W - 1) * (2 * kv + kv32), (2 * (W - 1), 2 * (W - 1)),
                      2 * (kv + kv32), 2 * kv, parts)
 
@@ -82,7 +83,8 @@ def _activation_all_gather(entry, W, s: Shape, link: Link, segments, blocks, com
     t = all_gather_time(W, full, link)
     n = 8  # attention and MLP blocks: all-gather before, reduce-scatter after; forward and backward
     return LayerCost(entry.name, quadratic_compute(W, s, rate), n * t, n * collective_bytes_per_rank(W, full),
-                     (4, 4), 2 * full, full, (("activation all-gathers / reduce-scatters (8 per layer)", n * t, n * t),))
+                     (4, 4), 2 * full, full,
+                     (("activation all-gathers / reduce-scatters (8 per layer)", n * t, n * t),))
 
 
 BASELINE_COSTS = {**LINEAR_COSTS, "kv-ring": _kv_ring, "activation-all-gather": _activation_all_gather}

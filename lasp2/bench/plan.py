@@ -82,7 +82,8 @@ class ModelConfig:
         return 6 * self.vocab
 
     def activation_bytes_per_token(self) -> float:
-        return sum(self.layer_activation_bytes_per_token(k) for k in self.kinds()) + self.head_activation_bytes_per_token()
+        layers = sum(self.layer_activation_bytes_per_token(k) for k in self.kinds())
+        return layers + self.head_activation_bytes_per_token()
 
 
 def from_preset(name: str, label: str) -> ModelConfig:
@@ -171,9 +172,11 @@ def predict(model: ModelConfig, gpus: int, seq_len: int, setup: Setup, pair: tup
                           baseline=base, pair=pair)
     memory = sum(cost.memory.values())
     fits = memory <= setup.hardware.memory_bytes
-    dp_ref = step_cost(model, gpus, 1, T, setup, by_pattern("all-gather", "all-gather" if "N" in model.pattern else None))
+    reference = by_pattern("all-gather", "all-gather" if "N" in model.pattern else None)
+    dp_ref = step_cost(model, gpus, 1, T, setup, reference)
     note = "" if fits else f"needs {memory / 1e9:.0f} GB > {setup.hardware.memory_bytes / 1e9:.0f} GB"
-    return Prediction(label(pair), cost.time, cost.total("compute"), cost.total("comm"), memory, fits, T / cost.time, note,
+    return Prediction(label(pair), cost.time, cost.total("compute"), cost.total("comm"), memory, fits, T / cost.time,
+                      note,
                       dp_ref.time / cost.time, T / dp_ref.time, cost.blocks, dp, sp, cost.terms, dict(cost.memory),
                       base, pair)
 
@@ -240,7 +243,8 @@ def plan_table(model: ModelConfig, gpus: List[int], seq_lens: List[int], setup: 
         for n in seq_lens:
             preds = []
             for pair in strategy_pairs(model, linear_names, baselines):
-                preds.append(best_split(model, G, n, setup, pair) if auto_split else predict(model, G, n, setup, pair, sp))
+                preds.append(best_split(model, G, n, setup, pair) if auto_split
+                             else predict(model, G, n, setup, pair, sp))
             best = recommend(preds)
             rows.append({"W": G, "seq_len": n, "predictions": preds, "best": best})
     return {"model": model, "rows": rows}

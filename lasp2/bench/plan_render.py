@@ -109,7 +109,8 @@ def _point(row, u: float, explain: bool) -> List[str]:
         if p.note.startswith("not applicable"):
             lines.append(f"| {name} | {p.split} | {p.note} | | | | | |")
             continue
-        lines.append(f"| {name} | {p.split} | {p.time * 1e3:,.0f} +- {u * p.time * 1e3:,.0f} | {p.compute * 1e3:,.0f} | "
+        lines.append(f"| {name} | {p.split} | {p.time * 1e3:,.0f} +- {u * p.time * 1e3:,.0f} | "
+                     f"{p.compute * 1e3:,.0f} | "
                      f"{p.comm * 1e3:,.1f} | {p.tokens_per_s_per_gpu:,.0f} | {p.dp_fraction:.2f} x "
                      f"{p.dp_tokens_per_s_per_gpu:,.0f} | {p.memory / 1e9:.1f}{'' if p.fits else ' (does not fit)'} |")
     best = row["best"]

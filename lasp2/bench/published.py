@@ -121,7 +121,8 @@ def table6_rows(cal: Optional[Calibration] = None) -> List[Dict]:
         c = step(cal, n, w)
         pred_mem = sum(c.memory.values())
         out.append(dict(seq_len=n, W=w, paper_tps=thr, paper_mem_gb=mem, pred_tps=n / c.time,
-                        pred_mem_gb=pred_mem / 1e9, pred_fits=pred_mem <= memory, fitted=w in FIT_W and thr is not None))
+                        pred_mem_gb=pred_mem / 1e9, pred_fits=pred_mem <= memory,
+                        fitted=w in FIT_W and thr is not None))
     return out
 
 
@@ -196,7 +197,8 @@ def render_markdown() -> str:
     for r in figure3_rows(cal):
         out.append(f"| {r['baseline']} | {r['seq_len'] // K}K | {r['paper']:.3f} | {r['predicted']:.3f} | "
                    f"{r['predicted'] / r['paper']:.2f} |")
-    out += ["", f"Left-product attention alone, at 100% of an A100's peak, adds {quadratic_lower_bound_s(512 * K, 64):.1f} s "
+    out += ["", "Left-product attention alone, at 100% of an A100's peak, adds "
+            f"{quadratic_lower_bound_s(512 * K, 64):.1f} s "
             f"per step at 512K and {quadratic_lower_bound_s(2048 * K, 64):.1f} s at 2048K over LASP-2's attention "
             f"work; the paper's Ring Attention steps are 1.178 x {512 * K / 245353:.2f} s = "
             f"{1.178 * 512 * K / 245353:.2f} s at 512K (Table 6's LASP-2 step times 1.178).", "",
@@ -211,11 +213,13 @@ def render_markdown() -> str:
         mine = f"{r['pred_mem_gb']:.1f}" + ("" if r["pred_fits"] else " (OOM)")
         use = "time fit" if r["fitted"] else "held out"
         use += ", memory fit" if r["W"] == FIT_W[0] and r["paper_mem_gb"] else ""
-        out.append(f"| {r['seq_len'] // K}K | {r['W']} | {paper} | {r['pred_tps']:,.0f} | {err} | {pmem} | {mine} | {use} |")
+        out.append(f"| {r['seq_len'] // K}K | {r['W']} | {paper} | {r['pred_tps']:,.0f} | {err} | {pmem} | {mine} "
+                   f"| {use} |")
     n, w, thr = TABLE5
     pred = n / step(cal, n, w).time
     out += ["", f"Table 5 (the same 1024K / 64-GPU point measured again, mean of 10 runs): paper {thr:,}, planner "
-            f"{pred:,.0f} ({pred / thr - 1:+.1%}); the paper's two figures for it differ by {run_to_run_spread():.1%}.", "",
+            f"{pred:,.0f} ({pred / thr - 1:+.1%}); the paper's two figures for it differ by "
+            f"{run_to_run_spread():.1%}.", "",
             "### Out-of-memory boundary: the shortest length that does not fit", "", "| GPUs | paper | planner |",
             "|---|---|---|"]
     for W in sorted({r["W"] for r in rows}):

@@ -133,10 +133,12 @@ def step_cost(model, dp: int, sp: int, seq_len: int, setup: Setup, pair: Tuple) 
         acts = (2 * model.hidden * model.layers + max(model.layer_activation_bytes_per_token(k) for k in "LN")
                 + model.head_activation_bytes_per_token()) * T
     memory = OrderedDict([
-        (f"model states ({setup.sharding})", model_state_bytes(model.params(), model.layer_params(), G, setup.sharding)),
+        (f"model states ({setup.sharding})",
+         model_state_bytes(model.params(), model.layer_params(), G, setup.sharding)),
         ("activations" + (" (checkpointed)" if setup.checkpointing else ""), acts),
         ("strategy buffers", sum(c.saved for c in layers) + max((c.transient for c in layers), default=0.0)),
         ("reserved (CUDA context, NCCL, allocator)", cal.reserved_bytes)])
     entry = linear_entry(pair[0]) if pair[0] else None
-    blocks = scan_blocks(sp, replace(shape, Hkv=None), link) if entry is not None and entry.pipelined and sp > 1 else None
+    pipelined = entry is not None and entry.pipelined and sp > 1
+    blocks = scan_blocks(sp, replace(shape, Hkv=None), link) if pipelined else None
     return StepCost(terms, memory, blocks)

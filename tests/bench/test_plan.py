@@ -49,9 +49,11 @@ def test_step_terms_by_hand():
     assert list(c.memory.values()) == pytest.approx([16 * TINY.params(), TINY.activation_bytes_per_token() * 1024,
                                                      lin.saved + soft.saved + max(lin.transient, soft.transient), 1e6])
     # fsdp2 shards the 16 bytes over the 4 GPUs (+ one layer gathered); checkpointing reruns the forward
-    f = step_model.step_cost(TINY, 1, sp, n, replace(setup, sharding="fsdp2", checkpointing=True), ("lasp2", "allgather"))
+    ckpt = replace(setup, sharding="fsdp2", checkpointing=True)
+    f = step_model.step_cost(TINY, 1, sp, n, ckpt, ("lasp2", "allgather"))
     assert f.memory["model states (fsdp2)"] == pytest.approx(4 * TINY.params() + 8 * TINY.layer_params())
-    assert {x.name: x for x in f.terms}["dense compute (projections, MLP, LM head)"].exposed == pytest.approx(4 * dense_fwd)
+    dense = {x.name: x for x in f.terms}["dense compute (projections, MLP, LM head)"]
+    assert dense.exposed == pytest.approx(4 * dense_fwd)
     assert f.memory["activations (checkpointed)"] < c.memory["activations"]
     with pytest.raises(ValueError, match="--sharding"):
         step_model.Setup(HW, CAL, "zero9")

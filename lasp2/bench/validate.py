@@ -160,8 +160,10 @@ def predict_record(r: dict, rate: float, c0: float, link: Link, cores: int) -> f
 
 def calibration_file(link: Link, rates: List[tuple], cores: int) -> dict:
     """A ``lasp2 plan --hardware FILE.json`` of this machine: the fitted compute rate per unshared
-    core as its peak (mfu 1), the fitted link as both levels (one 'node' of ``cores`` ranks), the
-    fitted latencies and the median per-call overhead c0 as the knobs."""
+    core as its peak (mfu 1), the fitted collective link as both levels (one 'node' of ``cores``
+    ranks), the fitted latencies and the median per-call overhead c0 as the knobs. Not measured
+    here: memory bandwidth (10 GB/s assumed; only the optimizer term reads it) and p2p bandwidth
+    (the collective one is used)."""
     rate = statistics.median(r for r, _ in rates)
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"name": "this machine (gloo, fitted by lasp2 plan --validate)", "peak_flops": rate, "memory_bytes": mem,

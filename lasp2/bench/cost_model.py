@@ -210,7 +210,7 @@ LINEAR_P2P_TERMS: Dict[str, P2PTerms] = {
 
 
 def _linear_all_gather(entry, W: int, s: Shape, link: Link, segments: int, blocks, compute: float,
-                       intra_s: float, inter_rate: float = 1.0) -> LayerCost:
+                       intra_s: float, inter_rate: float) -> LayerCost:
     state = s.B * s.H * s.K * s.V * FP32
     row = state + s.B * s.H * s.gate_dim * FP32 + DIGEST_BYTES
     t_fwd = all_gather_time(W, W * segments * row, link)
@@ -222,7 +222,7 @@ def _linear_all_gather(entry, W: int, s: Shape, link: Link, segments: int, block
 
 
 def _linear_p2p(entry, W: int, s: Shape, link: Link, segments: int, blocks, compute: float,
-                intra_s: float, inter_rate: float = 1.0) -> LayerCost:
+                intra_s: float, inter_rate: float) -> LayerCost:
     terms, J = LINEAR_P2P_TERMS[entry.pattern], W * segments
     state = s.B * s.H * s.K * s.V * FP32
     trans = s.B * s.H * s.gate_dim * FP32  # one Â (diagonal family; the 1B presets use scalar gates)
@@ -263,7 +263,9 @@ def linear_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, segme
     the W 8-byte agreement digests seen upstream (``parallel.agreement``). A strategy that
     overlaps the intra-chunk work (the registry's ``overlaps_intra``: allscan and tree run their
     forward exchange in a helper thread beside it) exposes only what exceeds that work; backward
-    steps are exposed.
+    steps are exposed. An entry with ``serial_inter`` (the published LASP-1, a planner baseline)
+    also puts each segment's inter-chunk compute on the chain: 2 T H K V FLOPs per forward step,
+    4 T H K V per backward step, at ``rate``. ``LayerCost.parts`` lists every term for --explain.
     """
     if strategy == "ideal" or W == 1:
         return LayerCost(strategy, linear_compute(s, rate), 0.0, 0.0, (0, 0), 0.0, 0.0)

@@ -1,6 +1,7 @@
 """``lasp2 bench`` and ``lasp2 plan`` (registered by lasp2/cli.py through ``add_parser``)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import shlex
@@ -88,24 +89,37 @@ def add_parser(subparsers) -> None:
     b.set_defaults(func=run_bench)
 
     p = subparsers.add_parser(
-        "plan", help="predict step time, communication and memory per strategy; recommend one",
-        description="Analytical alpha-beta model (lasp2/bench/cost_model.py). Presets are assumptions and "
-                    "are printed with the plan. --projection prints the 16-1024 GPU x 2K-8M table with fraction-of-data-parallel columns; "
-                    "--validate fits the model on this machine and compares with lasp2 bench results.")
+        "plan", help="predict step time, communication and memory per strategy and split; recommend one",
+        description="Calibrated analytical model (lasp2/bench/step_model.py, cost_model.py; fitted to the LASP-2 "
+                    "paper, docs/planner.md). --explain breaks each step into its terms; --json prints one object; "
+                    "--projection prints the 16-1024 GPU x 2K-8M table; --validate fits the model on this machine "
+                    "and compares with lasp2 bench results.")
     p.add_argument("--model", choices=("linear-llama3-1b", "linear-llama3-8b"), default="linear-llama3-1b")
     for flag in ("--hidden", "--layers", "--heads", "--kv-heads", "--ffn", "--vocab"):
         p.add_argument(flag, type=int, help="override the preset")
     p.add_argument("--layer-pattern", help="'L' linear / 'N' softmax, cycled over layers (e.g. LLLN)")
-    p.add_argument("--gpus", type=int, nargs="+", default=[16, 32, 64, 128], metavar="W")
-    p.add_argument("--seq-lens", type=int, nargs="+", metavar="T", help="GLOBAL tokens per sequence "
-                   "(default 64K 256K 1M)")
-    p.add_argument("--network", choices=("cluster", "nvlink", "infiniband"), default="cluster",
-                   help="cluster: NVLink inside nodes of 8, InfiniBand across (default)")
-    p.add_argument("--device", choices=("h100", "h200"), default="h100")
-    p.add_argument("--mfu", type=float, help="achieved fraction of peak FLOP/s (default 0.40)")
+    p.add_argument("--gpus", type=int, nargs="+", default=[16, 32, 64, 128], metavar="G")
+    p.add_argument("--seq-lens", "--seq-len", type=_length, nargs="+", metavar="T",
+                   help="GLOBAL tokens per sequence: 2097152, 2048K or 2M (default 64K 256K 1M)")
+    p.add_argument("--hardware", default="h100", metavar="PRESET|FILE.json",
+                   help="a100-40gb, a100-80gb, h100, h200, b200, or a JSON file (docs/planner.md)")
+    p.add_argument("--strategies", metavar="A,B,...", help="linear strategies to compare (default: every library "
+                   "strategy and the modelled baselines lasp1-serial, ring-linear, megatron-sp)")
+    p.add_argument("--split", metavar="DPxSP|auto", help="data x sequence parallel split of --gpus (e.g. 8x8), or "
+                   "auto: the fastest that fits per strategy (default: SP over every GPU)")
+    p.add_argument("--sharding", choices=("ddp", "zero1", "zero2", "fsdp2"), default="ddp",
+                   help="model states: replicated (ddp), optimizer (zero1), + gradients (zero2), all (fsdp2)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (recompute forward)")
+    p.add_argument("--mfu", type=float, help="override the calibration's achieved fraction of peak FLOP/s")
+    p.add_argument("--explain", action="store_true", help="every term of the step: compute, each communication, "
+                   "exposed vs overlapped; memory by part")
+    p.add_argument("--json", action="store_true", help='one JSON object {"predictions": [...]} (one --gpus, one '
+                   "--seq-len)")
     p.add_argument("--projection", action="store_true", help="the scaling table for linear and LLLN hybrid")
     p.add_argument("--validate", type=Path, nargs="+", metavar="RESULTS_JSON",
                    help="fit alpha/beta/compute on this machine, predict these lasp2 bench results")
+    p.add_argument("--save-calibration", type=Path, metavar="FILE.json",
+                   help="with --validate: write the fitted knobs as a --hardware file")
     p.add_argument("--out", type=Path, help="also write the markdown here")
     p.set_defaults(func=run_plan)
 
@@ -325,6 +339,15 @@ def run_local(args) -> int:
     return 0
 
 
+def _length(text: str) -> int:
+    from .hardware import parse_length
+
+    try:
+        return parse_length(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def run_plan(args) -> int:
     from . import plan_render
 
@@ -335,7 +358,7 @@ def run_plan(args) -> int:
         if args.validate:
             from .validate import validate
 
-            parts.append(validate(args.validate))
+            parts.append(validate(args.validate, save_calibration=args.save_calibration))
     except (ValueError, FileNotFoundError) as e:
         raise _usage(e) from None
     text = "\n".join(parts)

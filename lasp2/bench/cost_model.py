@@ -167,6 +167,7 @@ class LayerCost:
     calls: tuple
     transient: float
     saved: float
+    parts: tuple = ()  # (term, seconds in all, seconds exposed) per communication term, for --explain
 
     @property
     def time(self) -> float:
@@ -209,18 +210,19 @@ LINEAR_P2P_TERMS: Dict[str, P2PTerms] = {
 
 
 def _linear_all_gather(entry, W: int, s: Shape, link: Link, segments: int, blocks, compute: float,
-                       intra_s: float) -> LayerCost:
+                       intra_s: float, inter_rate: float) -> LayerCost:
     state = s.B * s.H * s.K * s.V * FP32
     row = state + s.B * s.H * s.gate_dim * FP32 + DIGEST_BYTES
-    fwd = max(0.0, all_gather_time(W, W * segments * row, link) - intra_s) if entry.overlaps_intra \
-        else all_gather_time(W, W * segments * row, link)
+    t_fwd = all_gather_time(W, W * segments * row, link)
+    fwd = max(0.0, t_fwd - intra_s) if entry.overlaps_intra else t_fwd
     bwd = all_gather_time(W, W * segments * state, link)
     sent = collective_bytes_per_rank(W, W * segments * (row + state))
-    return LayerCost(entry.name, compute, fwd + bwd, sent, (1, 1), W * segments * row, segments * (state + row))
+    parts = (("state all-gather, forward", t_fwd, fwd), ("state-gradient all-gather, backward", bwd, bwd))
+    return LayerCost(entry.name, compute, fwd + bwd, sent, (1, 1), W * segments * row, segments * (state + row), parts)
 
 
 def _linear_p2p(entry, W: int, s: Shape, link: Link, segments: int, blocks, compute: float,
-                intra_s: float) -> LayerCost:
+                intra_s: float, inter_rate: float) -> LayerCost:
     terms, J = LINEAR_P2P_TERMS[entry.pattern], W * segments
     state = s.B * s.H * s.K * s.V * FP32
     trans = s.B * s.H * s.gate_dim * FP32  # one Â (diagonal family; the 1B presets use scalar gates)
@@ -230,8 +232,17 @@ def _linear_p2p(entry, W: int, s: Shape, link: Link, segments: int, blocks, comp
     fwd = max(0.0, t - intra_s) if entry.overlaps_intra else t
     unit = terms.message(state, trans, 1) + DIGEST_BYTES * W  # one whole message (state or summary)
     msgs = terms.received(J, segments)
-    return LayerCost(entry.name, compute, fwd + t, 2 * msgs * unit, (2 * msgs * k, 2 * msgs * k), 2 * unit,
-                     segments * state)
+    parts = [(f"{entry.pattern} hops, forward", t, fwd), (f"{entry.pattern} hops, backward", t, t)]
+    serial = 0.0
+    if entry.serial_inter:
+        # The published LASP-1 (LASP-2 paper, Algorithm 6 and its backward) computes each segment's
+        # inter-chunk term between receive and send: q S forward (2 T H K V FLOPs per segment), V dM
+        # and K dM backward (4 T H K V): that work is serialised along the chain.
+        per_seg = s.B * (s.T / segments) * s.H * s.K * s.V / inter_rate
+        serial = terms.steps(J, k) * per_seg * (2 + 4)
+        parts.append(("serialised inter-chunk compute (critical path)", serial, serial))
+    return LayerCost(entry.name, compute, fwd + t + serial, 2 * msgs * unit, (2 * msgs * k, 2 * msgs * k), 2 * unit,
+                     segments * state, tuple(parts))
 
 
 # Linear layer cost by communication pattern: every pattern of the registry has one entry.
@@ -252,15 +263,29 @@ def linear_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, segme
     the W 8-byte agreement digests seen upstream (``parallel.agreement``). A strategy that
     overlaps the intra-chunk work (the registry's ``overlaps_intra``: allscan and tree run their
     forward exchange in a helper thread beside it) exposes only what exceeds that work; backward
-    steps are exposed.
+    steps are exposed. An entry with ``serial_inter`` (the published LASP-1, a planner baseline)
+    also puts each segment's inter-chunk compute on the chain: 2 T H K V FLOPs per forward step,
+    4 T H K V per backward step, at ``rate``. ``LayerCost.parts`` lists every term for --explain.
     """
-    intra, inter = linear_core_flops(s)
-    t_fwd = (intra + inter) / rate
-    compute = t_fwd * (1 + BWD_FACTOR["linear"])
     if strategy == "ideal" or W == 1:
-        return LayerCost(strategy, compute, 0.0, 0.0, (0, 0), 0.0, 0.0)
+        return LayerCost(strategy, linear_compute(s, rate), 0.0, 0.0, (0, 0), 0.0, 0.0)
     entry = linear(strategy)  # ValueError naming the registry's choices for an unknown name
-    return LINEAR_COSTS[entry.pattern](entry, W, s, link, segments, blocks, compute, intra / rate)
+    return linear_layer_of(entry, W, s, rate, link, segments, blocks)
+
+
+def linear_compute(s: Shape, rate: float) -> float:
+    """fwd + bwd seconds of the chunked linear attention on the local shard."""
+    intra, inter = linear_core_flops(s)
+    return (intra + inter) / rate * (1 + BWD_FACTOR["linear"])
+
+
+def linear_layer_of(entry, W: int, s: Shape, rate: float, link: Link, segments: int = 1,
+                    blocks: Optional[int] = None, costs: Optional[Dict[str, Callable]] = None) -> LayerCost:
+    """``linear_layer`` for a registry-like entry (name, pattern and capabilities), costed by
+    ``costs[entry.pattern]`` (default ``LINEAR_COSTS``; the planner's baselines bring their own)."""
+    intra = linear_core_flops(s)[0]
+    return (costs or LINEAR_COSTS)[entry.pattern](entry, W, s, link, segments, blocks, linear_compute(s, rate),
+                                                  intra / rate, rate)
 
 
 def _softmax_all_gather(W: int, s: Shape, link: Link, kv: float, kv32: float, t_fwd: float, t_bwd: float):
@@ -316,4 +341,5 @@ def softmax_layer(strategy: str, W: int, s: Shape, rate: float, link: Link, layo
     if entry.heads_divisible and s.H % W:
         raise ValueError(f"{strategy} needs H % W == 0 (H={s.H}, W={W})")
     comm, sent, calls, transient, saved = SOFTMAX_COSTS[entry.pattern](W, s, link, kv, kv32, t_fwd, t_bwd)
-    return LayerCost(strategy, compute, comm, sent, calls, transient, saved)
+    return LayerCost(strategy, compute, comm, sent, calls, transient, saved,
+                     ((f"{entry.pattern} of K/V and their gradients (exposed part)", comm, comm),))

@@ -1,54 +1,30 @@
-"""``lasp2 plan``: whole-model predictions from the per-layer cost model, and a recommendation.
+"""``lasp2 plan``: whole-step predictions per strategy and split, and a recommendation with the
+model's uncertainty.
 
-A training step of one sequence of ``seq_len`` tokens sharded over W GPUs (the SP group is all
-of them). Per GPU and step:
+G GPUs are split into dp x sp (``--split 8x8``, or every power-of-two split the sequence allows
+with ``--split auto``, the default being sp = G); each SP group trains one sequence per step. The
+per-step terms (compute, each communication, exposed vs overlapped, gradient sync, optimizer,
+fixed overhead) and the memory per GPU are :mod:`lasp2.bench.step_model`'s; the hardware and
+calibration :mod:`lasp2.bench.hardware`'s; the calibration is fitted to the LASP-2 paper
+(:mod:`lasp2.bench.published`), whose held-out error is the uncertainty every prediction carries.
 
-    time    = dense compute + sum over layers of (attention compute + exposed communication)
-    dense   = 3 x (forward FLOPs per token) x T_local / rate, forward FLOPs per token =
-              per layer 2 d (H K + 2 Hkv K) + 2 H V d (projections) + 6 d F (SwiGLU), plus
-              2 d vocab for the LM head (norms, embeddings and the optimizer step ignored)
-    memory  = model states 16 bytes/parameter (bf16 weights and grads, fp32 master and two Adam
-              moments) sharded over the W GPUs (ZeRO-3/FSDP over the same GPUs, assumed)
-              + activations kept for backward, 2 bytes x (6d + 2 Hkv K + 3F) per token and layer
-              (bf16, no activation checkpointing) + bf16 logits
-              + the strategy's own buffers (LayerCost.mem; one layer live at a time, plus the
-              gathered K/V that LASP-2H keeps for backward in every softmax layer)
-
-Presets are *assumptions*, printed with every plan: H100 SXM, 989 TFLOP/s dense bf16 at 40% of
-peak, 80 GB; NVLink 4 inside a node of 8 (achieved ~300 GB/s per GPU and direction, 5 us per
-collective step, 20 us per dependent P2P hop); InfiniBand NDR, one 400 Gb/s NIC per GPU
-(achieved ~40 GB/s, 10 us per step, 25 us per dependent hop). Data-parallel gradient traffic
-is the same for every SP strategy and is not modelled.
+Strategies: the registry's (``lasp2.parallel.strategies``) and the modelled baselines of
+:mod:`lasp2.bench.baselines` (compared, never recommended: lasp2 does not ship them); hybrids
+pair each with every softmax strategy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..models.config import PRESETS
 from ..parallel.strategies import LINEAR, LINEAR_STRATEGIES, SOFTMAX, SOFTMAX_STRATEGIES
-from .cost_model import Link, Network, Shape, linear_layer, scan_blocks, softmax_layer
+from .baselines import BASELINES, linear_entry
+from .step_model import Setup, Term, step_cost
 
-NVLINK = Link("NVLink4 (intra-node)", alpha=5e-6, bandwidth=300e9, p2p_alpha=20e-6)
-INFINIBAND = Link("InfiniBand NDR 400G per GPU", alpha=10e-6, bandwidth=40e9, p2p_alpha=25e-6)
-NETWORKS = {"cluster": Network(NVLINK, INFINIBAND, 8), "nvlink": Network(NVLINK, NVLINK, 1 << 30),
-            "infiniband": Network(INFINIBAND, INFINIBAND, 1)}
-
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    peak_flops: float
-    efficiency: float
-    memory: float
-
-    @property
-    def rate(self) -> float:
-        return self.peak_flops * self.efficiency
-
-
-DEVICES = {"h100": Device("H100 SXM (bf16 dense)", 989e12, 0.40, 80e9),
-           "h200": Device("H200 SXM (bf16 dense)", 989e12, 0.40, 141e9)}
+# Linear exchange patterns a published GPU measurement covers (the LASP-2 paper: its all-gather and
+# LASP-1's chain; lasp2/bench/published.py). The others' terms are unvalidated on GPUs.
+MEASURED_PATTERNS = ("all-gather", "chain")
 
 
 @dataclass(frozen=True)
@@ -81,19 +57,33 @@ class ModelConfig:
     def kinds(self) -> List[str]:
         return [self.pattern[i % len(self.pattern)] for i in range(self.layers)]
 
-    def params(self) -> float:
+    def layer_params(self) -> float:
         d, K = self.hidden, self.head_dim
-        per_layer = d * (self.heads * K + 2 * self.kv_heads * K) + self.heads * K * d + 3 * d * self.ffn
-        return self.layers * per_layer + (1 if self.tied else 2) * self.vocab * d
+        return d * (self.heads * K + 2 * self.kv_heads * K) + self.heads * K * d + 3 * d * self.ffn
+
+    def params(self) -> float:
+        return self.layers * self.layer_params() + (1 if self.tied else 2) * self.vocab * self.hidden
 
     def dense_flops_per_token(self) -> float:
         d, K = self.hidden, self.head_dim
         proj = 2 * d * (self.heads * K + 2 * self.kv_heads * K) + 2 * self.heads * K * d + 6 * d * self.ffn
         return self.layers * proj + 2 * d * self.vocab
 
+    def layer_activation_bytes_per_token(self, kind: str) -> float:
+        """Kept for backward by one layer, per token: bf16 norms' inputs, q, k, v, attention output,
+        MLP inputs and SwiGLU intermediates, 2 (6d + 2 Hkv K + 3F); a linear layer also keeps its
+        chunked kernel's per-chunk fp32 states, 4 H K V / 64 (fla's chunk size)."""
+        d, K = self.hidden, self.head_dim
+        states = 4 * self.heads * K * K / 64 if kind == "L" else 0.0
+        return 2 * (6 * d + 2 * self.kv_heads * K + 3 * self.ffn) + states
+
+    def head_activation_bytes_per_token(self) -> float:
+        """bf16 logits and the fp32 copy the cross-entropy keeps: 6 bytes per vocabulary entry."""
+        return 6 * self.vocab
+
     def activation_bytes_per_token(self) -> float:
-        d = self.hidden
-        return 2 * self.layers * (6 * d + 2 * self.kv_heads * self.head_dim + 3 * self.ffn) + 2 * self.vocab
+        layers = sum(self.layer_activation_bytes_per_token(k) for k in self.kinds())
+        return layers + self.head_activation_bytes_per_token()
 
 
 def from_preset(name: str, label: str) -> ModelConfig:
@@ -116,19 +106,34 @@ class Prediction:
     time: float
     compute: float
     comm: float
-    bytes_sent: float
-    calls: int
     memory: float
     fits: bool
     tokens_per_s_per_gpu: float
     note: str = ""
-    dp_fraction: float = 0.0       # data-parallel step time (same tokens per GPU, no SP) / this one
-    blocks: Optional[int] = None   # the pipelined chain's block count k* (allscan)
+    dp_fraction: float = 0.0       # tokens/s/GPU of this / tokens/s/GPU of data parallel on T-token sequences
+    dp_tokens_per_s_per_gpu: float = 0.0
+    blocks: Optional[int] = None
+    dp: int = 1
+    sp: int = 1
+    terms: List[Term] = field(default_factory=list)
+    memory_parts: Dict[str, float] = field(default_factory=dict)
+    baseline: bool = False         # modelled only: lasp2 does not ship it
+    pair: tuple = ()
+
+    @property
+    def split(self) -> str:
+        return f"{self.dp}x{self.sp}"
 
 
-def strategy_pairs(model: ModelConfig) -> List[tuple]:
-    """(linear strategy, softmax strategy) combinations that matter for this layer pattern."""
-    lin = list(LINEAR_STRATEGIES) if "L" in model.pattern else [None]
+def strategy_pairs(model: ModelConfig, linear_names: Optional[List[str]] = None,
+                   baselines: bool = False) -> List[tuple]:
+    """(linear, softmax) combinations for this layer pattern: the registry's linear strategies
+    (plus the modelled baselines when asked, or exactly ``linear_names``) x its softmax ones."""
+    if linear_names:
+        for n in linear_names:
+            linear_entry(n)  # ValueError naming the choices
+    lin = (list(linear_names) if linear_names else list(LINEAR_STRATEGIES) + (list(BASELINES) if baselines else [])) \
+        if "L" in model.pattern else [None]
     soft = list(SOFTMAX_STRATEGIES) if "N" in model.pattern else [None]
     return [(a, b) for a in lin for b in soft]
 
@@ -143,100 +148,103 @@ def by_pattern(linear_pattern: Optional[str], softmax_pattern: Optional[str]) ->
 def label(pair: tuple) -> str:
     """"a + b"; LASP-2H is the pair that all-gathers in both kinds of layer."""
     text = " + ".join(x for x in pair if x)
-    hybrid = all(x and reg[x].pattern == "all-gather" for x, reg in zip(pair, (LINEAR, SOFTMAX)))
+    hybrid = all(x in reg and reg[x].pattern == "all-gather" for x, reg in zip(pair, (LINEAR, SOFTMAX)))
     return text + " (LASP-2H)" if hybrid else text
 
 
-def predict(model: ModelConfig, W: int, seq_len: int, network: Network, device: Device, pair: tuple,
-            batch: int = 1) -> Prediction:
-    """One training step (fwd + bwd) per GPU for the (linear, softmax) strategy pair."""
-    if seq_len % W:
-        raise ValueError(f"seq_len {seq_len} does not split over {W} GPUs")
-    T = seq_len // W
-    link = network.link(W)
-    shape = Shape(B=batch, T=T, H=model.heads, K=model.head_dim, V=model.head_dim, Hkv=model.kv_heads)
-    dense = 3 * model.dense_flops_per_token() * batch * T / device.rate
-    costs = []
+def splits(gpus: int, seq_len: int) -> List[int]:
+    """SP sizes to try: powers of two dividing the GPU count and the sequence."""
+    return [sp for sp in (1 << i for i in range(gpus.bit_length())) if gpus % sp == 0 and seq_len % sp == 0]
+
+
+def predict(model: ModelConfig, gpus: int, seq_len: int, setup: Setup, pair: tuple,
+            sp: Optional[int] = None) -> Prediction:
+    """One training step per GPU of ``pair`` with ``sp`` GPUs per sequence (default all)."""
+    sp = sp or gpus
+    if gpus % sp or seq_len % sp:
+        raise ValueError(f"split {gpus // max(sp, 1)}x{sp}: sp must divide --gpus {gpus} and the sequence ({seq_len})")
+    dp, T = gpus // sp, seq_len // sp
+    base = any(x in BASELINES for x in pair)
     try:
-        for kind in model.kinds():
-            if kind == "L":
-                costs.append(linear_layer(pair[0], W, replace(shape, Hkv=None), device.rate, link))
-            else:
-                costs.append(softmax_layer(pair[1], W, shape, device.rate, link))
+        cost = step_cost(model, dp, sp, seq_len, setup, pair)
     except ValueError as e:
-        return Prediction(label(pair), float("inf"), 0, 0, 0, 0, 0, False, 0.0, f"not applicable: {e}")
-    compute = dense + sum(c.compute for c in costs)
-    comm = sum(c.comm for c in costs)
-    memory = (16 * model.params() / W + model.activation_bytes_per_token() * batch * T
-              + sum(c.saved for c in costs) + max((c.transient for c in costs), default=0))
-    fits = memory <= device.memory
-    time = compute + comm
-    k = scan_blocks(W, replace(shape, Hkv=None), link) if pair[0] and LINEAR[pair[0]].pipelined else None
-    return Prediction(label(pair), time, compute, comm, sum(c.bytes_sent for c in costs),
-                      sum(sum(c.calls) for c in costs), memory, fits, batch * T / time,
-                      "" if fits else f"needs {memory / 1e9:.0f} GB > {device.memory / 1e9:.0f} GB",
-                      data_parallel_time(model, T, device, batch) / time, k)
+        return Prediction(label(pair), float("inf"), 0, 0, 0, False, 0.0, f"not applicable: {e}", dp=dp, sp=sp,
+                          baseline=base, pair=pair)
+    memory = sum(cost.memory.values())
+    fits = memory <= setup.hardware.memory_bytes
+    reference = by_pattern("all-gather", "all-gather" if "N" in model.pattern else None)
+    dp_ref = step_cost(model, gpus, 1, T, setup, reference)
+    note = "" if fits else f"needs {memory / 1e9:.0f} GB > {setup.hardware.memory_bytes / 1e9:.0f} GB"
+    return Prediction(label(pair), cost.time, cost.total("compute"), cost.total("comm"), memory, fits, T / cost.time,
+                      note,
+                      dp_ref.time / cost.time, T / dp_ref.time, cost.blocks, dp, sp, cost.terms, dict(cost.memory),
+                      base, pair)
 
 
-def data_parallel_time(model: ModelConfig, tokens_per_gpu: int, device: Device, batch: int = 1) -> float:
-    """Step time per GPU of the same model trained data-parallel with the same tokens per GPU and
-    no SP: every GPU holds whole sequences of ``tokens_per_gpu`` tokens (softmax layers attend
-    over those only) and nothing crosses GPUs inside a layer. The gradient all-reduce is the same
-    for SP and DP and, as everywhere here, not modelled."""
-    T = tokens_per_gpu
-    shape = Shape(B=batch, T=T, H=model.heads, K=model.head_dim, V=model.head_dim, Hkv=model.kv_heads)
-    dense = 3 * model.dense_flops_per_token() * batch * T / device.rate
-    link = Link("none", 0.0, 1.0, 0.0)
-    return dense + sum((linear_layer("ideal", 1, replace(shape, Hkv=None), device.rate, link) if kind == "L"
-                        else softmax_layer("ideal", 1, shape, device.rate, link)).compute for kind in model.kinds())
+def best_split(model: ModelConfig, gpus: int, seq_len: int, setup: Setup, pair: tuple) -> Prediction:
+    """The fastest split that fits (the smallest-memory one when none fits)."""
+    preds = [predict(model, gpus, seq_len, setup, pair, sp) for sp in splits(gpus, seq_len)]
+    ok = [p for p in preds if p.fits]
+    return min(ok, key=lambda p: p.time) if ok else min(preds, key=lambda p: (p.memory or float("inf"), p.time))
 
 
 def recommend(preds: List[Prediction]) -> Optional[Prediction]:
-    """Fastest strategy that fits in memory (ties: fewer bytes); None when nothing fits."""
-    ok = [p for p in preds if p.fits]
-    return min(ok, key=lambda p: (round(p.time, 9), p.bytes_sent)) if ok else None
+    """Fastest library strategy that fits in memory (ties: fewer GPUs per sequence); None when
+    nothing fits. Modelled baselines are compared, never recommended."""
+    ok = [p for p in preds if p.fits and not p.baseline]
+    return min(ok, key=lambda p: (round(p.time, 9), p.sp)) if ok else None
 
 
-def reason(best: Prediction, preds: List[Prediction]) -> str:
-    """Why ``best`` (from ``recommend``) wins, in one sentence from the predicted components."""
-    rivals = sorted((p for p in preds if p.fits and p is not best), key=lambda p: p.time)
+def reason(best: Prediction, preds: List[Prediction], uncertainty: float) -> str:
+    """Why ``best`` wins, in one sentence from the predicted terms, with the model's uncertainty."""
+    rivals = sorted((p for p in preds if p.fits and p is not best and not p.baseline), key=lambda p: p.time)
     oom = [p.label for p in preds if not p.fits and not p.note.startswith("not applicable")]
     tail = f"; {', '.join(oom)} would not fit in memory" if oom else ""
+    dp = (f"; {best.tokens_per_s_per_gpu:,.0f} tokens/s per GPU = {best.dp_fraction:.2f} x the "
+          f"{best.dp_tokens_per_s_per_gpu:,.0f} tokens/s per GPU of plain data parallel (every GPU training whole "
+          f"{best.tokens_per_s_per_gpu * best.time:,.0f}-token sequences, no SP)")
     if not rivals:
-        return "the only strategy that fits in memory" + tail
+        return "the only library strategy that fits in memory" + dp + tail
     ru = rivals[0]
     gain = ru.time / best.time - 1
-    why = (f"exposed communication {best.comm * 1e3:.2f} ms vs {ru.comm * 1e3:.2f} ms per step"
-           if abs(best.comm - ru.comm) >= abs(best.compute - ru.compute) else
-           f"attention compute {best.compute * 1e3:.1f} ms vs {ru.compute * 1e3:.1f} ms per step")
-    close = " (within 1%: the choice hardly matters here)" if gain < 0.01 else ""
-    blocks = f"; chain in k* = {best.blocks} blocks" if best.blocks else ""
-    return (f"{gain:.1%} faster per step than the runner-up {ru.label}{close}: {why}{blocks}; "
-            f"{best.dp_fraction:.2f} of data-parallel throughput{tail}")
+    theirs, ours = ({t.name: t.exposed for t in p.terms} for p in (ru, best))
+    diff, name = max((theirs.get(n, 0.0) - ours.get(n, 0.0), n) for n in {**theirs, **ours})
+    why = f"; the largest difference is {name}: {diff * 1e3:+.1f} ms per step for the runner-up" if diff > 0 else ""
+    close = (f" -- within the model's +-{uncertainty:.0%} uncertainty: measure both (lasp2 bench) before "
+             "choosing" if gain < uncertainty else f" (beyond the model's +-{uncertainty:.0%} uncertainty)")
+    lin = linear_entry(best.pair[0]) if best.pair and best.pair[0] else None
+    unmeasured = (f"; no published GPU measurement covers {lin.name}'s {lin.pattern} exchange: its terms are "
+                  "first-principles only" if lin is not None and lin.pattern not in MEASURED_PATTERNS else "")
+    return f"{gain:.1%} faster per step than the runner-up {ru.label} ({ru.split}){close}{why}{dp}{unmeasured}{tail}"
 
 
-def assumptions(network: Network, device: Device) -> List[str]:
-    links = [network.intra] if network.intra == network.inter else [network.intra, network.inter]
-    out = [f"- compute: {device.name}, {device.peak_flops / 1e12:.0f} TFLOP/s peak x {device.efficiency:.0%} "
-           f"achieved = {device.rate / 1e12:.0f} TFLOP/s; {device.memory / 1e9:.0f} GB per GPU"]
-    for ln in links:
-        out.append(f"- {ln.name}: {ln.bandwidth / 1e9:.0f} GB/s achieved per GPU and direction, "
-                   f"alpha {ln.alpha * 1e6:.0f} us per collective step, {ln.p2p_alpha * 1e6:.0f} us per dependent hop")
-    if network.intra != network.inter:
-        out.append(f"- {network.gpus_per_node} GPUs per node: groups larger than a node are bound by the "
-                   "inter-node link")
-    out.append("- ring algorithms for every collective; zigzag layout for causal softmax; bf16 activations, "
-               "fp32 states; no activation checkpointing; model states sharded over the W GPUs (ZeRO-3)")
+def assumptions(setup: Setup) -> List[str]:
+    hw, cal, net = setup.hardware, setup.calibration, setup.network
+    out = [f"- hardware: {hw.name} ({hw.source}): {hw.peak_flops / 1e12:.0f} TFLOP/s bf16 peak x {cal.mfu:.0%} "
+           f"achieved (mfu) = {setup.rate / 1e12:.0f} TFLOP/s; {hw.memory_bytes / 1e9:.0f} GB; "
+           f"{hw.gpus_per_node} GPUs per node",
+           f"- {net.intra.name}: {net.intra.alpha * 1e6:.0f} us per collective step, "
+           f"{net.intra.p2p_alpha * 1e6:.0f} us per dependent hop; {net.inter.name}: "
+           f"{net.inter.alpha * 1e6:.0f} us, {net.inter.p2p_alpha * 1e6:.0f} us",
+           f"- per step: {cal.step_overhead_s * 1e3:.0f} ms fixed overhead; gradient sync hidden behind "
+           f"{cal.grad_overlap:.0%} of backward; model states {setup.sharding}; activation checkpointing "
+           f"{'on' if setup.checkpointing else 'off'}; {cal.reserved_bytes / 1e9:.1f} GB reserved per GPU",
+           "- ring algorithms for every collective; zigzag layout for causal softmax; bf16 activations, fp32 states"]
     return out
 
 
-def plan_table(model: ModelConfig, gpus: List[int], seq_lens: List[int], network: Network,
-               device: Device) -> Dict:
-    """Predictions for every (W, T) and strategy pair; the recommended pair per point."""
+def plan_table(model: ModelConfig, gpus: List[int], seq_lens: List[int], setup: Setup,
+               linear_names: Optional[List[str]] = None, sp: Optional[int] = None, auto_split: bool = False,
+               baselines: bool = True) -> Dict:
+    """Predictions for every (G, length) and strategy pair, at the given split (sp per sequence,
+    default all G) or each pair's best split; the recommended pair per point."""
     rows = []
-    for W in gpus:
-        for T in seq_lens:
-            preds = [predict(model, W, T, network, device, pair) for pair in strategy_pairs(model)]
+    for G in gpus:
+        for n in seq_lens:
+            preds = []
+            for pair in strategy_pairs(model, linear_names, baselines):
+                preds.append(best_split(model, G, n, setup, pair) if auto_split
+                             else predict(model, G, n, setup, pair, sp))
             best = recommend(preds)
-            rows.append({"W": W, "seq_len": T, "predictions": preds, "best": best.label if best else None})
+            rows.append({"W": G, "seq_len": n, "predictions": preds, "best": best})
     return {"model": model, "rows": rows}

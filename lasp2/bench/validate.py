@@ -158,7 +158,23 @@ def predict_record(r: dict, rate: float, c0: float, link: Link, cores: int) -> f
     return cost.time + c0 * slow
 
 
-def validate(paths: List[Path], cores: int = None) -> str:
+def calibration_file(link: Link, rates: List[tuple], cores: int) -> dict:
+    """A ``lasp2 plan --hardware FILE.json`` of this machine: the fitted compute rate per unshared
+    core as its peak (mfu 1), the fitted collective link as both levels (one 'node' of ``cores``
+    ranks), the fitted latencies and the median per-call overhead c0 as the knobs. Not measured
+    here: memory bandwidth (10 GB/s assumed; only the optimizer term reads it) and p2p bandwidth
+    (the collective one is used)."""
+    rate = statistics.median(r for r, _ in rates)
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"name": "this machine (gloo, fitted by lasp2 plan --validate)", "peak_flops": rate, "memory_bytes": mem,
+            "hbm_bandwidth": 10e9, "nvlink_bandwidth": link.bandwidth, "inter_bandwidth": link.bandwidth,
+            "gpus_per_node": cores, "source": "lasp2 plan --validate",
+            "calibration": {"mfu": 1.0, "bandwidth_efficiency": 1.0, "nvlink_alpha_s": link.alpha,
+                            "inter_alpha_s": link.alpha, "nvlink_hop_s": link.p2p_alpha, "inter_hop_s": link.p2p_alpha,
+                            "step_overhead_s": statistics.median(c for _, c in rates), "reserved_bytes": 0.0}}
+
+
+def validate(paths: List[Path], cores: int = None, save_calibration: Path = None) -> str:
     cores = cores or len(os.sched_getaffinity(0))
     records = []
     for p in paths:
@@ -185,7 +201,7 @@ def validate(paths: List[Path], cores: int = None) -> str:
         pa, pc = all_gather_time(4, 4 * n, link4), chain_time(4, n, link4)
         lines.append(f"| {n} | {ag * 1e3:.2f} | {pa * 1e3:.2f} | {pa / ag - 1:+.0%} | {ch * 1e3:.2f} | "
                      f"{pc * 1e3:.2f} | {pc / ch - 1:+.0%} |")
-    summary = []
+    summary, all_fits = [], []
     for suite in sorted({r["suite"] for r in records}):
         rs = [r for r in records if r["suite"] == suite]
         w0 = min(r["W"] for r in rs)
@@ -197,6 +213,7 @@ def validate(paths: List[Path], cores: int = None) -> str:
                 raise ValueError(f"suite {suite}, {config}: need records at two lengths at W={w0} to fit compute")
             fits[config] = fit_compute(pts, link, cores)
             fitted |= {id(r) for r in pts}
+        all_fits.append(fits)
         lines += ["", f"### Suite {suite}: compute per configuration, fitted at W={w0} on all lengths but the "
                   "longest", "", "| configuration | GFLOP/s per unshared core | c0 (ms) |", "|---|---|---|"]
         lines += [f"| {c} | {rate / 1e9:.2f} | {c0 * 1e3:.1f} |" for c, (rate, c0) in fits.items()]
@@ -213,4 +230,8 @@ def validate(paths: List[Path], cores: int = None) -> str:
             if e:
                 summary.append(f"- {suite}, held out ({group}): {len(e)} points, median |error| "
                                f"{statistics.median(e):.1%}, max {max(e):.1%}")
+    if save_calibration:
+        rates = [fit for suite_fits in all_fits for fit in suite_fits.values()]
+        Path(save_calibration).write_text(json.dumps(calibration_file(link, rates, cores), indent=1) + "\n")
+        summary.append(f"- calibration written to {save_calibration} (lasp2 plan --hardware {save_calibration})")
     return "\n".join(lines + ["", "### Summary", ""] + summary) + "\n"

@@ -18,6 +18,10 @@ in their *exchange* (how summaries become incoming states). Capabilities of an e
                      attention); None: causal only
     overlaps_intra   (linear) the forward exchange runs while the intra-chunk work does
     pipelined        (linear) takes a block count (``scan_blocks``)
+    serial_inter     (linear) each hop waits for the rank's inter-chunk compute before sending on
+                     (the published LASP-1, Algorithm 6 of the LASP-2 paper); False for every
+                     strategy shipped here (lasp1 forwards the state first). The planner's
+                     ``lasp1-serial`` baseline (``lasp2/bench/baselines.py``) sets it
     heads_divisible  (softmax) needs H % W == 0 (it shards the heads)
     work_follows_layout (softmax) causal work per rank is what the layout gives each rank's
                      queries (unbalanced under contiguous); False: balanced whatever the layout
@@ -47,6 +51,7 @@ class LinearStrategy:
     bidirectional: Optional[type] = None
     pipelined: bool = False
     layouts: Tuple[str, ...] = LAYOUTS
+    serial_inter: bool = False
 
     @property
     def causal_only(self) -> bool:

@@ -62,3 +62,20 @@ def test_input_that_supports_a_fit_is_validated(tmp_path, fake_comm):
     path = _write(tmp_path, _records(lengths, [2.0 + 0.004 * T for T in lengths]))
     text = validate.validate([path])
     assert "linear, held out (longest length, W=2): 1 points" in text
+
+
+def test_validate_writes_a_calibration_that_plan_reads(tmp_path, fake_comm, capsys):
+    """--save-calibration: the fitted link and compute rate of this machine as a --hardware file."""
+    from lasp2.bench.hardware import load_hardware
+
+    lengths = [2048, 8192, 32768]
+    path = _write(tmp_path, _records(lengths, [2.0 + 0.004 * T for T in lengths]))
+    out = tmp_path / "me.json"
+    text = validate.validate([path], save_calibration=out)
+    hw, cal = load_hardware(str(out))
+    link = validate.fit_link(validate.measure_comm())  # the stubbed microbenchmark's link
+    assert f"calibration written to {out}" in text
+    assert hw.nvlink_bandwidth == pytest.approx(link.bandwidth) and cal.inter_hop_s == pytest.approx(link.p2p_alpha)
+    assert cal.mfu == 1.0 and hw.peak_flops > 0
+    assert cli_main(["plan", "--hardware", str(out), "--gpus", "2", "--seq-lens", "4K", "--strategies", "lasp2"]) == 0
+    assert "this machine (gloo, fitted" in capsys.readouterr().out

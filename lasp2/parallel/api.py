@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import functional
-from ..ops import backends
+from ..ops import backends, softmax_backends
 from ..ops.transition import classify
 from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_group, check_qkv,
                           check_scale, resolve_scale)
@@ -212,6 +212,7 @@ def sp_softmax_attention(
     layout: Optional[str] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     batch: Optional[SPBatch] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Sequence-parallel softmax attention: this rank's shard of ``softmax_attention`` on the
     whole sequence.
@@ -230,6 +231,10 @@ def sp_softmax_attention(
         batch: this batch's sequence-parallel context (``SPBatch``) in place of group, layout and
             cu_seqlens (checked once when it was built; no per-call agreement digest unless
             ``batch.checks``).
+        backend: the local work's kernel: "auto" (flex on CUDA tensors, else torch), "torch"
+            (the blockwise PyTorch loop) or "flex" (FlexAttention with a block mask from global
+            positions and documents, cached per batch; on CPU forward only). See
+            ``lasp2.ops.softmax_backends``. The communication is the same.
 
     Returns:
         o [B, T, H, Dv], this rank's shard, in q's dtype (computed in fp32 for half precision).
@@ -267,15 +272,18 @@ def sp_softmax_attention(
                          f"must be a multiple of the group size W = {world}; use a head count divisible "
                          f"by {world}, or strategy={any_heads}, which work with any H")
     scale = resolve_scale(scale, q)
+    kernel = softmax_backends.resolve(backend, q, needs_grad=softmax_backends.needs_grad(q, k, v))
     signature = (f"sp_softmax_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
                  f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={cu_seqlens is not None}")
     # Shapes once per signature and group; everything else (the document boundaries included)
     # every call, inside the strategy's first message (``agreement``).
     comm.ensure_agreement(group, signature)
     if world == 1:
-        return functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
+        return functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens,
+                                            backend=kernel)
     doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), lay.global_len)
     checks = batch is None or batch.checks
     digest = agreement.call_digest(signature, cu_seqlens) if checks else agreement.UNCHECKED
     cu_list = _host_documents(batch, cu_seqlens)
-    return entry.load().apply(q, k, v, SoftmaxCall(scale, causal, lay, group, doc, digest=digest, cu_list=cu_list))
+    return entry.load().apply(q, k, v, SoftmaxCall(scale, causal, lay, group, doc, digest=digest, cu_list=cu_list,
+                                                   backend=kernel))

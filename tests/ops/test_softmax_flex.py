@@ -127,3 +127,20 @@ def test_backend_choice_and_refusals():
     assert_close("softmax_attention flex", got, ref, torch.float64)
     with pytest.raises(ValueError, match="no backward on CPU"):
         lasp2.softmax_attention(q.requires_grad_(), k, v, backend="flex")
+
+
+def test_layer_takes_the_backend():
+    """lasp2.nn.SoftmaxAttention(backend=...): flex (forward, no grad on CPU) gives the torch
+    backend's output; a bad name is a ValueError naming the argument."""
+    from lasp2.nn import SoftmaxAttention
+
+    torch.manual_seed(0)
+    layer = SoftmaxAttention(32, 4, 2, 8, backend="flex").double()
+    x = torch.randn(1, 24, 32, dtype=torch.float64)
+    with torch.no_grad():
+        got = layer(x, cu_seqlens=torch.tensor([0, 9, 24]))
+        layer.backend = "torch"
+        ref = layer(x, cu_seqlens=torch.tensor([0, 9, 24]))
+    assert_close("SoftmaxAttention flex", got, ref, torch.float64)
+    with pytest.raises(ValueError, match="backend"):
+        SoftmaxAttention(32, 4, 2, 8, backend="sdpa")

@@ -1,0 +1,66 @@
+"""sp_softmax_attention(backend="flex") forward on CPU, shard by shard against the single-device
+blockwise op on the whole sequence: every softmax strategy, zigzag positions, packed documents,
+GQA (FlexAttention has no CPU backward in torch 2.13; the backward is measured on CUDA by
+``lasp2 bench --suite gpu``, and its math by tests/ops/test_softmax_flex.py). Runs at W = 2 in the
+shared "sp" spawn (the other world sizes skip it: W = 1 dispatches to the one-device op, tested
+there)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import lasp2
+from tests.dist import Spawns, run_cases, run_sections
+from tests.helpers import assert_close
+
+
+def compare(group, *, strategy: str, layout: str, docs: bool, heads=(4, 2), dtype=torch.float64):
+    W = dist.get_world_size(group)
+    T = 16 * W
+    gen = torch.Generator().manual_seed(5)
+    H, Hkv = heads
+    q, k, v = (torch.randn(1, T, h, d, generator=gen, dtype=dtype) for h, d in ((H, 8), (Hkv, 8), (Hkv, 4)))
+    cu = torch.tensor([0, 5, T - 9, T]) if docs else None
+    ref = lasp2.softmax_attention(q, k, v, cu_seqlens=cu, backend="torch")
+    local = [lasp2.shard(x, group=group, layout=layout) for x in (q, k, v)]
+    with torch.no_grad():
+        o = lasp2.sp_softmax_attention(*local, group=group, strategy=strategy, layout=layout, cu_seqlens=cu,
+                                       backend="flex")
+    assert_close(f"{strategy} {layout} docs={docs} o", o, lasp2.shard(ref, group=group, layout=layout), dtype,
+                 whole=ref)
+
+
+def _cases(full: bool):
+    out = [(f"{s}-zigzag-docs", dict(strategy=s, layout="zigzag", docs=True)) for s in ("allgather", "ring", "ulysses")]
+    if full:
+        out += [(f"{s}-contiguous-{d}-{dt}", dict(strategy=s, layout="contiguous", docs=d, dtype=dt, heads=h))
+                for s in ("allgather", "ring", "ulysses") for d in (False, True)
+                for dt, h in ((torch.float64, (4, 4)), (torch.float32, (4, 1)))]
+    return out
+
+
+def _worker(group, full: bool):
+    if dist.get_world_size(group) != 2:
+        return run_sections(group, [("table", lambda g: None)])
+
+    def table(g):
+        run_cases(_cases(full), lambda **p: compare(g, **p))
+        if dist.get_rank(g) == 0:  # the refusal comes before any communication, so one rank may test it
+            x = torch.randn(1, 8, 4, 8, requires_grad=True)
+            with pytest.raises(ValueError, match="no backward on CPU"):
+                lasp2.sp_softmax_attention(x, x, x, group=g, backend="flex")
+    return run_sections(group, [("table", table)])
+
+
+SPAWNS = Spawns(_worker, False, pool="sp")
+SPAWNS_FULL = Spawns(_worker, True, pool="sp-full")
+
+
+def test_sp_softmax_flex_forward_w2():
+    SPAWNS.results(2, "table")
+
+
+@pytest.mark.slow
+def test_sp_softmax_flex_forward_w2_full():
+    SPAWNS_FULL.results(2, "table")

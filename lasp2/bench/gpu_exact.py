@@ -9,6 +9,7 @@ rest "skipped: needs CUDA" in its rows; nothing is faked.
 from __future__ import annotations
 
 import os
+import time
 from typing import Dict, List
 
 import torch
@@ -57,9 +58,10 @@ def _linear_run(backend, leaves, do, dS):
     return o, S, grads
 
 
-def linear_fla_vs_torch(device, dtypes, variants=VARIANTS, T=256, H=2, D=32) -> dict:
+def linear_fla_vs_torch(device, dtypes, variants=VARIANTS, T=256, H=2, D=32, deadline=None) -> dict:
     """Every variant: fla's kernels vs lasp2's torch ops on the same inputs (fwd o, final state,
-    every gradient, the final state's gradient path included), per dtype."""
+    every gradient, the final state's gradient path included), per dtype; no new variant after
+    ``deadline`` (time.time()), the ones left reported as not run."""
     rows = []
     interp = device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
     for variant in variants:
@@ -67,6 +69,9 @@ def linear_fla_vs_torch(device, dtypes, variants=VARIANTS, T=256, H=2, D=32) -> 
             row = {"variant": variant, "dtype": str(dtype).replace("torch.", ""), "T": T}
             if device.type == "cpu" and not interp:
                 rows.append({**row, "result": "skipped: fla on CPU needs TRITON_INTERPRET=1"})
+                continue
+            if deadline is not None and time.time() > deadline:
+                rows.append({**row, "result": "not run: time budget", "pass": False})
                 continue
             leaves, do = make_inputs(variant, T, H, D, dtype, device, seed=7)
             dS = torch.randn(1, H, D, D, generator=torch.Generator().manual_seed(8)).to(device)
@@ -116,6 +121,7 @@ def softmax_kernel_vs_blockwise(device, dtypes, T=256, D=64) -> dict:
     one-device backward (flex's autograd) and a key subset's backward (the SP strategies' path:
     recompute with the log-sum-exp gradient)."""
     from ..ops import softmax_backends as sb
+    from ..ops.attention_mask import AttentionMask
     from ..ops.softmax import BlockwiseAttention, attention_block_bwd, attention_block_fwd
 
     rows = []
@@ -140,8 +146,6 @@ def softmax_kernel_vs_blockwise(device, dtypes, T=256, D=64) -> dict:
                 g_b = torch.autograd.grad(o_b, ref_leaves, do64)
                 errs.update({f"{n}": rel_rms(a, b) for n, a, b in zip(("dq", "dk", "dv"), g_k, g_b)})
                 # A key subset (the first half of the keys), as allgather / ring compute it.
-                from ..ops.attention_mask import AttentionMask
-
                 h = T // 2
                 sub = AttentionMask(True, m.q_pos, m.k_pos[:h], m.q_doc, None if m.k_doc is None else m.k_doc[:h])
                 delta = (do64 * o_ref).sum(-1).transpose(1, 2)

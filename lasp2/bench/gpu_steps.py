@@ -61,12 +61,13 @@ def _compare(name: str, cpu, cuda) -> dict:
             "pass": max(errs.values()) <= TOL[torch.float32]}
 
 
-def steps_cuda_vs_cpu(cuda: bool, group, T: int) -> dict:
-    """Both steps on CPU (torch kernels) and, with CUDA, on CUDA (auto: fla + flex)."""
+def steps_cuda_vs_cpu(cuda: bool, group, cpu_group, T: int) -> dict:
+    """Both steps on CPU (torch kernels; the hf one over ``cpu_group``, gloo) and, with CUDA, on
+    CUDA (auto: fla + flex; over ``group``)."""
     cpu = torch.device("cpu")
     rows: List[dict] = []
     for name, run in (("linear-llama LLLN", lambda d, be, sbe: _llama_step(d, T, be, sbe)),
-                      ("hf qwen3.5-tiny", lambda d, be, sbe: _hf_step(d, T, group))):
+                      ("hf qwen3.5-tiny", lambda d, be, sbe: _hf_step(d, T, group if d.type == "cuda" else cpu_group))):
         ref = run(cpu, "torch", "torch")
         if cuda:
             rows.append(_compare(name, ref, run(torch.device("cuda"), "auto", "auto")))

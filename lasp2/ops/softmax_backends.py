@@ -187,7 +187,8 @@ def block_fwd(name: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Attenti
         return attention_block_fwd(q, k, v, mask, scale=scale, block_size=block_size, out_dtype=out_dtype)
     with torch.no_grad():
         o, lse = flex_attention_lse(q, k, v, mask, scale)
-    # An empty row's lse is -inf in every kernel; make its output exactly 0 as the reference does.
+    # A row with no visible key: FlexAttention gives o = 0 and lse = -inf, as the blockwise loop
+    # does (tests/ops/test_softmax_flex.py), which merge_attention relies on.
     return o.to(out_dtype or q.dtype), lse.to(compute_dtype(q.dtype))
 
 
@@ -198,7 +199,12 @@ def block_bwd(name: str, do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tenso
     See ``softmax.attention_block_bwd``."""
     if name == "torch":
         return attention_block_bwd(do, q, k, v, None, lse, mask, scale=scale, block_size=block_size, delta=delta)
-    return recompute_bwd(lambda a, b, c: flex_attention_lse(a, b, c, mask, scale), do, q, k, v, lse, delta)
+    # Recompute in the dtype the forward ran in (the strategies hand q, k, v over in the compute
+    # dtype for the blockwise loop's partial sums); the gradients go back in the callers' dtypes.
+    dt = do.dtype
+    grads = recompute_bwd(lambda a, b, c: flex_attention_lse(a, b, c, mask, scale), do, q.to(dt), k.to(dt), v.to(dt),
+                          lse, delta)
+    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
 def recompute_bwd(attend, do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor

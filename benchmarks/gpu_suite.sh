@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: `lasp2 bench --suite gpu` on one GPU, sized for an H100 in under
-# 8 minutes including the install (docs/gpu.md "On GPUs"). Exactness on CUDA (fla vs torch for
-# every linear variant, the softmax kernel backend vs the blockwise loop, a Linear-Llama and a
-# lasp2.hf Qwen3.5-tiny step vs CPU, SP at W = 2 on one GPU over gloo), then the timed sections
+# 8 minutes including the install (docs/gpu.md "On GPUs"). Exactness on CUDA (SP at W = 2 on
+# one GPU over gloo, fla vs torch for every linear variant, the softmax kernel backend vs the
+# blockwise loop, a Linear-Llama and a lasp2.hf Qwen3.5-tiny step vs CPU), then the timed sections
 # (softmax kernels, one LLLN step of linear-llama3-1b-shaped blocks at T = 32K, host syncs, the
 # linear local path vs fla direct at T = 8K..64K with what is left of --budget-s). Writes
 # benchmarks/results/gpu_<machine>_<date>/results.{json,md} (results.partial.json after every
@@ -16,4 +16,4 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export FLA_DISABLE_BACKEND_DISPATCH=1   # the kernels named in the tables, not FlashQLA/TileLang swaps
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"  # a rerun skips compilation
 out=benchmarks/results/$(python3 -c 'from lasp2.bench.report import default_out; print(default_out("gpu"))')
-exec timeout 450 python3 -m lasp2 bench --suite gpu --budget-s 330 --out "$out" "$@"
+exec timeout 420 python3 -m lasp2 bench --suite gpu --budget-s 300 --out "$out" "$@"

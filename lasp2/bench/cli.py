@@ -65,7 +65,7 @@ def add_parser(subparsers) -> None:
                      help="ops: the quadratic form's / recurrence's length (default 2048; --quick 128)")
     one.add_argument("--threads", type=int, help="ops/gpu: torch threads (default: torch's)")
     one.add_argument("--budget-s", type=float, default=None,
-                     help="gpu: start no new timed point after this many seconds (default 360)")
+                     help="gpu: start no new timed point after this many seconds (default 300)")
     one.add_argument("--smoke", action="store_true",
                      help="gpu: the CPU mode of the GPU check (toy sizes; TRITON_INTERPRET=1 for fla; --quick too)")
     one.add_argument("--presets", nargs="+", metavar="PRESET",

@@ -31,6 +31,23 @@ def compare(group, *, strategy: str, layout: str, docs: bool, heads=(4, 2), dtyp
                  whole=ref)
 
 
+def no_host_reads(group):
+    """With a batch context the flex path reads no tensor on the host (a sync on GPUs): block masks
+    come from the batch's host description, built at the first layer call and then reused."""
+    from tests.models.test_no_host_syncs import count_host_reads
+
+    W = dist.get_world_size(group)
+    T = 16 * W
+    batch = lasp2.SPBatch.build(group, "zigzag", T, 1, cu_seqlens=torch.tensor([0, 5, T - 9, T]))
+    q, k, v = (torch.randn(1, 16, h, 8, dtype=torch.float64) for h in (4, 2, 2))
+    for strategy in ("allgather", "ring", "ulysses"):
+        call = lambda: lasp2.sp_softmax_attention(q, k, v, strategy=strategy, batch=batch, backend="flex")  # noqa: E731
+        with torch.no_grad():
+            call()  # the first call with new shapes: the one-off shape agreement (comm.ensure_agreement)
+            reads = count_host_reads(call)
+        assert not reads, f"{strategy}: host reads in lasp2 with a batch context: {dict(reads)}"
+
+
 def _cases(full: bool):
     out = [(f"{s}-zigzag-docs", dict(strategy=s, layout="zigzag", docs=True)) for s in ("allgather", "ring", "ulysses")]
     if full:
@@ -46,6 +63,7 @@ def _worker(group, full: bool):
 
     def table(g):
         run_cases(_cases(full), lambda **p: compare(g, **p))
+        no_host_reads(g)
         if dist.get_rank(g) == 0:  # the refusal comes before any communication, so one rank may test it
             x = torch.randn(1, 8, 4, 8, requires_grad=True)
             with pytest.raises(ValueError, match="no backward on CPU"):

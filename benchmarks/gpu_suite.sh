@@ -8,7 +8,7 @@
 # benchmarks/results/gpu_<machine>_<date>/results.{json,md} (results.partial.json after every
 # section while it runs). Extra flags go to lasp2 bench (a later --out wins).
 # CPU smoke mode (CI): TRITON_INTERPRET=1 bash benchmarks/gpu_suite.sh --smoke
-# Needs: torch with CUDA preinstalled, then (no internet) pip install --no-index --find-links .whl -e '.[gpu]'
+# Needs: torch with CUDA preinstalled, then (no internet) pip install --no-index --find-links .whl -e '.[gpu,hf]'
 # (or pip install --no-deps -e . when fla-core and triton are already there).
 set -euo pipefail
 cd "$(dirname "$0")/.."

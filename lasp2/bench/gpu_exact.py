@@ -8,6 +8,7 @@ rest "skipped: needs CUDA" in its rows; nothing is faked.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from typing import Dict, List
@@ -67,6 +68,10 @@ def linear_fla_vs_torch(device, dtypes, variants=VARIANTS, T=256, H=2, D=32, dea
     for variant in variants:
         for dtype in dtypes:
             row = {"variant": variant, "dtype": str(dtype).replace("torch.", ""), "T": T}
+            if importlib.util.find_spec("fla") is None:
+                rows.append({**row, "result": "not run: fla-core is not installed (pip install '.[gpu]')",
+                             "pass": False})
+                continue
             if device.type == "cpu" and not interp:
                 rows.append({**row, "result": "skipped: fla on CPU needs TRITON_INTERPRET=1"})
                 continue

@@ -9,6 +9,7 @@ tensors.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Dict, List, Tuple
 
 import torch
@@ -68,6 +69,10 @@ def steps_cuda_vs_cpu(cuda: bool, group, cpu_group, T: int) -> dict:
     rows: List[dict] = []
     for name, run in (("linear-llama LLLN", lambda d, be, sbe: _llama_step(d, T, be, sbe)),
                       ("hf qwen3.5-tiny", lambda d, be, sbe: _hf_step(d, T, group if d.type == "cuda" else cpu_group))):
+        if name.startswith("hf") and importlib.util.find_spec("transformers") is None:
+            rows.append({"step": name, "result": "not run: transformers is not installed (pip install '.[hf]')",
+                         "pass": False})
+            continue
         ref = run(cpu, "torch", "torch")
         if cuda:
             rows.append(_compare(name, ref, run(torch.device("cuda"), "auto", "auto")))

@@ -48,6 +48,42 @@ def no_host_reads(group):
         assert not reads, f"{strategy}: host reads in lasp2 with a batch context: {dict(reads)}"
 
 
+def flex_backward_wiring(group, strategy: str, layout: str = "zigzag"):
+    """The SP strategies' flex backward path (``block_bwd`` -> ``recompute_bwd``: a slot's attention
+    recomputed with autograd and the log-sum-exp merge backpropagated into it) on CPU, with the
+    one piece CPU lacks, FlexAttention's own backward, stood in for by the blockwise op (same
+    contract: differentiable (o, lse)). Output and every gradient against the one-device op, fp64."""
+    from lasp2.ops import softmax_backends
+    from lasp2.ops.softmax import BlockwiseAttention, doc_ids_from_cu_seqlens
+    from lasp2.parallel import agreement, strategies
+    from lasp2.parallel.layout import Layout
+    from lasp2.parallel.softmax_common import SoftmaxCall
+
+    W = dist.get_world_size(group)
+    T = 16 * W
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, T, h, d, generator=gen, dtype=torch.float64) for h, d in ((4, 8), (2, 8), (2, 4)))
+    w = torch.randn(1, T, 4, 4, generator=gen, dtype=torch.float64)
+    cu = torch.tensor([0, 5, T - 9, T])
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref = lasp2.softmax_attention(*ref, cu_seqlens=cu, backend="torch")
+    g_ref = torch.autograd.grad((o_ref * w).sum(), ref)
+    shard = lambda x: lasp2.shard(x, group=group, layout=layout)  # noqa: E731
+    call = SoftmaxCall(8 ** -0.5, True, Layout(layout, W, T // W), group, doc_ids_from_cu_seqlens(cu, T),
+                       digest=agreement.UNCHECKED, cu_list=tuple(cu.tolist()), backend="flex")
+    saved = softmax_backends.flex_attention_lse
+    softmax_backends.flex_attention_lse = lambda a, b, c, mask, scale: BlockwiseAttention.apply(a, b, c, mask, scale, 8)
+    try:
+        leaves = [shard(x).clone().requires_grad_() for x in (q, k, v)]
+        o = strategies.softmax(strategy).load().apply(*leaves, call)
+        grads = torch.autograd.grad((o * shard(w)).sum(), leaves)
+    finally:
+        softmax_backends.flex_attention_lse = saved
+    assert_close(f"{strategy} o", o, shard(o_ref), torch.float64, whole=o_ref)
+    for name, got, r in zip(("dq", "dk", "dv"), grads, g_ref):
+        assert_close(f"{strategy} {name}", got, shard(r), torch.float64, whole=r)
+
+
 def _cases(full: bool):
     out = [(f"{s}-zigzag-docs", dict(strategy=s, layout="zigzag", docs=True)) for s in ("allgather", "ring", "ulysses")]
     if full:
@@ -63,6 +99,8 @@ def _worker(group, full: bool):
 
     def table(g):
         run_cases(_cases(full), lambda **p: compare(g, **p))
+        run_cases([(f"wiring-{s}", dict(strategy=s)) for s in ("allgather", "ring", "ulysses")],
+                  lambda **p: flex_backward_wiring(g, **p))
         no_host_reads(g)
         if dist.get_rank(g) == 0:  # the refusal comes before any communication, so one rank may test it
             x = torch.randn(1, 8, 4, 8, requires_grad=True)

@@ -131,17 +131,14 @@ def test_backend_choice_and_refusals():
 
 
 def test_layer_takes_the_backend():
-    """lasp2.nn.SoftmaxAttention(backend=...): flex (forward, no grad on CPU) gives the torch
-    backend's output; a bad name is a ValueError naming the argument."""
+    """lasp2.nn.SoftmaxAttention(backend=...) reaches the op: flex with a gradient on CPU is the
+    op's refusal (flex's forward values are tested above); a bad name is a ValueError."""
     from lasp2.nn import SoftmaxAttention
 
-    torch.manual_seed(0)
-    layer = SoftmaxAttention(32, 4, 2, 8, backend="flex").double()
-    x = torch.randn(1, 24, 32, dtype=torch.float64)
-    with torch.no_grad():
-        got = layer(x, cu_seqlens=torch.tensor([0, 9, 24]))
-        layer.backend = "torch"
-        ref = layer(x, cu_seqlens=torch.tensor([0, 9, 24]))
-    assert_close("SoftmaxAttention flex", got, ref, torch.float64)
+    layer = SoftmaxAttention(32, 4, 2, 8, backend="flex")
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        layer(torch.randn(1, 24, 32))
+    layer.backend = "torch"
+    assert torch.isfinite(layer(torch.randn(1, 24, 32))).all()
     with pytest.raises(ValueError, match="backend"):
         SoftmaxAttention(32, 4, 2, 8, backend="sdpa")

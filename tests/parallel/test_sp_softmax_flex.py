@@ -16,6 +16,10 @@ from tests.helpers import assert_close
 
 
 def compare(group, *, strategy: str, layout: str, docs: bool, heads=(4, 2), dtype=torch.float64):
+    """Forward with a batch context, against the reference shard; the second call (block masks
+    cached, shapes agreed) reads no tensor on the host inside lasp2 (each a sync on GPUs)."""
+    from tests.models.test_no_host_syncs import count_host_reads
+
     W = dist.get_world_size(group)
     T = 16 * W
     gen = torch.Generator().manual_seed(5)
@@ -24,28 +28,14 @@ def compare(group, *, strategy: str, layout: str, docs: bool, heads=(4, 2), dtyp
     cu = torch.tensor([0, 5, T - 9, T]) if docs else None
     ref = lasp2.softmax_attention(q, k, v, cu_seqlens=cu, backend="torch")
     local = [lasp2.shard(x, group=group, layout=layout) for x in (q, k, v)]
+    batch = lasp2.SPBatch.build(group, layout, T, 1, cu_seqlens=cu)
     with torch.no_grad():
-        o = lasp2.sp_softmax_attention(*local, group=group, strategy=strategy, layout=layout, cu_seqlens=cu,
-                                       backend="flex")
-    assert_close(f"{strategy} {layout} docs={docs} o", o, lasp2.shard(ref, group=group, layout=layout), dtype,
+        lasp2.sp_softmax_attention(*local, strategy=strategy, batch=batch, backend="flex")  # builds, agrees
+        reads = count_host_reads(lambda: local.append(
+            lasp2.sp_softmax_attention(*local[:3], strategy=strategy, batch=batch, backend="flex")))
+    assert not reads, f"{strategy}: host reads in lasp2 with a batch context: {dict(reads)}"
+    assert_close(f"{strategy} {layout} docs={docs} o", local[3], lasp2.shard(ref, group=group, layout=layout), dtype,
                  whole=ref)
-
-
-def no_host_reads(group):
-    """With a batch context the flex path reads no tensor on the host (a sync on GPUs): block masks
-    come from the batch's host description, built at the first layer call and then reused."""
-    from tests.models.test_no_host_syncs import count_host_reads
-
-    W = dist.get_world_size(group)
-    T = 16 * W
-    batch = lasp2.SPBatch.build(group, "zigzag", T, 1, cu_seqlens=torch.tensor([0, 5, T - 9, T]))
-    q, k, v = (torch.randn(1, 16, h, 8, dtype=torch.float64) for h in (4, 2, 2))
-    for strategy in ("allgather", "ring", "ulysses"):
-        call = lambda: lasp2.sp_softmax_attention(q, k, v, strategy=strategy, batch=batch, backend="flex")  # noqa: E731
-        with torch.no_grad():
-            call()  # the first call with new shapes: the one-off shape agreement (comm.ensure_agreement)
-            reads = count_host_reads(call)
-        assert not reads, f"{strategy}: host reads in lasp2 with a batch context: {dict(reads)}"
 
 
 def flex_backward_wiring(group, strategy: str, layout: str = "zigzag"):
@@ -101,7 +91,6 @@ def _worker(group, full: bool):
         run_cases(_cases(full), lambda **p: compare(g, **p))
         run_cases([(f"wiring-{s}", dict(strategy=s)) for s in ("allgather", "ring", "ulysses")],
                   lambda **p: flex_backward_wiring(g, **p))
-        no_host_reads(g)
         if dist.get_rank(g) == 0:  # the refusal comes before any communication, so one rank may test it
             x = torch.randn(1, 8, 4, 8, requires_grad=True)
             with pytest.raises(ValueError, match="no backward on CPU"):

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The fla backend's GPU suite: one GPU, under 5 minutes. `lasp2 bench --suite gpu`: per variant,
-# fwd+bwd time and peak memory of fla's op alone vs lasp2's one-device path and lasp2's SP local
-# path (a group of one rank) with the fla backend, T = 8K..64K, H = 16, K = V = 128, bf16. Writes
-# benchmarks/results/gpu_<machine>_<date>/ (results.json, results.md, time_vs_T.png with matplotlib);
-# extra flags go to lasp2 bench (a later --out wins). --quick with TRITON_INTERPRET=1 checks it on CPU.
-# Needs: pip install -e '.[gpu]' (fla-core 0.6.0, triton >= 3.7.1) and a CUDA device.
+# The one prepared GPU check: `lasp2 bench --suite gpu` on one GPU, sized for an H100 in under
+# 8 minutes including the install (docs/gpu.md "On GPUs"). Exactness on CUDA (SP at W = 2 on
+# one GPU over gloo, fla vs torch for every linear variant, the softmax kernel backend vs the
+# blockwise loop, a Linear-Llama and a lasp2.hf Qwen3.5-tiny step vs CPU), then the timed sections
+# (softmax kernels, one LLLN step of linear-llama3-1b-shaped blocks at T = 32K, host syncs, the
+# linear local path vs fla direct at T = 8K..64K with what is left of --budget-s). Writes
+# benchmarks/results/gpu_<machine>_<date>/results.{json,md} (results.partial.json after every
+# section while it runs). Extra flags go to lasp2 bench (a later --out wins).
+# CPU smoke mode (CI): TRITON_INTERPRET=1 bash benchmarks/gpu_suite.sh --smoke
+# Needs: torch with CUDA preinstalled, then (no internet) pip install --no-index --find-links .whl -e '.[gpu,hf]'
+# (or pip install --no-deps -e . when fla-core and triton are already there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export FLA_DISABLE_BACKEND_DISPATCH=1   # the kernels named in the tables, not FlashQLA/TileLang swaps
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"  # a rerun skips compilation
-plots=$(python3 -c 'import matplotlib' 2>/dev/null || echo --no-plots)
 out=benchmarks/results/$(python3 -c 'from lasp2.bench.report import default_out; print(default_out("gpu"))')
-exec timeout 290 python3 -m lasp2 bench --suite gpu --budget-s 270 --out "$out" $plots "$@"
+exec timeout 420 python3 -m lasp2 bench --suite gpu --budget-s 300 --out "$out" "$@"

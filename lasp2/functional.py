@@ -6,7 +6,10 @@ from typing import Optional, Tuple
 import torch
 
 from .ops import backends, chunk
+from .ops import softmax_backends
+from .ops.attention_mask import AttentionMask, HostRanges
 from .ops.softmax import attention_blockwise, doc_ids_from_cu_seqlens
+from .ops.softmax_backends import needs_grad
 from .ops.transition import classify
 from .validation import (check_beta, check_cu_seqlens, check_gate, check_initial_state, check_qkv,
                          check_scale, resolve_scale)
@@ -83,6 +86,7 @@ def softmax_attention(
     scale: Optional[float] = None,
     causal: bool = True,
     cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Softmax attention on one device, blockwise (never a whole [T, T] score matrix).
 
@@ -91,6 +95,9 @@ def softmax_attention(
             floating dtype (inside torch.autocast, different dtypes are cast to the autocast dtype).
         scale: defaults to D**-0.5. causal: mask keys after the query.
         cu_seqlens: [N + 1] int cumulative document lengths (B == 1): no attention across documents.
+        backend: the kernel, "auto" (flex on CUDA tensors, else torch), "torch" (lasp2's blockwise
+            PyTorch loop, the reference) or "flex" (FlexAttention; on CPU forward only, under
+            torch.no_grad()). See ``lasp2.ops.softmax_backends``.
 
     Returns:
         o [B, T, H, Dv] in q's dtype (computed in fp32 for half precision inputs).
@@ -100,8 +107,16 @@ def softmax_attention(
     check_qkv(q, k, v, kv_heads_may_differ=True)
     check_scale(scale)
     check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0], device=q.device)
-    doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), q.shape[1])
-    return attention_blockwise(q, k, v, scale=resolve_scale(scale, q), causal=causal, q_doc=doc, k_doc=doc)
+    name = softmax_backends.resolve(backend, q, needs_grad=needs_grad(q, k, v))
+    scale = resolve_scale(scale, q)
+    if name == "torch":
+        doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), q.shape[1])
+        return attention_blockwise(q, k, v, scale=scale, causal=causal, q_doc=doc, k_doc=doc)
+    # The kernel's block mask is keyed by this host description (built once per shape and documents).
+    T = q.shape[1]
+    cu = None if cu_seqlens is None else tuple(cu_seqlens.tolist())
+    mask = AttentionMask(causal, host=HostRanges(((0, 0, T),), ((0, 0, T),), cu))
+    return softmax_backends.attention(q, k, v, mask, scale=scale, block_size=256, name=name)[0]
 
 
 @no_autocast

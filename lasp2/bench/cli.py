@@ -67,7 +67,9 @@ def add_parser(subparsers) -> None:
                      help="ops: the quadratic form's / recurrence's length (default 2048; --quick 128)")
     one.add_argument("--threads", type=int, help="ops/gpu: torch threads (default: torch's)")
     one.add_argument("--budget-s", type=float, default=None,
-                     help="gpu: start no new point after this many seconds (gpu_suite.sh: 270)")
+                     help="gpu: start no new timed point after this many seconds (default 300)")
+    one.add_argument("--smoke", action="store_true",
+                     help="gpu: the CPU mode of the GPU check (toy sizes; TRITON_INTERPRET=1 for fla; --quick too)")
     one.add_argument("--presets", nargs="+", metavar="PRESET",
                      help="memory: lasp2 train presets (default debug linear-llama3-mid; --quick debug)")
     one.add_argument("--shapes", nargs="+", metavar="DPxSP",
@@ -205,6 +207,8 @@ def run_bench(args) -> int:
 
     if args.from_json:
         return rerender(args)
+    if args.smoke and args.suite != "gpu":
+        raise _usage(ValueError(f"--smoke: not a flag of --suite {args.suite} (use --quick)"))
     if args.suite in LOCAL_SUITES:
         return run_local(args)
     if args.tuned_allocator:  # before any large tensor; the spawned ranks inherit it
@@ -283,12 +287,18 @@ def run_local(args) -> int:
              "--warmup": args.warmup, "--backend": args.backend != "torch", "--tuned-allocator": args.tuned_allocator}
     takes = {"ops": ("--variants", "--baseline-len", "--threads", "--heads", "--dim", "--dtype", "--repeats", "--warmup",
                      "--backend", "--tuned-allocator"),
-             "gpu": ("--variants", "--threads", "--budget-s", "--heads", "--dim", "--dtype", "--repeats", "--warmup",
-                     "--tuned-allocator"),
+             "gpu": ("--variants", "--budget-s", "--repeats"),
              "memory": ("--presets", "--shapes")}[args.suite]
     foreign = [flag for flag, value in given.items() if value and flag not in takes]
     if foreign:
         raise _usage(ValueError(f"{', '.join(foreign)}: not a flag of --suite {args.suite}"))
+    if args.suite == "gpu":  # the GPU check (lasp2/bench/gpu_check.py)
+        from . import gpu_check
+
+        try:
+            return gpu_check.run(args, args.out or report.default_out("gpu"), "lasp2 " + shlex.join(args.argv))
+        except ValueError as e:
+            raise _usage(e) from None
     if args.tuned_allocator:
         from lasp2.cpu_allocator import tune_cpu_allocator
 
@@ -319,7 +329,7 @@ def run_local(args) -> int:
         if args.suite == "memory":
             records = memory.run(config["presets"], shapes, config["seq_lens"], not args.quiet)
         else:
-            records, extra = (onedevice.run_ops if args.suite == "ops" else onedevice.run_gpu)(spec, not args.quiet)
+            records, extra = onedevice.run_ops(spec, not args.quiet)
             meta.update(extra)
     except (RankFailure, RuntimeError) as e:
         out.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,11 @@
   the per-token recurrence for the others. The chunked op runs at every ``--seq-lens`` T and at
   the baseline's length ``--baseline-len`` (equal work for one ratio); peak memory per point
   shows the chunked op's linear growth against the quadratic form's [T, T] matrices.
-- ``gpu``: the fla backend at SP = 1 against fla's own op called directly (``fla``):
+- ``gpu`` points (section (a) of the GPU check, ``gpu_check`` / ``gpu_perf``): the fla backend
+  at SP = 1 against fla's own op called directly (``fla``):
   ``lasp2.linear_attention(backend="fla")`` (``linear_attention``) and
   ``lasp2.sp_linear_attention`` on a group of one rank (``sp_linear_attention``: the work every
-  rank of an SP run does besides communication). On CUDA (one rank started by ``lasp2.launch.spawn``, NCCL); on CPU only under
+  rank of an SP run does besides communication). On CUDA (NCCL); on CPU only under
   ``TRITON_INTERPRET=1`` (a smoke run: timings there mean nothing). Each point also reports how
   closely the outputs agree (relative RMS against fla's).
 
@@ -217,8 +218,8 @@ def run_ops(spec: LocalSpec, progress: bool = True) -> Tuple[List[dict], dict]:
     return records, {"threads": torch.get_num_threads()}
 
 
-def _gpu_rank(spec: LocalSpec, progress: bool) -> Tuple[List[dict], dict]:
-    """Rank 0 of a one-rank group (``lasp2.launch.spawn``): every variant and length."""
+def gpu_points(spec: LocalSpec, progress: bool) -> Tuple[List[dict], dict]:
+    """On rank 0 of a one-rank group (the GPU check's rank): every variant and length."""
     import torch.distributed as dist
 
     import lasp2
@@ -259,16 +260,6 @@ def _gpu_rank(spec: LocalSpec, progress: bool) -> Tuple[List[dict], dict]:
                      "cpu (Triton interpreter: timings mean nothing)", "triton": triton.__version__,
                      "fla": getattr(fla, "__version__", "?"), "skipped (time budget)": skipped,
                      "elapsed_s": round(time.time() - t_start, 1)}
-
-
-def run_gpu(spec: LocalSpec, progress: bool = True) -> Tuple[List[dict], dict]:
-    from lasp2.launch import spawn
-
-    cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    os.environ.setdefault("FLA_DISABLE_BACKEND_DISPATCH", "1")  # the rank inherits it: the kernels the table names
-    timeout = (spec.budget_s or 3600.0) + 600.0  # the point under way when the budget runs out, compiles
-    return spawn(_gpu_rank, 1, spec, progress, backend="nccl" if cuda else "gloo", timeout_s=timeout,
-                 threads_per_rank=spec.threads)[0]
 
 
 def check(spec: LocalSpec) -> None:

@@ -8,6 +8,7 @@ from typing import Dict, Optional
 import torch
 
 from ..ops.backends import BACKENDS
+from ..ops.softmax_backends import SOFTMAX_BACKENDS
 from ..parallel import comm
 from ..parallel.api import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES, check_group, shard
 from ..parallel.layout import LAYOUTS
@@ -62,7 +63,8 @@ def _refuse_generate(*args, **kwargs):
 
 
 def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", strategy: str = "lasp2",
-                softmax_strategy: str = "allgather", backend: str = "auto") -> torch.nn.Module:
+                softmax_strategy: str = "allgather", backend: str = "auto",
+                softmax_backend: str = "auto") -> torch.nn.Module:
     """Make a transformers hybrid model sequence parallel over ``group``, in place.
 
     Args:
@@ -75,6 +77,8 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
         softmax_strategy: "allgather" (LASP-2H), "ring" or "ulysses".
         backend: the linear scans' local kernels, "auto" (fla on CUDA when installed), "torch" or
             "fla" (``lasp2.ops.backends``); the communication is the same.
+        softmax_backend: the softmax attention's local kernel, "auto" (flex on CUDA, else torch),
+            "torch" or "flex" (``lasp2.ops.softmax_backends``).
 
     Returns:
         ``model`` itself. Its linear mixers (Gated DeltaNet, Lightning, Mamba2, Mamba1, short
@@ -103,6 +107,7 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     check_choice("strategy", strategy, LINEAR_STRATEGIES)
     check_choice("softmax_strategy", softmax_strategy, SOFTMAX_STRATEGIES)
     check_choice("backend", backend, BACKENDS)
+    check_choice("softmax_backend", softmax_backend, SOFTMAX_BACKENDS)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a transformers model (torch.nn.Module), got {type(model).__name__}")
     family = family_of(model)
@@ -117,7 +122,7 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     comm.ensure_agreement(group, f"lasp2.hf.parallelize {type(model).__name__} layout={layout} strategy={strategy} "
                                  f"softmax={softmax_strategy} params={sum(p.numel() for p in model.parameters())}")
     _register_attention()
-    ctx = HFContext(group, layout, strategy, softmax_strategy, backend)
+    ctx = HFContext(group, layout, strategy, softmax_strategy, backend, softmax_backend)
     if family.prepare is not None:
         family.prepare(model, comm.rank_and_size(group)[1])
     if family.router_aux and model_class(model, family) == family.models[0]:

@@ -34,6 +34,7 @@ class HFContext:
     strategy: str
     softmax_strategy: str
     backend: str = "auto"
+    softmax_backend: str = "auto"
 
 
 class BatchSlot:
@@ -84,7 +85,8 @@ def attention_function(module, query, key, value, attention_mask, scaling=None, 
         raise ValueError("sliding-window attention is not supported under sequence parallelism; "
                          "set config.sliding_window = None")
     o = sp_softmax_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scaling,
-                             causal=True, strategy=ctx.softmax_strategy, batch=batch_context(module, kwargs))
+                             causal=True, strategy=ctx.softmax_strategy, batch=batch_context(module, kwargs),
+                             backend=ctx.softmax_backend)
     return o, None
 
 

@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import LinearAttention, SoftmaxAttention, SPContext
 from ..ops.backends import BACKENDS
+from ..ops.softmax_backends import SOFTMAX_BACKENDS
 from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..parallel.layout import LAYOUTS
 from ..parallel.mesh import check_mesh, dp_sp_group, flat_mesh
@@ -64,7 +65,8 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
                 data_parallel: str = "ddp", mp_policy: Optional[MixedPrecisionPolicy] = None,
                 activation_checkpointing: bool = False,
                 state_passing: bool = True,
-                backend: Optional[str] = None) -> Union[DistributedDataParallel, torch.nn.Module]:
+                backend: Optional[str] = None,
+                softmax_backend: Optional[str] = None) -> Union[DistributedDataParallel, torch.nn.Module]:
     """Make ``model`` sequence parallel over ``mesh["sp"]`` and data parallel over the whole mesh.
 
     Args:
@@ -93,6 +95,8 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
             are still averaged over the mesh. See ``lasp2/train/loop.py``.
         backend: the linear-attention kernels of every ``LinearAttention`` module, "auto",
             "torch" or "fla" (``lasp2.ops.backends``); None keeps each module's own choice.
+        softmax_backend: the kernel of every ``SoftmaxAttention`` module, "auto", "torch" or
+            "flex" (``lasp2.ops.softmax_backends``); None keeps each module's own choice.
 
     Returns:
         ddp: the model wrapped in ``DistributedDataParallel`` over ``dp_sp_group(mesh)`` (the
@@ -122,6 +126,8 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
                          f"(lasp2.parallelize applies DP itself)")
     if backend is not None:
         check_choice("backend", backend, BACKENDS)
+    if softmax_backend is not None:
+        check_choice("softmax_backend", softmax_backend, SOFTMAX_BACKENDS)
     attention = attention_modules(model)
     if not attention:
         raise ValueError("model has no lasp2.nn.LinearAttention / SoftmaxAttention module to parallelise")
@@ -135,6 +141,10 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh, *, strategy: str = "la
         for m in attention:
             if isinstance(m, LinearAttention):
                 m.backend = backend
+    if softmax_backend is not None:
+        for m in attention:
+            if not isinstance(m, LinearAttention):
+                m.backend = softmax_backend
     if state_passing:
         sp_group = mesh["sp"].get_group()
         linear_ctx = SPContext(sp_group, strategy, layout)

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from ..functional import softmax_attention
+from ..ops.softmax_backends import SOFTMAX_BACKENDS
+from ..validation import check_choice
 from ..parallel import api as sp_api
 from .context import SPContext, token_positions, where
 from .rope import apply_rope, rope_tables
@@ -22,10 +24,16 @@ class SoftmaxAttention(nn.Module):
     accordingly. With ``cu_seqlens`` positions restart at every document start (each packed
     document is encoded as if it were alone, which is what packed pre-training wants; the mask
     already keeps documents apart).
+
+    ``backend``: the attention kernel, "auto" (flex on CUDA, else torch), "torch" or "flex"
+    (``lasp2.ops.softmax_backends``).
     """
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, rope_theta: float = 500000.0):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, rope_theta: float = 500000.0,
+                 backend: str = "auto"):
         super().__init__()
+        check_choice("backend", backend, SOFTMAX_BACKENDS)
+        self.backend = backend  # an attribute: lasp2.parallelize(..., softmax_backend=...) may set it
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads}) for GQA")
         if head_dim % 2:
@@ -54,10 +62,13 @@ class SoftmaxAttention(nn.Module):
         cos, sin = rope_tables(positions, D, self.rope_theta, torch.promote_types(x.dtype, torch.float32))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.sp is None:
-            o = softmax_attention(q, k, v, cu_seqlens=cu_seqlens if batch is None else batch.cu_seqlens)
+            o = softmax_attention(q, k, v, cu_seqlens=cu_seqlens if batch is None else batch.cu_seqlens,
+                                  backend=self.backend)
         else:
-            o = sp_api.sp_softmax_attention(q, k, v, strategy=self.sp.strategy, **where(self.sp, cu_seqlens, batch))
+            o = sp_api.sp_softmax_attention(q, k, v, strategy=self.sp.strategy, backend=self.backend,
+                                            **where(self.sp, cu_seqlens, batch))
         return self.o_proj(o.reshape(B, T, self.heads * D))
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, rope_theta={self.rope_theta}"
+        return (f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, rope_theta={self.rope_theta}, "
+                f"backend={self.backend}")

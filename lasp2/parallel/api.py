@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import functional
-from ..ops import backends
+from ..ops import backends, softmax_backends
 from ..ops.transition import classify
 from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_group, check_initial_state,
                           check_qkv, check_scale, resolve_scale)
@@ -266,6 +266,7 @@ def sp_softmax_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     batch: Optional[SPBatch] = None,
     return_kv: bool = False,
+    backend: str = "auto",
 ):
     """Sequence-parallel softmax attention: this rank's shard of ``softmax_attention`` on the
     whole sequence.
@@ -285,6 +286,10 @@ def sp_softmax_attention(
             cu_seqlens (checked once when it was built; no per-call agreement digest unless
             ``batch.checks``).
         return_kv: also return the K/V of the whole sequence (a decode cache).
+        backend: the local work's kernel: "auto" (flex on CUDA tensors, else torch), "torch"
+            (the blockwise PyTorch loop) or "flex" (FlexAttention with a block mask from global
+            positions and documents, cached per batch; on CPU forward only). See
+            ``lasp2.ops.softmax_backends``. The communication is the same.
 
     Returns:
         o [B, T, H, Dv], this rank's shard, in q's dtype (computed in fp32 for half precision).
@@ -328,6 +333,7 @@ def sp_softmax_attention(
                          f"must be a multiple of the group size W = {world}; use a head count divisible "
                          f"by {world}, or strategy={any_heads}, which work with any H")
     scale = resolve_scale(scale, q)
+    kernel = softmax_backends.resolve(backend, q, needs_grad=softmax_backends.needs_grad(q, k, v))
     signature = (f"sp_softmax_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
                  f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={cu_seqlens is not None} "
                  f"return_kv={return_kv}")
@@ -335,13 +341,14 @@ def sp_softmax_attention(
     # every call, inside the strategy's first message (``agreement``).
     comm.ensure_agreement(group, signature)
     if world == 1:
-        o = functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
+        o = functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens,
+                                         backend=kernel)
         return (o, (k.detach(), v.detach())) if return_kv else o
     doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), lay.global_len)
     checks = batch is None or batch.checks
     digest = agreement.call_digest(signature, cu_seqlens) if checks else agreement.UNCHECKED
     cu_list = _host_documents(batch, cu_seqlens)
-    call = SoftmaxCall(scale, causal, lay, group, doc, digest=digest, cu_list=cu_list)
+    call = SoftmaxCall(scale, causal, lay, group, doc, digest=digest, cu_list=cu_list, backend=kernel)
     if not return_kv:
         return entry.load().apply(q, k, v, call)
     from .softmax_allgather import kv_in_sequence_order

@@ -26,7 +26,8 @@ import torch
 
 from ..ops.common import compute_dtype
 from ..ops.precision import no_autocast
-from ..ops.softmax import attention_block_bwd, attention_block_fwd, merge_attention
+from ..ops.softmax import merge_attention
+from ..ops.softmax_backends import block_bwd, block_fwd
 from . import agreement, comm
 from .softmax_common import SoftmaxCall
 
@@ -72,8 +73,8 @@ def ring_fwd(q, k, v, call: SoftmaxCall):
         src = (rank - s) % W
         hop = comm.send_recv(msg, (rank + 1) % W, msg, (rank - 1) % W, call.group) if s < W - 1 else None
         if visible[src]:  # a hidden block costs no compute but still travels on
-            o_s, lse_s = attention_block_fwd(q, cur[..., :D], cur[..., D:], call.mask(rank, src, q.device),
-                                             scale=call.scale, block_size=call.block_size, out_dtype=ct)
+            o_s, lse_s = block_fwd(call.backend, q, cur[..., :D], cur[..., D:], call.mask(rank, src, q.device),
+                                   scale=call.scale, block_size=call.block_size, out_dtype=ct)
             o, lse = (o_s, lse_s) if o is None else merge_attention(o, lse, o_s, lse_s)
         if src in keep_owners and src != rank:
             kept[src] = cur
@@ -118,8 +119,8 @@ def ring_bwd(do, q, k, v, o, lse, kept: Dict[int, torch.Tensor], visible: List[b
             hop = comm.send_recv(send, (rank - 1) % W, send, (rank + 1) % W, call.group)
         partial = torch.zeros_like(acc_like)
         if visible[b]:
-            dq_b, dk_b, dv_b = attention_block_bwd(
-                do, qc, kv_cur[..., :D].to(ct), kv_cur[..., D:].to(ct), None, lse,
+            dq_b, dk_b, dv_b = block_bwd(
+                call.backend, do, qc, kv_cur[..., :D].to(ct), kv_cur[..., D:].to(ct), lse,
                 call.mask(rank, b, q.device), scale=call.scale, block_size=call.block_size, delta=delta)
             dq += dq_b
             partial[..., :D] = dk_b

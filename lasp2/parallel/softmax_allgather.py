@@ -28,7 +28,8 @@ import torch
 
 from ..ops.common import compute_dtype
 from ..ops.precision import no_autocast
-from ..ops.softmax import attention_block_bwd, attention_block_fwd, merge_attention
+from ..ops.softmax import merge_attention
+from ..ops.softmax_backends import block_bwd, block_fwd
 from . import agreement, comm
 from .softmax_common import SoftmaxCall
 
@@ -54,15 +55,15 @@ def allgather_fwd(q, k, v, call: SoftmaxCall):
     pending = comm.all_gather(buf, call.group, async_op=True)
     opts = dict(scale=call.scale, block_size=call.block_size, out_dtype=ct)
     # The diagonal slot needs nothing from the others: compute it while the gather runs.
-    o, lse = attention_block_fwd(q, k, v, call.mask(rank, rank, q.device), **opts)
+    o, lse = block_fwd(call.backend, q, k, v, call.mask(rank, rank, q.device), **opts)
     visible = call.visibility(rank, q.device)
     gathered = pending.wait()
     agreement.check_stamped(gathered, call.digest, "sp_softmax_attention(strategy='allgather')")
     kv_all = gathered[:, :n].view(W, B, T, Hkv, -1)
     for j in range(W):
         if j != rank and visible[j]:  # a slot the mask fully hides costs no compute
-            o_j, lse_j = attention_block_fwd(q, kv_all[j, ..., :D], kv_all[j, ..., D:],
-                                             call.mask(rank, j, q.device), **opts)
+            o_j, lse_j = block_fwd(call.backend, q, kv_all[j, ..., :D], kv_all[j, ..., D:],
+                                   call.mask(rank, j, q.device), **opts)
             o, lse = merge_attention(o, lse, o_j, lse_j)
     return o.to(q.dtype), lse, kv_all, visible
 
@@ -84,8 +85,8 @@ def allgather_bwd(do, q, o, lse, kv_all, visible: List[bool], call: SoftmaxCall,
     for j in range(W):
         if not visible[j]:
             continue
-        dq_j, dk_j, dv_j = attention_block_bwd(
-            do, qc, kv_all[j, ..., :D].to(ct), kv_all[j, ..., D:].to(ct), None, lse,
+        dq_j, dk_j, dv_j = block_bwd(
+            call.backend, do, qc, kv_all[j, ..., :D].to(ct), kv_all[j, ..., D:].to(ct), lse,
             call.mask(rank, j, q.device), scale=call.scale, block_size=call.block_size, delta=delta)
         dq += dq_j
         dkv[j, ..., :D] = dk_j

@@ -31,7 +31,8 @@ class SoftmaxCall:
     strategy's first message and checked against the other ranks' (``agreement.UNCHECKED``: not
     checked per call). cu_list: the global document boundaries as a host tuple (None: one
     document): masks carry them with the layout's runs, so planning and visibility read no
-    device tensor.
+    device tensor. backend: the resolved local kernel, "torch" or "flex"
+    (``ops.softmax_backends``); the communication is the same for both.
     """
 
     scale: float
@@ -42,6 +43,7 @@ class SoftmaxCall:
     block_size: int = BLOCK_SIZE
     digest: int = 0
     cu_list: Optional[Tuple[int, ...]] = None
+    backend: str = "torch"
 
     def rank_and_size(self) -> Tuple[int, int]:
         return comm.rank_and_size(self.group)

@@ -24,7 +24,7 @@ import torch
 
 from ..ops.common import compute_dtype
 from ..ops.precision import no_autocast
-from ..ops.softmax import attention_block_bwd, attention_block_fwd
+from ..ops.softmax_backends import block_bwd, block_fwd
 from . import agreement, comm
 from .softmax_common import SoftmaxCall, kv_replication
 
@@ -76,8 +76,8 @@ def ulysses_fwd(q, k, v, call: SoftmaxCall):
     agreement.check_stamped(got, call.digest, "sp_softmax_attention(strategy='ulysses')")
     full = _from_ranks(got[:, :n].view(W, B, T, -1))  # [B, W*T, n]: all tokens, my heads
     qh, kh, vh = _unpack(full, [(hq, D), (hk, D), (hk, Dv)])
-    oh, lse = attention_block_fwd(qh, kh, vh, call.global_mask(q.device), scale=call.scale,
-                                  block_size=call.block_size)
+    oh, lse = block_fwd(call.backend, qh, kh, vh, call.global_mask(q.device), scale=call.scale,
+                        block_size=call.block_size)
     back = oh.reshape(B, W, T, hq * Dv).transpose(0, 1)  # row j: rank j's tokens
     o = comm.all_to_all(back, group)  # [W, B, T, hq*Dv], row j: heads of rank j
     o = o.permute(1, 2, 0, 3).reshape(B, T, H, Dv)
@@ -97,11 +97,12 @@ def ulysses_bwd(do, saved, call: SoftmaxCall, dtypes, kv_heads: int):
     D, Hk = qh.shape[-1], kh.shape[2]
     m = Hk * W // kv_heads
     doh = _from_ranks(comm.all_to_all(_to_heads(do, W), group)).reshape(B, W * T, H // W, Dv)
+    ct = compute_dtype(qh.dtype)
     if m > 1:  # the m copies' gradients are partial sums: keep them in the compute dtype
-        ct = compute_dtype(qh.dtype)
         qh, kh, vh = qh.to(ct), kh.to(ct), vh.to(ct)
-    dqh, dkh, dvh = attention_block_bwd(doh, qh, kh, vh, oh, lse, call.global_mask(do.device),
-                                        scale=call.scale, block_size=call.block_size)
+    delta = (doh.to(ct) * oh.to(ct)).sum(dim=-1).transpose(1, 2)  # rowsum(dO O) [B, H/W, W T]
+    dqh, dkh, dvh = block_bwd(call.backend, doh, qh, kh, vh, lse, call.global_mask(do.device),
+                              scale=call.scale, block_size=call.block_size, delta=delta)
     send = torch.cat([x.reshape(B, W, T, -1) for x in (dqh, dkh, dvh)], dim=-1).transpose(0, 1)
     got = comm.all_to_all(send, group).permute(1, 2, 0, 3)  # [B, T, W, n], W: head groups
     dq, dk, dv = _unpack(got, [(H // W, D), (Hk, D), (Hk, Dv)])

@@ -43,11 +43,12 @@ def _choices():
     from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
     from ..parallel.layout import LAYOUTS
     from ..ops.backends import BACKENDS
+    from ..ops.softmax_backends import SOFTMAX_BACKENDS
 
     return {"preset": tuple(PRESETS), "task": TASKS, "dtype": DTYPES, "device": DEVICES, "doc_sep": DOC_SEPS,
             "layout": LAYOUTS, "strategy": LINEAR_STRATEGIES, "softmax_strategy": SOFTMAX_STRATEGIES,
             "linear": tuple(LINEAR_VARIANTS), "data_parallel": DATA_PARALLEL,
-            "backend": BACKENDS}
+            "backend": BACKENDS, "softmax_backend": SOFTMAX_BACKENDS}
 
 
 def _base_type(hint):

@@ -17,6 +17,7 @@ from ..models import PRESETS, LinearLlamaConfig
 from ..models.parallelize import DATA_PARALLEL
 from ..parallel.strategies import LINEAR_STRATEGIES, SOFTMAX_STRATEGIES
 from ..ops.backends import BACKENDS
+from ..ops.softmax_backends import SOFTMAX_BACKENDS
 from ..parallel.layout import LAYOUTS
 
 TASKS = ("mqar", "text", "tokens")
@@ -94,6 +95,9 @@ class TrainConfig:
         "sharded; sharded DCP checkpoints that resume at another --dp/--sp)"))
     backend: str = field(default="auto", metadata=_help(
         f"linear-attention kernels: {', '.join(BACKENDS)} (auto: fla's Triton kernels on CUDA when installed)"))
+    softmax_backend: str = field(default="auto", metadata=_help(
+        f"softmax-attention kernel: {', '.join(SOFTMAX_BACKENDS)} (auto: FlexAttention on CUDA, the blockwise "
+        f"PyTorch loop on CPU; flex on CPU has no backward)"))
     no_state_passing: bool = field(default=False, metadata=_help(
         "ablation: no attention state or keys cross a rank boundary; every contiguous run of tokens a "
         "rank holds is an independent sequence (see lasp2/train/loop.py)"))
@@ -163,7 +167,8 @@ class TrainConfig:
             positive_int("dp")
         for name, options in (("task", TASKS), ("dtype", DTYPES), ("device", DEVICES), ("layout", LAYOUTS),
                               ("strategy", LINEAR_STRATEGIES), ("softmax_strategy", SOFTMAX_STRATEGIES),
-                              ("doc_sep", DOC_SEPS), ("data_parallel", DATA_PARALLEL), ("backend", BACKENDS)):
+                              ("doc_sep", DOC_SEPS), ("data_parallel", DATA_PARALLEL), ("backend", BACKENDS),
+                              ("softmax_backend", SOFTMAX_BACKENDS)):
             choice(name, options)
         for name in ("lr", "timeout_s"):
             if not float(getattr(self, name)) > 0:

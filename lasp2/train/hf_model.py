@@ -81,7 +81,8 @@ def build_hf(cfg, mesh, device: torch.device, dtype: torch.dtype) -> Tuple[HFCau
     config = load_config(cfg.hf_config or cfg.hf_weights)
     model = build_model(config, weights=cfg.hf_weights, dtype=dtype, device=device)
     lasp2_hf.parallelize(model, mesh["sp"].get_group(), layout=cfg.layout, strategy=cfg.strategy,
-                         softmax_strategy=cfg.softmax_strategy, backend=cfg.backend)
+                         softmax_strategy=cfg.softmax_strategy, backend=cfg.backend,
+                         softmax_backend=cfg.softmax_backend)
     wrapped = HFCausalLM(model, mesh["sp"].get_group(), cfg.layout)
     import inspect
 

@@ -159,7 +159,8 @@ def _build_model(cfg: TrainConfig, mesh, device: torch.device):
     wrapped = parallelize(model, mesh, strategy=cfg.strategy, softmax_strategy=cfg.softmax_strategy,
                           layout=cfg.layout, data_parallel=cfg.data_parallel,
                           activation_checkpointing=cfg.activation_checkpointing,
-                          state_passing=not cfg.no_state_passing, backend=cfg.backend)
+                          state_passing=not cfg.no_state_passing, backend=cfg.backend,
+                          softmax_backend=cfg.softmax_backend)
     return model, wrapped
 
 

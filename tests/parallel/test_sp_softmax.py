@@ -159,14 +159,14 @@ def check_skips(group) -> None:
     for module, strategy in ((ring_attention, "ring"), (softmax_allgather, "allgather")):
         for docs in (None, "rank-aligned"):
             calls = Counter()
-            saved = [_count_calls(module, n, calls) for n in ("attention_block_fwd", "attention_block_bwd")]
+            saved = [_count_calls(module, n, calls) for n in ("block_fwd", "block_bwd")]
             try:
                 fwd, bwd = compare(group, strategy=strategy, layout="contiguous", causal=True,
                                    heads="gqa2", docs=docs)
             finally:
-                module.attention_block_fwd, module.attention_block_bwd = saved
+                module.block_fwd, module.block_bwd = saved
             # compare() calls the op twice forward (warm-up, measured) and once backward.
-            results[strategy, docs] = (calls["attention_block_fwd"] / 2, calls["attention_block_bwd"], fwd, bwd)
+            results[strategy, docs] = (calls["block_fwd"] / 2, calls["block_bwd"], fwd, bwd)
     for (strategy, docs), (nf, nb, fwd, bwd) in results.items():
         blocks = rank + 1 if docs is None else 1
         assert nf == nb == blocks, f"{strategy} docs={docs}: computed {nf} fwd / {nb} bwd blocks, expected {blocks}"

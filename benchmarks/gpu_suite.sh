@@ -11,9 +11,10 @@
 # Needs: torch with CUDA preinstalled, then (no internet) pip install --no-index --find-links .whl -e '.[gpu,hf]'
 # (or pip install --no-deps -e . when fla-core and triton are already there).
 set -euo pipefail
+py="${PYTHON:-python3}"   # the interpreter to run (tests pass their own)
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export FLA_DISABLE_BACKEND_DISPATCH=1   # the kernels named in the tables, not FlashQLA/TileLang swaps
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"  # a rerun skips compilation
-out=benchmarks/results/$(python3 -c 'from lasp2.bench.report import default_out; print(default_out("gpu"))')
-exec timeout 420 python3 -m lasp2 bench --suite gpu --budget-s 300 --out "$out" "$@"
+out=benchmarks/results/$("$py" -c 'from lasp2.bench.report import default_out; print(default_out("gpu"))')
+exec timeout 420 "$py" -m lasp2 bench --suite gpu --budget-s 300 --out "$out" "$@"

@@ -26,7 +26,8 @@ TIMEOUT_S = 600  # generous: a loaded 2-core machine; each run takes seconds whe
 def _run(args, tmp_path, **env):
     cmd = args if args[0] == "bash" else [sys.executable, *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env})
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                            "PYTHON": sys.executable, **env})
     assert p.returncode == 0, f"{' '.join(args)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     return p
 

@@ -32,9 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .cost_model import (BWD_FACTOR, FP32, LINEAR_COSTS, LayerCost, Link, Shape, all_gather_time,
-                         collective_bytes_per_rank, linear_core_flops, linear_layer, linear_layer_of, p2p_time,
-                         softmax_core_flops)
+from .cost_model import (BWD_FACTOR, FP32, LINEAR_COSTS, LayerCost, Shape, linear_core_flops, linear_layer,
+                         linear_layer_of, softmax_core_flops)
+from .network import Link, all_gather_time, collective_bytes_per_rank, p2p_time
 from ..parallel.strategies import LINEAR
 
 

@@ -9,7 +9,8 @@
   :mod:`.memory`: per-rank bytes of ``lasp2 train``, FSDP2 against DDP; :mod:`.inputs`,
   :mod:`.rss`: the inputs and the CPU peak-memory probe they share;
 - :mod:`.report`: results.json, results.md and PNG plots (matplotlib, the ``bench`` extra);
-- :mod:`.cost_model`: the alpha-beta model of one layer; :mod:`.baselines`: the paper's baselines
+- :mod:`.cost_model`: the alpha-beta model of one layer (:mod:`.network`: its communication
+  times); :mod:`.baselines`: the paper's baselines
   lasp2 does not ship (costed only); :mod:`.step_model`: one training step term by term;
   :mod:`.hardware`: presets as data and the calibration knobs; :mod:`.published`: the LASP-2
   paper's measurements and the calibration fitted to them; :mod:`.plan`, :mod:`.plan_render`:

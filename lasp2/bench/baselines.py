@@ -15,6 +15,12 @@ strategies (``lasp2.parallel.strategies``), and its cost terms are keyed by that
                    hops of K, V forward; of dK, dV fp32 and K, V backward, each overlapping one
                    block), every block's term (Q K^T) V in the left-product order: the
                    attention work is quadratic in the length, as for softmax
+    ring-linear-rp Ring Attention on linear attention with the right product per block: the same
+                   K/V ring, but each rank folds every received block j as K_j^T V_j ([K, V] per
+                   head, 2 T H K V FLOPs) and q_i (K_j^T V_j) (2 T H K V), plus the causal chunked
+                   linear attention of its own block: per-rank work O(W T d^2) per head, the
+                   whole length's, where LASP-2's is O(T d^2) (T the local length). Not what the
+                   paper's text describes; modelled to test whether its Ring numbers fit it
     megatron-sp    Megatron-SP (Korthikanti et al. 2022, sequence + tensor parallel over the W
                    GPUs): per layer the input is all-gathered over the sequence before the
                    attention and MLP blocks and reduce-scattered after, forward and backward (8
@@ -26,8 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .cost_model import (BWD_FACTOR, FP32, LINEAR_COSTS, LayerCost, Link, Shape, all_gather_time,
-                         collective_bytes_per_rank, linear_layer, linear_layer_of, p2p_time, softmax_core_flops)
+from .cost_model import (BWD_FACTOR, FP32, LINEAR_COSTS, LayerCost, Shape, linear_core_flops, linear_layer,
+                         linear_layer_of, softmax_core_flops)
+from .network import Link, all_gather_time, collective_bytes_per_rank, p2p_time
 from ..parallel.strategies import LINEAR
 
 
@@ -50,6 +57,8 @@ BASELINES: Dict[str, Baseline] = {b.name: b for b in (
              "chain", point_to_point=True, serial_inter=True),
     Baseline("ring-linear", "Ring Attention on linear attention, left product (K/V ring, quadratic work)",
              "kv-ring", point_to_point=True),
+    Baseline("ring-linear-rp", "Ring Attention on linear attention, right product per received K/V block (K/V ring, "
+             "work linear in the whole length per rank)", "kv-ring-right-product", point_to_point=True),
     Baseline("megatron-sp", "Megatron-SP: all-gather of activations, H/W heads over the whole sequence, left product",
              "activation-all-gather", heads_divisible=True),
 )}
@@ -62,8 +71,19 @@ def quadratic_compute(W: int, s: Shape, rate: float) -> float:
     return softmax_core_flops(s, W) / rate * (1 + BWD_FACTOR["linear"])
 
 
-def _kv_ring(entry, W, s: Shape, link: Link, segments, blocks, compute, intra_s, rate) -> LayerCost:
-    work = quadratic_compute(W, s, rate)
+def right_product_ring_compute(W: int, s: Shape, rate: float) -> float:
+    """fwd + bwd seconds per rank of ``ring-linear-rp``: the chunked causal linear attention of the
+    own block, and for each of the W - 1 received K/V blocks K_j^T V_j then q (K_j^T V_j), 4 T H K V
+    FLOPs forward (the slowest rank of the contiguous layout folds every one of them; backward
+    BWD_FACTOR x: dQ, dM, dK, dV products)."""
+    intra, inter = linear_core_flops(s)
+    received = (W - 1) * 4 * s.B * s.T * s.H * s.K * s.V
+    return (intra + inter + received) / rate * (1 + BWD_FACTOR["linear"])
+
+
+def _kv_ring_hops(entry, W, s: Shape, link: Link, work: float) -> LayerCost:
+    """W - 1 hops of this rank's K/V forward, of dK/dV fp32 + K/V backward, each overlapping one
+    block's share (1 / W) of ``work`` (fwd + bwd seconds)."""
     t_fwd = work / (1 + BWD_FACTOR["linear"])
     kv = s.B * s.T * s.kv_heads * (s.K + s.V) * s.elt
     kv32 = kv * FP32 / s.elt
@@ -74,6 +94,14 @@ def _kv_ring(entry, W, s: Shape, link: Link, segments, blocks, compute, intra_s,
              ("dK/dV + K/V ring hops, backward", (W - 1) * hop_b, bwd))
     return LayerCost(entry.name, work, fwd + bwd, (W - 1) * (2 * kv + kv32), (2 * (W - 1), 2 * (W - 1)),
                      2 * (kv + kv32), 2 * kv, parts)
+
+
+def _kv_ring(entry, W, s: Shape, link: Link, segments, blocks, compute, intra_s, rate) -> LayerCost:
+    return _kv_ring_hops(entry, W, s, link, quadratic_compute(W, s, rate))
+
+
+def _kv_ring_right_product(entry, W, s: Shape, link: Link, segments, blocks, compute, intra_s, rate) -> LayerCost:
+    return _kv_ring_hops(entry, W, s, link, right_product_ring_compute(W, s, rate))
 
 
 def _activation_all_gather(entry, W, s: Shape, link: Link, segments, blocks, compute, intra_s, rate) -> LayerCost:
@@ -87,7 +115,8 @@ def _activation_all_gather(entry, W, s: Shape, link: Link, segments, blocks, com
                      (("activation all-gathers / reduce-scatters (8 per layer)", n * t, n * t),))
 
 
-BASELINE_COSTS = {**LINEAR_COSTS, "kv-ring": _kv_ring, "activation-all-gather": _activation_all_gather}
+BASELINE_COSTS = {**LINEAR_COSTS, "kv-ring": _kv_ring, "kv-ring-right-product": _kv_ring_right_product,
+                  "activation-all-gather": _activation_all_gather}
 
 
 def linear_entry(name: str):

@@ -106,7 +106,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--hardware", default="h100", metavar="PRESET|FILE.json",
                    help="a100-40gb, a100-80gb, h100, h200, b200, or a JSON file (docs/planner.md)")
     p.add_argument("--strategies", metavar="A,B,...", help="linear strategies to compare (default: every library "
-                   "strategy and the modelled baselines lasp1-serial, ring-linear, megatron-sp)")
+                   "strategy and the modelled baselines lasp1-serial, ring-linear, ring-linear-rp, megatron-sp)")
     p.add_argument("--split", metavar="DPxSP|auto", help="data x sequence parallel split of --gpus (e.g. 8x8), or "
                    "auto: the fastest that fits per strategy (default: SP over every GPU)")
     p.add_argument("--sharding", choices=("ddp", "zero1", "zero2", "fsdp2"), default="ddp",

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from .cost_model import Link, Network
+from .network import Link, Network
 
 GB = 1e9
 

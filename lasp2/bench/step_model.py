@@ -32,8 +32,9 @@ from functools import lru_cache
 from typing import List, Optional, Tuple
 
 from .baselines import linear_cost, linear_entry
-from .cost_model import BWD_FACTOR, Shape, all_gather_time, reduce_scatter_time, scan_blocks, softmax_layer
+from .cost_model import BWD_FACTOR, Shape, scan_blocks, softmax_layer
 from .hardware import Calibration, Hardware, links
+from .network import all_gather_time, reduce_scatter_time
 
 SHARDING = ("ddp", "zero1", "zero2", "fsdp2")
 ADAM_BYTES_TOUCHED = 32

@@ -4,7 +4,8 @@ Every other place that needs strategy names or what a strategy can do reads this
 public API's validation and dispatch (``api.py``), ``TrainConfig`` and the CLI choices, the bench
 suites, the cost model and the planner. None of them branches on a strategy's name; they read
 its capabilities. Adding a strategy is one entry here plus its exchange module (and, for a new
-communication ``pattern``, its cost terms in ``lasp2/bench/cost_terms.py``).
+communication ``pattern``, its cost terms in ``lasp2/bench/cost_model.py``; the planner's
+modelled-only baselines key theirs in ``lasp2/bench/baselines.py``).
 
 Linear strategies share the local work and the autograd Function (``linear_sp``) and differ only
 in their *exchange* (how summaries become incoming states). Capabilities of an entry:

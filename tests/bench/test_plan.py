@@ -77,6 +77,12 @@ def test_ring_linear_and_megatron_sp_terms():
     assert ring.compute == pytest.approx(pairs * 2 * 32 / 1e12 * 3)  # left product: quadratic, fwd + 2 x bwd
     kv = 1024 * 4 * 32 * 2
     assert ring.bytes_sent == 3 * (2 * kv + 2 * kv)
+    rp = baselines.linear_cost("ring-linear-rp", 4, s, 1e12, LINK)
+    own = 1024 * 4 * (2 * 64 * 32 + 4 * 16 * 16)  # the own block's chunked causal linear attention
+    received = 3 * 4 * 1024 * 4 * 16 * 16  # W - 1 blocks: K_j^T V_j and q (K_j^T V_j)
+    assert rp.compute == pytest.approx((own + received) / 1e12 * 3)
+    assert rp.bytes_sent == ring.bytes_sent and rp.calls == ring.calls  # the same K/V ring
+    assert rp.comm >= ring.comm  # less work per block to hide each hop behind
     meg = baselines.linear_cost("megatron-sp", 4, s, 1e12, LINK)
     full = 4 * 1024 * 64 * 2
     assert meg.comm == pytest.approx(8 * 3 * (1e-5 + 1e-9 * full / 4)) and meg.compute == ring.compute

@@ -47,11 +47,19 @@ FP32_REDUCED = {
     "falcon_mamba": re.compile(r"(A_log|mixer\.D|dt_proj\.bias)$"),
     "jamba": re.compile(r"(A_log|mamba\.D|dt_proj\.bias)$"),
     "olmo_hybrid": re.compile(r"A_log$"),
+    # KimiLinearForgetGate (-exp(A_log) softplus(f_b(f_a(x)) + dt_bias)), the gated output norm and the
+    # MoE router run in fp32 inside an fp64 model: their parameters get fp32 token sums
+    "kimi_linear": re.compile(r"(forget_gate\.(A_log|dt_bias)|o_norm\.weight|mlp\.gate\.weight)$"),
 }
 FP32_LOGITS = ("nemotron_h",)  # see above
+# Kimi Linear rounds every KDA layer's output to fp32 in its gated norm and routes its MoE in fp32
+# (inside an fp64 model): as Nemotron-H, an fp32 rounding-boundary flip shows at SP = 4 with these
+# seeds (8.8e-8 in a logit, 3e-8 in the embedding's gradient), so from SP = 4 on its logits and
+# gradients are held to the fp32 bound; at SP = 2 to 1e-10 (the KDA op itself: tests/parallel).
+FP32_FROM_SP4 = ("kimi_linear",)
 # Families and what their default cases cover: fp64, both layouts, documents.
 FAMILIES = ("mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba", "falcon_mamba", "jamba",
-            "olmo_hybrid", "lfm2")
+            "olmo_hybrid", "lfm2", "kimi_linear")
 
 
 def _ids(seed=0):
@@ -79,10 +87,11 @@ def _run_case(group, *, family: str, layout: str, ref: dict, cu: Optional[list] 
     flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double() for (_, p), g in zip(params, grads)]
                      + [loss.detach().view(1), out.loss.detach().double().view(1)])
     dist.all_reduce(flat, group=group)  # the shares' sum: the whole sequence's gradient and loss
+    loose = family in FP32_FROM_SP4 and dist.get_world_size(group) > 2
     assert_close("logits", logits, lasp2.shard(ref["logits"], group=group, layout=layout),
-                 torch.float32 if family in FP32_LOGITS else torch.float64,
+                 torch.float32 if family in FP32_LOGITS or loose else torch.float64,
                  whole=ref["logits"])
-    offset, fp32_sums = 0, FP32_REDUCED.get(family)
+    offset, fp32_sums = 0, re.compile(".") if loose else FP32_REDUCED.get(family)
     for (name, p), ref_name in zip(params, ref["names"]):
         assert name == ref_name
         g = flat[offset:offset + p.numel()].view_as(p)
@@ -236,7 +245,7 @@ def _table(families, full: bool):
 
 # Shipped configs of these families (``lasp2/hf/configs``), trained by ``lasp2 train --hf-config``.
 TRAIN_CONFIGS = ("mamba2-tiny", "nemotron-h-tiny", "granite-4.0-h-tiny", "falcon-h1-tiny", "zamba2-tiny",
-                 "mamba-tiny", "falcon-mamba-tiny", "jamba-tiny", "olmo-hybrid-tiny", "lfm2-tiny")
+                 "mamba-tiny", "falcon-mamba-tiny", "jamba-tiny", "olmo-hybrid-tiny", "lfm2-tiny", "kimi-linear-tiny")
 
 
 def test_families_sp2(tmp_path):

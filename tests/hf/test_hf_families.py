@@ -66,11 +66,12 @@ def _ids(seed=0):
     return torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(seed))
 
 
-def _run_case(group, *, family: str, layout: str, ref: dict, cu: Optional[list] = None, count_comm: bool = False):
+def _run_case(group, *, family: str, layout: str, ref: dict, cu: Optional[list] = None, count_comm: bool = False,
+              softmax_strategy: str = "allgather"):
     ids = _ids()
     model = make_model(family, torch.float64)
     model.load_state_dict(ref["state"])
-    lasp2.hf.parallelize(model, group, layout=layout)
+    lasp2.hf.parallelize(model, group, layout=layout, softmax_strategy=softmax_strategy)
     batch = lasp2.hf.shard_batch(ids, ids, group=group, layout=layout,
                                  cu_seqlens=None if cu is None else torch.tensor(cu))
     if count_comm:
@@ -240,6 +241,9 @@ def _table(families, full: bool):
                       for layout in layouts]
         for layout in ("contiguous", "zigzag") if full else (("zigzag", "contiguous")[i % 2],):
             table.append((f"{fam}-docs-{layout}", dict(family=fam, layout=layout, ref=docs_ref, cu=DOCS)))
+        if full and fam == "kimi_linear":  # MLA without the latent gather: the expanded K/V by ring attention
+            table.append((f"{fam}-docs-ring", dict(family=fam, layout="zigzag", ref=docs_ref, cu=DOCS,
+                                                    softmax_strategy="ring")))
     return table
 
 
@@ -288,6 +292,28 @@ def test_mamba1_fp64_kernel_matches_transformers(family):
     kw = dict(D=torch.randn(I, generator=gen), z=z, delta_bias=torch.randn(I, generator=gen), delta_softplus=True)
     ours = mamba1_fp64(x, dt, A, B, C, **kw)
     theirs = modeling.mamba_selective_scan(x, dt, A, B, C, **kw)
+    assert max_rel_err(ours, theirs.double()) < 1e-5
+
+
+def test_kda_fp64_kernel_matches_transformers():
+    """The fp64 reference KDA (transformers' l2norm around ops/naive.py) equals transformers'
+    PyTorch ``chunk_kimi_delta_attention`` (fp32, its own UT-transform chunk form) to fp32 precision:
+    the gate before the delta step, q/k normalised in the kernel, scale K^-1/2."""
+    import importlib
+
+    import torch.nn.functional as F
+
+    from tests.helpers import max_rel_err
+    from tests.hf_reference import MODULES, kda_fp64
+
+    modeling = importlib.import_module(MODULES["kimi_linear"])
+    gen = torch.Generator().manual_seed(5)
+    B, L, H, K = 2, 70, 2, 8  # two chunks of transformers' 64, the last one partial
+    q, k, v = (torch.randn(B, L, H, K, generator=gen) for _ in range(3))
+    g = F.logsigmoid(torch.randn(B, L, H, K, generator=gen) + 2.0)
+    beta = torch.rand(B, L, H, generator=gen)
+    ours, _ = kda_fp64(modeling)(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    theirs, _ = modeling.chunk_kimi_delta_attention(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
     assert max_rel_err(ours, theirs.double()) < 1e-5
 
 

@@ -304,7 +304,7 @@ def test_kda_fp64_kernel_matches_transformers():
     import torch.nn.functional as F
 
     from tests.helpers import max_rel_err
-    from tests.hf_reference import MODULES, kda_fp64
+    from tests.hf_reference import MODULES, gdn_fp64
 
     modeling = importlib.import_module(MODULES["kimi_linear"])
     gen = torch.Generator().manual_seed(5)
@@ -312,7 +312,7 @@ def test_kda_fp64_kernel_matches_transformers():
     q, k, v = (torch.randn(B, L, H, K, generator=gen) for _ in range(3))
     g = F.logsigmoid(torch.randn(B, L, H, K, generator=gen) + 2.0)
     beta = torch.rand(B, L, H, generator=gen)
-    ours, _ = kda_fp64(modeling)(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    ours, _ = gdn_fp64(modeling)(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
     theirs, _ = modeling.chunk_kimi_delta_attention(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
     assert max_rel_err(ours, theirs.double()) < 1e-5
 

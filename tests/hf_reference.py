@@ -52,6 +52,9 @@ CONFIGS = {
     "kimi_linear": ("kimi-linear-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
                                                                                "linear_attention"],
                                              mlp_layer_types=["dense", "sparse", "sparse"])),
+    "bailing_hybrid": ("ling-hybrid-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                                                                  "linear_attention"],
+                                                mlp_layer_types=["dense", "sparse", "sparse"])),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -68,7 +71,8 @@ MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "jamba": "transformers.models.jamba.modeling_jamba",
            "olmo_hybrid": "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
            "lfm2": "transformers.models.lfm2.modeling_lfm2",
-           "kimi_linear": "transformers.models.kimi_linear.modeling_kimi_linear"}
+           "kimi_linear": "transformers.models.kimi_linear.modeling_kimi_linear",
+           "bailing_hybrid": "transformers.models.bailing_hybrid.modeling_bailing_hybrid"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0):

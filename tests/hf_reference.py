@@ -49,6 +49,12 @@ CONFIGS = {
     "olmo_hybrid": ("olmo-hybrid-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
                                                                                "linear_attention"])),
     "lfm2": ("lfm2-tiny", dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"])),
+    "kimi_linear": ("kimi-linear-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                                                               "linear_attention"],
+                                             mlp_layer_types=["dense", "sparse", "sparse"])),
+    "bailing_hybrid": ("ling-hybrid-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                                                                  "linear_attention"],
+                                                mlp_layer_types=["dense", "sparse", "sparse"])),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -64,7 +70,9 @@ MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "falcon_mamba": "transformers.models.falcon_mamba.modeling_falcon_mamba",
            "jamba": "transformers.models.jamba.modeling_jamba",
            "olmo_hybrid": "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
-           "lfm2": "transformers.models.lfm2.modeling_lfm2"}
+           "lfm2": "transformers.models.lfm2.modeling_lfm2",
+           "kimi_linear": "transformers.models.kimi_linear.modeling_kimi_linear",
+           "bailing_hybrid": "transformers.models.bailing_hybrid.modeling_bailing_hybrid"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0, **config):
@@ -82,6 +90,8 @@ def make_model(family: str, dtype: torch.dtype, seed: int = 0, **config):
 
 
 def gdn_fp64(modeling):
+    """``torch_chunk_gated_delta_rule`` in fp64; with g [B, T, H, K] also Kimi Linear's
+    ``chunk_kimi_delta_attention`` (KDA: the same signature, l2norm and scale)."""
     def kernel(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
                use_qk_l2norm_in_kernel=False, **kwargs):
         assert initial_state is None and not output_final_state
@@ -138,7 +148,7 @@ def hf_kernels(family: str, dtype: torch.dtype, model):
     use_torch_kernels(model)
     modeling = importlib.import_module(MODULES[family])
     pins = {"torch_chunk_gated_delta_rule": gdn_fp64(modeling), "mamba2_chunk_scan": mamba2_fp64,
-            "mamba_selective_scan": mamba1_fp64}
+            "mamba_selective_scan": mamba1_fp64, "chunk_kimi_delta_attention": gdn_fp64(modeling)}
     saved: Dict[str, object] = {}
     if dtype == torch.float64:
         for name, fp64 in pins.items():

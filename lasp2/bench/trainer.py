@@ -10,13 +10,19 @@ by repeat (the order flipped every repeat), between Trainer runs of ``STEPS`` op
   per step, each rank holding T / W of it (``--layout``; ``both``: contiguous and zigzag);
 - ``ddp``: the same arguments, the unmodified model under the Trainer's plain DDP over the W ranks,
   each rank its own sequence of T / W tokens: the same tokens and work per rank, no state passing
-  (the baseline the target names). At sp = 1 only ``ddp`` runs (the single-device Trainer on T).
+  (the baseline the target names). On CPU the unmodified model runs transformers' PyTorch fallback
+  kernels, which are not lasp2's;
+- ``ddp-lasp2``: the same DDP on T / W shards with the model under ``sequence_parallel(sp=1)``
+  (lasp2's local kernels, groups of one rank, no SP communication): the baseline that isolates what
+  the SP machinery and its Trainer glue cost.
+At sp = 1 (one process) the two baselines are the single-device Trainer on T.
 
 Step time: the wall time from one optimizer step's end to the next's (callback on_step_end: the
 batch, its sharding, forward, backward, all-reduce, clipping, AdamW), so the first step of every run
 is untimed; the median over the timed steps, max over ranks per step. Peak memory: the resident set above its value before
-``train()`` (sampled, ``lasp2.bench.rss``), max over ranks. ``ratio`` = ddp median / sp median
-(target >= 0.90 at sp = 2).
+``train()`` (sampled, ``lasp2.bench.rss``), max over ranks. ``ratio_vs_ddp`` = ddp median / this
+median, ``ratio_vs_ddp_lasp2`` likewise (target >= 0.90 at sp = 2). ``sp_comm_wait_s``: the time per
+step a rank spent blocked in lasp2's collectives (``comm.track``), waiting for the others included.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import List, Tuple
 
-STEPS = 3  # optimizer steps per Trainer run; the first is a warm-up (untimed)
+STEPS = 4  # optimizer steps per Trainer run; the first is a warm-up (untimed)
 MODELS = {  # name -> (shipped config, overrides)
     "qwen3.5-tiny": ("qwen3.5-tiny", {}),
     "qwen3.5-cpu": ("qwen3.5-tiny", dict(vocab_size=4096, hidden_size=256, intermediate_size=768,
@@ -35,6 +41,7 @@ MODELS = {  # name -> (shipped config, overrides)
                                          linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32,
                                          linear_value_head_dim=32)),
 }
+BASELINES = ("ddp", "ddp-lasp2")
 DEFAULT = dict(models=("qwen3.5-tiny", "qwen3.5-cpu"), seq_lens=(4096,), sps=(1, 2, 4), repeats=3)
 QUICK = dict(models=("qwen3.5-tiny",), seq_lens=(64,), sps=(1, 2), repeats=1)
 
@@ -82,6 +89,7 @@ def _run_once(name: str, T: int, mode: str, spec: TrainerSpec, out: str) -> dict
 
     from lasp2.hf import sequence_parallel
     from lasp2.hf.loading import build_model, use_torch_kernels
+    from lasp2.parallel import comm
 
     from .rss import RssPeak, libc_or_none
 
@@ -91,7 +99,7 @@ def _run_once(name: str, T: int, mode: str, spec: TrainerSpec, out: str) -> dict
     model = build_model(config)
     if mode == "ddp":
         use_torch_kernels(model)  # transformers' PyTorch kernels (fla's need a GPU); SP layers never call them
-    length, rows = (T, STEPS) if mode != "ddp" else (T // W, STEPS * W)
+    length, rows = (T, STEPS) if mode.startswith("sp@") else (T // W, STEPS * W)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (rows, length), generator=gen).tolist()
     ds = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
@@ -99,22 +107,26 @@ def _run_once(name: str, T: int, mode: str, spec: TrainerSpec, out: str) -> dict
                              logging_steps=10 ** 6, save_strategy="no", report_to=[], seed=0, use_cpu=True,
                              disable_tqdm=True, bf16=spec.bf16, dataloader_drop_last=False)
     trainer = Trainer(model=model, args=args, train_dataset=ds)
-    if mode != "ddp":
+    if mode.startswith("sp@"):
         sequence_parallel(trainer, sp=W, layout=mode.split("@")[1])
-    stamps = []
+    elif mode == "ddp-lasp2":
+        sequence_parallel(trainer, sp=1, layout="contiguous")
+    stamps, waits = [], []
 
     class Clock(TrainerCallback):  # step end to step end: the batch, its sharding and the whole step
         def on_step_end(self, *a, **k):
             stamps.append(time.perf_counter())
+            waits.append(log.waited_s)
 
     trainer.add_callback(Clock())
     libc = libc_or_none()
     if libc is not None:
         libc.malloc_trim(0)  # earlier runs' freed memory back to the OS: the peak below is this run's
     dist.barrier()
-    with RssPeak() as peak:
+    with RssPeak() as peak, comm.track() as log:  # log: the time blocked in lasp2's collectives
         trainer.train()
-    return {"times": [b - a for a, b in zip(stamps, stamps[1:])], "peak_mb": peak.mb}
+    return {"times": [b - a for a, b in zip(stamps, stamps[1:])], "waits": [b - a for a, b in zip(waits, waits[1:])],
+            "peak_mb": peak.mb}
 
 
 def _rank(name: str, T: int, modes: List[str], spec: TrainerSpec) -> dict:
@@ -127,12 +139,13 @@ def _rank(name: str, T: int, modes: List[str], spec: TrainerSpec) -> dict:
     # accelerate (inside TrainingArguments) learns the world from torchrun's variables; the group exists
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
-    found = {m: {"times": [], "peak_mb": 0.0} for m in modes}
+    found = {m: {"times": [], "waits": [], "peak_mb": 0.0} for m in modes}
     with tempfile.TemporaryDirectory(prefix="lasp2-bench-trainer-") as out:
         for r in range(spec.repeats):
             for mode in (modes if r % 2 == 0 else modes[::-1]):
                 one = _run_once(name, T, mode, spec, out)
                 found[mode]["times"] += one["times"]
+                found[mode]["waits"] += one["waits"]
                 found[mode]["peak_mb"] = max(found[mode]["peak_mb"], one["peak_mb"])
     return found
 
@@ -146,23 +159,26 @@ def run(spec: TrainerSpec, progress: bool = True) -> List[dict]:
         params = sum(p.numel() for p in _build_meta(name))
         for T in spec.seq_lens:
             for sp in spec.sps:
-                modes = ["ddp"] + ([f"sp@{layout}" for layout in spec.layouts] if sp > 1 else [])
+                modes = list(BASELINES) + ([f"sp@{layout}" for layout in spec.layouts] if sp > 1 else [])
                 ranks = spawn(_rank, sp, name, T, modes, spec, threads_per_rank=1, timeout_s=3600)
-                base = None
+                # a step takes as long as its slowest rank: the max over ranks, step by step
+                med = {m: statistics.median([max(t) for t in zip(*(rk[m]["times"] for rk in ranks))]) for m in modes}
                 for mode in modes:
-                    # a step takes as long as its slowest rank: the max over ranks, step by step
                     steps = [max(t) for t in zip(*(rk[mode]["times"] for rk in ranks))]
-                    med = statistics.median(steps)
-                    base = med if mode == "ddp" else base
                     rec = {"suite": "trainer", "model": name, "parameters": params, "T": T, "sp": sp, "W": sp,
-                           "mode": mode, "tokens_per_rank": T // sp, "step_s": med, "steps_timed": len(steps),
+                           "mode": mode, "tokens_per_rank": T // sp, "step_s": med[mode], "steps_timed": len(steps),
                            "step_s_min": min(steps), "step_s_max": max(steps),
                            "peak_rss_mb": max(rk[mode]["peak_mb"] for rk in ranks),
-                           "ratio_vs_ddp": base / med}
+                           # seconds per step blocked in lasp2's collectives (SP layers, the same-data check),
+                           # median over steps of the mean over ranks: waiting for the other ranks included
+                           "sp_comm_wait_s": statistics.median(
+                               [sum(w) / len(w) for w in zip(*(rk[mode]["waits"] for rk in ranks))]),
+                           **{f"ratio_vs_{b.replace('-', '_')}": med[b] / med[mode] for b in BASELINES}}
                     records.append(rec)
                     if progress:
-                        print(f"{name} T={T} sp={sp} {mode}: step {med:.3f} s (ratio {rec['ratio_vs_ddp']:.3f}), "
-                              f"peak {rec['peak_rss_mb']:.0f} MB", flush=True)
+                        print(f"{name} T={T} sp={sp} {mode}: step {med[mode]:.3f} s (vs ddp {rec['ratio_vs_ddp']:.3f}, "
+                              f"vs ddp-lasp2 {rec['ratio_vs_ddp_lasp2']:.3f}), peak {rec['peak_rss_mb']:.0f} MB",
+                              flush=True)
     return records
 
 
@@ -178,17 +194,20 @@ def markdown(records: List[dict], meta: dict) -> str:
     lines = ["# lasp2 bench --suite trainer", "", f"`{meta['command']}`", "",
              f"{meta['hardware']}; torch {meta['torch']}, transformers {meta.get('transformers')}; "
              f"{meta.get('load', '')}", "",
-             "ddp: the unmodified model, plain DDP, each rank its own T/W-token sequence; sp@layout: "
-             "lasp2.hf.sequence_parallel, one T-token sequence over W ranks. Median step time over "
-             f"{STEPS - 1} timed steps x repeats, runs interleaved; ratio = ddp / this (target >= 0.90).", ""]
+             "ddp: the unmodified model (transformers' CPU kernels), plain DDP, each rank its own T/W-token "
+             "sequence; ddp-lasp2: the same with lasp2's kernels (sequence_parallel(sp=1)); sp@layout: "
+             "lasp2.hf.sequence_parallel(sp=W), one T-token sequence over W ranks. Median step time over "
+             f"{STEPS - 1} timed steps x repeats (max over ranks), runs interleaved; ratio = baseline / this "
+             "(target >= 0.90 at sp = 2).", ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
-    lines += ["| model | params | T | sp | mode | tokens/rank | step (s) | min-max (s) | peak RSS/rank (MB) | ratio vs ddp |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | params | T | sp | mode | tokens/rank | step (s) | min-max (s) | in SP comm (s) | "
+              "peak RSS/rank (MB) | ratio vs ddp | ratio vs ddp-lasp2 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.2f}M | {r['T']} | {r['sp']} | {r['mode']} | "
                      f"{r['tokens_per_rank']} | {r['step_s']:.3f} | {r['step_s_min']:.3f}-{r['step_s_max']:.3f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['ratio_vs_ddp']:.3f} |")
+                     f"{r['sp_comm_wait_s']:.3f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['ratio_vs_ddp']:.3f} | {r['ratio_vs_ddp_lasp2']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -276,7 +276,7 @@ CASES = {
     "sft": ("sft", 1, 2, True, False, False, {}),
     "sft-ga1": ("sft", 1, 1, True, False, False, {}),
     "sft-padding-free": ("sft", 2, 1, True, True, False, {}),
-    "sft-padding-free-ga2": ("sft", 1, 2, True, True, False, {}),
+    "sft-padding-free-ga2": ("sft", 2, 2, True, True, False, {}),
 }
 FIELDS = ("kind", "batch", "ga", "average", "packed", "evaluate", "extra")
 

@@ -11,6 +11,7 @@ back into an unmodified transformers model; ``--out`` also receives ``hf_trainer
     python examples/hf_trainer_sft.py                       # starts 2 local gloo ranks itself (CPU)
     python examples/hf_trainer_sft.py --world-size 4 --sp 2 # dp = 2 replicas of sp = 2
     torchrun --standalone --nproc-per-node 2 examples/hf_trainer_sft.py --model /path/to/qwen3.5 --bf16
+    accelerate launch --multi_gpu --num_processes 2 examples/hf_trainer_sft.py  # CPU needs --multi_gpu
 """
 from __future__ import annotations
 

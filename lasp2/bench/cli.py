@@ -13,7 +13,7 @@ DEFAULT = dict(seq_lens=(4096, 8192, 16384), heads=8, dim=64, repeats=5, world_s
 
 
 LOCAL_SUITES = ("ops", "gpu", "memory")  # not sequence-parallel: lasp2/bench/onedevice.py, memory.py
-SUITE_CHOICES = ("linear", "softmax", "model", "hf") + LOCAL_SUITES
+SUITE_CHOICES = ("linear", "softmax", "model", "hf") + LOCAL_SUITES + ("trainer",)  # trainer: lasp2/bench/trainer.py
 
 
 def add_parser(subparsers) -> None:
@@ -31,7 +31,8 @@ def add_parser(subparsers) -> None:
                         "model: lasp2.models | hf: a transformers model (--hf-config) parallelized by lasp2.hf vs "
                         "the unmodified model on each rank's shard | one device: ops: lasp2.linear_attention vs the "
                         "quadratic form / per-token recurrence; gpu: the fla backend vs fla's own op at SP = 1 (CUDA, "
-                        "or CPU under TRITON_INTERPRET=1) | memory: per-rank bytes of lasp2 train, DDP vs FSDP2")
+                        "or CPU under TRITON_INTERPRET=1) | memory: per-rank bytes of lasp2 train, DDP vs FSDP2 | "
+                        "trainer: a transformers Trainer step under lasp2.hf.sequence_parallel vs plain DDP on shards")
     b.add_argument("--strategies", type=lambda s: tuple(x for x in s.split(",") if x), metavar="A,B,...",
                    help="measure only these configurations of the suite (comma-separated; the ideal always)")
     b.add_argument("--world-sizes", type=int, nargs="+", metavar="W", help="SP group sizes (default 2)")
@@ -211,6 +212,10 @@ def run_bench(args) -> int:
         raise _usage(ValueError(f"--smoke: not a flag of --suite {args.suite} (use --quick)"))
     if args.suite in LOCAL_SUITES:
         return run_local(args)
+    if args.suite == "trainer":  # transformers Trainer steps, sequence_parallel vs DDP on shards
+        from .trainer import run_cli
+
+        return run_cli(args, _usage)
     if args.tuned_allocator:  # before any large tensor; the spawned ranks inherit it
         from lasp2.cpu_allocator import tune_cpu_allocator
 

@@ -138,7 +138,9 @@ def sequence_parallel(trainer, sp: int, *, layout: str = "zigzag", strategy: str
     Returns:
         ``trainer``. Losses (logged, evaluated) and gradients equal those of a single-device run
         with per_device_train_batch_size x dp, including gradient accumulation,
-        ``average_tokens_across_devices`` (both settings) and gradient clipping. Batches with padding
+        ``average_tokens_across_devices`` (both settings), gradient clipping, gradient
+        checkpointing (its recompute re-runs the layers' SP collectives) and iterable datasets
+        (accelerate splits them over the dp replicas only). Batches with padding
         (attention_mask zeros) raise ValueError: pack instead (``DataCollatorWithFlattening``, TRL's
         ``padding_free=True``); packed examples are separate documents (from ``position_ids``).
         Checkpoints hold the unmodified model's parameters.

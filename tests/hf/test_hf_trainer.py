@@ -12,6 +12,11 @@ fp64 everywhere (test only, identical for the reference and the SP runs): transf
 RMSNorms and the loss (``logits.float()``) in fp32 even for fp64 weights; ``_fp64`` swaps in the same
 formulas in the input dtype (a model-class ``loss_function`` property and the two norm classes'
 forward) and pins the reference's Gated DeltaNet scan to fp64 (``tests/hf_reference.hf_kernels``).
+TRL's SFTTrainer installs a fused LM head (``trl.trainer.utils.add_fused_lm_head``: the model's
+instance ``forward``) whose chunked log-softmax, entropy and top-1 run in fp32 whatever the model's
+dtype; ``_fp64_fused_lm_head`` replaces that instance forward with the same contract
+(``FusedCausalLMOutput``) in the model's dtype. lasp2's own arithmetic (``shard_batch``'s shifted
+labels and counts, the SP layers, the Trainer glue) is not patched.
 The per-micro-batch losses are taken from ``training_step`` (the Trainer's logged-loss accumulator is
 fp32: the logged losses are compared to fp32 precision).
 """
@@ -19,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from collections import Counter
 import os
 import re
+import sys
 import tempfile
+import types
 
 import pytest
 import torch
@@ -32,6 +40,7 @@ pytest.importorskip("accelerate")
 datasets = pytest.importorskip("datasets")
 
 import lasp2.hf  # noqa: E402
+from lasp2.parallel import comm  # noqa: E402
 from tests.dist import run_cases, run_distributed  # noqa: E402
 from tests.hf_reference import MODULES, hf_kernels, make_model  # noqa: E402
 
@@ -81,6 +90,39 @@ def _fp64():
             setattr(getattr(modeling, c), "forward", f)
 
 
+def _fp64_fused_lm_head(model) -> None:
+    """Test-only, the one patch of TRL: SFTTrainer gives its model a fused LM head
+    (``trl.trainer.utils.add_fused_lm_head`` sets the model's *instance* ``forward``) whose chunked
+    log-softmax, entropy and top-1 accumulate in fp32 whatever the model's dtype. Replace that instance
+    forward by the same documented contract computed in the model's dtype: for ``fused_lm_head=True``
+    the backbone's last hidden states through the LM head, per-token ``log_probs`` / ``entropy`` /
+    ``is_top1`` of the next-token labels (``shift_labels`` as given, else ``labels`` shifted here), zero
+    where the label is -100, and ``loss = -sum(log_probs) / num_items_in_batch``; otherwise the model
+    class's own forward. Applied identically to the reference and the SP runs."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    class_forward = type(model).forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kw):
+        given = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+        if not fused_lm_head:
+            return class_forward(self, *args, **kw, **{k: v for k, v in given.items() if v is not None})
+        kw["use_cache"] = False
+        hidden = self.base_model(*args, **kw).last_hidden_state
+        if shift_labels is None:
+            hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
+        mask = shift_labels != -100
+        logp = torch.log_softmax(self.get_output_embeddings()(hidden), dim=-1)
+        log_probs = logp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0)
+        entropy = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0)
+        is_top1 = (logp.argmax(-1) == shift_labels) & mask
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy,
+                                   is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+
+
 def _model():
     model = make_model(FAMILY, torch.float64)
     base = type(model)
@@ -88,14 +130,30 @@ def _model():
     return model
 
 
-def _dataset(packed: bool):
+def _dataset(packed: bool, iterable=None):
     g = torch.Generator().manual_seed(1)
     if packed:  # examples of different lengths; the collator packs a batch into one row
         lengths = [5, 9, 6, 12]
         ids = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
         return datasets.Dataset.from_dict({"input_ids": ids})
     ids = torch.randint(0, 256, (N_EXAMPLES, T), generator=g).tolist()
-    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    ds = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    if iterable == "datasets":  # a streaming datasets.IterableDataset (one shard: accelerate splits batches)
+        return ds.to_iterable_dataset()
+    if iterable == "torch":
+        return _TorchStream(ids)
+    return ds
+
+
+class _TorchStream(torch.utils.data.IterableDataset):
+    """A plain torch IterableDataset of pre-tokenized examples (no __len__)."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __iter__(self):
+        for x in self.ids:
+            yield {"input_ids": torch.tensor(x), "labels": torch.tensor(x)}
 
 
 def _pad_collator(examples):
@@ -139,7 +197,7 @@ class _Losses:
     def __init__(self, trainer):
         from transformers import TrainerCallback
 
-        self.logged, self.steps = [], []
+        self.logged, self.steps, self.collectives, self.log = [], [], [], comm.CommLog()
         rec = self
 
         class Cb(TrainerCallback):
@@ -149,33 +207,46 @@ class _Losses:
 
         trainer.add_callback(Cb())
         step = trainer.training_step
+        # lasp2's communication per micro-batch, split at the end of the model's forward: (forward ops,
+        # backward ops); under gradient checkpointing the backward recomputes the layers' forwards
+        ended = []
+        trainer.model.register_forward_hook(lambda *_: ended.append(len(rec.log.records)))
 
         def training_step(*a, **k):
-            loss = step(*a, **k)
+            ended.clear()
+            with comm.track() as rec.log:
+                loss = step(*a, **k)
+            ops = [r.op for r in rec.log.records]
             rec.steps.append(loss.detach().clone())
+            rec.collectives.append((Counter(ops[:ended[-1]]), Counter(ops[ended[-1]:])) if ended else None)
             return loss
 
         trainer.training_step = training_step
 
 
-def _train(kind, *, batch, ga, average, packed, sp=None, layout="zigzag", evaluate=False, bf16=False):
-    """One Trainer run from the same initial model; returns losses and the trained state."""
+def _train(kind, *, batch, ga, average, packed, sp=None, layout="zigzag", evaluate=False, bf16=False, iterable=None,
+           **extra):
+    """One Trainer run from the same initial model; returns losses and the trained state. ``extra``:
+    more TrainingArguments (gradient_checkpointing, max_steps)."""
     from transformers import DataCollatorWithFlattening, Trainer
 
     fp64 = not bf16
     with tempfile.TemporaryDirectory() as out, (_fp64() if fp64 else contextlib.nullcontext()):
         model = _model() if fp64 else make_model(FAMILY, torch.float32)
-        ds = _dataset(packed)
+        ds = _dataset(packed, iterable)
         # packed: the SP run packs each batch into one row; the reference pads the examples of a batch
         # to rows of their own (right padding, ignored labels: each example as if run alone)
         collator = None if not packed else DataCollatorWithFlattening() if sp is not None else _pad_collator
-        extra = dict(padding_free=packed and sp is not None) if kind == "sft" else {}
+        if kind == "sft":
+            extra["padding_free"] = packed and sp is not None
         args = _args(out, batch, ga, average, kind, bf16=bf16, **extra)
         if kind == "sft":  # TRL's own collator (padding_free: packed into one row, as the reference is not)
             from trl import SFTTrainer
 
             trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=_tokenizer(),
                                  eval_dataset=ds if evaluate else None)
+            if fp64:
+                _fp64_fused_lm_head(trainer.model)
         else:
             trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator,
                               eval_dataset=ds if evaluate else None)
@@ -186,23 +257,28 @@ def _train(kind, *, batch, ga, average, packed, sp=None, layout="zigzag", evalua
         with hf_kernels(FAMILY, torch.float64 if fp64 else torch.float32, model):
             trainer.train()
             metrics = trainer.evaluate() if evaluate else {}
-        return {"logged": rec.logged, "steps": torch.stack(rec.steps),
+        return {"logged": rec.logged, "steps": torch.stack(rec.steps), "collectives": rec.collectives,
+                "checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
                 "state": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
                 "eval_loss": metrics.get("eval_loss")}
 
 
 # The exactness table: name -> (trainer kind, per-device batch, gradient accumulation,
-# average_tokens_across_devices, packed, evaluate)
+# average_tokens_across_devices, packed, evaluate, more _train arguments). TRL's SFTConfig turns
+# gradient checkpointing on by default: every "sft" case runs with it.
 CASES = {
-    "trainer-ga1": ("trainer", 1, 1, True, False, False),
-    "trainer-ga2-eval": ("trainer", 1, 2, True, False, True),
-    "trainer-ga2-noavg": ("trainer", 1, 2, False, False, False),
-    "trainer-packed": ("trainer", 2, 1, True, True, False),
-    "sft": ("sft", 1, 2, True, False, False),
-    "sft-padding-free": ("sft", 2, 1, True, True, False),
+    "trainer-ga1": ("trainer", 1, 1, True, False, False, {}),
+    "trainer-ga2-eval": ("trainer", 1, 2, True, False, True, {}),
+    "trainer-ga2-noavg-ckpt": ("trainer", 1, 2, False, False, False, {"gradient_checkpointing": True}),
+    "trainer-packed": ("trainer", 2, 1, True, True, False, {}),
+    "trainer-iterable": ("trainer", 1, 1, True, False, False, {"iterable": "datasets", "max_steps": 2}),
+    "trainer-iterable-torch": ("trainer", 1, 2, True, False, False, {"iterable": "torch", "max_steps": 1}),
+    "sft": ("sft", 1, 2, True, False, False, {}),
+    "sft-ga1": ("sft", 1, 1, True, False, False, {}),
+    "sft-padding-free": ("sft", 2, 1, True, True, False, {}),
+    "sft-padding-free-ga2": ("sft", 2, 2, True, True, False, {}),
 }
-# TRL's fused LM head computes the logits in fp32 (on CPU too): SFT runs agree to fp32 precision.
-SFT_TOL = 1e-5
+FIELDS = ("kind", "batch", "ga", "average", "packed", "evaluate", "extra")
 
 
 def _initial_state():
@@ -238,14 +314,15 @@ def _exactness(group, refs, sp, names):
 
     world = dist.get_world_size(group)
     init = _initial_state()
+    n_layers = _model().config.num_hidden_layers
 
-    def case(name, kind, batch, ga, average, packed, evaluate):
-        run = _train(kind, batch=batch, ga=ga, average=average, packed=packed, sp=sp, evaluate=evaluate)
+    def case(name, kind, batch, ga, average, packed, evaluate, extra):
+        run = _train(kind, batch=batch, ga=ga, average=average, packed=packed, sp=sp, evaluate=evaluate, **extra)
         steps = run["steps"].clone()  # what training_step returned on this rank, per micro-batch
         dist.all_reduce(steps, group=group)
         states = [None] * world
         dist.all_gather_object(states, run["state"], group=group)
-        ref, tol = refs[name], SFT_TOL if kind == "sft" else FP64_TOL
+        ref = refs[name]
         for other in states[1:]:
             for k, v in other.items():
                 assert torch.equal(v, states[0][k]), f"{k} differs between ranks"
@@ -253,21 +330,28 @@ def _exactness(group, refs, sp, names):
         # the dp replicas' micro-batches i together are the reference's micro-batch i
         got = steps / world
         assert got.shape == ref["steps"].shape, (got.shape, ref["steps"].shape)
-        assert torch.allclose(got, ref["steps"], rtol=tol, atol=0), (got, ref["steps"])
-        _compare(run, ref, init, tol)
+        assert torch.allclose(got, ref["steps"], rtol=FP64_TOL, atol=0), (got, ref["steps"])
+        _compare(run, ref, init, FP64_TOL)
         if evaluate:
             assert abs(run["eval_loss"] - ref["eval_loss"]) <= LOGGED_TOL * abs(ref["eval_loss"]), \
                 (run["eval_loss"], ref["eval_loss"])
+        # gradient checkpointing: the backward recomputes every layer's forward, its collectives included
+        # (each of the forward's, again), and then runs the layers' own backward (>= one collective per
+        # layer); without it the backward issues fewer than that. The first micro-batch is left out: its
+        # forward also runs one-time agreement checks.
+        assert run["checkpointing"] == ref["checkpointing"]
+        for fwd, bwd in run["collectives"][1:]:
+            recomputed = not (fwd - bwd) and sum((bwd - fwd).values()) >= n_layers
+            assert recomputed == run["checkpointing"], (run["checkpointing"], fwd, bwd)
 
-    run_cases([(n, dict(zip(("name", "kind", "batch", "ga", "average", "packed", "evaluate"), (n, *CASES[n]))))
-               for n in names], case)
+    run_cases([(n, dict(zip(("name", *FIELDS), (n, *CASES[n])))) for n in names], case)
 
 
 def _references(dp, names):
     refs = {}
     for name in names:
-        kind, batch, ga, average, packed, evaluate = CASES[name]
-        refs[name] = _train(kind, batch=batch * dp, ga=ga, average=average, packed=packed, evaluate=evaluate)
+        kind, batch, ga, average, packed, evaluate, extra = CASES[name]
+        refs[name] = _train(kind, batch=batch * dp, ga=ga, average=average, packed=packed, evaluate=evaluate, **extra)
     return refs
 
 
@@ -367,7 +451,9 @@ def _bf16(group, ref):
     return err
 
 
-DEFAULT = ("trainer-ga1", "trainer-ga2-eval", "trainer-ga2-noavg", "trainer-packed", "sft", "sft-padding-free")
+DEFAULT = ("trainer-ga1", "trainer-ga2-eval", "trainer-ga2-noavg-ckpt", "trainer-packed", "trainer-iterable", "sft",
+           "sft-padding-free")
+SLOW_W2 = ("sft-ga1", "sft-padding-free-ga2", "trainer-iterable-torch")
 
 
 def _worker_w2(group, refs, bf16_ref):
@@ -401,9 +487,11 @@ def _w2(section):
 
 
 def test_trainer_sp2_equals_single_process():
-    """Trainer and SFTTrainer at W = 2 (sp = 2) vs one process: logged losses, every micro-batch loss
-    and the trained weights; gradient accumulation 1/2, average_tokens_across_devices on/off,
-    clipping, evaluation loss, packed batches (DataCollatorWithFlattening, TRL padding_free)."""
+    """Trainer and SFTTrainer at W = 2 (sp = 2) vs one process, fp64 to 1e-10: logged losses, every
+    micro-batch loss and the trained weights; gradient accumulation 1/2, average_tokens_across_devices
+    on/off, clipping, evaluation loss, packed batches (DataCollatorWithFlattening, TRL padding_free),
+    gradient checkpointing (its recompute re-runs the layers' collectives: counted), a streaming
+    datasets.IterableDataset."""
     _w2("exactness")
 
 
@@ -416,17 +504,63 @@ def test_bf16_trains_under_sp():
     assert all(0 < e <= BF16_TOL for e in errors), errors
 
 
-W4 = ("trainer-ga1", "trainer-ga2-eval", "trainer-ga2-noavg", "trainer-packed", "sft")
+W4 = ("trainer-ga1", "trainer-ga2-eval", "trainer-ga2-noavg-ckpt", "trainer-packed", "trainer-iterable",
+      "trainer-iterable-torch", "sft", "sft-ga1", "sft-padding-free")
 
 
-def _worker_w4(group, refs):
+def _worker_exactness(group, refs, names):
     _setup_env(group)
-    _exactness(group, refs, 2, W4)
+    _exactness(group, refs, 2, names)
+
+
+@pytest.mark.slow
+def test_trainer_sp2_more_cases():
+    """W = 2 (sp = 2): SFTTrainer with gradient accumulation 1 (pre-tokenized) and 2 (padding_free),
+    a torch IterableDataset."""
+    run_distributed(_worker_exactness, 2, _references(1, SLOW_W2), SLOW_W2)
 
 
 @pytest.mark.slow
 def test_trainer_dp2_sp2_equals_single_process():
-    """W = 4: dp = 2 replicas of sp = 2; the reference runs per_device_train_batch_size x 2."""
-    refs = _references(2, W4)
-    run_distributed(_worker_w4, 4, refs)
+    """W = 4: dp = 2 replicas of sp = 2; the reference runs per_device_train_batch_size x 2 (iterable
+    datasets: accelerate splits each global batch over the dp replicas)."""
+    run_distributed(_worker_exactness, 4, _references(2, W4), W4)
 
+
+# ------------------------------------------------------------------------------------------------
+# accelerate launch of the example (CPU, gloo).
+
+
+def _example(launcher, out):
+    """examples/hf_trainer_sft.py (2 steps), started by ``launcher`` or by itself; its JSON report."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args = ["examples/hf_trainer_sft.py", "--steps", "2", "--examples", "16", "--max-len", "48", "--out", str(out)]
+    cmd = [sys.executable, *args] if launcher is None else [*launcher, *args]
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return json.loads((out / "hf_trainer_sft.json").read_text())
+
+
+@pytest.mark.slow
+def test_accelerate_launch_example(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` of examples/hf_trainer_sft.py on CPU (gloo:
+    accelerate's --multi_gpu is what makes it start torchrun's agent; on a CPU-only machine without it
+    accelerate starts one process): the losses of the example's own 2-rank start, and a saved model
+    that reloads unmodified. The port: accelerate has no rendezvous endpoint a test can own on one
+    machine (--rdzv_backend c10d takes its endpoint only with --num_machines > 1), so this process holds
+    a port (``parent_store``) and names it: accelerate finds it in use and starts torchrun with
+    --standalone, whose agent binds a port the OS picks and holds it (no fixed or free-picked port)."""
+    from tests.dist import parent_store
+
+    with parent_store() as store:
+        launched = _example([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                             "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", str(store.port)], tmp_path / "accelerate")
+    spawned = _example(None, tmp_path / "spawn")
+    assert launched["world_size"] == spawned["world_size"] == 2 and launched["reloaded_equal"] is True
+    assert len(launched["losses"]) == len(spawned["losses"]) == 2
+    assert launched["losses"] == pytest.approx(spawned["losses"], rel=1e-6), (launched, spawned)

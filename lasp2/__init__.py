@@ -13,7 +13,8 @@ Shape legend (fla layout, used everywhere in lasp2):
     state [B, H, K, V] fp32, or [N, H, K, V] with cu_seqlens
     cu_seqlens [N + 1] int, global cumulative document lengths
 
-Single-device functions: ``linear_attention``, ``softmax_attention``.
+Single-device functions: ``linear_attention``, ``softmax_attention``; one decode step of linear
+attention: ``linear_attention_step`` (q, k [B, H, K], v [B, H, V], state [B, H, K, V]).
 Sequence-parallel functions: ``sp_linear_attention``, ``sp_softmax_attention``, plus ``shard`` /
 ``unshard``; ``SPBatch`` is one batch's sequence-parallel context (group, layout, positions,
 documents; checked once when built: ``SPBatch.build``), which every SP function and parallelized
@@ -21,6 +22,7 @@ layer takes in place of group / layout / cu_seqlens. Short causal conv (Gated De
 (x [B, T, C], weight [C, k]). Hugging Face models: ``lasp2.hf`` (optional, needs transformers).
 """
 from .functional import causal_conv1d, linear_attention, softmax_attention
+from .ops.step import linear_attention_step
 from .parallel.halo import sp_causal_conv1d
 from .parallel.api import shard, sp_linear_attention, sp_softmax_attention, unshard
 from .parallel.batch import SPBatch
@@ -29,5 +31,5 @@ from .parallel.mesh import dp_sp_group, global_token_mean
 
 __all__ = ["linear_attention", "softmax_attention", "sp_linear_attention", "sp_softmax_attention", "shard",
            "unshard", "parallelize", "global_token_mean", "dp_sp_group", "causal_conv1d", "sp_causal_conv1d",
-           "SPBatch"]
+           "SPBatch", "linear_attention_step"]
 __version__ = "0.1.0"

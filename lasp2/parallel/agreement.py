@@ -89,7 +89,7 @@ def check(digests: Sequence[int], mine: int, ranks: Optional[Sequence[int]] = No
     bad = sorted({r for r, d in zip(ranks, digests) if d != mine})
     if bad:
         raise ValueError(f"ranks of the sequence-parallel group called {what or 'the op'} with different "
-                         f"arguments in this call (document boundaries cu_seqlens, lengths, strategy, layout, "
+                         f"arguments in this call (document boundaries cu_seqlens, initial_state, lengths, strategy, layout, "
                          f"causal, scale, shapes or dtypes): rank(s) {bad} differ from this rank; pass "
                          f"identical arguments on every rank")
 

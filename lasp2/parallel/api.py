@@ -8,8 +8,8 @@ import torch
 from .. import functional
 from ..ops import backends
 from ..ops.transition import classify
-from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_group, check_qkv,
-                          check_scale, resolve_scale)
+from ..validation import (check_beta, check_choice, check_cu_seqlens, check_gate, check_group, check_initial_state,
+                          check_qkv, check_scale, resolve_scale)
 from . import agreement, comm, strategies
 from .batch import SPBatch, resolve_placement
 from .context import LinearCall
@@ -56,7 +56,9 @@ def sp_linear_attention(
     scan_blocks: Optional[int] = None,
     backend: str = "auto",
     batch: Optional[SPBatch] = None,
-) -> torch.Tensor:
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+):
     """Sequence-parallel linear attention: this rank's shard of ``linear_attention`` on the
     whole sequence.
 
@@ -85,17 +87,34 @@ def sp_linear_attention(
             (``allscan.default_blocks``; ``lasp2 plan`` gives k* for your network).
         backend: the local work's kernels: "auto" (fla on CUDA tensors when installed, else
             torch), "torch" or "fla" (see ``lasp2.ops.backends``). The communication is the same.
+        initial_state: None, or [B, H, K, V] (any floating dtype; used in the state dtype, fp32
+            — fp64 for fp64 inputs): the state before the first token of the whole sequence,
+            identical on every rank (part of the agreement digest, unless a batch context
+            without ``checks`` says the ranks agree). Causal only; not with ``cu_seqlens``.
+        output_final_state: also return the state after the last token of the whole sequence
+            (causal only; not with ``cu_seqlens``: per-document states are not supported under
+            SP yet, ValueError).
 
     Returns:
-        o [B, T, H, V], this rank's shard, in q's dtype. Differentiable w.r.t. q, k, v, g.
+        o [B, T, H, V], this rank's shard, in q's dtype; with ``output_final_state`` the pair
+        (o, final_state [B, H, K, V] fp32 — fp64 for fp64 inputs —), final_state bitwise
+        identical on every rank. Differentiable w.r.t. q, k, v, g, beta and initial_state.
+        Gradient convention (that of collectives' autograd): the gradient a rank feeds into its
+        copy of final_state is one term of a sum over the ranks (a loss on the final state taken
+        on one rank, zero elsewhere, gives the single-device gradient); each rank's gradient of
+        initial_state is its share of the single-device one (the sum over ranks is it: the owner
+        of the first segment, rank 0, gets all of it, the others zeros). Every rank must still
+        backpropagate through the call.
 
     Communication (causal, per call): "lasp2": forward 1 all-gather of [W, S, B*H*(K*V + a) + 1]
     fp32 (S = 1 contiguous, 2 zigzag; a = 1 without or with a scalar gate, K per-channel, K*K
     for the delta rule), backward 1 all-gather of [W, S, B, H, K, V]
-    fp32. "lasp1": W - 1 sequential sends of [B, H, K, V] per direction (contiguous). "allscan":
+    fp32 ([W, S + 1, ...] with output_final_state); initial and final states add no collective. "lasp1": W - 1 sequential sends of [B, H, K, V] per direction (contiguous). "allscan":
     per direction one [B, H, K, V] state received per segment in k blocks, J + k - 2 block hops
     (J = W contiguous, 2W zigzag). "tree": ceil(log2 J) rounds of P2P exchanges of one summary
-    [B*H*(K*V + a)] per segment. Agreement between the ranks is checked on every call by an
+    [B*H*(K*V + a)] per segment. "lasp1", "allscan", "tree" with output_final_state: + 1
+    all-gather of [W, B, H, K, V] per direction (the final state from the last segment's owner;
+    its gradient's terms). An initial state adds nothing to any strategy. Agreement between the ranks is checked on every call by an
     8-byte digest inside the first message (``agreement``); the first call with new shapes on a
     group adds one small all-gather that compares the shapes before anything of that size moves
     (then cached).
@@ -122,6 +141,7 @@ def sp_linear_attention(
         if entry.causal_only:
             both = strategies.with_capability(strategies.LINEAR, lambda e: not e.causal_only)
             raise ValueError(f"causal=False needs strategy={both[0]!r} (strategy={strategy!r} is causal only)")
+    _check_states(initial_state, output_final_state, q, v, causal, cu_seqlens)
     if scan_blocks is not None:
         if not entry.pipelined:
             pipelined = strategies.with_capability(strategies.LINEAR, lambda e: e.pipelined)
@@ -134,20 +154,52 @@ def sp_linear_attention(
     backend = backends.resolve(backend, q, v.shape[-1])
     signature = (f"sp_linear_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
                  f"q={_describe(q)} k={_describe(k)} v={_describe(v)} g={_describe(g)} beta={_describe(beta)} "
-                 f"docs={cu_seqlens is not None} blocks={scan_blocks}")
+                 f"docs={cu_seqlens is not None} blocks={scan_blocks} initial_state={_describe(initial_state)} "
+                 f"final_state={output_final_state}")
     comm.ensure_agreement(group, signature)  # shapes: once per signature and group
     if world == 1:
-        o, _ = functional.linear_attention(q, k, v, g, beta, scale=scale, causal=causal, cu_seqlens=cu_seqlens,
-                                           backend=backend)
-        return o
+        o, final = functional.linear_attention(q, k, v, g, beta, scale=scale, causal=causal, cu_seqlens=cu_seqlens,
+                                               backend=backend, initial_state=initial_state,
+                                               output_final_state=output_final_state)
+        return (o, final) if output_final_state else o
     # Everything, every call, rides the first message; with a batch context, checked once per batch.
-    digest = agreement.call_digest(signature, cu_seqlens) if checks else agreement.UNCHECKED
+    digest = (agreement.call_digest(signature + _value_tag(initial_state), cu_seqlens) if checks
+              else agreement.UNCHECKED)
     cu_list = _host_documents(batch, cu_seqlens)
     if not causal:
         return entry.bidirectional.apply(q, k, v, scale, lay, group, cu_list, digest)
     call = LinearCall(group, lay, scale, cu_list, digest=digest, grad_enabled=torch.is_grad_enabled(),
-                      blocks=scan_blocks, backend=backend)
-    return LinearSPFunction.apply(q, k, v, g, beta, call, entry.exchange, kind)
+                      blocks=scan_blocks, backend=backend, output_final_state=output_final_state)
+    return LinearSPFunction.apply(q, k, v, g, beta, initial_state, call, entry.exchange, kind)
+
+
+def _check_states(initial_state, output_final_state, q, v, causal: bool, cu_seqlens) -> None:
+    """``initial_state`` / ``output_final_state`` of ``sp_linear_attention``: ValueError naming the
+    argument (same on every rank: it depends only on arguments the ranks agree on)."""
+    if not isinstance(output_final_state, bool):
+        raise ValueError(f"output_final_state must be True or False, got {output_final_state!r}")
+    if initial_state is None and not output_final_state:
+        return
+    if not causal:
+        raise ValueError("initial_state and output_final_state need causal=True (bidirectional attention has "
+                         "no running state); pass initial_state=None and output_final_state=False")
+    if cu_seqlens is not None:
+        raise ValueError("initial_state and output_final_state are not supported with cu_seqlens under sequence "
+                         "parallelism (per-document states would need states inside a segment); run each "
+                         "document as its own sequence, or pass cu_seqlens=None")
+    check_initial_state(initial_state, q, v, None)
+
+
+def _value_tag(initial_state: Optional[torch.Tensor]) -> str:
+    """The initial state's bits as a short hash for the agreement digest ('' without one): ranks
+    whose initial states differ in any bit get the digest error, never a mixed result. One host
+    read of the state (on CUDA: a sync), only on calls that check agreement."""
+    if initial_state is None:
+        return ""
+    import hashlib
+
+    raw = initial_state.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return " initial_state_bits=" + hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
 def _check_shard_args(x, group, layout: str, dim: int):
@@ -212,7 +264,8 @@ def sp_softmax_attention(
     layout: Optional[str] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     batch: Optional[SPBatch] = None,
-) -> torch.Tensor:
+    return_kv: bool = False,
+):
     """Sequence-parallel softmax attention: this rank's shard of ``softmax_attention`` on the
     whole sequence.
 
@@ -230,10 +283,13 @@ def sp_softmax_attention(
         batch: this batch's sequence-parallel context (``SPBatch``) in place of group, layout and
             cu_seqlens (checked once when it was built; no per-call agreement digest unless
             ``batch.checks``).
+        return_kv: also return the K/V of the whole sequence (a decode cache).
 
     Returns:
         o [B, T, H, Dv], this rank's shard, in q's dtype (computed in fp32 for half precision).
-        Differentiable w.r.t. q, k, v.
+        Differentiable w.r.t. q, k, v. With ``return_kv``: (o, (K [B, W T, Hkv, D],
+        V [B, W T, Hkv, Dv])) in k's / v's dtype, in global sequence order (zigzag segments put
+        back), identical on every rank; not differentiable.
 
     Communication (per call, W > 1): "allgather": forward 1 all-gather of [W, B, T, Hkv, D + Dv]
     in the input dtype; backward 1 reduce-scatter of the same shape in fp32 (fp64 for fp64).
@@ -243,7 +299,9 @@ def sp_softmax_attention(
     KV heads repeated when W does not divide Hkv. Agreement between the ranks (document
     boundaries included) is checked on every call by an 8-byte digest inside the first message
     (``agreement``); the first call with new shapes on a group adds one small all-gather that
-    compares the shapes before anything of that size moves (then cached).
+    compares the shapes before anything of that size moves (then cached). return_kv: "allgather"
+    adds nothing (its gather already holds them); "ring" and "ulysses" add 1 all-gather of
+    [W, B, T, Hkv, D + Dv] in the input dtype.
     """
     from ..ops.softmax import doc_ids_from_cu_seqlens
     from .softmax_common import SoftmaxCall
@@ -254,6 +312,8 @@ def sp_softmax_attention(
     _check_layout(entry, layout)
     check_qkv(q, k, v, kv_heads_may_differ=True)
     check_scale(scale)
+    if not isinstance(return_kv, bool):
+        raise ValueError(f"return_kv must be True or False, got {return_kv!r}")
     rank, world = comm.rank_and_size(group)
     lay = Layout(layout, world, q.shape[1])
     if batch is None:
@@ -268,14 +328,27 @@ def sp_softmax_attention(
                          f"by {world}, or strategy={any_heads}, which work with any H")
     scale = resolve_scale(scale, q)
     signature = (f"sp_softmax_attention strategy={strategy} layout={layout} causal={causal} scale={scale!r} "
-                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={cu_seqlens is not None}")
+                 f"q={_describe(q)} k={_describe(k)} v={_describe(v)} docs={cu_seqlens is not None} "
+                 f"return_kv={return_kv}")
     # Shapes once per signature and group; everything else (the document boundaries included)
     # every call, inside the strategy's first message (``agreement``).
     comm.ensure_agreement(group, signature)
     if world == 1:
-        return functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
+        o = functional.softmax_attention(q, k, v, scale=scale, causal=causal, cu_seqlens=cu_seqlens)
+        return (o, (k.detach(), v.detach())) if return_kv else o
     doc = None if cu_seqlens is None else doc_ids_from_cu_seqlens(cu_seqlens.to(q.device), lay.global_len)
     checks = batch is None or batch.checks
     digest = agreement.call_digest(signature, cu_seqlens) if checks else agreement.UNCHECKED
     cu_list = _host_documents(batch, cu_seqlens)
-    return entry.load().apply(q, k, v, SoftmaxCall(scale, causal, lay, group, doc, digest=digest, cu_list=cu_list))
+    call = SoftmaxCall(scale, causal, lay, group, doc, digest=digest, cu_list=cu_list)
+    if not return_kv:
+        return entry.load().apply(q, k, v, call)
+    from .softmax_allgather import kv_in_sequence_order
+
+    if entry.pattern == "all-gather":  # its one gather already holds every rank's K/V
+        o, kv_all = entry.load().apply(q, k, v, call, True)
+    else:  # gather once more, K and V packed in one message
+        o = entry.load().apply(q, k, v, call)
+        kv_all = comm.all_gather(torch.cat([k.detach(), v.detach().to(k.dtype)], dim=-1).contiguous(), group)
+    k_all, v_all = kv_in_sequence_order(kv_all, lay, k.shape[-1])
+    return o, (k_all, v_all.to(v.dtype))

@@ -31,6 +31,7 @@ class LinearCall:
     blocks: pipeline blocks of the ``allscan`` chain (states split along V); None lets the
         strategy choose (``allscan.pipeline_blocks``).
     backend: the resolved local-work backend, "torch" or "fla" (``ops.backends.resolve``).
+    output_final_state: the call also returns the state after the sequence's last token.
 
     ``eq=False``: identity semantics (the object is never compared).
     """
@@ -44,6 +45,7 @@ class LinearCall:
     overlap: bool = True
     blocks: Optional[int] = None
     backend: str = "torch"
+    output_final_state: bool = False
 
     @property
     def world(self) -> int:

@@ -93,7 +93,7 @@ class HaloFunction(torch.autograd.Function):
 @no_autocast
 def sp_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                      group=None, layout: Optional[str] = None, activation: Optional[str] = None,
-                     cu_seqlens: Optional[torch.Tensor] = None, batch=None) -> torch.Tensor:
+                     cu_seqlens: Optional[torch.Tensor] = None, batch=None, output_final_state: bool = False):
     """Sequence-parallel short causal depthwise conv: this rank's shard of
     ``lasp2.causal_conv1d`` on the whole sequence.
 
@@ -109,14 +109,21 @@ def sp_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             the conv restarts at every document start.
         batch: this batch's sequence-parallel context (``SPBatch``) in place of group, layout
             and cu_seqlens (its documents were checked once when it was built).
+        output_final_state: also return the conv cache for decoding (not with cu_seqlens).
 
     Returns:
         y [B, T, C] in x's dtype, this rank's shard. Differentiable w.r.t. x, weight and bias.
+        With ``output_final_state``: (y, conv_cache), conv_cache [B, k-1, C] in x's dtype = the
+        last k - 1 inputs of the whole sequence, oldest first (zeros before the first token),
+        bitwise identical on every rank; not differentiable (a decode cache). transformers'
+        layout [B, C, k] (the last k inputs, whose oldest slot the next update drops) is
+        ``F.pad(conv_cache.transpose(1, 2), (1, 0))``.
 
     Communication (W > 1, k > 1): forward 1 batched P2P exchange: each segment's last k - 1
     inputs [B, k-1, C] fp32 (fp64 for fp64) go to the owner of the next segment (1 message per
     rank under contiguous, up to 2 under zigzag); backward the same exchange of their gradients
-    in the opposite direction. The first call with new shapes on a group adds one small
+    in the opposite direction. ``output_final_state``: + 1 all-gather of [W, B, k-1, C] in x's
+    dtype (the conv cache from the owner of the last segment). The first call with new shapes on a group adds one small
     agreement check (then cached).
     """
     group, layout, cu_seqlens = resolve_placement(batch, group, layout, cu_seqlens, "sp_causal_conv1d")
@@ -130,12 +137,18 @@ def sp_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     else:
         batch.check_local(x.shape[1], x.shape[0], "sp_causal_conv1d")
     k1 = weight.shape[1] - 1
+    if not isinstance(output_final_state, bool):
+        raise ValueError(f"output_final_state must be True or False, got {output_final_state!r}")
+    if output_final_state and cu_seqlens is not None:
+        raise ValueError("output_final_state (the conv cache) is not supported with cu_seqlens (per-document "
+                         "caches); run each document as its own sequence, or pass output_final_state=False")
     if world > 1 and k1 > lay.segment_len:
         raise ValueError(f"a kernel of size k = {k1 + 1} needs the last k - 1 = {k1} inputs of the previous "
                          f"segment, but segments hold {lay.segment_len} tokens (T = {x.shape[1]} per rank, "
                          f"layout={layout!r}); use at least {k1 * lay.segments_per_rank} tokens per rank")
     signature = (f"sp_causal_conv1d layout={layout} activation={activation} x={tuple(x.shape)}:{x.dtype} "
-                 f"weight={tuple(weight.shape)} bias={bias is not None} docs={cu_seqlens is not None}")
+                 f"weight={tuple(weight.shape)} bias={bias is not None} docs={cu_seqlens is not None} "
+                 f"cache={output_final_state}")
     comm.ensure_agreement(group, signature)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(x.device)
@@ -160,4 +173,20 @@ def sp_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         if cu_seqlens is not None:
             doc = doc_ids(cu_seqlens, torch.arange(seg.global_start - k1, seg.global_start + L, device=x.device))
         outs.append(conv_with_context(x_ext, weight, bias, doc))
-    return activate(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], activation)
+    y = activate(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], activation)
+    return (y, _conv_cache(x, k1, lay, rank, group)) if output_final_state else y
+
+
+def _conv_cache(x: torch.Tensor, k1: int, lay: Layout, rank: int, group) -> torch.Tensor:
+    """The last k1 inputs of the whole sequence [B, k1, C] (zeros before the first token), on
+    every rank: the owner of the last segment cuts them (segments hold >= k1 tokens when W > 1),
+    one all-gather delivers its bits."""
+    B, T, C = x.shape
+    if lay.world == 1 or k1 == 0:
+        padded = torch.nn.functional.pad(x.detach(), (0, 0, k1, 0))
+        return padded[:, padded.shape[1] - k1:]
+    last = lay.segment(lay.num_segments - 1)
+    L = lay.segment_len
+    slot = last.local_start // L
+    tail = x.detach()[:, _tail(slot, L, k1)] if last.owner == rank else x.new_zeros(B, k1, C)
+    return comm.all_gather(tail.contiguous(), group)[last.owner]

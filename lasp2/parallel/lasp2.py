@@ -55,7 +55,8 @@ class AllGatherExchange:
     Backward: ONE all-gather of G and the suffix fold (``fold_backward``).
     Communication: forward 1 all-gather of [W, S_local, B*H*K*V + |Â| + 2] fp32 (+ 1 for fp64
     inputs: the 8-byte digest), |Â| = B*H*Kg for decay vectors, B*H*K*K for matrices (``ops.transition``); backward
-    1 all-gather of [W, S_local, B, H, K, V].
+    1 all-gather of [W, S_local, B, H, K, V] ([W, S_local + 1, ...] with a final state: its
+    gradient's terms ride along). Initial and final states add no collective.
     """
 
     name = "lasp2"
@@ -75,12 +76,30 @@ class AllGatherExchange:
         S_all = rows[:, : B * H * K * V].reshape(-1, B, H, K, V).to(dt)
         A_all = rows[:, B * H * K * V: -width].reshape(-1, *work[0].transition.shape).to(dt)
         P = fold_forward(work[0].kind, S_all, A_all)
-        return [P[w.seg.index] for w in work], A_all
+        saved = A_all
+        if call.output_final_state:  # one more fold step, from gathered bits: identical on every rank
+            saved = (A_all, work[0].kind.apply(A_all[-1], P[-1]) + S_all[-1])
+        return [P[w.seg.index] for w in work], saved
 
     @staticmethod
-    def backward(G: List[torch.Tensor], work: List[SegmentWork], call: LinearCall, A_all: torch.Tensor):
-        G_all = _by_segment(comm.all_gather(torch.stack(G), call.group), call.layout)
-        nxt = fold_backward(work[0].kind, G_all.to(A_all.dtype), A_all)
+    def final_state(work: List[SegmentWork], call: LinearCall, saved) -> torch.Tensor:
+        """The state after the last token, P_J = Â_{J-1} P_{J-1} + Ŝ_{J-1}, folded by every rank
+        from the same gathered summaries (bitwise identical everywhere; no communication)."""
+        return saved[1]
+
+    @staticmethod
+    def backward(G: List[torch.Tensor], work: List[SegmentWork], call: LinearCall, saved, final_grad=None):
+        """With ``final_grad`` (this rank's term of dL/dF), each rank's term rides as one more
+        row of the same all-gather; D_J is their sum in rank order (identical on every rank)."""
+        A_all = saved[0] if isinstance(saved, tuple) else saved
+        rows = torch.stack(G if final_grad is None else [*G, final_grad])
+        gathered = comm.all_gather(rows, call.group)  # [W, S_local (+1), B, H, K, V]
+        tail = None
+        if final_grad is not None:
+            tail, gathered = gathered[:, -1].sum(0), gathered[:, :-1]
+        G_all = _by_segment(gathered, call.layout)
+        nxt = fold_backward(work[0].kind, G_all.to(A_all.dtype), A_all,
+                            None if tail is None else tail.to(A_all.dtype))
         return [nxt[w.seg.index] for w in work]
 
 

@@ -18,7 +18,7 @@ knows the gradient reaching each segment's final state (D_{j+1} in DESIGN §1), 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -42,12 +42,17 @@ class SegmentWork:
     seg: Segment
     local: object
     kind: Kind
+    entering: Optional[torch.Tensor] = None
 
     @property
     def summary_state(self) -> torch.Tensor:
         """Ŝ [B, H, K, V] (fp32; fp64 for fp64 inputs): the state leaving the segment for a zero
-        incoming state."""
-        return self.local.summary_state
+        incoming state. For the sequence's first segment under an initial state S0
+        (``entering``, a constant) it is Â S0 + Ŝ, the state leaving it: the strategies' fold
+        starts from P_0 = 0, so S0 rides inside segment 0's summary and no strategy changes."""
+        if self.entering is None:
+            return self.local.summary_state
+        return self.kind.apply(self.local.transition.detach(), self.entering) + self.local.summary_state
 
     @property
     def transition(self) -> torch.Tensor:
@@ -133,13 +138,17 @@ def fold_forward(kind: Kind, S_hat: torch.Tensor, A_hat: torch.Tensor) -> torch.
     return P
 
 
-def fold_backward(kind: Kind, G: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
-    """Suffix fold (DESIGN §1): D_j = G_j + Â_j^T D_{j+1}, D_J = 0.
+def fold_backward(kind: Kind, G: torch.Tensor, A_hat: torch.Tensor,
+                  tail: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Suffix fold (DESIGN §1): D_j = G_j + Â_j^T D_{j+1}, D_J = ``tail`` (the gradient of the
+    sequence's final state [B, H, K, V]; 0 when None).
 
     G [J, B, H, K, V] (dL/dP_j from segment j's own outputs), A_hat as in ``fold_forward``.
     Returns N_j = D_{j+1}, the gradient reaching segment j's final state, [J, B, H, K, V].
     """
     nxt = torch.zeros_like(G)
+    if tail is not None:
+        nxt[-1] = tail
     for j in range(G.shape[0] - 2, -1, -1):
         nxt[j] = G[j + 1] + kind.apply(A_hat[j + 1], nxt[j + 1], transpose=True)
     return nxt

@@ -95,19 +95,33 @@ def allgather_bwd(do, q, o, lse, kv_all, visible: List[bool], call: SoftmaxCall,
     return dq.to(dtypes[0]), mine[..., :D].to(dtypes[1]), mine[..., D:].to(dtypes[2])
 
 
+def kv_in_sequence_order(kv_all: torch.Tensor, layout, D: int):
+    """Gathered [W, B, T, Hkv, D + Dv] (rank-major, each rank's local order) -> (K [B, W T, Hkv, D],
+    V [B, W T, Hkv, Dv]) of the whole sequence in global order (zigzag segments put back)."""
+    segments = [layout.segment(j) for j in range(layout.num_segments)]
+    whole = torch.cat([kv_all[s.owner, :, s.local_start: s.local_start + s.length] for s in segments], dim=1)
+    return whole[..., :D], whole[..., D:]
+
+
 class AllGatherAttentionFunction(torch.autograd.Function):
-    """Thin autograd wrapper: ``apply(q, k, v, call)``, exactly one gradient per forward input."""
+    """Thin autograd wrapper: ``apply(q, k, v, call[, return_kv])``, exactly one gradient per
+    forward input. With ``return_kv`` it also returns the gathered K/V [W, B, T, Hkv, D + Dv]
+    (not differentiable: a decode cache, ``sp_softmax_attention(return_kv=True)``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, call: SoftmaxCall):
+    def forward(ctx, q, k, v, call: SoftmaxCall, return_kv: bool = False):
         o, lse, kv_all, visible = allgather_fwd(q, k, v, call)
         ctx.save_for_backward(q, o, lse, kv_all)
         ctx.call, ctx.visible, ctx.dtypes = call, visible, (q.dtype, k.dtype, v.dtype)
+        if return_kv:
+            kv_out = kv_all.detach().clone()  # the saved buffer stays private to backward
+            ctx.mark_non_differentiable(kv_out)
+            return o, kv_out
         return o
 
     @staticmethod
     @no_autocast
-    def backward(ctx, do):
+    def backward(ctx, do, *_):
         q, o, lse, kv_all = ctx.saved_tensors
         dq, dk, dv = allgather_bwd(do, q, o, lse, kv_all, ctx.visible, ctx.call, ctx.dtypes)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None

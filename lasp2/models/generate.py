@@ -32,6 +32,7 @@ import torch
 
 from ..functional import linear_attention, softmax_attention
 from ..ops.softmax import attention_reference
+from ..ops.step import linear_attention_step
 from ..parallel import comm
 from ..parallel.api import shard, sp_linear_attention, sp_softmax_attention
 from ..parallel.batch import batch_digest
@@ -129,6 +130,10 @@ def plan_for(model: LinearLlama, group, layout: Optional[str]) -> SPPlan:
 
 def _linear_extend(attn, h: torch.Tensor, state: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k, v, g, beta = attn.project(h)
+    if state is not None and h.shape[1] == 1:  # one token: the recurrent form
+        o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
+                                         None if beta is None else beta[:, 0], state=state, scale=attn.scale)
+        return attn.output(o[:, None], h), state
     o, state = linear_attention(q, k, v, g, beta, scale=attn.scale, initial_state=state,
                                 output_final_state=True, backend=attn.backend)
     return attn.output(o, h), state

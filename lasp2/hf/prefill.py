@@ -72,7 +72,11 @@ MIXER_PREFILL: Dict[str, Callable] = {
 }
 
 # family -> why sp_prefill refuses it (never a wrong cache)
-UNSUPPORTED: Dict[str, str] = {}
+UNSUPPORTED: Dict[str, str] = {
+    "zamba2": ("its attention block is shared by several depths, each caching its own K/V under a layer index "
+               "passed at call time, which the attention interface does not see; prefill Zamba2 prompts on one process"),
+}
+SINCE = (5, 25)  # the transformers release whose Cache layout (conv / recurrent states per layer) the fillers write
 
 
 def _new_cache(model, family):
@@ -229,6 +233,7 @@ def sp_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, group, layout
     if family.name in UNSUPPORTED:
         raise ValueError(f"lasp2.hf.sp_prefill does not support the {family.name} family: {UNSUPPORTED[family.name]}")
     check_family_release(family)
+    _check_release()
     if model_class(model, family) != family.models[0]:
         raise ValueError(f"sp_prefill needs the causal LM ({family.models[0]}), which generate runs, "
                          f"got {type(model).__name__}")
@@ -247,18 +252,36 @@ def sp_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, group, layout
     _register_attention()
     with torch.no_grad(), _prefill_mode(model, family, ctx, cache):
         _base(model, family)(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **{SP_KEY: batch[SP_KEY]})
-    _count_tokens(cache, P)
+    _count_tokens(cache, P, input_ids)
     return cache
 
 
-def _count_tokens(cache, P: int) -> None:
-    """Linear layers count the tokens they have seen by the width of the conv states they were
-    given (the prompt, for transformers' own prefill); ours were given k: set them to P."""
-    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+def _check_release() -> None:
+    import transformers
+
+    have = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    if have < SINCE:
+        raise ValueError(f"lasp2.hf.sp_prefill writes the Cache layout of transformers >= {SINCE[0]}.{SINCE[1]}; this "
+                         f"is {transformers.__version__}: upgrade transformers")
+
+
+def _count_tokens(cache, P: int, input_ids: torch.Tensor) -> None:
+    """Make ``cache.get_seq_length()`` (what ``generate`` skips of the prompt) P.
+
+    Linear layers count the tokens they have seen by the width of the conv states they were given
+    (the whole prompt, in transformers' own prefill); ours were given k: set them to P. MiniMax's
+    cache reads its length from layer 0's K/V, an empty placeholder when layer 0 is linear: it
+    gets a placeholder of length P (one zero per token and row; no layer reads it)."""
+    from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
 
     for layer in cache.layers:
         if isinstance(layer, LinearAttentionCacheLayerMixin):
             layer.cumulative_length_linear.fill_(P)
+    if hasattr(cache, "linear_cache") and cache.get_seq_length() != P:  # MiniMaxCache
+        if not cache.layers:
+            cache.layers.append(DynamicLayer())
+        placeholder = torch.zeros(input_ids.shape[0], 1, P, 1, device=input_ids.device)
+        cache.layers[0].update(placeholder, placeholder)
 
 
 @contextmanager

@@ -9,11 +9,11 @@ path reads:
 | Gated DeltaNet (Qwen3-Next, Qwen3.5, OLMo hybrid) | [B, C, k] pre-conv q|k|v | [B, Hv, K, V] = lasp2's |
 | Mamba2 SSD (Bamba, Mamba2, Nemotron-H, Granite, Falcon-H1, Zamba2) | [B, C, k] pre-conv x|B|C | [B, H, P, N]: lasp2's [B, H, N, P] transposed |
 | Mamba1 (Mamba, Falcon-Mamba, Jamba) | [B, I, k] pre-conv x | [B, I, N]: lasp2's [B, I, N, 1] |
-| Lightning (MiniMax) | — | [B, H, D, D] = lasp2's (``MiniMaxCache``) |
+| Lightning (MiniMax) | — | [B, H, D, D] = lasp2's, in the model's dtype (``MiniMaxCache``) |
 | LFM2 short conv | [B, C, k] pre-conv B*x | — |
 
 transformers keeps the recurrent states in fp32 whatever the model's dtype (its scans compute in
-fp32), and the conv states in the model's dtype; the prefill stores them so. The conv state holds
+fp32; MiniMax's in the model's dtype), and the conv states in the model's dtype; the prefill stores them so. The conv state holds
 k inputs, of which the decode step reads the last k - 1 (``sp_causal_conv1d`` returns those); the
 oldest slot is never read and is stored as 0.
 
@@ -198,7 +198,7 @@ def lightning_prefill(layer, store, hidden_states, *args, **kwargs):
     query, key, value = torch.split(qkv, D, dim=3)
     g = (-layer.slope_rate.reshape(1, 1, H)).expand(batch_size, seq_len, H)
     out, state = linear_with_state(layer, query, key, value, g, scale=1.0, sp=batch_context(layer, kwargs))
-    store.set_linear_cache(layer.layer_idx, state.to(STATE_DTYPE))
+    store.set_linear_cache(layer.layer_idx, state.to(value.dtype))  # MiniMax keeps K^T V in the model's dtype
     out = layer.norm(out.reshape(batch_size, seq_len, H * D))
     out = torch.sigmoid(layer.output_gate(hidden_states)) * out
     return layer.out_proj(out), None

@@ -12,7 +12,7 @@ DEFAULT = dict(seq_lens=(4096, 8192, 16384), heads=8, dim=64, repeats=5, world_s
 
 
 LOCAL_SUITES = ("ops", "gpu", "memory")  # not sequence-parallel: lasp2/bench/onedevice.py, memory.py
-SUITE_CHOICES = ("linear", "softmax", "model", "hf") + LOCAL_SUITES
+SUITE_CHOICES = ("linear", "softmax", "model", "hf", "inference") + LOCAL_SUITES  # inference: lasp2/bench/inference.py
 
 
 def add_parser(subparsers) -> None:
@@ -194,6 +194,10 @@ def run_bench(args) -> int:
         return rerender(args)
     if args.suite in LOCAL_SUITES:
         return run_local(args)
+    if args.suite == "inference":
+        from .inference import run_cli
+
+        return run_cli(args)
     if args.tuned_allocator:  # before any large tensor; the spawned ranks inherit it
         from lasp2.cpu_allocator import tune_cpu_allocator
 

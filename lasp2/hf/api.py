@@ -16,6 +16,7 @@ from ..validation import check_choice, check_cu_seqlens
 from ..parallel.batch import SPBatch, batch_digest
 from .common import ATTN_IMPLEMENTATION, SP_KEY, BatchSlot, HFContext, attention_function, make_pre_hook
 from .router_aux import exact_router_aux_loss
+from .decode import generate_parallelized
 from .compat import check_family_release
 from .families import FAMILIES, family_of, loss_problem, mixer_class, model_class
 
@@ -57,9 +58,7 @@ def _check_modules(model, family) -> None:
 
 def _generate(model, *args, **kwargs):
     """``model.generate`` of a parallelized model: continues from ``lasp2.hf.sp_prefill``'s cache,
-    refuses otherwise (``prefill.generate_parallelized``)."""
-    from .prefill import generate_parallelized
-
+    refuses otherwise (``decode.generate_parallelized``)."""
     return generate_parallelized(model, *args, **kwargs)
 
 

@@ -2,7 +2,7 @@
 ``Cache`` that the model's own ``generate`` continues from.
 
     cache = lasp2.hf.sp_prefill(model, input_ids, group=group, layout="zigzag")   # every rank
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
+    out = model.generate(input_ids, cache=cache, use_cache=True, max_new_tokens=64, do_sample=False)
 
 How. The prompt's longest prefix that splits over the group (a multiple of W, 2W under zigzag)
 and leaves at least one token runs once through the model, sharded (``shard_batch``), with every
@@ -38,10 +38,10 @@ from ..validation import check_choice, check_group
 from . import prefill_mixers as mixers
 from .common import SP_KEY, BatchSlot, HFContext, batch_context, make_pre_hook
 from .compat import check_family_release
+from .decode import PREFILLED, Patches, base_module as _base
 from .families import family_of, mixer_class, model_class
 
 ATTN_PREFILL = "lasp2_prefill"
-PREFILLED = "_lasp2_prefilled"  # set on a cache sp_prefill returns: (number of prefilled tokens)
 
 
 def _gdn(fn):
@@ -73,6 +73,9 @@ MIXER_PREFILL: Dict[str, Callable] = {
 
 # family -> why sp_prefill refuses it (never a wrong cache)
 UNSUPPORTED: Dict[str, str] = {
+    "falcon_mamba": ("transformers 5.25's Falcon-Mamba decode path from a cache does not reproduce its own forward "
+                     "(its own prefill cache of a prefix continues with other greedy tokens than plain generate), "
+                     "so no cache can; generate Falcon-Mamba without a prefilled cache"),
     "zamba2": ("its attention block is shared by several depths, each caching its own K/V under a layer index "
                "passed at call time, which the attention interface does not see; prefill Zamba2 prompts on one process"),
 }
@@ -109,41 +112,11 @@ def prefill_attention(module, query, key, value, attention_mask, scaling=None, d
     return o, None
 
 
-class _Patches:
-    """Instance attributes set for one call and put back afterwards (absent ones removed)."""
-
-    def __init__(self):
-        self._saved = []
-
-    def put(self, obj, name: str, value) -> None:
-        self._saved.append((obj, name, name in obj.__dict__, obj.__dict__.get(name)))
-        setattr(obj, name, value)
-
-    def drop(self, obj, name: str) -> None:
-        if name in obj.__dict__:
-            self._saved.append((obj, name, True, obj.__dict__[name]))
-            delattr(obj, name)
-
-    def restore(self) -> None:
-        for obj, name, had, old in reversed(self._saved):
-            if had:
-                setattr(obj, name, old)
-            elif name in obj.__dict__:
-                delattr(obj, name)
-        self._saved = []
-
-
-def _base(model, family):
-    """The module whose forward gets the batch's kwargs (where parallelize hooks)."""
-    top = model_class(model, family) == family.models[0] and family.base is not None
-    return getattr(model, family.base) if top else model
-
-
 @contextmanager
 def _prefill_mode(model, family, ctx: HFContext, cache):
     """Mixers run their prefill forwards and softmax layers ``"lasp2_prefill"`` for the call; a
     plain model also gets parallelize's pre-hook (the batch's SP context, positions, no masks)."""
-    patches, modeling = _Patches(), family.modeling()
+    patches, modeling = Patches(), family.modeling()
     slot = BatchSlot() if family.slot else None
     config = None
     hook = None
@@ -282,40 +255,3 @@ def _count_tokens(cache, P: int, input_ids: torch.Tensor) -> None:
             cache.layers.append(DynamicLayer())
         placeholder = torch.zeros(input_ids.shape[0], 1, P, 1, device=input_ids.device)
         cache.layers[0].update(placeholder, placeholder)
-
-
-@contextmanager
-def _decode_mode(model):
-    """A parallelized model runs its own (one-process) forward for the call: the mixers' class
-    forwards, the model's attention implementation, the pre-hook standing aside."""
-    family = family_of(model)
-    patches = _Patches()
-    config = None
-    try:
-        for m in model.modules():
-            cls = mixer_class(m, set(family.linear) | set(family.softmax))
-            if cls in family.linear:
-                patches.drop(m, "forward")
-            elif cls in family.softmax:
-                if config is None:
-                    config = copy.deepcopy(m.config)
-                    config._attn_implementation = model.config._attn_implementation
-                patches.put(m, "config", config)
-        patches.put(_base(model, family), "_lasp2_decoding", True)
-        yield
-    finally:
-        patches.restore()
-
-
-def generate_parallelized(model, *args, **kwargs):
-    """``generate`` of a model parallelized by ``lasp2.hf.parallelize``: continues from a cache
-    ``sp_prefill`` returned (``past_key_values=cache``), running the model's own decode path on
-    every rank; ValueError otherwise (every rank would decode its own shard)."""
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    if cache is None or not hasattr(cache, PREFILLED):
-        raise ValueError("generate() on a model parallelized by lasp2.hf needs the prompt prefilled across the group "
-                         "first: cache = lasp2.hf.sp_prefill(model, input_ids, group=group, layout=...) on every "
-                         "rank, then model.generate(input_ids, past_key_values=cache, ...) (the same tokens on every "
-                         "rank). Without it each rank would continue its own shard of the prompt")
-    with _decode_mode(model):
-        return type(model).generate(model, *args, **kwargs)

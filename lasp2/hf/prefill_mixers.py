@@ -8,12 +8,12 @@ path reads:
 |---|---|---|
 | Gated DeltaNet (Qwen3-Next, Qwen3.5, OLMo hybrid) | [B, C, k] pre-conv q|k|v | [B, Hv, K, V] = lasp2's |
 | Mamba2 SSD (Bamba, Mamba2, Nemotron-H, Granite, Falcon-H1, Zamba2) | [B, C, k] pre-conv x|B|C | [B, H, P, N]: lasp2's [B, H, N, P] transposed |
-| Mamba1 (Mamba, Falcon-Mamba, Jamba) | [B, I, k] pre-conv x | [B, I, N]: lasp2's [B, I, N, 1] |
+| Mamba1 (Mamba, Falcon-Mamba, Jamba) | [B, I, k] pre-conv x | [B, I, N]: lasp2's [B, I, N, 1], in the model's dtype |
 | Lightning (MiniMax) | — | [B, H, D, D] = lasp2's, in the model's dtype (``MiniMaxCache``) |
 | LFM2 short conv | [B, C, k] pre-conv B*x | — |
 
 transformers keeps the recurrent states in fp32 whatever the model's dtype (its scans compute in
-fp32; MiniMax's in the model's dtype), and the conv states in the model's dtype; the prefill stores them so. The conv state holds
+fp32; Mamba1's and MiniMax's in the model's dtype), and the conv states in the model's dtype; the prefill stores them so. The conv state holds
 k inputs, of which the decode step reads the last k - 1 (``sp_causal_conv1d`` returns those); the
 oldest slot is never read and is stored as 0.
 
@@ -185,7 +185,7 @@ def mamba_prefill(layer, store, hidden_states, *args, **kwargs):
     q = C.to(cdt)[:, :, None, :].expand(batch_size, seq_len, I, N)
     k = B.to(cdt)[:, :, None, :].expand(batch_size, seq_len, I, N)
     y, state = linear_with_state(layer, q, k, (dt * x)[..., None], dt[..., None] * A, scale=1.0, sp=sp)
-    store.update_recurrent_state(state[..., 0].to(STATE_DTYPE), layer.layer_idx)  # [B, I, N]
+    store.update_recurrent_state(state[..., 0].to(dtype), layer.layer_idx)  # [B, I, N], Mamba1 keeps the model's dtype
     y = (y[..., 0] + x * layer.D.float().to(cdt)) * F.silu(gate.to(cdt))
     return layer.out_proj(y.to(dtype))
 

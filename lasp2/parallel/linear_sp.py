@@ -36,7 +36,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from . import comm
+from . import agreement, comm
 from .context import LinearCall
 from .linear_local import (SegmentWork, add_incoming, assemble, detached_leaves, grad_targets, inter_backward,
                            intra_outputs, leaf_grads, output_chunks_of, summarise)
@@ -61,14 +61,19 @@ def linear_sp_fwd(q, k, v, g, beta, kind: Kind, call: LinearCall, exchange, init
     if initial_state is not None and first is not None:
         initial_state = initial_state.to(work[first].summary_state.dtype)
         work[first].entering = initial_state  # segment 0 publishes Â S0 + Ŝ (``SegmentWork``)
-    P, saved = exchange.forward(work, call, lambda: intra_outputs(work))
+    native = getattr(exchange, "final_state", None)
+    try:
+        P, saved = exchange.forward(work, call, lambda: intra_outputs(work))
+    except ValueError:  # the ranks disagree (agreement digest): still enter the final state's
+        if call.output_final_state and native is None:  # gather, so that no rank waits in it
+            _gathered_final_state(work, call, None)
+        raise
     if initial_state is not None and first is not None:
         P[first] = initial_state  # the fold's P_0 = 0; segment 0's own outputs start from S0
     for w, P_j in zip(work, P):
         add_incoming(w, P_j)
     final = None
     if call.output_final_state:
-        native = getattr(exchange, "final_state", None)
         final = native(work, call, saved) if native is not None else _gathered_final_state(work, call, P)
     return assemble(work, q.dtype), work, saved, final
 
@@ -109,17 +114,21 @@ def _local_position(work: List[SegmentWork], index: int) -> Optional[int]:
     return next((i for i, w in enumerate(work) if w.seg.index == index), None)
 
 
-def _gathered_final_state(work: List[SegmentWork], call: LinearCall, P: List[torch.Tensor]) -> torch.Tensor:
+def _gathered_final_state(work: List[SegmentWork], call: LinearCall, P: Optional[List[torch.Tensor]]) -> torch.Tensor:
     """The final state for an exchange that leaves it on one rank: the owner of the last segment
-    forms Â P + Ŝ, one all-gather of [W, B, H, K, V] delivers its bits to every rank.
-    (The all-gather rather than a broadcast: ``comm`` has no broadcast, and W states are small.)"""
+    forms Â P + Ŝ, one all-gather of [W, B, H, K, V] (+ the call's agreement digest) delivers its
+    bits to every rank. (An all-gather rather than a broadcast: ``comm`` has no broadcast, W
+    states are small, and the digest then reaches every rank, whatever the chain delivered.)
+    ``P`` None: this rank's exchange failed; it sends zeros and the caller raises."""
     last = _local_position(work, call.layout.num_segments - 1)
-    if last is None:
-        F = torch.zeros_like(work[0].local.summary_state.detach())
-    else:
+    F = torch.zeros_like(work[0].local.summary_state.detach())
+    if last is not None and P is not None:
         w = work[last]
         F = w.kind.apply(w.transition.detach(), P[last]) + w.local.summary_state.detach()
-    return comm.all_gather(F.contiguous(), call.group)[call.layout.owner(call.layout.num_segments - 1)]
+    gathered = comm.all_gather(agreement.stamp_rows(F.reshape(1, -1), call.digest), call.group)  # [W, 1, n + d]
+    agreement.check_stamped(gathered, call.digest, "sp_linear_attention(output_final_state=True)")
+    owner = call.layout.owner(call.layout.num_segments - 1)
+    return gathered[owner, 0, :F.numel()].view_as(F).clone()
 
 
 def _backward_with_final_grad(G, work, call, exchange, saved, final_grad):

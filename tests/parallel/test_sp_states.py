@@ -145,10 +145,11 @@ def _misuse(group):
         ("bidirectional-initial", dict(match="need causal=True", kw=dict(causal=False, initial_state=S0), gate=False)),
         ("documents-final", dict(match="not supported with cu_seqlens", kw=dict(cu_seqlens=cu, output_final_state=True))),
         ("documents-initial", dict(match="not supported with cu_seqlens", kw=dict(cu_seqlens=cu, initial_state=S0))),
-        # the bits differ on rank 1 only: the digest inside the one all-gather tells every rank
-        ("differs-across-ranks", dict(match="initial_state", kw=dict(initial_state=S0 + rank * 1e-12,
-                                                                     output_final_state=True))),
     ]
+    # the bits differ on rank 1 only: the digest (inside LASP-2's all-gather; inside the final
+    # state's all-gather for the others) tells every rank, and no rank is left waiting
+    cases += [(f"differs-across-ranks-{s}", dict(match="initial_state", kw=dict(
+        initial_state=S0 + rank * 1e-12, output_final_state=True, strategy=s))) for s in strategies.LINEAR_STRATEGIES]
 
     def one(match, kw, gate=True):
         _raises(match, lambda: lasp2.sp_linear_attention(q, k, v, g if gate else None, group=group, **kw))

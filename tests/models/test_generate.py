@@ -226,3 +226,21 @@ def test_cli_rank_sp2_equals_recompute():
 @pytest.mark.parametrize("case", SP_CASES)
 def test_sp_generate_w4(case):
     SPAWNS.results(4, case)
+
+
+@pytest.mark.slow
+def test_cli_self_launched_sp2_equals_sp1(tmp_path):
+    """``lasp2 generate --sp 2`` (two processes it starts itself) prints the ids of ``--sp 1``."""
+    import os
+    import subprocess
+    import sys
+
+    run = write_checkpoint(str(tmp_path))
+    text = " ".join(map(str, prompt(B=1)[0].tolist()))
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    outs = [subprocess.run([sys.executable, "-m", "lasp2", "generate", "--checkpoint", run, "--prompt", text,
+                            "--max-new-tokens", str(NEW), "--print-ids", "--sp", str(sp), "--layout", "zigzag"],
+                           capture_output=True, text=True, env=env, timeout=600) for sp in (1, 2)]
+    assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
+    ids = [o.stdout.strip().splitlines()[-1] for o in outs]
+    assert ids[0].startswith("ids: ") and ids[0] == ids[1]

@@ -19,7 +19,9 @@ Sequence-parallel functions: ``sp_linear_attention``, ``sp_softmax_attention``, 
 ``unshard``; ``SPBatch`` is one batch's sequence-parallel context (group, layout, positions,
 documents; checked once when built: ``SPBatch.build``), which every SP function and parallelized
 layer takes in place of group / layout / cu_seqlens. Short causal conv (Gated DeltaNet / Mamba2): ``causal_conv1d``, ``sp_causal_conv1d``
-(x [B, T, C], weight [C, k]). Hugging Face models: ``lasp2.hf`` (optional, needs transformers).
+(x [B, T, C], weight [C, k]). Generation (Linear-Llama): ``generate`` (SP prefill of the prompt, then
+decoding on every rank; docs/inference.md). Hugging Face models: ``lasp2.hf`` (optional, needs
+transformers; ``lasp2.hf.sp_prefill`` for generation).
 """
 from .functional import causal_conv1d, linear_attention, softmax_attention
 from .ops.step import linear_attention_step
@@ -27,9 +29,10 @@ from .parallel.halo import sp_causal_conv1d
 from .parallel.api import shard, sp_linear_attention, sp_softmax_attention, unshard
 from .parallel.batch import SPBatch
 from .models.parallelize import parallelize
+from .models.generate import generate
 from .parallel.mesh import dp_sp_group, global_token_mean
 
 __all__ = ["linear_attention", "softmax_attention", "sp_linear_attention", "sp_softmax_attention", "shard",
            "unshard", "parallelize", "global_token_mean", "dp_sp_group", "causal_conv1d", "sp_causal_conv1d",
-           "SPBatch", "linear_attention_step"]
+           "SPBatch", "linear_attention_step", "generate"]
 __version__ = "0.1.0"

@@ -15,7 +15,8 @@ import importlib
 import sys
 from typing import List, Optional
 
-SUBCOMMAND_MODULES = ("lasp2.bench.cli", "lasp2.train.cli", "lasp2.train.prepare", "lasp2.cli")
+SUBCOMMAND_MODULES = ("lasp2.bench.cli", "lasp2.train.cli", "lasp2.train.prepare", "lasp2.cli",
+                      "lasp2.train.generate_cli")
 
 
 class UsageError(Exception):

@@ -13,7 +13,7 @@ DEFAULT = dict(seq_lens=(4096, 8192, 16384), heads=8, dim=64, repeats=5, world_s
 
 
 LOCAL_SUITES = ("ops", "gpu", "memory")  # not sequence-parallel: lasp2/bench/onedevice.py, memory.py
-SUITE_CHOICES = ("linear", "softmax", "model", "hf") + LOCAL_SUITES + ("trainer",)  # trainer: lasp2/bench/trainer.py
+SUITE_CHOICES = ("linear", "softmax", "model", "hf", "inference") + LOCAL_SUITES + ("trainer",)  # inference, trainer: their modules
 
 
 def add_parser(subparsers) -> None:
@@ -216,6 +216,10 @@ def run_bench(args) -> int:
         from .trainer import run_cli
 
         return run_cli(args, _usage)
+    if args.suite == "inference":
+        from .inference import run_cli as run_inference
+
+        return run_inference(args)
     if args.tuned_allocator:  # before any large tensor; the spawned ranks inherit it
         from lasp2.cpu_allocator import tune_cpu_allocator
 

@@ -33,5 +33,6 @@ check_transformers(transformers.__version__)
 from .api import parallelize, shard_batch
 from .trainer import sequence_parallel
 from .families import FAMILIES, supported
+from .prefill import sp_prefill
 
-__all__ = ["parallelize", "shard_batch", "sequence_parallel", "FAMILIES", "supported"]
+__all__ = ["parallelize", "shard_batch", "sequence_parallel", "sp_prefill", "FAMILIES", "supported"]

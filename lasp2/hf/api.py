@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import re
+import types
 from typing import Dict, Optional
 
 import torch
@@ -16,6 +17,7 @@ from ..validation import check_choice, check_cu_seqlens
 from ..parallel.batch import SPBatch, batch_digest
 from .common import ATTN_IMPLEMENTATION, SP_KEY, BatchSlot, HFContext, attention_function, make_pre_hook
 from .router_aux import exact_router_aux_loss
+from .decode import generate_parallelized
 from .compat import check_family_release
 from .families import FAMILIES, family_of, loss_problem, mixer_class, model_class
 
@@ -55,11 +57,10 @@ def _check_modules(model, family) -> None:
                              f"{', '.join(sorted(known))}")
 
 
-def _refuse_generate(*args, **kwargs):
-    raise ValueError("generate() on a model parallelized by lasp2.hf would decode a different continuation on "
-                     "every rank: sequence-parallel generation is planned as lasp2.hf.sp_prefill (prefill the "
-                     "prompt under SP, then decode), which does not exist yet. Generate with an unparallelized "
-                     "copy of the model (e.g. one loaded from lasp2 export / save_pretrained)")
+def _generate(model, *args, **kwargs):
+    """``model.generate`` of a parallelized model: continues from ``lasp2.hf.sp_prefill``'s cache,
+    refuses otherwise (``decode.generate_parallelized``)."""
+    return generate_parallelized(model, *args, **kwargs)
 
 
 def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", strategy: str = "lasp2",
@@ -89,8 +90,8 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
         forward takes ``shard_batch``'s output (``model(**batch)``): this rank's tokens and the
         batch's SP context, without which (or with one of another layout, group or batch) it
         raises ValueError; positions default to the global ones; ``logits`` are this rank's
-        shard of the single-device logits. ``model.generate`` raises ValueError (SP generation is
-        planned as ``lasp2.hf.sp_prefill``). No DP wrapping: gradients are partial sums over each
+        shard of the single-device logits. ``model.generate`` continues from the cache of
+        ``lasp2.hf.sp_prefill`` (``past_key_values=cache``) and raises ValueError without it. No DP wrapping: gradients are partial sums over each
         rank's tokens (all-reduce them with SUM over the SP group; under DDP, which averages,
         multiply the loss share by the SP size). Loss terms that are means over the whole sequence
         are made exact shares (summed over the SP group: the model's term, value and gradient):
@@ -147,7 +148,7 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
         getattr(config, family.layer_types)
     model._lasp2_hook = base.register_forward_pre_hook(make_pre_hook(ctx, kinds, slot), with_kwargs=True)
     model._lasp2 = ctx
-    model.generate = _refuse_generate  # this instance only
+    model.generate = types.MethodType(_generate, model)  # this instance only
     return model
 
 

@@ -153,9 +153,12 @@ def make_pre_hook(ctx: HFContext, layer_types, slot: Optional[BatchSlot] = None)
     no_masks = None if layer_types is None else {t: None for t in set(layer_types)}  # None: one mask, no kinds
 
     def hook(module, args, kwargs):
+        if getattr(module, "_lasp2_decoding", False):  # generate from lasp2.hf.sp_prefill's cache (prefill.py)
+            return None
         if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
             raise ValueError("a parallelized model trains on whole sequences: pass use_cache=False and no "
-                             "past_key_values (generation under sequence parallelism is not supported yet)")
+                             "past_key_values (to generate: cache = lasp2.hf.sp_prefill(model, input_ids, group=..., layout=...), "
+                             "then model.generate(input_ids, past_key_values=cache))")
         kwargs["use_cache"] = False
         if kwargs.get(SP_KEY) is None:  # the most likely mistake first (e.g. a plain Trainer's batch)
             check_batch(ctx, None, None, None, None)

@@ -210,18 +210,28 @@ class LinearAttention(nn.Module):
         return sp_linear_attention(q, k, v, g, beta, scale=self.scale, strategy=self.sp.strategy,
                                    backend=self.backend, **where(self.sp, cu_seqlens, batch))
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None, batch=None) -> torch.Tensor:
+    def project(self, x: torch.Tensor):
+        """The op's inputs from x [B, T, hidden]: (q, k [B, T, H, K], v [B, T, H, V], g or None, beta or None)
+        (``lasp2.generate`` calls the op itself, with states, between ``project`` and ``output``)."""
         B, T, _ = x.shape
-        H, V = self.heads, self.head_dim
-        q = self._features(self.q_proj(x).view(B, T, H, -1))
-        k = self._features(self.k_proj(x).view(B, T, H, -1))
-        v = self.v_proj(x).view(B, T, H, V)
+        q = self._features(self.q_proj(x).view(B, T, self.heads, -1))
+        k = self._features(self.k_proj(x).view(B, T, self.heads, -1))
+        v = self.v_proj(x).view(B, T, self.heads, self.head_dim)
         beta = torch.sigmoid(self.b_proj(x)) if self.row.beta else None
-        o = self.o_norm(self._attend(q, k, v, self._gate(x), beta, cu_seqlens, batch))  # [B, T, H, V]
+        return q, k, v, self._gate(x), beta
+
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The op's output o [B, T, H, V] -> per-head norm, output gate (from x), o_proj -> [B, T, hidden]."""
+        B, T, H, V = o.shape
+        o = self.o_norm(o)
         if self.g_proj is not None:
             gate = self.g_proj(x).view(B, T, H, V)
             o = o * (F.silu(gate) if self.output_gate == "swish" else torch.sigmoid(gate))
         return self.o_proj(o.reshape(B, T, H * V))
+
+    def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None, batch=None) -> torch.Tensor:
+        q, k, v, g, beta = self.project(x)
+        return self.output(self._attend(q, k, v, g, beta, cu_seqlens, batch), x)
 
     def extra_repr(self) -> str:
         return (f"variant={self.variant!r}, heads={self.heads}, key_dim={self.key_dim}, "

@@ -52,22 +52,32 @@ class SoftmaxAttention(nn.Module):
             nn.init.normal_(lin.weight, 0.0, std, generator=generator)
         nn.init.normal_(self.o_proj.weight, 0.0, std if out_std is None else out_std, generator=generator)
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None, batch=None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """q [B, T, H, D], k, v [B, T, Hkv, D] from x [B, T, hidden], RoPE applied at the global
+        ``positions`` (int64 [T]); ``lasp2.generate`` calls it with a cache's positions."""
         B, T, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x).view(B, T, self.heads, D)
         k = self.k_proj(x).view(B, T, self.kv_heads, D)
         v = self.v_proj(x).view(B, T, self.kv_heads, D)
-        positions = token_positions(T, self.sp, cu_seqlens, x.device, batch)
         cos, sin = rope_tables(positions, D, self.rope_theta, torch.promote_types(x.dtype, torch.float32))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """Attention output o [B, T, H, D] -> o_proj -> [B, T, hidden]."""
+        B, T = o.shape[:2]
+        return self.o_proj(o.reshape(B, T, self.heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None, batch=None) -> torch.Tensor:
+        positions = token_positions(x.shape[1], self.sp, cu_seqlens, x.device, batch)
+        q, k, v = self.project(x, positions)
         if self.sp is None:
             o = softmax_attention(q, k, v, cu_seqlens=cu_seqlens if batch is None else batch.cu_seqlens,
                                   backend=self.backend)
         else:
             o = sp_api.sp_softmax_attention(q, k, v, strategy=self.sp.strategy, backend=self.backend,
                                             **where(self.sp, cu_seqlens, batch))
-        return self.o_proj(o.reshape(B, T, self.heads * D))
+        return self.output(o)
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, rope_theta={self.rope_theta}, "

@@ -1,0 +1,214 @@
+"""The prefill forwards of every family's mixers: the SP forward of the family's adapter
+(``qwen3_next.py``, ``bamba.py``, ...: the model's own projections, gates and norms around
+``lasp2.sp_causal_conv1d`` and ``lasp2.sp_linear_attention``) that also writes the layer's states
+after the last prompt token into a transformers ``Cache`` (``store``), in the layout the model's own decode
+path reads:
+
+| mixer | conv state (``update_conv_state``) | recurrent state (``update_recurrent_state``) |
+|---|---|---|
+| Gated DeltaNet (Qwen3-Next, Qwen3.5, OLMo hybrid) | [B, C, k] pre-conv q|k|v | [B, Hv, K, V] = lasp2's |
+| Mamba2 SSD (Bamba, Mamba2, Nemotron-H, Granite, Falcon-H1, Zamba2) | [B, C, k] pre-conv x|B|C | [B, H, P, N]: lasp2's [B, H, N, P] transposed |
+| Mamba1 (Mamba, Falcon-Mamba, Jamba) | [B, I, k] pre-conv x | [B, I, N]: lasp2's [B, I, N, 1], in the model's dtype |
+| Lightning (MiniMax) | — | [B, H, D, D] = lasp2's, in the model's dtype (``MiniMaxCache``) |
+| LFM2 short conv | [B, C, k] pre-conv B*x | — |
+
+transformers keeps the recurrent states in fp32 whatever the model's dtype (its scans compute in
+fp32; Mamba1's and MiniMax's in the model's dtype), and the conv states in the model's dtype; the prefill stores them so. The conv state holds
+k inputs, of which the decode step reads the last k - 1 (``sp_causal_conv1d`` returns those); the
+oldest slot is never read and is stored as 0.
+
+Communication: per mixer, that of its SP ops (the conv's halo P2P, the linear strategy's
+all-gather); the states add none (every rank already holds them after the all-gather).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.common import compute_dtype
+from ..parallel.api import sp_linear_attention
+from ..parallel.halo import sp_causal_conv1d
+from .common import batch_context
+
+STATE_DTYPE = torch.float32  # transformers' recurrent states (fp32 even for fp64 models)
+
+
+def store_conv(store, layer_idx: int, tail: torch.Tensor, kernel: int, dtype: torch.dtype) -> None:
+    """Write the conv state: ``tail`` [B, k - 1, C] (the last k - 1 conv inputs of the prompt) as
+    transformers' [B, C, k] (oldest slot 0, never read). Before the recurrent state: transformers
+    reads a layer's recurrent state only once its conv state is set (``has_previous_state``)."""
+    conv = F.pad(tail.transpose(1, 2), (kernel - tail.shape[1], 0)).to(dtype)
+    store.update_conv_state(conv, layer_idx, conv_kernel_size=kernel)
+
+
+def conv_with_state(layer, conv, x: torch.Tensor, sp, activation):
+    """The adapter's conv (``sp_causal_conv1d`` in the weight's dtype) with its final state:
+    (y [B, T, C] in x's dtype, tail [B, k - 1, C])."""
+    w = conv.weight.squeeze(1)
+    y, tail = sp_causal_conv1d(x.to(w.dtype), w, conv.bias, activation=activation, batch=sp, output_final_state=True)
+    return y.to(x.dtype), tail
+
+
+def linear_with_state(layer, q, k, v, g, beta=None, *, scale: float, sp):
+    """``common.linear_core`` with the final state: (o [B, T, H, V] in v's dtype, state [B, H, K, V])."""
+    ctx, cdt = layer._lasp2, compute_dtype(v.dtype)
+    o, state = sp_linear_attention(q.to(cdt), k.to(cdt), v.to(cdt), None if g is None else g.to(cdt),
+                                   None if beta is None else beta.to(cdt), scale=scale, strategy=ctx.strategy,
+                                   backend=ctx.backend, batch=sp, output_final_state=True)
+    return o.to(v.dtype), state
+
+
+# ---- Gated DeltaNet -------------------------------------------------------------------------------
+
+def _gdn_core(layer, l2norm, mixed, g, beta, sp, store, out):
+    """After the projections and gates: conv (+ state), split, the delta rule (+ state), ``out``."""
+    from .qwen3_next import _split_qkv
+
+    batch_size, seq_len, _ = mixed.shape
+    y, tail = conv_with_state(layer, layer.conv1d, mixed, sp, layer.activation)
+    store_conv(store, layer.layer_idx, tail, layer.conv1d.kernel_size[0], mixed.dtype)
+    query, key, value = _split_qkv(layer, y, batch_size, seq_len)
+    rep = value.shape[2] // key.shape[2]
+    if rep != 1:
+        query, key = query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2)
+    cdt = compute_dtype(value.dtype)
+    query, key = l2norm(query.to(cdt), dim=-1, eps=1e-6), l2norm(key.to(cdt), dim=-1, eps=1e-6)
+    core, state = linear_with_state(layer, query, key, value, g, beta, scale=query.shape[-1] ** -0.5, sp=sp)
+    store.update_recurrent_state(state.to(STATE_DTYPE), layer.layer_idx)
+    return out(core)
+
+
+def qwen3_next_prefill(layer, l2norm, store, hidden_states, *args, **kwargs):
+    """``qwen3_next.qwen3_next_gdn_forward`` + the layer's states into ``store``."""
+    from .qwen3_next import _finish, _gates
+
+    batch_size, seq_len, _ = hidden_states.shape
+    sp = batch_context(layer, kwargs)
+    query, key, value, z, b, a = layer.fix_query_key_value_ordering(layer.in_proj_qkvz(hidden_states),
+                                                                     layer.in_proj_ba(hidden_states))
+    mixed = torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in (query, key, value)], dim=-1)
+    return _gdn_core(layer, l2norm, mixed, *_gates(layer, a, b), sp, store,
+                     lambda core: _finish(layer, core, z, batch_size, seq_len))
+
+
+def qwen3_5_prefill(layer, l2norm, store, hidden_states, *args, **kwargs):
+    """``qwen3_next.qwen3_5_gdn_forward`` + the layer's states into ``store``."""
+    from .qwen3_next import _finish, _gates
+
+    batch_size, seq_len, _ = hidden_states.shape
+    sp = batch_context(layer, kwargs)
+    z = layer.in_proj_z(hidden_states).reshape(batch_size, seq_len, -1, layer.head_v_dim)
+    b, a = layer.in_proj_b(hidden_states), layer.in_proj_a(hidden_states)
+    return _gdn_core(layer, l2norm, layer.in_proj_qkv(hidden_states), *_gates(layer, a, b), sp, store,
+                     lambda core: _finish(layer, core, z, batch_size, seq_len))
+
+
+def olmo_hybrid_prefill(layer, l2norm, store, hidden_states, *args, **kwargs):
+    """``olmo_hybrid.olmo_hybrid_gdn_forward`` + the layer's states into ``store``."""
+    batch_size, seq_len, _ = hidden_states.shape
+    sp = batch_context(layer, kwargs)
+    mixed = torch.cat([layer.q_proj(hidden_states), layer.k_proj(hidden_states), layer.v_proj(hidden_states)], dim=-1)
+    beta = layer.b_proj(hidden_states).sigmoid()
+    if layer.allow_neg_eigval:  # refused by parallelize; kept as the adapter has it
+        beta = beta * 2.0
+    g = -layer.A_log.float().exp() * F.softplus(layer.a_proj(hidden_states).float() + layer.dt_bias)
+
+    def out(core):
+        gate = layer.g_proj(hidden_states)
+        o = layer.o_norm(core.reshape(-1, layer.head_v_dim), gate.reshape(-1, layer.head_v_dim))
+        return layer.o_proj(o.reshape(batch_size, seq_len, -1))
+
+    return _gdn_core(layer, l2norm, mixed, g, beta, sp, store, out)
+
+
+# ---- Mamba2 SSD -----------------------------------------------------------------------------------
+
+def mamba2_mix_prefill(layer, projected, dtype, kwargs, finish, store):
+    """``bamba.mamba2_mix`` + the layer's conv state and SSD state ([B, H, P, N]) into ``store``."""
+    sp = batch_context(layer, kwargs)
+    batch_size, seq_len, _ = projected.shape
+    H, P, G, N = layer.num_heads, layer.head_dim, layer.n_groups, layer.ssm_state_size
+    gate, xbc, dt = projected.split([layer.intermediate_size, layer.conv_dim, H], dim=-1)
+    xbc_out, tail = conv_with_state(layer, layer.conv1d, xbc, sp, layer.activation)
+    store_conv(store, layer.layer_idx, tail, layer.conv1d.kernel_size[0], xbc.dtype)
+    x, B, C = torch.split(xbc_out, [layer.intermediate_size, G * N, G * N], dim=-1)
+    cdt = compute_dtype(dtype)
+    A = -torch.exp(layer.A_log.float())
+    dt = F.softplus(dt + layer.dt_bias.to(dt.dtype))
+    dt = torch.clamp(dt, min=layer.time_step_limit[0], max=layer.time_step_limit[1])
+    x = x.reshape(batch_size, seq_len, H, P).to(cdt)
+    B = B.reshape(batch_size, seq_len, G, N).to(cdt).repeat_interleave(H // G, dim=2, output_size=H)
+    C = C.reshape(batch_size, seq_len, G, N).to(cdt).repeat_interleave(H // G, dim=2, output_size=H)
+    dt = dt.to(cdt)
+    y, state = linear_with_state(layer, C, B, x * dt[..., None], A.to(cdt) * dt, scale=1.0, sp=sp)
+    store.update_recurrent_state(state.transpose(-1, -2).to(STATE_DTYPE), layer.layer_idx)  # [B, H, P, N]
+    y = y + layer.D[..., None] * x
+    return layer.out_proj(finish(y.reshape(batch_size, seq_len, -1), gate).to(dtype))
+
+
+def mamba2_prefill(layer, store, hidden_states, *args, **kwargs):
+    """``bamba.mamba2_forward`` + states."""
+    return mamba2_mix_prefill(layer, layer.in_proj(hidden_states), hidden_states.dtype, kwargs, layer.norm, store)
+
+
+def falcon_h1_prefill(layer, store, hidden_states, *args, **kwargs):
+    """``falcon_h1.falcon_h1_mixer_forward`` + states."""
+    from .falcon_h1 import _gated
+
+    projected = layer.in_proj(hidden_states * layer.ssm_in_multiplier) * layer.mup_vector
+    return mamba2_mix_prefill(layer, projected, hidden_states.dtype, kwargs,
+                              layer.norm if layer.mamba_rms_norm else _gated, store)
+
+
+# ---- Mamba1, Lightning, LFM2 ----------------------------------------------------------------------
+
+def mamba_prefill(layer, store, hidden_states, *args, **kwargs):
+    """``mamba.mamba_forward`` + the conv state [B, I, k] and the scan state [B, I, N]."""
+    sp = batch_context(layer, kwargs)
+    dtype = hidden_states.dtype
+    batch_size, seq_len, _ = hidden_states.shape
+    x, gate = layer.in_proj(hidden_states).chunk(2, dim=-1)
+    y_conv, tail = conv_with_state(layer, layer.conv1d, x, sp, layer.activation)
+    store_conv(store, layer.layer_idx, tail, layer.conv1d.kernel_size[0], x.dtype)
+    x = y_conv
+    dt, B, C = torch.split(layer.x_proj(x), [layer.time_step_rank, layer.ssm_state_size, layer.ssm_state_size], dim=-1)
+    if hasattr(layer, "dt_layernorm"):  # Falcon-Mamba, Jamba
+        dt, B, C = layer.dt_layernorm(dt), layer.b_layernorm(B), layer.c_layernorm(C)
+    dt = dt @ layer.dt_proj.weight.t()
+    if layer.dt_proj.bias is not None:
+        dt = dt + layer.dt_proj.bias.float().to(dt.dtype)
+    cdt = compute_dtype(dtype)
+    dt = F.softplus(dt).to(cdt)
+    A = -torch.exp(layer.A_log.float()).to(cdt)
+    I, N = A.shape
+    x = x.to(cdt)
+    q = C.to(cdt)[:, :, None, :].expand(batch_size, seq_len, I, N)
+    k = B.to(cdt)[:, :, None, :].expand(batch_size, seq_len, I, N)
+    y, state = linear_with_state(layer, q, k, (dt * x)[..., None], dt[..., None] * A, scale=1.0, sp=sp)
+    store.update_recurrent_state(state[..., 0].to(dtype), layer.layer_idx)  # [B, I, N], Mamba1 keeps the model's dtype
+    y = (y[..., 0] + x * layer.D.float().to(cdt)) * F.silu(gate.to(cdt))
+    return layer.out_proj(y.to(dtype))
+
+
+def lightning_prefill(layer, store, hidden_states, *args, **kwargs):
+    """``minimax.lightning_forward`` + the state [B, H, D, D] (``MiniMaxCache.set_linear_cache``)."""
+    batch_size, seq_len, _ = hidden_states.shape
+    H, D = layer.num_attention_heads, layer.head_dim
+    qkv = layer.act_fn(layer.qkv_proj(hidden_states)).reshape(batch_size, seq_len, H, 3 * D)
+    query, key, value = torch.split(qkv, D, dim=3)
+    g = (-layer.slope_rate.reshape(1, 1, H)).expand(batch_size, seq_len, H)
+    out, state = linear_with_state(layer, query, key, value, g, scale=1.0, sp=batch_context(layer, kwargs))
+    store.set_linear_cache(layer.layer_idx, state.to(value.dtype))  # MiniMax keeps K^T V in the model's dtype
+    out = layer.norm(out.reshape(batch_size, seq_len, H * D))
+    out = torch.sigmoid(layer.output_gate(hidden_states)) * out
+    return layer.out_proj(out), None
+
+
+def lfm2_prefill(layer, store, hidden_states, *args, **kwargs):
+    """``lfm2.lfm2_conv_forward`` + the conv state [B, C, k] of B * x."""
+    sp = batch_context(layer, kwargs)
+    B, C, x = layer.in_proj(hidden_states).chunk(3, dim=-1)
+    bx = B * x
+    h, tail = conv_with_state(layer, layer.conv, bx, sp, None)
+    store_conv(store, layer.layer_idx, tail, layer.conv.kernel_size[0], bx.dtype)
+    return layer.out_proj(C * h)

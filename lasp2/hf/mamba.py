@@ -16,7 +16,11 @@ g = dt ⊗ A [B, T, I, N], scale 1, through ``lasp2.sp_linear_attention``. Then 
 Cost: the gate is [B, T, I, N] (what transformers materialises as ``discrete_A``); the state of
 a layer is I x N per sequence, so LASP-2's one all-gather carries B * I * N fp32 per rank and layer
 (64 KiB for I = 1024, N = 16): small next to the activations. The local work is the chunked
-per-channel-gate op over I heads of K = N, V = 1.
+per-channel-gate op over I heads of K = N, V = 1, whose intra-chunk term is the recurrence inside
+every chunk (``ops/chunk_recurrent.py``: C N work and N floats saved per token and channel, not
+the C x C x N pair tensor). Measured (CPU, SP = 2, 256 tokens per rank, benchmarks/results):
+0.25-0.6x the time of transformers' own torch path on the shard (a Python loop over tokens) and
+1.6-2x its memory (the chunked copies of B, C and the gate per channel).
 """
 from __future__ import annotations
 

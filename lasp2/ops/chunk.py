@@ -49,6 +49,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import chunk_recurrent
 from .common import (ChunkedShape, DocMasks, causal_pair, compute_dtype, doc_positions, from_chunks,
                      masked_exp, segment_starts, to_chunks)
 from .precision import no_autocast
@@ -165,6 +166,8 @@ def prepare(
 
 def intra_outputs(c: Chunked) -> torch.Tensor:
     """The intra-chunk term: [B, H, N, C, V]. Needs no state: the bulk of the work."""
+    if c.kind is DIAGONAL and chunk_recurrent.applies(c):  # small V: C K V per chunk, not C^2 K
+        return chunk_recurrent.intra_outputs(c)
     C = c.C
     if c.docs is not None:
         mask = c.docs.pair  # [N, C, C]

@@ -184,3 +184,15 @@ def test_sp_prefill_refusals():
 @pytest.mark.parametrize("family", SLOW)
 def test_sp_prefill_every_family(family):
     SPAWNS_SLOW.results(2, f"{family}-zigzag")
+
+
+def test_mixer_without_prefill_is_a_value_error(monkeypatch):
+    """A family whose mixer class has no prefill forward: a ValueError naming the family and the
+    class (before any communication), never a KeyError."""
+    from lasp2.hf import prefill
+
+    model = make_model("qwen3_5", torch.float64).eval()
+    monkeypatch.delitem(prefill.MIXER_PREFILL, "Qwen3_5GatedDeltaNet")
+    with pytest.raises(ValueError, match="qwen3_5.*Qwen3_5GatedDeltaNet"):
+        prefill.check_prefill_support(model, family_of(model))
+

@@ -69,6 +69,11 @@ MIXER_PREFILL: Dict[str, Callable] = {
     "JambaMambaMixer": _plain(mixers.mamba_prefill),
     "MiniMaxLightningAttention": _plain(mixers.lightning_prefill),
     "Lfm2ShortConv": _plain(mixers.lfm2_prefill),
+    "KimiLinearDeltaAttention": _gdn(mixers.kda_prefill),
+    "BailingHybridDeltaAttention": _gdn(mixers.kda_prefill),
+    "KimiLinearAttention": _plain(mixers.kimi_mla_prefill),
+    "BailingHybridAttention": lambda layer, modeling, cache: (
+        lambda *a, **k: mixers.bailing_mla_prefill(layer, modeling, cache, *a, **k)),
 }
 
 # family -> why sp_prefill refuses it (never a wrong cache)

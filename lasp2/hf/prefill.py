@@ -20,7 +20,7 @@ runs the model's own decode path for the call); without one it raises ValueError
 
 Communication: one all-gather of an 8-byte digest (every rank holds the same prompt), then the
 model's SP forward on the prefix (per layer the linear strategy's all-gather plus the conv's
-halo P2P, or LASP-2H's K/V all-gather).
+halo P2P, or LASP-2H's K/V all-gather; an MLA layer also one all-gather of its latent).
 """
 from __future__ import annotations
 

@@ -11,6 +11,10 @@ path reads:
 | Mamba1 (Mamba, Falcon-Mamba, Jamba) | [B, I, k] pre-conv x | [B, I, N]: lasp2's [B, I, N, 1], in the model's dtype |
 | Lightning (MiniMax) | — | [B, H, D, D] = lasp2's, in the model's dtype (``MiniMaxCache``) |
 | LFM2 short conv | [B, C, k] pre-conv B*x | — |
+| KDA (Kimi Linear, Ling hybrid) | [B, C, k] pre-conv q|k|v | [B, H, K, V] = lasp2's (g per channel) |
+
+MLA layers (Kimi Linear, Ling hybrid) cache the latent as transformers does (``cache.update``):
+keys = c [B, 1, P, r], values = k_rot [B, 1, P, Dr] (``store_latent``).
 
 transformers keeps the recurrent states in fp32 whatever the model's dtype (its scans compute in
 fp32; Mamba1's and MiniMax's in the model's dtype), and the conv states in the model's dtype; the prefill stores them so. The conv state holds
@@ -18,7 +22,8 @@ k inputs, of which the decode step reads the last k - 1 (``sp_causal_conv1d`` re
 oldest slot is never read and is stored as 0.
 
 Communication: per mixer, that of its SP ops (the conv's halo P2P, the linear strategy's
-all-gather); the states add none (every rank already holds them after the all-gather).
+all-gather); the states add none (every rank already holds them after the all-gather). An MLA
+layer adds 1 all-gather of its latent [B, T, r + Dr].
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ runs the model's own decode path for the call); without one it raises ValueError
 
 Communication: one all-gather of an 8-byte digest (every rank holds the same prompt), then the
 model's SP forward on the prefix (per layer the linear strategy's all-gather plus the conv's
-halo P2P, or LASP-2H's K/V all-gather).
+halo P2P, or LASP-2H's K/V all-gather; an MLA layer also one all-gather of its latent).
 """
 from __future__ import annotations
 
@@ -69,6 +69,11 @@ MIXER_PREFILL: Dict[str, Callable] = {
     "JambaMambaMixer": _plain(mixers.mamba_prefill),
     "MiniMaxLightningAttention": _plain(mixers.lightning_prefill),
     "Lfm2ShortConv": _plain(mixers.lfm2_prefill),
+    "KimiLinearDeltaAttention": _gdn(mixers.kda_prefill),
+    "BailingHybridDeltaAttention": _gdn(mixers.kda_prefill),
+    "KimiLinearAttention": _plain(mixers.kimi_mla_prefill),
+    "BailingHybridAttention": lambda layer, modeling, cache: (
+        lambda *a, **k: mixers.bailing_mla_prefill(layer, modeling, cache, *a, **k)),
 }
 
 # family -> why sp_prefill refuses it (never a wrong cache)
@@ -207,6 +212,7 @@ def sp_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, group, layout
         raise ValueError(f"lasp2.hf.sp_prefill does not support the {family.name} family: {UNSUPPORTED[family.name]}")
     check_family_release(family)
     _check_release()
+    check_prefill_support(model, family)
     if model_class(model, family) != family.models[0]:
         raise ValueError(f"sp_prefill needs the causal LM ({family.models[0]}), which generate runs, "
                          f"got {type(model).__name__}")
@@ -227,6 +233,16 @@ def sp_prefill(model: torch.nn.Module, input_ids: torch.Tensor, *, group, layout
         _base(model, family)(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **{SP_KEY: batch[SP_KEY]})
     _count_tokens(cache, P, input_ids)
     return cache
+
+
+def check_prefill_support(model, family) -> None:
+    """ValueError naming the family and the layer class when a mixer of ``model`` has no prefill
+    forward in ``MIXER_PREFILL`` (a family added to ``lasp2.hf`` before its prefill)."""
+    missing = sorted({cls for m in model.modules()
+                      for cls in [mixer_class(m, set(family.linear))] if cls is not None and cls not in MIXER_PREFILL})
+    if missing:
+        raise ValueError(f"lasp2.hf.sp_prefill does not support the {family.name} family yet: no prefill for its "
+                         f"layer class(es) {', '.join(missing)}; generate without a prefilled cache")
 
 
 def _check_release() -> None:

@@ -11,6 +11,10 @@ path reads:
 | Mamba1 (Mamba, Falcon-Mamba, Jamba) | [B, I, k] pre-conv x | [B, I, N]: lasp2's [B, I, N, 1], in the model's dtype |
 | Lightning (MiniMax) | — | [B, H, D, D] = lasp2's, in the model's dtype (``MiniMaxCache``) |
 | LFM2 short conv | [B, C, k] pre-conv B*x | — |
+| KDA (Kimi Linear, Ling hybrid) | [B, C, k] pre-conv q|k|v | [B, H, K, V] = lasp2's (g per channel) |
+
+MLA layers (Kimi Linear, Ling hybrid) cache the latent as transformers does (``cache.update``):
+keys = c [B, 1, P, r], values = k_rot [B, 1, P, Dr] (``store_latent``).
 
 transformers keeps the recurrent states in fp32 whatever the model's dtype (its scans compute in
 fp32; Mamba1's and MiniMax's in the model's dtype), and the conv states in the model's dtype; the prefill stores them so. The conv state holds
@@ -18,7 +22,8 @@ k inputs, of which the decode step reads the last k - 1 (``sp_causal_conv1d`` re
 oldest slot is never read and is stored as 0.
 
 Communication: per mixer, that of its SP ops (the conv's halo P2P, the linear strategy's
-all-gather); the states add none (every rank already holds them after the all-gather).
+all-gather); the states add none (every rank already holds them after the all-gather). An MLA
+layer adds 1 all-gather of its latent [B, T, r + Dr].
 """
 from __future__ import annotations
 
@@ -60,14 +65,15 @@ def linear_with_state(layer, q, k, v, g, beta=None, *, scale: float, sp):
 
 # ---- Gated DeltaNet -------------------------------------------------------------------------------
 
-def _gdn_core(layer, l2norm, mixed, g, beta, sp, store, out):
-    """After the projections and gates: conv (+ state), split, the delta rule (+ state), ``out``."""
+def _gdn_core(layer, l2norm, mixed, g, beta, sp, store, out, split=None):
+    """After the projections and gates: conv (+ state), split (``split``, default Qwen's
+    ``_split_qkv``), the delta rule (+ state), ``out``."""
     from .qwen3_next import _split_qkv
 
     batch_size, seq_len, _ = mixed.shape
     y, tail = conv_with_state(layer, layer.conv1d, mixed, sp, layer.activation)
     store_conv(store, layer.layer_idx, tail, layer.conv1d.kernel_size[0], mixed.dtype)
-    query, key, value = _split_qkv(layer, y, batch_size, seq_len)
+    query, key, value = (split or (lambda y: _split_qkv(layer, y, batch_size, seq_len)))(y)
     rep = value.shape[2] // key.shape[2]
     if rep != 1:
         query, key = query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2)
@@ -119,6 +125,64 @@ def olmo_hybrid_prefill(layer, l2norm, store, hidden_states, *args, **kwargs):
         return layer.o_proj(o.reshape(batch_size, seq_len, -1))
 
     return _gdn_core(layer, l2norm, mixed, g, beta, sp, store, out)
+
+
+def kda_prefill(layer, l2norm, store, hidden_states, *args, **kwargs):
+    """``kimi_linear.kda_forward`` (Kimi Linear, Ling hybrid) + the layer's states into ``store``:
+    KDA's g is per channel, [B, T, H, K]; the state [B, H, K, V] as the Gated DeltaNet's."""
+    batch_size, seq_len, _ = hidden_states.shape
+    sp = batch_context(layer, kwargs)
+    shape = (batch_size, seq_len, -1, layer.head_dim)
+    mixed = torch.cat([layer.q_proj(hidden_states), layer.k_proj(hidden_states), layer.v_proj(hidden_states)], dim=-1)
+
+    def out(core):
+        gate = layer.g_proj(hidden_states) if hasattr(layer, "g_proj") else layer.g_b_proj(layer.g_a_proj(hidden_states))
+        return layer.o_proj(layer.o_norm(core, gate.view(shape)).reshape(batch_size, seq_len, -1))
+
+    return _gdn_core(layer, l2norm, mixed, layer.forget_gate(hidden_states), torch.sigmoid(layer.b_proj(hidden_states)),
+                     sp, store, out, split=lambda y: [x.reshape(shape) for x in torch.split(y, [layer.qkv_dim] * 3, -1)])
+
+
+# ---- MLA (Kimi Linear, Ling hybrid) ---------------------------------------------------------------
+
+def store_latent(layer, store, c, k_rot, sp) -> None:
+    """Write what transformers' MLA caches: the latent, not the expanded K/V: keys = c [B, 1, P, r]
+    (after ``kv_a_layernorm``), values = k_rot [B, 1, P, Dr] (after RoPE where the model applies it),
+    in sequence order. Communication: 1 all-gather of the latent [B, T, r + Dr] (the attention's own
+    gather is inside ``sp_mla_attention``)."""
+    from ..parallel import comm
+    from ..parallel.softmax_allgather import kv_in_sequence_order
+
+    gathered = comm.all_gather(torch.cat([c, k_rot], dim=-1).detach(), sp.group)  # [W, B, T, r + Dr]
+    c_all, rot_all = kv_in_sequence_order(gathered.unsqueeze(3), sp.layout, layer.kv_lora_rank)  # [B, P, 1, .]
+    store.update(c_all.transpose(1, 2), rot_all.transpose(1, 2), layer.layer_idx)
+
+
+def kimi_mla_prefill(layer, store, hidden_states, *args, **kwargs):
+    """``kimi_linear.mla_forward`` + the latent into ``store``."""
+    from .kimi_linear import mla_attend, mla_inputs
+
+    batch_size, seq_len = hidden_states.shape[:-1]
+    q, c, k_rot = mla_inputs(layer, hidden_states)
+    store_latent(layer, store, c, k_rot, batch_context(layer, kwargs))
+    o = mla_attend(layer, q, c, k_rot, kwargs)
+    return layer.o_proj(o.reshape(batch_size, seq_len, -1)), None
+
+
+def bailing_mla_prefill(layer, modeling, store, hidden_states, position_embeddings=None, *args, **kwargs):
+    """``bailing_hybrid.bailing_mla_forward`` + the latent (k_rot after RoPE) into ``store``."""
+    from .kimi_linear import mla_attend, mla_inputs
+
+    batch_size, seq_len = hidden_states.shape[:-1]
+    q, c, k_rot = mla_inputs(layer, hidden_states)
+    q_pass, q_rot = torch.split(q.transpose(1, 2), [layer.qk_nope_head_dim, layer.qk_rope_head_dim], dim=-1)
+    cos, sin = position_embeddings
+    q_rot, k_rot = modeling.apply_rotary_pos_emb_interleave(q_rot, k_rot.unsqueeze(1), cos, sin)
+    q, k_rot = torch.cat((q_pass, q_rot), dim=-1).transpose(1, 2), k_rot.squeeze(1)
+    store_latent(layer, store, c, k_rot, batch_context(layer, kwargs))
+    o = mla_attend(layer, q, c, k_rot, kwargs)
+    o = o * torch.sigmoid(layer.g_proj(hidden_states).float()).to(hidden_states.dtype).unsqueeze(-1)
+    return layer.o_proj(o.reshape(batch_size, seq_len, -1)), None
 
 
 # ---- Mamba2 SSD -----------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from tests.hf_reference import make_model  # noqa: E402
 
 T, NEW = 15, 5
 STATE_TOL = 1e-4  # fp32 scans (transformers') vs fp64 (lasp2), relative to the largest entry
-DEFAULT = ("qwen3_5", "qwen3_next", "bamba", "minimax")
+DEFAULT = ("qwen3_5", "qwen3_next", "bamba", "minimax", "kimi_linear")
 SLOW = ("qwen3_5_moe", "olmo_hybrid", "mamba2", "nemotron_h", "granitemoehybrid", "falcon_h1", "mamba", "jamba",
-        "lfm2")
+        "lfm2", "bailing_hybrid")
 
 
 AMPLIFY = 8.0  # linear mixers' output projections scaled: with default init the tokens ignore the states
@@ -155,6 +155,9 @@ def _worker(group, families):
     if families == DEFAULT:
         sections += [("parallelized", lambda g: _case(g, "qwen3_5", "zigzag", parallelized=True)),
                      ("conv-first", _gdn_reads_state_after_conv), ("refusals", _refusals)]
+    else:  # MLA + KDA, parallelized: the decode path drops the MLA layers' SP forwards too
+        sections += [(f"{fam}-parallelized", lambda g, f=fam: _case(g, f, "zigzag", parallelized=True))
+                     for fam in ("kimi_linear", "bailing_hybrid")]
     return run_sections(group, sections)
 
 
@@ -163,7 +166,7 @@ SPAWNS_SLOW = Spawns(_worker, SLOW, pool="hf-prefill-slow", timeout=900)
 
 
 @pytest.mark.parametrize("case", ["qwen3_5-zigzag", "qwen3_5-contiguous", "qwen3_next-zigzag", "bamba-zigzag",
-                                  "minimax-zigzag"])
+                                  "minimax-zigzag", "kimi_linear-zigzag"])
 def test_sp_prefill_generate_equals_plain_generate(case):
     SPAWNS.results(2, case)
 
@@ -184,3 +187,31 @@ def test_sp_prefill_refusals():
 @pytest.mark.parametrize("family", SLOW)
 def test_sp_prefill_every_family(family):
     SPAWNS_SLOW.results(2, f"{family}-zigzag")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["kimi_linear", "bailing_hybrid"])
+def test_parallelized_mla_model_generates_from_sp_prefill(family):
+    SPAWNS_SLOW.results(2, f"{family}-parallelized")
+
+
+def test_mixer_without_prefill_is_a_value_error(monkeypatch):
+    """A family whose mixer class has no prefill forward: a ValueError naming the family and the
+    class (before any communication), never a KeyError."""
+    from lasp2.hf import prefill
+
+    model = make_model("qwen3_5", torch.float64).eval()
+    monkeypatch.delitem(prefill.MIXER_PREFILL, "Qwen3_5GatedDeltaNet")
+    with pytest.raises(ValueError, match="qwen3_5.*Qwen3_5GatedDeltaNet"):
+        prefill.check_prefill_support(model, family_of(model))
+
+
+
+def test_every_family_prefills_or_is_refused():
+    """Every family lasp2.hf supports has a prefill for each of its mixers, or a reason in UNSUPPORTED."""
+    from lasp2.hf import prefill
+    from lasp2.hf.families import FAMILIES
+
+    for f in FAMILIES:
+        missing = set(f.linear) - set(prefill.MIXER_PREFILL)
+        assert f.name in prefill.UNSUPPORTED or not missing, (f.name, missing)

@@ -15,7 +15,8 @@ Shape legend (fla layout, used everywhere in lasp2):
 
 Single-device functions: ``linear_attention``, ``softmax_attention``; one decode step of linear
 attention: ``linear_attention_step`` (q, k [B, H, K], v [B, H, V], state [B, H, K, V]).
-Sequence-parallel functions: ``sp_linear_attention``, ``sp_softmax_attention``, plus ``shard`` /
+Sequence-parallel functions: ``sp_linear_attention``, ``sp_softmax_attention``,
+``sp_mla_attention`` (multi-head latent attention: all-gathers the latent), plus ``shard`` /
 ``unshard``; ``SPBatch`` is one batch's sequence-parallel context (group, layout, positions,
 documents; checked once when built: ``SPBatch.build``), which every SP function and parallelized
 layer takes in place of group / layout / cu_seqlens. Short causal conv (Gated DeltaNet / Mamba2): ``causal_conv1d``, ``sp_causal_conv1d``
@@ -27,6 +28,7 @@ from .functional import causal_conv1d, linear_attention, softmax_attention
 from .ops.step import linear_attention_step
 from .parallel.halo import sp_causal_conv1d
 from .parallel.api import shard, sp_linear_attention, sp_softmax_attention, unshard
+from .parallel.mla import sp_mla_attention
 from .parallel.batch import SPBatch
 from .models.parallelize import parallelize
 from .models.generate import generate
@@ -34,5 +36,5 @@ from .parallel.mesh import dp_sp_group, global_token_mean
 
 __all__ = ["linear_attention", "softmax_attention", "sp_linear_attention", "sp_softmax_attention", "shard",
            "unshard", "parallelize", "global_token_mean", "dp_sp_group", "causal_conv1d", "sp_causal_conv1d",
-           "SPBatch", "linear_attention_step", "generate"]
+           "SPBatch", "linear_attention_step", "generate", "sp_mla_attention"]
 __version__ = "0.1.0"

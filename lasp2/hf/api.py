@@ -71,7 +71,8 @@ def parallelize(model: torch.nn.Module, group, *, layout: str = "contiguous", st
     Args:
         model: a causal LM (or its base model) of a family in ``lasp2.hf.FAMILIES`` (Qwen3-Next,
             Qwen3.5, MiniMax, Bamba, Mamba2, Nemotron-H, Granite-4.0 hybrid, Falcon-H1, Zamba2,
-            Mamba, Falcon-Mamba, Jamba, OLMo hybrid, LFM2), identical on every rank of ``group``.
+            Mamba, Falcon-Mamba, Jamba, OLMo hybrid, LFM2, Kimi Linear, Ling hybrid), identical on every
+            rank of ``group``.
         group: the sequence-parallel process group (required; ``mesh["sp"].get_group()``).
         layout: "contiguous" or "zigzag", how ``shard_batch`` splits the tokens.
         strategy: linear-attention strategy from the registry ("lasp2", "lasp1", "allscan", "tree").

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 # Diagonal-gate variants of DESIGN §1 and the shape of their gate.
 DIAGONAL_VARIANTS = ("basic", "constant", "scalar", "channel")
 DELTA_VARIANTS = ("deltanet", "gated_deltanet")
+KDA = "kda"  # the per-channel gated delta rule (g [B, T, H, K] with beta); not in DELTA_VARIANTS, whose
+MATRIX_VARIANTS = DELTA_VARIANTS + (KDA,)  # tables predate it: tests add it where they cover it
 # Tolerances, relative to the reference's largest entry (max error) or its RMS (bf16):
 # - fp64 is the exactness claim. Its unit roundoff u = 2^-53 = 1.1e-16 grows to at most ~1e-13
 #   through the depth-<=1000 computations here; any algorithmic error shows at >= 1e-4. So 1e-10.
@@ -78,7 +80,7 @@ def make_gate(variant: str, B: int, T: int, H: int, K: int, generator: torch.Gen
     if variant == "constant":  # Lightning / RetNet: one fixed decay per head
         lam = 1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float64))
         return lam.log().view(1, 1, H).expand(B, T, H).to(dtype).contiguous()
-    shape = (B, T, H) if variant in ("scalar", "gated_deltanet") else (B, T, H, K)
+    shape = (B, T, H) if variant in ("scalar", "gated_deltanet") else (B, T, H, K)  # channel, kda: [B,T,H,K]
     x = torch.randn(shape, generator=generator, dtype=torch.float64) + 2.0
     return F.logsigmoid(x).to(dtype)
 
@@ -94,7 +96,7 @@ def make_inputs(variant: str, B: int, T: int, H: int, K: int, V: int, seed: int,
         "v": torch.randn(B, T, H, V, generator=gen, dtype=torch.float64).to(dtype),
         "g": make_gate(variant, B, T, H, K, gen, dtype),
     }
-    if variant in DELTA_VARIANTS:  # DeltaNet layers L2-normalise keys; beta = sigmoid(x)
+    if variant in MATRIX_VARIANTS:  # DeltaNet / KDA layers L2-normalise keys; beta = sigmoid(x)
         out["k"] = F.normalize(out["k"].double(), dim=-1).to(dtype)
         out["beta"] = torch.sigmoid(torch.randn(B, T, H, generator=gen, dtype=torch.float64)).to(dtype)
     out["initial_state"] = (None if n_states is None else

@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
-from . import bamba, falcon_h1, lfm2, mamba, minimax, olmo_hybrid, qwen3_next
+from . import bamba, falcon_h1, kimi_linear, lfm2, mamba, minimax, olmo_hybrid, qwen3_next
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,14 @@ FAMILIES = (
            {"Lfm2ShortConv": _plain(lfm2.lfm2_conv_forward)}, ("Lfm2Attention",), "layer_types", _no_sliding_window,
            doc=('LFM2', 'gated short conv only (y = C · conv(B · x)), no scan',
                 'kernel 3', 'GQA, q/k norm, RoPE'), config='lfm2-tiny', since=(5, 25)),
+    Family("kimi_linear", "transformers.models.kimi_linear.modeling_kimi_linear",
+           ("KimiLinearForCausalLM", "KimiLinearModel"),
+           {"KimiLinearDeltaAttention": _gdn(kimi_linear.kda_forward),
+            "KimiLinearAttention": _plain(kimi_linear.mla_forward)}, (), "layer_types",
+           doc=('Kimi Linear',
+                'KDA (per-channel gated delta rule, q/k L2-norm, g [B, T, H, K]) → `sp_linear_attention(q, k, v, g, '
+                'beta)`; MLA → `sp_mla_attention` (all-gathers the latent, not K/V)',
+                'kernel 4', 'MLA, no RoPE; MoE MLPs'), config='kimi-linear-tiny', since=(5, 25)),
 )
 
 

@@ -67,6 +67,27 @@ class LowRankChannelGate:
         return F.logsigmoid(gk) / layer.gate_normalizer
 
 
+class KDAGate:
+    """Kimi Linear's per-channel gate (KDA): g = -exp(A_log_h) * softplus(W_b W_a x + dt_bias),
+    [B, T, H, K]; A_log one per head, dt_bias one per channel (transformers'
+    ``KimiLinearForgetGate``; the low rank is ``gate_low_rank``, Kimi uses the head dim)."""
+
+    gate = "channel"
+
+    @staticmethod
+    def build(layer: nn.Module, hidden: int, gate_low_rank: int) -> None:
+        layer.f_a_proj = nn.Linear(hidden, gate_low_rank, bias=False)
+        layer.f_b_proj = nn.Linear(gate_low_rank, layer.heads * layer.head_dim, bias=False)
+        layer.A_log = nn.Parameter(torch.empty(layer.heads))
+        layer.dt_bias = nn.Parameter(torch.empty(layer.heads * layer.head_dim))
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        B, T, _ = x.shape
+        pre = layer.f_b_proj(layer.f_a_proj(x)).to(dtype) + layer.dt_bias.to(dtype)
+        g = -F.softplus(pre).view(B, T, layer.heads, layer.head_dim)
+        return g * layer.A_log.to(dtype).exp()[:, None]
+
+
 def lightning_log_decay(h: torch.Tensor, heads: int) -> torch.Tensor:
     """lambda_h = exp(-slope_h), slopes as ALiBi / TransNormerLLM."""
     return -(2.0 ** (-8.0 * (h + 1) / heads))

@@ -14,10 +14,11 @@
 | rebased          | (gamma norm(x)+beta)^2  | none                                          |             | identity |
 | deltanet         | l2norm(silu)            | none                                          | sigmoid(Wx) | matrix   |
 | gated_deltanet   | l2norm(silu)            | as mamba2                                     | sigmoid(Wx) | matrix   |
+| kda              | l2norm(silu)            | -softplus(W_b W_a x + dt_bias) * exp(A_log_h), [B,T,H,K] | sigmoid(Wx) | channel_matrix |
 
 The table is ``VARIANTS``: one ``Variant`` row per variant (feature map, gate parameterisation from
 ``gates.py``, beta, output gate); the row's transition kind (``lasp2.ops.transition``: identity,
-scalar, diagonal, matrix) follows from its gate and beta. A new variant of an existing kind is one
+scalar, diagonal, matrix, channel_matrix) follows from its gate and beta. A new variant of an existing kind is one
 row.
 
 There is no normaliser denominator (as in the papers' chunked forms): the per-head output RMSNorm
@@ -41,7 +42,7 @@ from ..ops.transition import Kind, kind_of
 from ..parallel.api import sp_linear_attention
 from .context import SPContext, where
 from .feature_maps import ReBasedFeatureMap, TaylorFeatureMap
-from .gates import FixedGate, LowRankChannelGate, Mamba2Gate, lightning_log_decay, retention_log_decay
+from .gates import FixedGate, KDAGate, LowRankChannelGate, Mamba2Gate, lightning_log_decay, retention_log_decay
 from .norm import RMSNorm
 
 OUTPUT_GATES = ("swish", "sigmoid", "none")
@@ -90,6 +91,7 @@ VARIANTS = {
     "rebased": Variant(feature_map=ReBasedFeatureMap),
     "deltanet": Variant(features=unit_norm_silu, beta=True),
     "gated_deltanet": Variant(features=unit_norm_silu, gate=MAMBA2_GATE, beta=True),
+    "kda": Variant(features=unit_norm_silu, gate=KDAGate(), beta=True, output_gate="sigmoid"),  # Kimi Linear
 }
 """Variant name -> its row. A new variant of an existing kind is one row here."""
 LINEAR_VARIANTS = tuple(VARIANTS)
@@ -173,7 +175,8 @@ class LinearAttention(nn.Module):
         """Normal(0, std) projections, ``out_std`` for o_proj (the residual-stream write);
         Mamba2's A in [1, 16] and dt in [1e-3, 1e-1] (log-uniform) as in Mamba2."""
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, getattr(self, "a_proj", None),
-                    getattr(self, "gk_down", None), getattr(self, "gk_up", None), getattr(self, "b_proj", None)):
+                    getattr(self, "gk_down", None), getattr(self, "gk_up", None), getattr(self, "b_proj", None),
+                    getattr(self, "f_a_proj", None), getattr(self, "f_b_proj", None)):
             if lin is not None:
                 nn.init.normal_(lin.weight, 0.0, std, generator=generator)
         nn.init.normal_(self.o_proj.weight, 0.0, std if out_std is None else out_std, generator=generator)

@@ -74,24 +74,31 @@ from .common import (ChunkedShape, DocMasks, causal_pair, compute_dtype, doc_pos
                      segment_starts, to_chunks)
 from .chunk import at, before, decay_between, split_resets
 from .precision import no_autocast
-from .transition import MATRIX
+from .transition import Kind, classify
 
 DEFAULT_DELTA_CHUNK = 64
+DEFAULT_KDA_CHUNK = 16  # per-channel gates form [C, C, K] decays per chunk (as chunk.py's diagonal kind)
+
+
+def default_delta_chunk(kind: Kind) -> int:
+    """The chunk length of ``kind``: 64 for the scalar-gated delta rule, 16 for KDA."""
+    return DEFAULT_KDA_CHUNK if kind.gate == "channel" else DEFAULT_DELTA_CHUNK
 
 
 @dataclass
 class DeltaChunked(ChunkedShape):
     """One segment prepared for the delta-rule chunk form. q is pre-multiplied by ``scale``.
 
-    q, k [B, H, N, C, K]; v [B, H, N, C, V]; beta [B, H, N, C]; g, Cs None | [B, H, N, C]
-    (Cs the inclusive within-chunk cumsum of g); Cd None | [B, H, N, C] = Cs relative to the
-    token's document entry (Cs_i - Cs_{s-1}; equal to Cs on the chunk's continuing document);
+    q, k [B, H, N, C, K]; v [B, H, N, C, V]; beta [B, H, N, C]; g, Cs None | [B, H, N, C, Kg]
+    (Kg = 1 for a scalar gate, K per channel (KDA); Cs the inclusive within-chunk cumsum of g);
+    Cd None | [B, H, N, C, Kg] = Cs relative to the token's document entry (Cs_i - Cs_{s-1};
+    equal to Cs on the chunk's continuing document);
     docs None | DocMasks; T the unpadded length. The UT-transform results shared by every piece:
     w [B, H, N, C, K] = T (beta exp(Cd) k), u [B, H, N, C, V] = T (beta v), and
-    A [B, H, N, C, C] = (q_i . k_j) exp(Cs_i - Cs_j) on j <= i of one document.
-    entry None | [B, H, N, C] = exp(Cd), 0 where a reset lies between the document entry and the
-    token; R, resets None | int64 [B, H, N, C]: reset counts and indicators (``chunk.split_resets``;
-    resets are 0 in g and Cs).
+    A [B, H, N, C, C] = sum_c q_ic k_jc exp(Cs_ic - Cs_jc) on j <= i of one document.
+    entry None | [B, H, N, C, Kg] = exp(Cd), 0 where a reset lies between the document entry and
+    the token; R, resets None | int64 [B, H, N, C, Kg]: reset counts and indicators
+    (``chunk.split_resets``; resets are 0 in g and Cs).
     """
 
     q: torch.Tensor
@@ -119,16 +126,20 @@ def prepare_delta(
     beta: torch.Tensor,
     scale: float,
     starts: Optional[torch.Tensor] = None,
-    chunk_size: int = DEFAULT_DELTA_CHUNK,
+    chunk_size: Optional[int] = None,
+    kind: Optional[Kind] = None,
 ) -> DeltaChunked:
     """Chunk one segment and apply the UT transform (the work every later piece shares).
 
-    q, k [B, T, H, K]; v [B, T, H, V]; g None | [B, T, H] (log space, <= 0); beta [B, T, H];
+    q, k [B, T, H, K]; v [B, T, H, V]; g None | [B, T, H] | [B, T, H, K] (log space, <= 0; the
+    per-channel gate is KDA, ``kind`` channel_matrix); beta [B, T, H];
     starts None | bool [T] (document starts; meaningful per document with B == 1).
+    kind: ``transition.classify(g, beta)``, computed here when not given.
     Computes in fp32 (fp64 for fp64 inputs).
     """
+    kind = classify(g, beta) if kind is None else kind
     dt = compute_dtype(q.dtype)
-    C, T = int(chunk_size), q.shape[1]
+    C, T = int(chunk_size or default_delta_chunk(kind)), q.shape[1]
     qc, kc, vc = to_chunks(q, C, dt) * scale, to_chunks(k, C, dt), to_chunks(v, C, dt)
     bc = to_chunks(beta.unsqueeze(-1), C, dt)[..., 0]  # [B, H, N, C]; zero on pad tokens
     docs = DocMasks.maybe(starts, C)
@@ -137,11 +148,11 @@ def prepare_delta(
     gc = Cs = Cd = R = resets = None
     if g is None:
         # [N, C, C]: 1 on same-document causal pairs; None without documents (a plain tril)
-        decay = None if docs is None else pair.to(dt)
+        decay = None if docs is None else pair.to(dt)[..., None]
         entry = None  # exp(Cd) == 1
     else:
-        gc, R, resets = split_resets(to_chunks(MATRIX.gate_channels(g), C, dt)[..., 0], -1)  # [B, H, N, C]
-        Cs = gc.cumsum(-1)
+        gc, R, resets = split_resets(to_chunks(kind.gate_channels(g), C, dt), 3)  # [B, H, N, C, Kg]
+        Cs = gc.cumsum(3)
         c0 = SimpleNamespace(Cs=Cs, R=R, g=gc, resets=resets)  # what chunk.at / chunk.before read
         if docs is None:
             Cd, entry = Cs, decay_between(at(c0, ...), None, None)
@@ -151,22 +162,36 @@ def prepare_delta(
             # token is Cs just before the document; gathering by index (not a cummin over
             # values) keeps the gradient right when gates are exactly 0.
             first = pair.to(torch.uint8).argmax(-1)  # [N, C]; argmax returns the first maximum
-            base = tuple(None if x is None else x.gather(-1, first.expand_as(Cs)) for x in before(c0))
+            base = tuple(None if x is None else x.gather(3, first[..., None].expand_as(Cs)) for x in before(c0))
             Cd = Cs - base[0]
             entry = decay_between(at(c0, ...), base, None)
-        decay = decay_between(at(c0, (..., slice(None), None)), at(c0, (..., None, slice(None))), pair)  # [B, H, N, C, C]
+        decay = decay_between(at(c0, (..., slice(None), None, slice(None))),
+                              at(c0, (..., None, slice(None), slice(None))), pair[..., None])  # [B, H, N, C, C, Kg]
 
     # The UT system (I + L) X = [beta exp(Cd) k | beta v], both right-hand sides in one solve.
     # L is strictly lower triangular; unitriangular=True supplies the unit diagonal.
-    kk = kc @ kc.transpose(-1, -2)
-    L = (kk if decay is None else kk * decay).tril(-1) * bc[..., :, None]
-    bk = kc * (bc if entry is None else bc * entry)[..., None]
+    L = _decayed_scores(kc, kc, decay).tril(-1) * bc[..., :, None]
+    bk = kc * (bc[..., None] if entry is None else bc[..., None] * entry)
     X = torch.linalg.solve_triangular(L, torch.cat([bk, vc * bc[..., None]], dim=-1),
                                       upper=False, unitriangular=True)
     w, u = X.split([kc.shape[-1], vc.shape[-1]], dim=-1)
-    qk = qc @ kc.transpose(-1, -2)
-    A = qk.tril() if decay is None else qk * decay
+    A = _decayed_scores(qc, kc, decay)
+    if decay is None:
+        A = A.tril()
     return DeltaChunked(qc, kc, vc, bc, gc, Cs, Cd, docs, T, w, u, A, entry, R, resets)
+
+
+def _decayed_scores(a: torch.Tensor, b: torch.Tensor, decay: Optional[torch.Tensor]) -> torch.Tensor:
+    """S_ij = sum_c a_ic b_jc decay_ijc, [B, H, N, C, C], for a, b [B, H, N, C, K] and decay None
+    (all ones) | [B, H, N, C, C, Kg]. A scalar gate (Kg = 1) factors out of the dot product (one
+    matmul); a per-channel gate does not without dividing by a decay, so its [C, C, K] product is
+    formed explicitly, exponent masked before exp (as ``chunk.intra_outputs``)."""
+    scores = None if decay is not None and decay.shape[-1] != 1 else a @ b.transpose(-1, -2)
+    if decay is None:
+        return scores
+    if scores is not None:
+        return scores * decay[..., 0]
+    return torch.einsum("...ic,...jc,...ijc->...ij", a, b, decay)
 
 
 def delta_intra_outputs(c: DeltaChunked) -> torch.Tensor:
@@ -176,7 +201,7 @@ def delta_intra_outputs(c: DeltaChunked) -> torch.Tensor:
 
 def _doc_query(c: DeltaChunked) -> torch.Tensor:
     """Q' = exp(Cd) * q - A w: row i is the coefficient of its own document's entry state."""
-    entry_q = c.q if c.entry is None else c.q * c.entry[..., None]
+    entry_q = c.q if c.entry is None else c.q * c.entry
     return entry_q - c.A @ c.w
 
 
@@ -191,7 +216,7 @@ def delta_inter_query(c: DeltaChunked, doc_query: Optional[torch.Tensor] = None)
 
 
 def _doc_transitions(c: DeltaChunked) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(M', U): M'_n = exp(Cd_last) I - Kd^T w maps the entry state of the chunk's *last*
+    """(M', U): M'_n = Diag(exp(Cd_last)) - Kd^T w maps the entry state of the chunk's *last*
     document to the chunk end (= M_n when the chunk has no start); U_n = Kd^T u."""
     Kdim = c.k.shape[-1]
     last = None if c.docs is None else c.docs.last  # [N, C]
@@ -199,11 +224,12 @@ def _doc_transitions(c: DeltaChunked) -> Tuple[torch.Tensor, torch.Tensor]:
         kd = c.k if last is None else c.k * last[..., None].to(c.k.dtype)
         entry_last = None
     else:
-        kd = c.k * decay_between(at(c, (..., slice(-1, None))), at(c, ...), last)[..., None]
-        entry_last = c.entry[..., -1]  # [B, H, N]
+        kd = c.k * decay_between(at(c, (..., slice(-1, None), slice(None))), at(c, ...),
+                                 None if last is None else last[..., None])
+        entry_last = c.entry[..., -1:, :]  # [B, H, N, 1, Kg]
     kdT = kd.transpose(-1, -2)
     eye = torch.eye(Kdim, dtype=c.k.dtype, device=c.k.device)
-    diag = eye if entry_last is None else entry_last[..., None, None] * eye
+    diag = eye if entry_last is None else entry_last * eye  # Diag(exp(Cd_last)): column j scaled, j's own decay
     return diag - kdT @ c.w, kdT @ c.u
 
 
@@ -311,11 +337,11 @@ def doc_final_states(c: DeltaChunked, S_in: torch.Tensor, cu_seqlens: torch.Tens
         kd = k_d * pair[..., None].to(k_d.dtype)
         diag = eye
     else:
-        idx = col.view(1, 1, -1, 1).expand(*k_d.shape[:3], 1)
-        at_m = at(c, (slice(None), slice(None), m))  # [1, H, Nd, C]
-        at_e = tuple(None if x is None else x.gather(-1, idx) for x in at_m)  # [1, H, Nd, 1]
-        kd = k_d * decay_between(at_e, at_m, pair)[..., None]
-        diag = c.entry[:, :, m].gather(-1, idx)[..., None] * eye  # [1, H, Nd, K, K]
+        idx = col.view(1, 1, -1, 1, 1).expand(*k_d.shape[:3], 1, c.Cs.shape[-1])
+        at_m = at(c, (slice(None), slice(None), m))  # [1, H, Nd, C, Kg]
+        at_e = tuple(None if x is None else x.gather(3, idx) for x in at_m)  # [1, H, Nd, 1, Kg]
+        kd = k_d * decay_between(at_e, at_m, pair[..., None])
+        diag = c.entry[:, :, m].gather(3, idx) * eye  # [1, H, Nd, K, K]: Diag(exp(Cd_e))
     kdT = kd.transpose(-1, -2)
     ht = kdT @ c.u[:, :, m]
     S_m = S_in[:, :, m]  # [1, H, Nd, K, V]
@@ -339,12 +365,14 @@ def delta_linear_attention(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
-    chunk_size: int = DEFAULT_DELTA_CHUNK,
+    chunk_size: Optional[int] = None,
+    kind: Optional[Kind] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Causal DeltaNet (g None) / Gated DeltaNet (g [B, T, H]), chunk form. Inputs assumed
-    validated; keys are used as given (not normalised).
+    """Causal DeltaNet (g None), Gated DeltaNet (g [B, T, H]) and KDA (g [B, T, H, K]), chunk
+    form. Inputs assumed validated; keys are used as given (not normalised).
 
-    q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H] in [0, 1] (required);
+    q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H] in [0, 1] (required); kind
+    ``transition.classify(g, beta)`` when known; chunk_size None: ``default_delta_chunk(kind)``;
     initial_state None | [B, H, K, V] | [N, H, K, V] with cu_seqlens [N + 1] (B == 1).
     Returns o [B, T, H, V] in q's dtype and the final state(s) [B or N, H, K, V] (fp32; fp64
     for fp64 inputs), or None. Accumulates in fp32 for half-precision inputs.
@@ -353,7 +381,7 @@ def delta_linear_attention(
         raise ValueError("delta_linear_attention needs beta [B, T, H]; use chunk_linear_attention without it")
     T = q.shape[1]
     starts = segment_starts(cu_seqlens, T, q.device)
-    c = prepare_delta(q, k, v, g, beta, scale, starts, chunk_size)
+    c = prepare_delta(q, k, v, g, beta, scale, starts, chunk_size, kind)
     Mp, U = _doc_transitions(c)
     M = _mask_reset(c, Mp)
     Qp = _doc_query(c)

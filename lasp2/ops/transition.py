@@ -12,8 +12,8 @@ argument shapes again.
 | scalar      | [B, T, H]    | no   | exp(g_s) I                        | [B, H, 1]              |
 | diagonal    | [B, T, H, K] | no   | diag(exp(g_s))                    | [B, H, K]              |
 | matrix      | None | [B,T,H] | yes | exp(g_s) (I - beta_s k_s^T k_s) | [B, H, K, K]           |
-| channel_matrix (KDA, declared, not yet supported): (I - beta_s k_s^T k_s) diag(exp(g_s)),  |
-|             | [B, T, H, K] | yes  |                                   | [B, H, K, K]           |
+| channel_matrix (KDA, Kimi Linear): (I - beta_s k_s^T k_s) diag(exp(g_s)), g [B, T, H, K],   |
+|             | [B, T, H, K] | yes  | (gate first, then the delta step)  | [B, H, K, K]           |
 
 Â is 0 for a segment that holds a document start (DESIGN §1, documents). States X are
 [B, H, K, V] (or [..., K, V]); everything here is exact algebra in the states' dtype (fp32, fp64
@@ -191,9 +191,7 @@ IDENTITY = Kind("identity", None, False, SCALAR_DECAYS)
 SCALAR = Kind("scalar", "scalar", False, SCALAR_DECAYS)
 DIAGONAL = Kind("diagonal", "channel", False, CHANNEL_DECAYS)
 MATRIX = Kind("matrix", "scalar", True, MATRICES)
-CHANNEL_MATRIX = Kind("channel_matrix", "channel", True, MATRICES,
-                      unsupported="the delta rule takes a scalar gate g [B, T, H], not a per-channel gate "
-                                  "(the per-channel gated delta rule, KDA, is not supported yet)")
+CHANNEL_MATRIX = Kind("channel_matrix", "channel", True, MATRICES)  # KDA
 KINDS = (IDENTITY, SCALAR, DIAGONAL, MATRIX, CHANNEL_MATRIX)
 
 # (the gate given, beta given) -> kind; the delta rule's gate is optional.

@@ -24,9 +24,9 @@ import lasp2
 from lasp2.ops.naive import naive_linear_attention
 from lasp2.parallel.strategies import LINEAR_STRATEGIES
 from tests.dist import run_cases, run_distributed
-from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS, fp32_tol, make_inputs, max_rel_err
+from tests.helpers import DIAGONAL_VARIANTS, MATRIX_VARIANTS, fp32_tol, make_inputs, max_rel_err
 
-VARIANTS = DIAGONAL_VARIANTS + DELTA_VARIANTS
+VARIANTS = DIAGONAL_VARIANTS + MATRIX_VARIANTS  # kda: fla's chunk_kda
 needs_fla = pytest.mark.skipif(sys.version_info < (3, 10), reason="fla-core 0.6.0 needs Python >= 3.10")
 INTERPRETER_ENV = {"TRITON_INTERPRET": "1", "FLA_DISABLE_BACKEND_DISPATCH": "1"}
 NAMES = ("q", "k", "v", "g", "beta")
@@ -74,7 +74,7 @@ def _single_cases(full: bool):
     with initial states and final states."""
     out = []
     for i, variant in enumerate(VARIANTS):
-        for docs in ((False, True) if full else (variant in ("constant", "channel", "gated_deltanet"),)):
+        for docs in ((False, True) if full else (variant in ("constant", "channel", "gated_deltanet", "kda"),)):
             cu = [0, 9, 10, 27, 32] if docs else None
             out.append((f"{variant}{'-docs' if docs else ''}",
                         dict(variant=variant, B=1 if docs else 2, T=32, H=2, K=16, V=12, cu=cu)))
@@ -126,7 +126,8 @@ def _sp_case(group, variant, T_local, strategy, layout, cu=None, H=2, K=16, V=12
 
 def _sp_cases(W: int, full: bool):
     """The default run covers every variant, every strategy, both layouts and documents (cut
-    mid-rank, a start on a segment's first token, segments without a start) in 9 cases; ``full``
+    mid-rank, a start on a segment's first token, segments without a start) in 9 cases (KDA's SP
+    case, ~40 s in the interpreter, is ``test_fla_sp_kda``, slow); ``full``
     runs the whole product."""
     docs = [0, 5, 8, 16, 27, W * 16]
     if not full:
@@ -173,6 +174,17 @@ def test_fla_backend_matches_torch_and_references(monkeypatch):
 def test_fla_sp_w4_gated_deltanet(monkeypatch):
     """W = 4, the variant with K x K transitions, zigzag, documents across ranks."""
     _run(monkeypatch, 4, [], [c for c in _sp_cases(4, full=False) if c[0] == "gated_deltanet-lasp2-zigzag-docs"])
+
+
+@needs_fla
+@pytest.mark.slow
+def test_fla_sp_kda(monkeypatch):
+    """KDA under SP with fla's chunk_kda as the local work (the [v | 0], [0 | I] call of the
+    matrix kinds), W = 2, zigzag, documents across ranks; its kernel is in the default run on one
+    device (``_single_cases``)."""
+    docs = [0, 5, 8, 16, 27, 32]
+    _run(monkeypatch, 2, [], [("kda-lasp2-zigzag-docs", dict(variant="kda", T_local=16, strategy="lasp2",
+                                                              layout="zigzag", cu=docs))])
 
 
 @needs_fla

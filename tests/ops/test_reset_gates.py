@@ -48,7 +48,7 @@ def _run(fn, x, cu):
 
 
 @pytest.mark.parametrize("docs", [False, True], ids=["one-sequence", "documents"])
-@pytest.mark.parametrize("variant", ["scalar", "channel", "gated_deltanet"])
+@pytest.mark.parametrize("variant", ["scalar", "channel", "gated_deltanet", "kda"])
 def test_neg_inf_gate_matches_naive(variant, docs):
     x = _inputs(variant, docs=docs)
     cu = torch.tensor(CU) if docs else None

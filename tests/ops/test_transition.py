@@ -21,9 +21,9 @@ from tests.helpers import max_rel_err
 
 TOL = 1e-12
 B, H, K, V, M = 2, 3, 4, 5, 6
-SUPPORTED = (IDENTITY, SCALAR, DIAGONAL, MATRIX)
+SUPPORTED = (IDENTITY, SCALAR, DIAGONAL, MATRIX, CHANNEL_MATRIX)
 # Â's stored shape per kind (DESIGN §1: a scalar, a K-vector, or a full matrix per batch and head).
-STORED = {"identity": (1,), "scalar": (1,), "diagonal": (K,), "matrix": (K, K)}
+STORED = {"identity": (1,), "scalar": (1,), "diagonal": (K,), "matrix": (K, K), "channel_matrix": (K, K)}
 
 
 def _random_transition(kind, *lead, seed=0):
@@ -101,11 +101,19 @@ def test_classify_names_every_argument_combination():
     assert classify(None, beta) is MATRIX and classify(scalar, beta) is MATRIX
     assert tuple(SCALAR.gate_channels(scalar).shape) == (B, 7, H, 1)
     assert DIAGONAL.gate_channels(channel) is channel and IDENTITY.gate_channels(None) is None
-    with pytest.raises(ValueError, match=r"scalar gate g \[B, T, H\].*not supported yet"):
+    assert classify(channel, beta) is CHANNEL_MATRIX  # KDA
+    assert CHANNEL_MATRIX.gate_channels(channel) is channel and CHANNEL_MATRIX.matrix
+
+
+def test_a_declared_unsupported_kind_is_refused_in_one_place(monkeypatch):
+    """``kind_of`` is the one place a declared kind without an implementation is refused; the
+    public function reaches it before any work (no kind is unsupported today: declare one)."""
+    q, channel, beta = torch.zeros(B, 7, H, K), torch.zeros(B, 7, H, K), torch.zeros(B, 7, H)
+    declared = transition.Kind("declared", "channel", True, transition.MATRICES, unsupported="not built yet: use X")
+    monkeypatch.setitem(transition._BY_ARGUMENTS, ("channel", True), declared)
+    with pytest.raises(ValueError, match="not built yet: use X"):
         classify(channel, beta)
-    assert CHANNEL_MATRIX.unsupported and CHANNEL_MATRIX in transition.KINDS
-    # the public function refuses the declared kind with the same message
-    with pytest.raises(ValueError, match=r"scalar gate g \[B, T, H\]"):
+    with pytest.raises(ValueError, match="not built yet: use X"):
         lasp2.linear_attention(q, q, q, -channel.abs() - 1, beta)
 
 
@@ -127,7 +135,9 @@ def test_a_new_variant_of_an_existing_kind_is_one_row(monkeypatch):
     layer = LinearAttention(16, 2, 4, "simple_gla").double()
     x = torch.randn(1, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     assert layer.kind is SCALAR and torch.isfinite(layer(x)).all()
-    # a row of the declared, unsupported kind is refused where the layer is built
-    monkeypatch.setitem(VARIANTS, "kda", Variant(gate=LowRankChannelGate(), beta=True))
-    with pytest.raises(ValueError, match="not supported yet"):
-        LinearAttention(16, 2, 4, "kda")
+    # a row of a declared, unsupported kind is refused where the layer is built
+    declared = transition.Kind("declared", "channel", True, transition.MATRICES, unsupported="not built yet")
+    monkeypatch.setitem(transition._BY_ARGUMENTS, ("channel", True), declared)
+    monkeypatch.setitem(VARIANTS, "gla_delta", Variant(gate=LowRankChannelGate(), beta=True))
+    with pytest.raises(ValueError, match="not built yet"):
+        LinearAttention(16, 2, 4, "gla_delta")

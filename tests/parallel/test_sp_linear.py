@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist import WORLD_SIZES, Spawns, run_cases, run_sections
-from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS
+from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS, KDA
 from tests.sp_cases import compare_linear
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -146,6 +146,33 @@ def test_sp_delta_rule(world_size):
     SPAWNS.results(world_size, "delta")
 
 
+def _kda(group, full: bool):
+    """KDA (the per-channel gated delta rule): its K x K transitions travel in the same single
+    all-gather per direction (``_expect_contract``). The default run keeps one case per strategy
+    and layout and two document layouts; the full table (slow, W = 4) is every length, layout
+    and document scenario."""
+    W = dist.get_world_size(group)
+    common = dict(variant=KDA, H=2, K=4, V=3, dtype=torch.float64, W=W)
+    if full and W >= 4:
+        plain = [(s, lay, T) for s, lay, T in itertools.product(("lasp2", "lasp1"), LAYOUTS, (1, 38, 70))]
+        docs = [(sc, cu, lay) for (sc, cu), lay in itertools.product(doc_scenarios(W, 12).items(), LAYOUTS)]
+    else:
+        plain = [("lasp2", "contiguous", 38), ("lasp1", "zigzag", 38)]
+        scenarios = doc_scenarios(W, 12)
+        docs = [(sc, scenarios[sc], "zigzag") for sc in ("cut-mid-rank", "length-one-docs")]
+    cases = [(f"kda-{s}-{lay}-T{T + (lay == 'zigzag' and T % 2)}",
+              dict(common, B=2, T_local=T + (lay == "zigzag" and T % 2), strategy=s, layout=lay))
+             for s, lay, T in plain]
+    cases += [(f"kda-docs-{sc}-{lay}", dict(common, B=1, T_local=12, strategy="lasp2", layout=lay, cu=cu))
+              for sc, cu, lay in docs]
+    run_cases(cases, lambda W, **p: _expect_contract(compare_linear(group, **p), dict(p, W=W)))
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_sp_kda(world_size):
+    SPAWNS.results(world_size, "kda")
+
+
 def _worker(group, full_at_4: bool):
     """Every section of this module in one spawn per world size. At W = 4 the default run
     (``full_at_4`` False) keeps a short form of each table: the cases that differ from W = 2
@@ -154,7 +181,7 @@ def _worker(group, full_at_4: bool):
     full = W < 4 or full_at_4
     sections = [("fp64", lambda g: _sp_table(g, _cases(lengths=(1, 37, 70) if full else (70,)))),
                 ("bidirectional", _bidirectional), ("documents", lambda g: _documents(g, full)),
-                ("delta", lambda g: _delta(g, full))]
+                ("delta", lambda g: _delta(g, full)), ("kda", lambda g: _kda(g, full_at_4))]
     if W > 1:
         sections.append(("fp32_bf16", lambda g: _sp_table(g, _cases(dtypes=(torch.float32, torch.bfloat16),
                                                                      lengths=(37,)))))
@@ -167,6 +194,6 @@ SPAWNS_FULL = Spawns(_worker, True, pool="sp-full")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("section", ["fp64", "documents", "delta"])
+@pytest.mark.parametrize("section", ["fp64", "documents", "delta", "kda"])
 def test_sp_linear_full_tables_w4(section):
     SPAWNS_FULL.results(4, section)

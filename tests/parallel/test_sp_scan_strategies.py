@@ -15,7 +15,7 @@ import torch.distributed as dist
 from lasp2.parallel.layout import Layout
 from lasp2.parallel.tree import tree_rounds
 from tests.dist import DistributedError, run_cases, run_distributed
-from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS
+from tests.helpers import DIAGONAL_VARIANTS, KDA, MATRIX_VARIANTS
 from tests.sp_cases import compare_linear
 
 B, H, K, V = 1, 2, 3, 4
@@ -47,7 +47,7 @@ def _expect(result, params, rank, W):
         exp_bwd = sum(1 for d in range(rounds) for i in pos_bwd
                       if i >= 1 << d and lay.owner(order_bwd[i - (1 << d)]) != rank)
         assert result["fwd_recvs"] == exp_fwd and result["bwd_recvs"] == exp_bwd, result
-        summary = STATE_BYTES + (B * H * (K * K if params["variant"] in DELTA_VARIANTS else
+        summary = STATE_BYTES + (B * H * (K * K if params["variant"] in MATRIX_VARIANTS else
                                           (K if params["variant"] == "channel" else 1)) * 8) + 8 * W  # + digests
         assert result["fwd_recv_bytes"] == exp_fwd * summary, result
         if params["layout"] == "contiguous" and rank == W - 1:
@@ -70,7 +70,8 @@ def _worker(group, tables):
     return True
 
 
-def _cases(W, variants, strategies=("allscan", "tree"), layouts=("contiguous", "zigzag"), docs=True):
+def _cases(W, variants, strategies=("allscan", "tree"), layouts=("contiguous", "zigzag"), docs=True,
+           doc_variants=("scalar", "gated_deltanet")):
     T_local = 10
     out = []
     for variant, strategy, layout in itertools.product(variants, strategies, layouts):
@@ -80,13 +81,13 @@ def _cases(W, variants, strategies=("allscan", "tree"), layouts=("contiguous", "
     if docs:  # documents cut mid-rank, one on a rank boundary, a rank without a start
         T = W * T_local
         cu = [0, 3, T_local, T_local + 7, T]
-        for variant, strategy in itertools.product(("scalar", "gated_deltanet"), strategies):
+        for variant, strategy in itertools.product(doc_variants, strategies):
             out.append((f"docs-{variant}-{strategy}", dict(variant=variant, T_local=T_local, strategy=strategy,
                                                            layout="zigzag", cu=cu)))
     return out
 
 
-ALL = DIAGONAL_VARIANTS + DELTA_VARIANTS
+ALL = DIAGONAL_VARIANTS + MATRIX_VARIANTS
 
 
 def _w8_cases():
@@ -102,7 +103,10 @@ def test_scan_strategies_match_single_device():
         3: [c for c in _cases(3, ("scalar", "gated_deltanet"))  # documents: one case per strategy
             if not c[0].startswith("docs") or (c[1]["strategy"] == "tree") == (c[1]["variant"] != "scalar")],
         4: [c for c in _cases(4, ("constant", "deltanet"), docs=False)
-            if (c[1]["strategy"] == "tree") == (c[1]["layout"] == "contiguous")],
+            if (c[1]["strategy"] == "tree") == (c[1]["layout"] == "contiguous")]
+        # KDA: allscan zigzag with documents, tree contiguous
+        + [c for c in _cases(4, (KDA,), doc_variants=(KDA,))
+           if c[0] in ("kda-tree-contiguous", "docs-kda-allscan")],
     }
     run_distributed(_worker, 4, tables)
 

@@ -2,7 +2,9 @@
 
 Variant -> kernel: basic linear attention -> ``chunk_linear_attn(normalize=False)``; constant
 decay and scalar gate (g [B, T, H]) -> ``chunk_simple_gla``; per-channel gate (g [B, T, H, K])
--> ``chunk_gla``; DeltaNet and Gated DeltaNet -> ``chunk_gated_delta_rule`` (DeltaNet with g = 0:
+-> ``chunk_gla``; KDA (g [B, T, H, K] with beta) -> ``chunk_kda`` (g precomputed in log space: its
+``use_gate_in_kernel``, ``use_qk_l2norm_in_kernel`` and ``use_beta_sigmoid_in_kernel`` stay off,
+the layer computes those); DeltaNet and Gated DeltaNet -> ``chunk_gated_delta_rule`` (DeltaNet with g = 0:
 fla's ``chunk_delta_rule`` refuses fp32, and the Triton interpreter does not emulate bf16
 faithfully, so one kernel path for every dtype is the one the CPU tests can prove; the zero gate
 costs an elementwise pass, which ``benchmarks/gpu_suite.sh`` measures against
@@ -20,7 +22,7 @@ op twice:
   gives the zero-state outputs and Ŝ (its final state); Â = exp(sum g) and the inter query q̃_s = scale * q_s ⊙ exp(cumsum g) (over the tokens before
   the segment's first document start) come from the gates in PyTorch, and the incoming state's
   term q̃ P (one [T, K] x [K, V] matmul) is added, and differentiated, in PyTorch;
-- the delta rule (the matrix kind): the op is linear in (v, initial state) jointly, so ONE fla call with the values
+- the delta rule (the matrix kinds, KDA included): the op is linear in (v, initial state) jointly, so ONE fla call with the values
   widened to [v | 0] (V + K columns) and the initial state [0 | I] gives, in its first V columns,
   the zero-state outputs and Ŝ, and in its last K columns q̃_s = scale * q_s Λ_{<=s} (the
   coefficient of the incoming state in o_s) and Â (the final state of I). The WY transform is
@@ -56,10 +58,11 @@ def _fla():
         warnings.filterwarnings("ignore", message=".*Triton is not supported on current platform.*")
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.gla import chunk_gla
+        from fla.ops.kda import chunk_kda
         from fla.ops.linear_attn import chunk_linear_attn
         from fla.ops.simple_gla import chunk_simple_gla
         from fla.ops.utils import cumsum
-    return SimpleNamespace(chunk_gated_delta_rule=chunk_gated_delta_rule,
+    return SimpleNamespace(chunk_gated_delta_rule=chunk_gated_delta_rule, chunk_kda=chunk_kda,
                            chunk_gla=chunk_gla, chunk_linear_attn=chunk_linear_attn,
                            chunk_simple_gla=chunk_simple_gla, cumsum_module=cumsum)
 
@@ -85,6 +88,8 @@ KERNELS = {
     "scalar": lambda ops, q, k, v, g, beta, **common: ops.chunk_simple_gla(q, k, v, g=g.float(), **common),
     "diagonal": lambda ops, q, k, v, g, beta, **common: ops.chunk_gla(q, k, v, g.float(), **common),
     "matrix": _gated_delta_rule,
+    "channel_matrix": lambda ops, q, k, v, g, beta, **common: ops.chunk_kda(q, k, v, g.float(), beta.to(q.dtype),
+                                                                           **common),
 }
 """Kind name (``ops.transition``) -> fla's chunk op for it: one row per supported kind."""
 

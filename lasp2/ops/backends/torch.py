@@ -52,16 +52,17 @@ class DecayForm:
 
 
 class DeltaForm:
-    """The chunk form of the delta rule (the matrix kind): ``ops/delta.py``."""
+    """The chunk form of the delta rule (the matrix kinds: scalar gate, and KDA's per-channel
+    gate): ``ops/delta.py``."""
 
     @staticmethod
     def linear_attention(q, k, v, g, beta, kind, **options):
-        return delta.delta_linear_attention(q, k, v, g, beta, **options)
+        return delta.delta_linear_attention(q, k, v, g, beta, kind=kind, **options)
 
     @staticmethod
     def summarise(q, k, v, g, beta, kind, scale: float, starts):
         """(chunked inputs, zero-state chunk-entry states [N + 1], entry transitions Λ [N + 1])."""
-        c = delta.prepare_delta(q, k, v, g, beta, scale, starts)
+        c = delta.prepare_delta(q, k, v, g, beta, scale, starts, kind=kind)
         M, U = delta.delta_chunk_transitions(c)
         return c, delta.scan_matrix_states(M, U, None), delta.delta_entry_transitions(c, M)
 
@@ -69,7 +70,8 @@ class DeltaForm:
     inter_query = staticmethod(delta.delta_inter_query)
 
 
-FORMS = {"identity": DecayForm, "scalar": DecayForm, "diagonal": DecayForm, "matrix": DeltaForm}
+FORMS = {"identity": DecayForm, "scalar": DecayForm, "diagonal": DecayForm, "matrix": DeltaForm,
+         "channel_matrix": DeltaForm}
 """Kind name (``ops.transition``) -> its chunk form: one row per supported kind."""
 
 

@@ -29,6 +29,7 @@ import torch
 from .. import chunk, delta
 from ..common import from_chunks, start_mask, to_chunks
 from ..precision import no_autocast
+from .torch_delta import DeltaSegment
 
 name = "torch"
 
@@ -49,25 +50,18 @@ class DecayForm:
 
     intra_outputs = staticmethod(chunk.intra_outputs)
     inter_query = staticmethod(chunk.inter_query)
+    segment = None  # set below: TorchSegment
 
 
 class DeltaForm:
     """The chunk form of the delta rule (the matrix kinds: scalar gate, and KDA's per-channel
-    gate): ``ops/delta.py``."""
+    gate): ``ops/delta.py``; its SP local work is ``torch_delta.DeltaSegment``."""
 
     @staticmethod
     def linear_attention(q, k, v, g, beta, kind, **options):
         return delta.delta_linear_attention(q, k, v, g, beta, kind=kind, **options)
 
-    @staticmethod
-    def summarise(q, k, v, g, beta, kind, scale: float, starts):
-        """(chunked inputs, zero-state chunk-entry states [N + 1], entry transitions Λ [N + 1])."""
-        c = delta.prepare_delta(q, k, v, g, beta, scale, starts, kind=kind)
-        M, U = delta.delta_chunk_transitions(c)
-        return c, delta.scan_matrix_states(M, U, None), delta.delta_entry_transitions(c, M)
-
-    intra_outputs = staticmethod(delta.delta_intra_outputs)
-    inter_query = staticmethod(delta.delta_inter_query)
+    segment = DeltaSegment  # the SP local work (``torch_delta.py``)
 
 
 FORMS = {"identity": DecayForm, "scalar": DecayForm, "diagonal": DecayForm, "matrix": DeltaForm,
@@ -158,6 +152,9 @@ class TorchSegment:
         return [self.states, self.decays], [dS_all, self.kind.algebra.stacked_grad(self.decays, dS_all, self.P)]
 
 
+DecayForm.segment = TorchSegment
+
+
 def entry_states(w: TorchSegment) -> torch.Tensor:
     """The chunk-entry states S_in(0) + Λ P [B, H, N, K, V], without graph (a temporary: never
     kept between forward and backward)."""
@@ -181,5 +178,7 @@ class _InterTerm(torch.autograd.Function):
         return d_inter @ entry_states(ctx.w).transpose(-1, -2), None
 
 
-segment_work = TorchSegment
-"""The contract's constructor: ``segment_work(q, k, v, g, beta, kind, scale, starts)`` for one segment."""
+def segment_work(q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
+    """The contract's constructor for one segment: ``TorchSegment`` for the decay-vector kinds,
+    ``torch_delta.DeltaSegment`` for the delta rule."""
+    return FORMS[kind.name].segment(q, k, v, g, beta, kind, scale, starts)

@@ -14,6 +14,9 @@ Local work of one segment for the SP strategies (``TorchSegment``, the contract 
    S_in + Λ P (one [N, K, V] update, no extra matmul) and the inter-chunk term is computed with
    them; the last entry is the segment's final state Â P + Ŝ.
 
+The delta rule (the matrix kinds) has its own segment (``torch_delta.DeltaSegment``): it forms no
+K x K entry transitions Λ, running the one-device op's scan from P instead.
+
 Everything but the inter-chunk matmul is ordinary differentiable PyTorch on leaves the strategy
 owns. In backward, ``inter_backward`` forms that matmul's gradients by hand, which also yields
 G = dL/dP (P is a constant here) at no extra cost; once the strategy knows the gradient reaching

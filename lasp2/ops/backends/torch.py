@@ -30,9 +30,9 @@ from typing import Optional, Tuple
 import torch
 
 from .. import chunk, delta
-from ..common import from_chunks, start_mask, to_chunks
+from ..common import start_mask
 from ..precision import no_autocast
-from .torch_delta import DeltaSegment
+from .torch_delta import ChunkedSegment, DeltaSegment
 
 name = "torch"
 
@@ -81,7 +81,7 @@ def linear_attention(q, k, v, g, beta, *, kind, scale: float, initial_state, out
                                              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
-class TorchSegment:
+class TorchSegment(ChunkedSegment):
     """One segment's local work in the chunk form.
 
     kind: the transition (``ops.transition``); form: its chunk form (``FORMS``);
@@ -128,15 +128,6 @@ class TorchSegment:
         self.P = P
         self.q_inter = self.form.inter_query(self.c)
         self.outputs, self.intra = self.intra + _InterTerm.apply(self.q_inter, self), None
-
-    def take_outputs(self, length: int) -> torch.Tensor:
-        """The segment's outputs [B, length, H, V] (with graph), releasing the chunked copy."""
-        o, self.outputs = from_chunks(self.outputs, length), None
-        return o
-
-    def output_grad(self, do: torch.Tensor) -> torch.Tensor:
-        """The segment's slice [B, length, H, V] of dL/do in this backend's form (chunked)."""
-        return to_chunks(do, self.c.C, self.states.dtype)
 
     def inter_backward(self, do_chunks: torch.Tensor):
         """(G [B, H, K, V], dS [B, H, N, K, V]): G = dL/dP from the segment's own outputs and the

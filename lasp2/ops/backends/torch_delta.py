@@ -30,7 +30,20 @@ from ..common import from_chunks, start_mask, to_chunks
 from ..precision import no_autocast
 
 
-class DeltaSegment:
+class ChunkedSegment:
+    """What both torch segments share: chunked outputs (``outputs``, ``c.C``) and states."""
+
+    def take_outputs(self, length: int) -> torch.Tensor:
+        """The segment's outputs [B, length, H, V] (with graph), releasing the chunked copy."""
+        o, self.outputs = from_chunks(self.outputs, length), None
+        return o
+
+    def output_grad(self, do: torch.Tensor) -> torch.Tensor:
+        """The segment's slice [B, length, H, V] of dL/do in this backend's form (chunked)."""
+        return to_chunks(do, self.c.C, self.states.dtype)
+
+
+class DeltaSegment(ChunkedSegment):
     """One segment's local work in the delta-rule chunk form.
 
     c: ``delta.DeltaChunked``; M [B, H, N, K, K], U [B, H, N, K, V]: the chunk summaries (with
@@ -70,13 +83,6 @@ class DeltaSegment:
         self.q_inter = delta.delta_inter_query(self.c)
         inter = _InterTerm.apply(self.q_inter, self.states.detach()[:, :, :-1])
         self.outputs, self.intra = self.intra + inter, None
-
-    def take_outputs(self, length: int) -> torch.Tensor:
-        o, self.outputs = from_chunks(self.outputs, length), None
-        return o
-
-    def output_grad(self, do: torch.Tensor) -> torch.Tensor:
-        return to_chunks(do, self.c.C, self.states.dtype)
 
     def inter_backward(self, do_chunks: torch.Tensor):
         """(G [B, H, K, V], dS [B, H, N, K, V]): dS_n = Q_n^T dO_n and G = dL/dP from the

@@ -52,6 +52,9 @@ CONFIGS = {
     "kimi_linear": ("kimi-linear-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
                                                                                "linear_attention"],
                                              mlp_layer_types=["dense", "sparse", "sparse"])),
+    "bailing_hybrid": ("ling-hybrid-tiny", dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                                                                  "linear_attention"],
+                                                mlp_layer_types=["dense", "sparse", "sparse"])),
 }
 MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -68,7 +71,8 @@ MODULES = {"qwen3_next": "transformers.models.qwen3_next.modeling_qwen3_next",
            "jamba": "transformers.models.jamba.modeling_jamba",
            "olmo_hybrid": "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
            "lfm2": "transformers.models.lfm2.modeling_lfm2",
-           "kimi_linear": "transformers.models.kimi_linear.modeling_kimi_linear"}
+           "kimi_linear": "transformers.models.kimi_linear.modeling_kimi_linear",
+           "bailing_hybrid": "transformers.models.bailing_hybrid.modeling_bailing_hybrid"}
 
 
 def make_model(family: str, dtype: torch.dtype, seed: int = 0):
@@ -83,25 +87,13 @@ def make_model(family: str, dtype: torch.dtype, seed: int = 0):
 
 
 def gdn_fp64(modeling):
+    """``torch_chunk_gated_delta_rule`` in fp64; with g [B, T, H, K] also Kimi Linear's
+    ``chunk_kimi_delta_attention`` (KDA: the same signature, l2norm and scale)."""
     def kernel(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
                use_qk_l2norm_in_kernel=False, **kwargs):
         assert initial_state is None and not output_final_state
         rep = value.shape[2] // key.shape[2]
         query, key = query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2)
-        query, key, value, g, beta = (x.double() for x in (query, key, value, g, beta))
-        if use_qk_l2norm_in_kernel:
-            query, key = modeling.l2norm(query, dim=-1, eps=1e-6), modeling.l2norm(key, dim=-1, eps=1e-6)
-        o, _ = naive_linear_attention(query, key, value, g, beta, scale=query.shape[-1] ** -0.5)
-        return o, None
-    return kernel
-
-
-def kda_fp64(modeling):
-    """transformers' ``chunk_kimi_delta_attention`` (fp32, its own l2norm) in fp64: the same l2norm
-    and scale around lasp2's per-token oracle, which with g [B, T, H, K] and beta is KDA."""
-    def kernel(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
-               use_qk_l2norm_in_kernel=False, **kwargs):
-        assert initial_state is None and not output_final_state
         query, key, value, g, beta = (x.double() for x in (query, key, value, g, beta))
         if use_qk_l2norm_in_kernel:
             query, key = modeling.l2norm(query, dim=-1, eps=1e-6), modeling.l2norm(key, dim=-1, eps=1e-6)
@@ -153,7 +145,7 @@ def hf_kernels(family: str, dtype: torch.dtype, model):
     use_torch_kernels(model)
     modeling = importlib.import_module(MODULES[family])
     pins = {"torch_chunk_gated_delta_rule": gdn_fp64(modeling), "mamba2_chunk_scan": mamba2_fp64,
-            "mamba_selective_scan": mamba1_fp64, "chunk_kimi_delta_attention": kda_fp64(modeling)}
+            "mamba_selective_scan": mamba1_fp64, "chunk_kimi_delta_attention": gdn_fp64(modeling)}
     saved: Dict[str, object] = {}
     if dtype == torch.float64:
         for name, fp64 in pins.items():

@@ -96,6 +96,7 @@ def _fla_direct(variant: str):
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.gla import chunk_gla
+    from fla.ops.kda import chunk_kda
     from fla.ops.linear_attn import chunk_linear_attn
     from fla.ops.simple_gla import chunk_simple_gla
 
@@ -111,6 +112,8 @@ def _fla_direct(variant: str):
                 return chunk_gated_delta_rule(q, k, v, torch.zeros_like(beta, dtype=torch.float32), beta,
                                               scale=scale)[0]
             return chunk_delta_rule(q, k, v, beta, scale=scale)[0]
+        if variant == "kda":
+            return chunk_kda(q, k, v, g, beta, scale=scale)[0]
         return chunk_gated_delta_rule(q, k, v, g, beta, scale=scale)[0]
     return run
 

@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
-from . import bamba, falcon_h1, kimi_linear, lfm2, mamba, minimax, olmo_hybrid, qwen3_next
+from . import bailing_hybrid, bamba, falcon_h1, kimi_linear, lfm2, mamba, minimax, olmo_hybrid, qwen3_next
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,14 @@ FAMILIES = (
                 'KDA (per-channel gated delta rule, q/k L2-norm, g [B, T, H, K]) → `sp_linear_attention(q, k, v, g, '
                 'beta)`; MLA → `sp_mla_attention` (all-gathers the latent, not K/V)',
                 'kernel 4', 'MLA, no RoPE; MoE MLPs'), config='kimi-linear-tiny', since=(5, 25)),
+    Family("bailing_hybrid", "transformers.models.bailing_hybrid.modeling_bailing_hybrid",
+           ("BailingHybridForCausalLM", "BailingHybridModel"),
+           {"BailingHybridDeltaAttention": _gdn(kimi_linear.kda_forward),
+            "BailingHybridAttention": lambda layer, modeling: (
+                lambda *a, **k: bailing_hybrid.bailing_mla_forward(layer, modeling, *a, **k))}, (), "layer_types",
+           doc=('Ling hybrid (bailing_hybrid)', 'KDA, as Kimi Linear (one output-gate projection, safe gate); MLA '
+                'with RoPE → `sp_mla_attention`, head-wise output gate',
+                'kernel 4', 'MLA, RoPE on the shared key; MoE MLPs'), config='ling-hybrid-tiny', since=(5, 25)),
 )
 
 

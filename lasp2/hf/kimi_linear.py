@@ -18,6 +18,8 @@ softmax strategy is "allgather" and the latent [c | k_rot] (kv_lora_rank + qk_ro
 per token) is smaller than the up-projected K and V (H (qk_head_dim + v_head_dim)), by
 ``lasp2.parallel.mla.sp_mla_attention``, which all-gathers the latent and expands it on every
 rank; otherwise by ``lasp2.sp_softmax_attention`` on the expanded K, V (any softmax strategy).
+``mla_inputs`` / ``mla_attend`` are shared with Ling's ``bailing_hybrid`` (MLA with RoPE), whose KDA
+layers run ``kda_forward`` too.
 """
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ def kda_forward(layer, l2norm, hidden_states, cache=None, attention_mask=None, *
     shape = (batch_size, seq_len, -1, layer.head_dim)
     mixed = torch.cat([layer.q_proj(hidden_states), layer.k_proj(hidden_states), layer.v_proj(hidden_states)], dim=-1)
     q, k, v = (x.reshape(shape) for x in torch.split(_conv(layer, mixed, sp), [layer.qkv_dim] * 3, dim=-1))
-    g = layer.forget_gate(hidden_states)  # [B, T, H, K], fp32 (transformers computes it so)
+    g = layer.forget_gate(hidden_states)  # [B, T, H, K] (fp32 in Kimi Linear: transformers computes it so)
     beta = torch.sigmoid(layer.b_proj(hidden_states))
     core = gated_delta_core(layer, l2norm, q, k, v, g, beta, sp)
-    gate = layer.g_b_proj(layer.g_a_proj(hidden_states)).view(shape)
-    return layer.o_proj(layer.o_norm(core, gate).reshape(batch_size, seq_len, -1))
+    # the output gate: low rank in Kimi Linear, one projection in Ling's bailing_hybrid
+    gate = layer.g_proj(hidden_states) if hasattr(layer, "g_proj") else layer.g_b_proj(layer.g_a_proj(hidden_states))
+    return layer.o_proj(layer.o_norm(core, gate.view(shape)).reshape(batch_size, seq_len, -1))
 
 
 def latent_is_smaller(layer) -> bool:
@@ -49,21 +52,28 @@ def latent_is_smaller(layer) -> bool:
     return latent < layer.num_heads * (layer.qk_head_dim + layer.v_head_dim)
 
 
-def mla_forward(layer, hidden_states, attention_mask=None, cache=None, **kwargs):
-    """Replacement forward of ``KimiLinearAttention`` (returns (output, None) as it does)."""
-    ctx, sp = layer._lasp2, batch_context(layer, kwargs)
-    if layer.training and layer.attention_dropout:
-        raise ValueError(f"attention dropout {layer.attention_dropout} is not supported under sequence parallelism; "
-                         f"set config.attention_dropout = 0 (or call model.eval())")
+def mla_inputs(layer, hidden_states):
+    """The MLA layer's own q [B, T, H, Dk] and latent parts: c = kv_a_layernorm(kv part) [B, T, r]
+    and the shared key part k_rot [B, T, Dr] (before any RoPE)."""
     batch_size, seq_len = hidden_states.shape[:-1]
     if layer.q_lora_rank is None:
         q = layer.q_proj(hidden_states)
     else:
         q = layer.q_b_proj(layer.q_a_layernorm(layer.q_a_proj(hidden_states)))
-    q = q.view(batch_size, seq_len, -1, layer.qk_head_dim)
     kv_nope, k_rot = torch.split(layer.kv_a_proj_with_mqa(hidden_states), [layer.kv_lora_rank, layer.qk_rope_head_dim],
                                  dim=-1)
-    latent = torch.cat([layer.kv_a_layernorm(kv_nope), k_rot], dim=-1)  # [B, T, R]
+    return q.view(batch_size, seq_len, -1, layer.qk_head_dim), layer.kv_a_layernorm(kv_nope), k_rot
+
+
+def mla_attend(layer, q, c, k_rot, kwargs):
+    """o [B, T, H, Dv] of the MLA layer over the SP group, from q [B, T, H, Dk] and the latent
+    [c | k_rot] (RoPE already applied where the model applies it): ``sp_mla_attention`` or the
+    expanded K/V through ``sp_softmax_attention`` (module docstring)."""
+    ctx, sp = layer._lasp2, batch_context(layer, kwargs)
+    if layer.training and layer.attention_dropout:
+        raise ValueError(f"attention dropout {layer.attention_dropout} is not supported under sequence parallelism; "
+                         f"set config.attention_dropout = 0 (or call model.eval())")
+    latent = torch.cat([c, k_rot], dim=-1)  # [B, T, R]
 
     def expand(lat):
         """[B', T', R] -> k [B', T', H, Dk], v [B', T', H, Dv] by the layer's own expand_kv."""
@@ -72,8 +82,14 @@ def mla_forward(layer, hidden_states, attention_mask=None, cache=None, **kwargs)
         return k.transpose(1, 2), v.transpose(1, 2)
 
     if ctx.softmax_strategy == "allgather" and latent_is_smaller(layer):
-        o = sp_mla_attention(q, latent, expand, scale=layer.scaling, batch=sp)
-    else:
-        k, v = expand(latent)
-        o = sp_softmax_attention(q, k, v, scale=layer.scaling, strategy=ctx.softmax_strategy, batch=sp)
+        return sp_mla_attention(q, latent, expand, scale=layer.scaling, batch=sp)
+    k, v = expand(latent)
+    return sp_softmax_attention(q, k, v, scale=layer.scaling, strategy=ctx.softmax_strategy, batch=sp)
+
+
+def mla_forward(layer, hidden_states, attention_mask=None, cache=None, **kwargs):
+    """Replacement forward of ``KimiLinearAttention`` (no RoPE; returns (output, None) as it does)."""
+    batch_size, seq_len = hidden_states.shape[:-1]
+    q, c, k_rot = mla_inputs(layer, hidden_states)
+    o = mla_attend(layer, q, c, k_rot, kwargs)
     return layer.o_proj(o.reshape(batch_size, seq_len, -1)), None

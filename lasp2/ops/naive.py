@@ -11,14 +11,16 @@ N documents (with ``cu_seqlens``).
     state [B, H, K, V]  (or [N, H, K, V] with cu_seqlens, B == 1)
 
 The recurrence (DESIGN §1), per batch element and head, rows q_s, k_s in R^K, v_s in R^V; the
-kind of A_s is ``transition.classify(g, beta)`` (identity, scalar, diagonal, matrix):
+kind of A_s is ``transition.classify(g, beta)`` (identity, scalar, diagonal, matrix, channel_matrix):
 
     S_s = A_s S_{s-1} + k_s^T vbar_s          o_s = scale * q_s S_s
 
     no g, no beta   A_s = I                                vbar_s = v_s
     g [B,T,H]       A_s = exp(g_s) I                       vbar_s = v_s
     g [B,T,H,K]     A_s = diag(exp(g_s))                   vbar_s = v_s
-    beta            A_s = exp(g_s) (I - beta_s k_s^T k_s)  vbar_s = beta_s v_s  (g optional)
+    beta            A_s = exp(g_s) (I - beta_s k_s^T k_s)  vbar_s = beta_s v_s  (g None or [B,T,H])
+    g [B,T,H,K] + beta  A_s = (I - beta_s k_s^T k_s) diag(exp(g_s))  vbar_s = beta_s v_s  (KDA: the
+                    gate first, then the delta step, as transformers' kimi_linear and fla's naive KDA)
 
 A document start resets the state to the document's initial state (zero when none is given),
 *before* the start token's own transition is applied: S_s = A_s h0 + k_s^T vbar_s.

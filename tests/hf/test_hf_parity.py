@@ -276,7 +276,8 @@ def test_configs_weights_and_train_flags(tmp_path):
     from lasp2.train.config import TrainConfig
 
     assert config_names() == ["bamba-tiny", "falcon-h1-tiny", "falcon-mamba-tiny", "granite-4.0-h-tiny",
-                              "jamba-tiny", "lfm2-tiny", "mamba-tiny", "mamba2-tiny", "minimax-tiny",
+                              "jamba-tiny", "kimi-linear-tiny", "lfm2-tiny", "ling-hybrid-tiny", "mamba-tiny",
+                              "mamba2-tiny", "minimax-tiny",
                               "nemotron-h-tiny", "olmo-hybrid-tiny", "qwen3-next-tiny", "qwen3.5-moe-tiny",
                               "qwen3.5-tiny", "zamba2-tiny"]
     model = make_model("minimax", torch.float32)

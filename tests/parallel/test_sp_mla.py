@@ -11,7 +11,7 @@ import torch.distributed as dist
 import lasp2
 from lasp2.parallel import comm
 from lasp2.parallel.mla import kv_bytes_per_rank, latent_bytes_per_rank, sp_mla_attention
-from tests.dist import run_cases, run_distributed
+from tests.dist import Spawns, run_cases, run_sections
 from tests.helpers import assert_close
 
 H, DN, DR, DV, RANK = 3, 4, 2, 5, 6  # heads, nope / rope key dims, value dim, kv latent rank
@@ -74,9 +74,12 @@ def _case(group, layout, T_local, B=1, cu=None, seed=0, dtype=torch.float64):
         assert kv_bytes_per_rank(W, B, T_local, H, DN + DR, DV, elem) > fwd.bytes_received
 
 
-def _worker(group, cases):
-    run_cases(cases, lambda **p: _case(group, **p))
-    return True
+def _worker(group, full: bool):
+    """The MLA section of the shared SP spawns (pool "sp": W = 2 by default; "sp-full": W = 4)."""
+    W = dist.get_world_size(group)
+    if W != (4 if full else 2):  # the pools also spawn other world sizes for the other modules
+        return run_sections(group, [])
+    return run_sections(group, [("mla", lambda g: run_cases(_cases(W, full), lambda **p: _case(g, **p)))])
 
 
 def _cases(W, full):
@@ -91,11 +94,15 @@ def _cases(W, full):
     return cases
 
 
+# One spawn serves this module with test_sp_linear, test_sp_contract and test_sp_softmax (pool "sp").
+SPAWNS = Spawns(_worker, False, pool="sp")
+SPAWNS_FULL = Spawns(_worker, True, pool="sp-full")
+
+
 def test_sp_mla_w2():
-    run_distributed(_worker, 2, _cases(2, False))
+    SPAWNS.results(2, "mla")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size", [4])
-def test_sp_mla_more_ranks(world_size):
-    run_distributed(_worker, world_size, _cases(world_size, True))
+def test_sp_mla_w4():
+    SPAWNS_FULL.results(4, "mla")

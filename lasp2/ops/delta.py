@@ -300,6 +300,39 @@ def delta_entry_transitions(c: DeltaChunked, M: Optional[torch.Tensor] = None) -
     return scan_matrix_states(M, torch.zeros_like(M), eye)
 
 
+def delta_segment_summary(M: torch.Tensor, U: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Â [B, H, K, K], Ŝ [B, H, K, V]) of a whole segment from its chunk summaries M
+    [B, H, N, K, K], U [B, H, N, K, V]: Â = M_{N-1} ... M_0 and Ŝ the state leaving it from a
+    zero entry state. A pairwise tree of the summary composition (M2, U2) o (M1, U1) =
+    (M2 M1, M2 U1 + U2) (DESIGN §1): log2 N rounds of batched [K, K] x [K, K] and [K, K] x [K, V]
+    matmuls, N K^2 (K + V) multiply-adds in all, instead of a sequential scan of K x K products over the
+    chunks. Without graph (the strategies use both only as values)."""
+    with torch.no_grad():
+        B, H = M.shape[:2]
+        M, U = M.flatten(0, 1), U.flatten(0, 1)  # [BH, N, ...]: 4-d matmuls (5-d ones run slower on CPU)
+        while M.shape[1] > 1:
+            n = M.shape[1] // 2 * 2
+            Mp, Up = M[:, :n].unflatten(1, (n // 2, 2)), U[:, :n].unflatten(1, (n // 2, 2))  # (earlier, later)
+            later = Mp[:, :, 1]
+            M2, U2 = later @ Mp[:, :, 0], (later @ Up[:, :, 0]).add_(Up[:, :, 1])
+            if n < M.shape[1]:  # an odd last chunk waits for the next round
+                M2, U2 = torch.cat([M2, M[:, n:]], 1), torch.cat([U2, U[:, n:]], 1)
+            M, U = M2, U2
+        return M[:, 0].unflatten(0, (B, H)), U[:, 0].unflatten(0, (B, H))
+
+
+def delta_entry_adjoint(M: torch.Tensor, dS: torch.Tensor) -> torch.Tensor:
+    """G = sum_n Λ_n^T dS_n [B, H, K, V] (Λ_n = M_{n-1} ... M_0, the segment start -> chunk n
+    entry), without forming Λ: the adjoint recurrence lam_n = dS_n + M_n^T lam_{n+1} over the
+    chunks, G = lam_0. M [B, H, N, K, K]; dS [B, H, N, K, V] (the entry states' gradients)."""
+    N = dS.shape[2]
+    lam = dS[:, :, N - 1]
+    for n in range(N - 2, -1, -1):
+        lam = torch.baddbmm(dS[:, :, n].flatten(0, 1), M[:, :, n].flatten(0, 1).transpose(-1, -2),
+                            lam.flatten(0, 1)).view_as(lam)
+    return lam
+
+
 def inject_doc_states(c: DeltaChunked, o: torch.Tensor, U: torch.Tensor, Mp: torch.Tensor,
                       Qp: torch.Tensor, cu_seqlens: torch.Tensor, h0: torch.Tensor
                       ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import lasp2
-from lasp2.ops.delta import (delta_chunk_transitions, delta_entry_transitions, delta_inter_query,
-                             delta_intra_outputs, delta_linear_attention, prepare_delta,
-                             scan_matrix_states)
+from lasp2.ops.delta import (delta_chunk_transitions, delta_entry_adjoint, delta_entry_transitions,
+                             delta_inter_query, delta_intra_outputs, delta_linear_attention,
+                             delta_segment_summary, prepare_delta, scan_matrix_states)
 from lasp2.ops.common import from_chunks
 from lasp2.ops.naive import naive_linear_attention
 from tests.helpers import assert_close, loss_weights, run_with_loss
@@ -227,6 +227,14 @@ def test_entry_transitions_and_linearity_in_the_incoming_state(variant):
                 assert bool((Lam[:, :, n] == 0).all()), f"Λ[{n}] after a document start must be 0"
             else:
                 assert_close(f"Λ[{n}] cu={cu}", Lam[:, :, n], _product(A, 0, min(n * C, T)), torch.float64)
+        # The SP local work's forms without Λ (backends/torch_delta.py): the tree summary
+        # (N = 6 chunks: rounds of 6, 3 (an odd carry), 2) and the adjoint sum G = Σ Λ_nᵀ dS_n.
+        A_tree, S_tree = delta_segment_summary(M, U)
+        assert_close(f"tree Â cu={cu}", A_tree, Lam[:, :, -1], torch.float64)
+        assert_close(f"tree Ŝ cu={cu}", S_tree, scan_matrix_states(M, U, None)[:, :, -1], torch.float64)
+        dS = torch.randn(1, 2, c.N, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        G_ref = (Lam[:, :, :-1].transpose(-1, -2) @ dS).sum(2)
+        assert_close(f"adjoint G cu={cu}", delta_entry_adjoint(M, dS), G_ref, torch.float64)
         # Linearity in P: P enters only the segment's continuing document (0); later
         # documents start from zero.
         S = scan_matrix_states(M, U, None) + Lam @ P.unsqueeze(2)

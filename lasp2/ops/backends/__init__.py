@@ -12,8 +12,9 @@ and never know which backend runs):
     linear_attention(q, k, v, g, beta, *, kind, scale, initial_state, output_final_state, cu_seqlens)
         -> (o [B, T, H, V] in q's dtype, final state(s) fp32 or None)        one device, causal
     segment_work(q, k, v, g, beta, kind, scale, starts) -> a segment object with
-        summary_state  Ŝ [B, H, K, V] (with graph): the state leaving the segment from zero
-        transition     Â in the kind's form, [B, H, Kg] (Kg = 1 or K) or [B, H, K, K] (with graph)
+        summary_state  Ŝ [B, H, K, V]: the state leaving the segment from zero
+        transition     Â in the kind's form, [B, H, Kg] (Kg = 1 or K) or [B, H, K, K]
+                       (the strategies use both as values; a backend may keep a graph for them)
         intra_outputs()          the work that needs no incoming state
         add_incoming(P)          the output term linear in the incoming state P [B, H, K, V]
         take_outputs(length)     outputs [B, length, H, V] with graph (released after)

@@ -14,6 +14,9 @@ Local work of one segment for the SP strategies (``TorchSegment``, the contract 
    S_in + Λ P (one [N, K, V] update, no extra matmul) and the inter-chunk term is computed with
    them; the last entry is the segment's final state Â P + Ŝ.
 
+The delta rule (the matrix kinds) has its own segment (``torch_delta.DeltaSegment``): it forms no
+K x K entry transitions Λ, running the one-device op's scan from P instead.
+
 Everything but the inter-chunk matmul is ordinary differentiable PyTorch on leaves the strategy
 owns. In backward, ``inter_backward`` forms that matmul's gradients by hand, which also yields
 G = dL/dP (P is a constant here) at no extra cost; once the strategy knows the gradient reaching
@@ -27,8 +30,9 @@ from typing import Optional, Tuple
 import torch
 
 from .. import chunk, delta
-from ..common import from_chunks, start_mask, to_chunks
+from ..common import start_mask
 from ..precision import no_autocast
+from .torch_delta import ChunkedSegment, DeltaSegment
 
 name = "torch"
 
@@ -49,25 +53,18 @@ class DecayForm:
 
     intra_outputs = staticmethod(chunk.intra_outputs)
     inter_query = staticmethod(chunk.inter_query)
+    segment = None  # set below: TorchSegment
 
 
 class DeltaForm:
     """The chunk form of the delta rule (the matrix kinds: scalar gate, and KDA's per-channel
-    gate): ``ops/delta.py``."""
+    gate): ``ops/delta.py``; its SP local work is ``torch_delta.DeltaSegment``."""
 
     @staticmethod
     def linear_attention(q, k, v, g, beta, kind, **options):
         return delta.delta_linear_attention(q, k, v, g, beta, kind=kind, **options)
 
-    @staticmethod
-    def summarise(q, k, v, g, beta, kind, scale: float, starts):
-        """(chunked inputs, zero-state chunk-entry states [N + 1], entry transitions Λ [N + 1])."""
-        c = delta.prepare_delta(q, k, v, g, beta, scale, starts, kind=kind)
-        M, U = delta.delta_chunk_transitions(c)
-        return c, delta.scan_matrix_states(M, U, None), delta.delta_entry_transitions(c, M)
-
-    intra_outputs = staticmethod(delta.delta_intra_outputs)
-    inter_query = staticmethod(delta.delta_inter_query)
+    segment = DeltaSegment  # the SP local work (``torch_delta.py``)
 
 
 FORMS = {"identity": DecayForm, "scalar": DecayForm, "diagonal": DecayForm, "matrix": DeltaForm,
@@ -84,7 +81,7 @@ def linear_attention(q, k, v, g, beta, *, kind, scale: float, initial_state, out
                                              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
-class TorchSegment:
+class TorchSegment(ChunkedSegment):
     """One segment's local work in the chunk form.
 
     kind: the transition (``ops.transition``); form: its chunk form (``FORMS``);
@@ -132,15 +129,6 @@ class TorchSegment:
         self.q_inter = self.form.inter_query(self.c)
         self.outputs, self.intra = self.intra + _InterTerm.apply(self.q_inter, self), None
 
-    def take_outputs(self, length: int) -> torch.Tensor:
-        """The segment's outputs [B, length, H, V] (with graph), releasing the chunked copy."""
-        o, self.outputs = from_chunks(self.outputs, length), None
-        return o
-
-    def output_grad(self, do: torch.Tensor) -> torch.Tensor:
-        """The segment's slice [B, length, H, V] of dL/do in this backend's form (chunked)."""
-        return to_chunks(do, self.c.C, self.states.dtype)
-
     def inter_backward(self, do_chunks: torch.Tensor):
         """(G [B, H, K, V], dS [B, H, N, K, V]): G = dL/dP from the segment's own outputs and the
         entry states' gradient dS_n = Q_n^T dO_n. G = sum_n Λ_n^T dS_n, since the entry states
@@ -156,6 +144,9 @@ class TorchSegment:
         the full [N + 1] size inside autograd.)"""
         dS_all = torch.cat([dS, final_grad.unsqueeze(2).to(dS.dtype)], dim=2)  # entry states, then final
         return [self.states, self.decays], [dS_all, self.kind.algebra.stacked_grad(self.decays, dS_all, self.P)]
+
+
+DecayForm.segment = TorchSegment
 
 
 def entry_states(w: TorchSegment) -> torch.Tensor:
@@ -181,5 +172,7 @@ class _InterTerm(torch.autograd.Function):
         return d_inter @ entry_states(ctx.w).transpose(-1, -2), None
 
 
-segment_work = TorchSegment
-"""The contract's constructor: ``segment_work(q, k, v, g, beta, kind, scale, starts)`` for one segment."""
+def segment_work(q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
+    """The contract's constructor for one segment: ``TorchSegment`` for the decay-vector kinds,
+    ``torch_delta.DeltaSegment`` for the delta rule."""
+    return FORMS[kind.name].segment(q, k, v, g, beta, kind, scale, starts)

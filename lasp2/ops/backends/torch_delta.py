@@ -1,0 +1,112 @@
+"""The PyTorch backend's local work of one segment for the delta rule (the matrix kinds: DeltaNet,
+Gated DeltaNet, KDA; ``ops/delta.py``), the contract of ``ops/backends/__init__.py``.
+
+The segment's extra work over the one-device op on the same tokens is kept to two small pieces:
+
+1. construction: the chunk form's UT transform and chunk summaries (M_n, U_n), as the one-device
+   op; the segment's summary (Â, Ŝ) by a pairwise tree over the chunks
+   (``delta.delta_segment_summary``: N K^2 (K + V) multiply-adds in log2 N batched rounds; values
+   only, the strategies never differentiate them);
+2. ``intra_outputs``: the intra-chunk outputs A u (no state needed);
+3. ``add_incoming(P)``: the chunk-entry states by the one-device op's own scan started from P
+   (S_0 = P, S_{n+1} = M_n S_n + U_n), and the inter-chunk term Q_n S_n: exactly the one-device
+   op's forward with initial state P; the last state is the segment's final state Â P + Ŝ.
+
+No entry-transition matrices Λ_n [N, K, K] are formed or differentiated. In backward,
+``inter_backward`` gives dS_n = Q_n^T dO_n and G = dL/dP = sum_n Λ_n^T dS_n by the adjoint
+recurrence lam_n = dS_n + M_n^T lam_{n+1} (``delta.delta_entry_adjoint``, N K^2 V); once the
+strategy knows the gradient D reaching the final state, ``grad_targets`` hands the scan's states
+(dS, D) and autograd runs the one-device op's backward (the scan's own adjoint with D as its
+tail). Extra over the one-device op: the tree (forward) and one adjoint pass (backward).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import delta
+from ..common import from_chunks, start_mask, to_chunks
+from ..precision import no_autocast
+
+
+class ChunkedSegment:
+    """What both torch segments share: chunked outputs (``outputs``, ``c.C``) and states."""
+
+    def take_outputs(self, length: int) -> torch.Tensor:
+        """The segment's outputs [B, length, H, V] (with graph), releasing the chunked copy."""
+        o, self.outputs = from_chunks(self.outputs, length), None
+        return o
+
+    def output_grad(self, do: torch.Tensor) -> torch.Tensor:
+        """The segment's slice [B, length, H, V] of dL/do in this backend's form (chunked)."""
+        return to_chunks(do, self.c.C, self.states.dtype)
+
+
+class DeltaSegment(ChunkedSegment):
+    """One segment's local work in the delta-rule chunk form.
+
+    c: ``delta.DeltaChunked``; M [B, H, N, K, K], U [B, H, N, K, V]: the chunk summaries (with
+    graph); Â [B, H, K, K], Ŝ [B, H, K, V]: the segment's summary (values); after
+    ``add_incoming``: states [B, H, N + 1, K, V], the chunk-entry states from P and the final
+    state (with graph), q_inter [B, H, N, C, K], outputs [B, H, N, C, V] (released by
+    ``take_outputs``); P [B, H, K, V] (a constant).
+    """
+
+    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
+        self.kind = kind
+        self.c = delta.prepare_delta(q, k, v, g, beta, scale, start_mask(starts, q.shape[1], q.device), kind=kind)
+        self.M, self.U = delta.delta_chunk_transitions(self.c)
+        self._A, self._S = delta.delta_segment_summary(self.M.detach(), self.U.detach())
+        self.intra = self.q_inter = self.outputs = self.states = self.P = None
+
+    @property
+    def summary_state(self) -> torch.Tensor:
+        """Ŝ [B, H, K, V] (no graph): the state leaving the segment for a zero incoming state."""
+        return self._S
+
+    @property
+    def transition(self) -> torch.Tensor:
+        """Â [B, H, K, K] (no graph); 0 when the segment holds a document start."""
+        return self._A
+
+    def intra_outputs(self) -> None:
+        """The intra-chunk outputs, which need no state (overlaps the communication)."""
+        self.intra = delta.delta_intra_outputs(self.c)
+
+    def add_incoming(self, P: torch.Tensor) -> None:
+        """P [B, H, K, V] the state entering the segment (a constant): the chunk-entry states by
+        the scan from P and the inter-chunk term Q_n S_n (whose dS = Q^T dO ``inter_backward``
+        forms once; ``_InterTerm`` gives only dQ)."""
+        self.P = P
+        self.states = delta.scan_matrix_states(self.M, self.U, P)
+        self.q_inter = delta.delta_inter_query(self.c)
+        inter = _InterTerm.apply(self.q_inter, self.states.detach()[:, :, :-1])
+        self.outputs, self.intra = self.intra + inter, None
+
+    def inter_backward(self, do_chunks: torch.Tensor):
+        """(G [B, H, K, V], dS [B, H, N, K, V]): dS_n = Q_n^T dO_n and G = dL/dP from the
+        segment's own outputs (the adjoint recurrence over the chunks, no Λ)."""
+        dS = self.q_inter.detach().transpose(-1, -2) @ do_chunks
+        return delta.delta_entry_adjoint(self.M.detach(), dS), dS
+
+    def grad_targets(self, dS: torch.Tensor, final_grad: torch.Tensor):
+        """The scan's states [N + 1] get dS with the final state's gradient D appended: autograd
+        then runs the one-device op's backward (the scan's adjoint with tail D)."""
+        return [self.states], [torch.cat([dS, final_grad.unsqueeze(2).to(dS.dtype)], dim=2)]
+
+
+class _InterTerm(torch.autograd.Function):
+    """Q_n S_n for entry states S (a constant here: their gradient goes through ``grad_targets``);
+    backward returns dQ = dO S^T only."""
+
+    @staticmethod
+    def forward(ctx, q_inter: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(S)
+        return q_inter @ S
+
+    @staticmethod
+    @no_autocast
+    def backward(ctx, d_inter: torch.Tensor):
+        (S,) = ctx.saved_tensors
+        return d_inter @ S.transpose(-1, -2), None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..parallel import strategies
 from ..parallel.api import sp_softmax_attention
 from ..parallel.mla import sp_mla_attention
 from .common import batch_context
@@ -81,7 +82,9 @@ def mla_attend(layer, q, c, k_rot, kwargs):
         k, v = layer.expand_kv(c.unsqueeze(1), rot.unsqueeze(1))
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    if ctx.softmax_strategy == "allgather" and latent_is_smaller(layer):
+    # The latent all-gather replaces the K/V all-gather of LASP-2H only: other softmax strategies
+    # (ring, ulysses) move the expanded K/V their own way.
+    if strategies.softmax(ctx.softmax_strategy).pattern == "all-gather" and latent_is_smaller(layer):
         return sp_mla_attention(q, latent, expand, scale=layer.scaling, batch=sp)
     k, v = expand(latent)
     return sp_softmax_attention(q, k, v, scale=layer.scaling, strategy=ctx.softmax_strategy, batch=sp)

@@ -106,8 +106,9 @@ def _validation_cases(group, W: int):
             lambda: sp(*_qkvg(x2)[:3], group=group, cu_seqlens=cu_global), r"cu_seqlens.*B == 1"),
         "positive g": (lambda: sp(xg["q"], xg["k"], xg["v"], pos_g, group=group), r"\bg\b.*<= 0"),
         "beta outside [0, 2]": (lambda: sp(q, k, v, None, beta, group=group), r"beta must lie in \[0, 2\]"),
-        "delta rule with a per-channel gate": (lambda: sp(q, k, v, -torch.ones(B, T, H, K), beta.clamp(0, 1),
-                                                          group=group), r"scalar gate g \[B, T, H\]"),
+        "delta rule (KDA) with a gate of another K": (
+            lambda: sp(q, k, v, -torch.ones(B, T, H, K + 1), beta.clamp(0, 1), group=group),
+            r"g must have shape \[B, T, H\].*or \[B, T, H, K\]"),
         "causal=False with g": (
             lambda: sp(*_qkvg(xg), group=group, causal=False), r"causal=False.*g=None"),
         "causal=False with lasp1": (

@@ -177,6 +177,7 @@ def test_fla_backend_matches_torch_and_references(monkeypatch):
 
 
 @needs_fla
+@pytest.mark.slow  # CI time: W = 2 covers the SP path in the default run
 def test_fla_sp_w4_gated_deltanet(monkeypatch):
     """W = 4, the variant with K x K transitions, zigzag, documents across ranks."""
     _run(monkeypatch, 4, [], [c for c in _sp_cases(4, full=False) if c[0] == "gated_deltanet-lasp2-zigzag-docs"])

@@ -416,8 +416,8 @@ def _autocast(group) -> int:
 def _worker(group, full_at_4: bool):
     """Every section in one spawn per world size. The checks that do not depend on the number of
     ranks beyond 2 (argument validation, inference, shard round trips, autocast, q-only grads)
-    run at W = 4 only in the slow run; W = 4's default sections are the contract and the
-    disagreement checks, whose messages and collectives do depend on it."""
+    run at W = 4 only in the slow run; so do the contract and the disagreement checks at W = 4
+    (CI time: their W = 2 forms and the W = 4 SP tables of test_sp_linear stay in the default run)."""
     W = dist.get_world_size(group)
     if W == 1:
         sections = [("single", _single)]
@@ -468,7 +468,7 @@ def test_bad_arguments_raise_value_error_naming_them(world_size):
     assert counts == [counts[0]] * world_size and counts[0] == 16
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, W4_SLOW])
 def test_disagreeing_ranks_all_raise(world_size):
     per_rank = _section_results(world_size, "disagreement")
     cases = list(per_rank[0])
@@ -488,7 +488,7 @@ def test_disagreeing_ranks_all_raise(world_size):
                 assert f"rank(s) {odd}" in msg, f"{case}: rank {rank}: {msg}"
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, W4_SLOW])
 def test_lasp2_collective_contract(world_size):
     assert _section_results(world_size, "contract") == [8] * world_size
 

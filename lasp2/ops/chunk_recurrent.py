@@ -7,7 +7,7 @@ chunked tensors are [B, H, N, C, D].
 Why: the pair form of ``chunk.intra_outputs`` forms exp(Cs_i - Cs_j) for every pair of a chunk
 and channel, a [C, C, K] tensor per chunk (C^2 K per chunk), because a per-channel gate does not
 factor into one matmul without dividing by a decay. With V = 1 (Mamba1: one head per channel,
-K = N, V = 1, issue 25) the state of a chunk is only K x V, so the recurrence
+K = N, V = 1) the state of a chunk is only K x V, so the recurrence
 
     h_t = a_t ⊙ h_{t-1} + k_t v_t^T   (h_{-1} = 0 at every chunk entry),    o_t = q_t^T h_t
 

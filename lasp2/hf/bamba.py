@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..parallel.halo import sp_causal_conv1d
-from .common import batch_context, compute_dtype, linear_core
+from .common import STATE_DTYPE, batch_context, compute_dtype, conv_maybe_storing, linear_core
 
 
 def mamba2_forward(layer, hidden_states, cache_params=None, attention_mask=None, **kwargs):
@@ -29,16 +28,16 @@ def mamba2_forward(layer, hidden_states, cache_params=None, attention_mask=None,
     return mamba2_mix(layer, layer.in_proj(hidden_states), hidden_states.dtype, kwargs, layer.norm)
 
 
-def mamba2_mix(layer, projected, dtype, kwargs, finish):
+def mamba2_mix(layer, projected, dtype, kwargs, finish, store=None):
     """Everything after ``in_proj``: conv, SSD scan with the D skip, ``finish(y, gate)`` (the
-    layer's gated norm), ``out_proj``. ``projected`` [B, T, intermediate + conv_dim + H]."""
+    layer's gated norm), ``out_proj``. ``projected`` [B, T, intermediate + conv_dim + H].
+    ``store``: a prefill's transformers ``Cache`` (``prefill.py``), else None; with it the conv
+    state and the SSD state (transformers' [B, H, P, N], fp32) after the last token are written there."""
     ctx, sp = layer._lasp2, batch_context(layer, kwargs)
     batch_size, seq_len, _ = projected.shape
     H, P, G, N = layer.num_heads, layer.head_dim, layer.n_groups, layer.ssm_state_size
     gate, xbc, dt = projected.split([layer.intermediate_size, layer.conv_dim, H], dim=-1)
-
-    w = layer.conv1d.weight.squeeze(1)
-    xbc = sp_causal_conv1d(xbc.to(w.dtype), w, layer.conv1d.bias, activation=layer.activation, batch=sp).to(xbc.dtype)
+    xbc = conv_maybe_storing(layer, layer.conv1d, xbc, sp, layer.activation, store)
     x, B, C = torch.split(xbc, [layer.intermediate_size, G * N, G * N], dim=-1)
 
     cdt = compute_dtype(dtype)
@@ -49,7 +48,11 @@ def mamba2_mix(layer, projected, dtype, kwargs, finish):
     B = B.reshape(batch_size, seq_len, G, N).to(cdt).repeat_interleave(H // G, dim=2, output_size=H)
     C = C.reshape(batch_size, seq_len, G, N).to(cdt).repeat_interleave(H // G, dim=2, output_size=H)
     dt = dt.to(cdt)
-    y = linear_core(ctx, C, B, x * dt[..., None], A.to(cdt) * dt, scale=1.0, batch=sp)
+    y = linear_core(ctx, C, B, x * dt[..., None], A.to(cdt) * dt, scale=1.0, batch=sp,
+                    output_final_state=store is not None)
+    if store is not None:  # lasp2's state [B, H, N, P] is transformers' [B, H, P, N] transposed
+        y, state = y
+        store.update_recurrent_state(state.transpose(-1, -2).to(STATE_DTYPE), layer.layer_idx)
     y = y + layer.D[..., None] * x
     scan_output = finish(y.reshape(batch_size, seq_len, -1), gate)
     return layer.out_proj(scan_output.to(dtype))

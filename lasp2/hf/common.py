@@ -14,10 +14,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..ops.common import compute_dtype  # transformers' scans run in fp32; fp64 stays fp64
 from ..parallel.api import sp_linear_attention, sp_softmax_attention
 from ..parallel.batch import SPBatch
+from ..parallel.halo import sp_causal_conv1d
+
+STATE_DTYPE = torch.float32  # transformers' recurrent states in a prefill's Cache (fp32 even for fp64 models)
 
 SP_KEY = "lasp2_sp"
 ATTN_IMPLEMENTATION = "lasp2"
@@ -91,15 +95,49 @@ def attention_function(module, query, key, value, attention_mask, scaling=None, 
 
 
 def linear_core(ctx: HFContext, q, k, v, g, beta=None, *, scale: float, cu_seqlens=None,
-                batch: Optional[SPBatch] = None) -> torch.Tensor:
-    """``lasp2.sp_linear_attention`` in the compute dtype; returns o [B, T, H, V] in v's dtype.
+                batch: Optional[SPBatch] = None, output_final_state: bool = False):
+    """``lasp2.sp_linear_attention`` in the compute dtype; returns o [B, T, H, V] in v's dtype,
+    or (o, final state [B, H, K, V] in the compute dtype) with ``output_final_state`` (a prefill).
     With ``batch`` (this batch's context) the call runs without per-call value checks."""
     cdt = compute_dtype(v.dtype)
     where = dict(batch=batch) if batch is not None else dict(group=ctx.group, layout=ctx.layout, cu_seqlens=cu_seqlens)
-    o = sp_linear_attention(q.to(cdt), k.to(cdt), v.to(cdt), None if g is None else g.to(cdt),
-                            None if beta is None else beta.to(cdt), scale=scale, strategy=ctx.strategy,
-                            backend=ctx.backend, **where)
-    return o.to(v.dtype)
+    out = sp_linear_attention(q.to(cdt), k.to(cdt), v.to(cdt), None if g is None else g.to(cdt),
+                              None if beta is None else beta.to(cdt), scale=scale, strategy=ctx.strategy,
+                              backend=ctx.backend, output_final_state=output_final_state, **where)
+    if output_final_state:
+        return out[0].to(v.dtype), out[1]
+    return out.to(v.dtype)
+
+
+def conv_core(conv, x: torch.Tensor, batch: Optional[SPBatch], activation, *, output_final_state: bool = False):
+    """transformers' depthwise causal conv (``conv`` an ``nn.Conv1d`` [C, 1, k]: in the weight's
+    dtype, activation, back to x's dtype) under SP: ``lasp2.sp_causal_conv1d``. Returns
+    y [B, T, C], or (y, tail [B, k - 1, C], the last k - 1 inputs) with ``output_final_state``."""
+    w = conv.weight.squeeze(1)
+    out = sp_causal_conv1d(x.to(w.dtype), w, conv.bias, activation=activation, batch=batch,
+                           output_final_state=output_final_state)
+    if output_final_state:
+        return out[0].to(x.dtype), out[1]
+    return out.to(x.dtype)
+
+
+def store_conv(store, layer_idx: int, tail: torch.Tensor, kernel: int, dtype: torch.dtype) -> None:
+    """Write a prefill's conv state into the transformers ``Cache`` ``store``: ``tail``
+    [B, k - 1, C] (the last k - 1 conv inputs of the prompt) as transformers' [B, C, k] (oldest
+    slot 0, never read). Before the recurrent state: transformers reads a layer's recurrent state
+    only once its conv state is set (``has_previous_state``)."""
+    conv = F.pad(tail.transpose(1, 2), (kernel - tail.shape[1], 0)).to(dtype)
+    store.update_conv_state(conv, layer_idx, conv_kernel_size=kernel)
+
+
+def conv_maybe_storing(layer, conv, x: torch.Tensor, batch, activation, store) -> torch.Tensor:
+    """``conv_core``; with ``store`` (a prefill's ``Cache``, else None) the conv state is written
+    there too (``store_conv``). Returns y [B, T, C] in x's dtype."""
+    if store is None:
+        return conv_core(conv, x, batch, activation)
+    y, tail = conv_core(conv, x, batch, activation, output_final_state=True)
+    store_conv(store, layer.layer_idx, tail, conv.kernel_size[0], x.dtype)
+    return y
 
 
 def _same_group(a, b) -> bool:

@@ -8,16 +8,11 @@ scan: the conv is all the layer mixes. The attention layers run unchanged with `
 """
 from __future__ import annotations
 
-from ..parallel.halo import sp_causal_conv1d
-from .common import batch_context
+from .common import batch_context, conv_core
 
 
 def lfm2_conv_forward(layer, hidden_states, cache=None, attention_mask=None, **kwargs):
     """Replacement forward of ``Lfm2ShortConv``."""
     sp = batch_context(layer, kwargs)
     B, C, x = layer.in_proj(hidden_states).chunk(3, dim=-1)
-    w = layer.conv.weight.squeeze(1)
-    bx = B * x
-    h = sp_causal_conv1d(bx.to(w.dtype), w, layer.conv.bias, activation=None,
-                         batch=sp).to(bx.dtype)
-    return layer.out_proj(C * h)
+    return layer.out_proj(C * conv_core(layer.conv, B * x, sp, None))

@@ -27,18 +27,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..parallel.halo import sp_causal_conv1d
-from .common import compute_dtype, batch_context, linear_core
+from .common import batch_context, compute_dtype, conv_maybe_storing, linear_core
 
 
-def mamba_forward(layer, hidden_states, cache=None, attention_mask=None, **kwargs):
-    """Replacement forward of ``MambaMixer``, ``FalconMambaMixer`` and ``JambaMambaMixer``."""
+def mamba_forward(layer, hidden_states, cache=None, attention_mask=None, store=None, **kwargs):
+    """Replacement forward of ``MambaMixer``, ``FalconMambaMixer`` and ``JambaMambaMixer``.
+    ``store``: a prefill's transformers ``Cache`` (``prefill.py``), else None; with it the conv
+    state [B, I, k] and the scan state [B, I, N] (in the model's dtype, as transformers keeps it)
+    after the last token are written there."""
     ctx, sp = layer._lasp2, batch_context(layer, kwargs)
     dtype = hidden_states.dtype
     batch_size, seq_len, _ = hidden_states.shape
     x, gate = layer.in_proj(hidden_states).chunk(2, dim=-1)
-    w = layer.conv1d.weight.squeeze(1)
-    x = sp_causal_conv1d(x.to(w.dtype), w, layer.conv1d.bias, activation=layer.activation, batch=sp).to(x.dtype)
+    x = conv_maybe_storing(layer, layer.conv1d, x, sp, layer.activation, store)
     dt, B, C = torch.split(layer.x_proj(x), [layer.time_step_rank, layer.ssm_state_size, layer.ssm_state_size], dim=-1)
     if hasattr(layer, "dt_layernorm"):  # Falcon-Mamba, Jamba
         dt, B, C = layer.dt_layernorm(dt), layer.b_layernorm(B), layer.c_layernorm(C)
@@ -52,6 +53,10 @@ def mamba_forward(layer, hidden_states, cache=None, attention_mask=None, **kwarg
     x = x.to(cdt)
     q = C.to(cdt)[:, :, None, :].expand(batch_size, seq_len, I, N)
     k = B.to(cdt)[:, :, None, :].expand(batch_size, seq_len, I, N)
-    y = linear_core(ctx, q, k, (dt * x)[..., None], dt[..., None] * A, scale=1.0, batch=sp)[..., 0]
-    y = (y + x * layer.D.float().to(cdt)) * F.silu(gate.to(cdt))
+    y = linear_core(ctx, q, k, (dt * x)[..., None], dt[..., None] * A, scale=1.0, batch=sp,
+                    output_final_state=store is not None)
+    if store is not None:  # lasp2's [B, I, N, 1]; transformers keeps Mamba1's state in the model's dtype
+        y, state = y
+        store.update_recurrent_state(state[..., 0].to(dtype), layer.layer_idx)
+    y = (y[..., 0] + x * layer.D.float().to(cdt)) * F.silu(gate.to(cdt))
     return layer.out_proj(y.to(dtype))

@@ -31,37 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.common import compute_dtype
-from ..parallel.api import sp_linear_attention
-from ..parallel.halo import sp_causal_conv1d
-from .common import batch_context
-
-STATE_DTYPE = torch.float32  # transformers' recurrent states (fp32 even for fp64 models)
-
-
-def store_conv(store, layer_idx: int, tail: torch.Tensor, kernel: int, dtype: torch.dtype) -> None:
-    """Write the conv state: ``tail`` [B, k - 1, C] (the last k - 1 conv inputs of the prompt) as
-    transformers' [B, C, k] (oldest slot 0, never read). Before the recurrent state: transformers
-    reads a layer's recurrent state only once its conv state is set (``has_previous_state``)."""
-    conv = F.pad(tail.transpose(1, 2), (kernel - tail.shape[1], 0)).to(dtype)
-    store.update_conv_state(conv, layer_idx, conv_kernel_size=kernel)
-
-
-def conv_with_state(layer, conv, x: torch.Tensor, sp, activation):
-    """The adapter's conv (``sp_causal_conv1d`` in the weight's dtype) with its final state:
-    (y [B, T, C] in x's dtype, tail [B, k - 1, C])."""
-    w = conv.weight.squeeze(1)
-    y, tail = sp_causal_conv1d(x.to(w.dtype), w, conv.bias, activation=activation, batch=sp, output_final_state=True)
-    return y.to(x.dtype), tail
-
-
-def linear_with_state(layer, q, k, v, g, beta=None, *, scale: float, sp):
-    """``common.linear_core`` with the final state: (o [B, T, H, V] in v's dtype, state [B, H, K, V])."""
-    ctx, cdt = layer._lasp2, compute_dtype(v.dtype)
-    o, state = sp_linear_attention(q.to(cdt), k.to(cdt), v.to(cdt), None if g is None else g.to(cdt),
-                                   None if beta is None else beta.to(cdt), scale=scale, strategy=ctx.strategy,
-                                   backend=ctx.backend, batch=sp, output_final_state=True)
-    return o.to(v.dtype), state
-
+from .common import STATE_DTYPE, batch_context, conv_maybe_storing, linear_core
 
 # ---- Gated DeltaNet -------------------------------------------------------------------------------
 
@@ -71,15 +41,15 @@ def _gdn_core(layer, l2norm, mixed, g, beta, sp, store, out, split=None):
     from .qwen3_next import _split_qkv
 
     batch_size, seq_len, _ = mixed.shape
-    y, tail = conv_with_state(layer, layer.conv1d, mixed, sp, layer.activation)
-    store_conv(store, layer.layer_idx, tail, layer.conv1d.kernel_size[0], mixed.dtype)
+    y = conv_maybe_storing(layer, layer.conv1d, mixed, sp, layer.activation, store)
     query, key, value = (split or (lambda y: _split_qkv(layer, y, batch_size, seq_len)))(y)
     rep = value.shape[2] // key.shape[2]
     if rep != 1:
         query, key = query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2)
     cdt = compute_dtype(value.dtype)
     query, key = l2norm(query.to(cdt), dim=-1, eps=1e-6), l2norm(key.to(cdt), dim=-1, eps=1e-6)
-    core, state = linear_with_state(layer, query, key, value, g, beta, scale=query.shape[-1] ** -0.5, sp=sp)
+    core, state = linear_core(layer._lasp2, query, key, value, g, beta, scale=query.shape[-1] ** -0.5, batch=sp,
+                              output_final_state=True)
     store.update_recurrent_state(state.to(STATE_DTYPE), layer.layer_idx)
     return out(core)
 
@@ -187,71 +157,30 @@ def bailing_mla_prefill(layer, modeling, store, hidden_states, position_embeddin
 
 # ---- Mamba2 SSD -----------------------------------------------------------------------------------
 
-def mamba2_mix_prefill(layer, projected, dtype, kwargs, finish, store):
-    """``bamba.mamba2_mix`` + the layer's conv state and SSD state ([B, H, P, N]) into ``store``."""
-    sp = batch_context(layer, kwargs)
-    batch_size, seq_len, _ = projected.shape
-    H, P, G, N = layer.num_heads, layer.head_dim, layer.n_groups, layer.ssm_state_size
-    gate, xbc, dt = projected.split([layer.intermediate_size, layer.conv_dim, H], dim=-1)
-    xbc_out, tail = conv_with_state(layer, layer.conv1d, xbc, sp, layer.activation)
-    store_conv(store, layer.layer_idx, tail, layer.conv1d.kernel_size[0], xbc.dtype)
-    x, B, C = torch.split(xbc_out, [layer.intermediate_size, G * N, G * N], dim=-1)
-    cdt = compute_dtype(dtype)
-    A = -torch.exp(layer.A_log.float())
-    dt = F.softplus(dt + layer.dt_bias.to(dt.dtype))
-    dt = torch.clamp(dt, min=layer.time_step_limit[0], max=layer.time_step_limit[1])
-    x = x.reshape(batch_size, seq_len, H, P).to(cdt)
-    B = B.reshape(batch_size, seq_len, G, N).to(cdt).repeat_interleave(H // G, dim=2, output_size=H)
-    C = C.reshape(batch_size, seq_len, G, N).to(cdt).repeat_interleave(H // G, dim=2, output_size=H)
-    dt = dt.to(cdt)
-    y, state = linear_with_state(layer, C, B, x * dt[..., None], A.to(cdt) * dt, scale=1.0, sp=sp)
-    store.update_recurrent_state(state.transpose(-1, -2).to(STATE_DTYPE), layer.layer_idx)  # [B, H, P, N]
-    y = y + layer.D[..., None] * x
-    return layer.out_proj(finish(y.reshape(batch_size, seq_len, -1), gate).to(dtype))
-
-
 def mamba2_prefill(layer, store, hidden_states, *args, **kwargs):
-    """``bamba.mamba2_forward`` + states."""
-    return mamba2_mix_prefill(layer, layer.in_proj(hidden_states), hidden_states.dtype, kwargs, layer.norm, store)
+    """``bamba.mamba2_forward`` + states (``bamba.mamba2_mix`` with ``store``)."""
+    from .bamba import mamba2_mix
+
+    return mamba2_mix(layer, layer.in_proj(hidden_states), hidden_states.dtype, kwargs, layer.norm, store)
 
 
 def falcon_h1_prefill(layer, store, hidden_states, *args, **kwargs):
     """``falcon_h1.falcon_h1_mixer_forward`` + states."""
+    from .bamba import mamba2_mix
     from .falcon_h1 import _gated
 
     projected = layer.in_proj(hidden_states * layer.ssm_in_multiplier) * layer.mup_vector
-    return mamba2_mix_prefill(layer, projected, hidden_states.dtype, kwargs,
-                              layer.norm if layer.mamba_rms_norm else _gated, store)
+    return mamba2_mix(layer, projected, hidden_states.dtype, kwargs, layer.norm if layer.mamba_rms_norm else _gated,
+                      store)
 
 
 # ---- Mamba1, Lightning, LFM2 ----------------------------------------------------------------------
 
 def mamba_prefill(layer, store, hidden_states, *args, **kwargs):
     """``mamba.mamba_forward`` + the conv state [B, I, k] and the scan state [B, I, N]."""
-    sp = batch_context(layer, kwargs)
-    dtype = hidden_states.dtype
-    batch_size, seq_len, _ = hidden_states.shape
-    x, gate = layer.in_proj(hidden_states).chunk(2, dim=-1)
-    y_conv, tail = conv_with_state(layer, layer.conv1d, x, sp, layer.activation)
-    store_conv(store, layer.layer_idx, tail, layer.conv1d.kernel_size[0], x.dtype)
-    x = y_conv
-    dt, B, C = torch.split(layer.x_proj(x), [layer.time_step_rank, layer.ssm_state_size, layer.ssm_state_size], dim=-1)
-    if hasattr(layer, "dt_layernorm"):  # Falcon-Mamba, Jamba
-        dt, B, C = layer.dt_layernorm(dt), layer.b_layernorm(B), layer.c_layernorm(C)
-    dt = dt @ layer.dt_proj.weight.t()
-    if layer.dt_proj.bias is not None:
-        dt = dt + layer.dt_proj.bias.float().to(dt.dtype)
-    cdt = compute_dtype(dtype)
-    dt = F.softplus(dt).to(cdt)
-    A = -torch.exp(layer.A_log.float()).to(cdt)
-    I, N = A.shape
-    x = x.to(cdt)
-    q = C.to(cdt)[:, :, None, :].expand(batch_size, seq_len, I, N)
-    k = B.to(cdt)[:, :, None, :].expand(batch_size, seq_len, I, N)
-    y, state = linear_with_state(layer, q, k, (dt * x)[..., None], dt[..., None] * A, scale=1.0, sp=sp)
-    store.update_recurrent_state(state[..., 0].to(dtype), layer.layer_idx)  # [B, I, N], Mamba1 keeps the model's dtype
-    y = (y[..., 0] + x * layer.D.float().to(cdt)) * F.silu(gate.to(cdt))
-    return layer.out_proj(y.to(dtype))
+    from .mamba import mamba_forward
+
+    return mamba_forward(layer, hidden_states, store=store, **kwargs)
 
 
 def lightning_prefill(layer, store, hidden_states, *args, **kwargs):
@@ -261,7 +190,8 @@ def lightning_prefill(layer, store, hidden_states, *args, **kwargs):
     qkv = layer.act_fn(layer.qkv_proj(hidden_states)).reshape(batch_size, seq_len, H, 3 * D)
     query, key, value = torch.split(qkv, D, dim=3)
     g = (-layer.slope_rate.reshape(1, 1, H)).expand(batch_size, seq_len, H)
-    out, state = linear_with_state(layer, query, key, value, g, scale=1.0, sp=batch_context(layer, kwargs))
+    out, state = linear_core(layer._lasp2, query, key, value, g, scale=1.0, batch=batch_context(layer, kwargs),
+                             output_final_state=True)
     store.set_linear_cache(layer.layer_idx, state.to(value.dtype))  # MiniMax keeps K^T V in the model's dtype
     out = layer.norm(out.reshape(batch_size, seq_len, H * D))
     out = torch.sigmoid(layer.output_gate(hidden_states)) * out
@@ -273,6 +203,4 @@ def lfm2_prefill(layer, store, hidden_states, *args, **kwargs):
     sp = batch_context(layer, kwargs)
     B, C, x = layer.in_proj(hidden_states).chunk(3, dim=-1)
     bx = B * x
-    h, tail = conv_with_state(layer, layer.conv, bx, sp, None)
-    store_conv(store, layer.layer_idx, tail, layer.conv.kernel_size[0], bx.dtype)
-    return layer.out_proj(C * h)
+    return layer.out_proj(C * conv_maybe_storing(layer, layer.conv, bx, sp, None, store))

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..parallel.halo import sp_causal_conv1d
-from .common import batch_context, compute_dtype, linear_core
+from .common import batch_context, compute_dtype, conv_core, linear_core
 
 
 def gated_delta_core(layer, l2norm, query, key, value, g, beta, batch) -> torch.Tensor:
@@ -36,9 +35,7 @@ def gated_delta_core(layer, l2norm, query, key, value, g, beta, batch) -> torch.
 
 def _conv(layer, mixed_qkv: torch.Tensor, batch) -> torch.Tensor:
     """transformers' causal_conv1d_fn (conv in the weight's dtype, activation, back) under SP."""
-    w = layer.conv1d.weight.squeeze(1)
-    y = sp_causal_conv1d(mixed_qkv.to(w.dtype), w, layer.conv1d.bias, activation=layer.activation, batch=batch)
-    return y.to(mixed_qkv.dtype)
+    return conv_core(layer.conv1d, mixed_qkv, batch, layer.activation)
 
 
 def _finish(layer, core_attn_out, z, batch_size, seq_len):

@@ -61,16 +61,23 @@ class SegmentWork:
 
 
 def summarise(q, k, v, g, beta, kind: Kind, scale: float, layout: Layout, rank: int, cu_list,
-              backend: str = "torch") -> List[SegmentWork]:
+              backend: str = "torch", *, initial_state: bool = False, final_state: bool = False) -> List[SegmentWork]:
     """Step 1 for every local segment (in local order). Inputs are the rank's [B, T, ...] leaves;
     ``kind`` the transition (g, beta) name (``ops.transition.classify``); ``cu_list`` the global
-    document boundaries as host ints (or None); ``backend`` a resolved name (``backends.resolve``)."""
+    document boundaries as host ints (or None); ``backend`` a resolved name (``backends.resolve``).
+    ``initial_state`` / ``final_state``: whether the call has a state entering the sequence / returns
+    the one leaving it. Without them the fold never reads segment 0's transition nor dL/dP_0
+    (P_0 = 0) and never the last segment's summary (no later segment): the backend is told
+    (``incoming`` / ``outgoing`` of the contract) and may skip that work."""
     impl = backends.get(backend)
+    last = layout.num_segments - 1
     work = []
     for seg in layout.local_segments(rank):
         sl = slice(seg.local_start, seg.local_start + seg.length)
         part = [None if t is None else t[:, sl] for t in (q, k, v, g, beta)]
-        work.append(SegmentWork(seg, impl.segment_work(*part, kind, scale, local_starts(cu_list, seg)), kind))
+        local = impl.segment_work(*part, kind, scale, local_starts(cu_list, seg),
+                                  incoming=seg.index != 0 or initial_state, outgoing=seg.index != last or final_state)
+        work.append(SegmentWork(seg, local, kind))
     return work
 
 

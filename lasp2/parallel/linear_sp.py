@@ -56,7 +56,8 @@ def linear_sp_fwd(q, k, v, g, beta, kind: Kind, call: LinearCall, exchange, init
     all-gather of [W, B, H, K, V] for the final state (``_gathered_final_state``).
     """
     rank = comm.rank_and_size(call.group)[0]
-    work = summarise(q, k, v, g, beta, kind, call.scale, call.layout, rank, call.cu_list, call.backend)
+    work = summarise(q, k, v, g, beta, kind, call.scale, call.layout, rank, call.cu_list, call.backend,
+                     initial_state=initial_state is not None, final_state=call.output_final_state)
     first = _local_position(work, 0)
     if initial_state is not None and first is not None:
         initial_state = initial_state.to(work[first].summary_state.dtype)

@@ -11,7 +11,7 @@ and never know which backend runs):
 
     linear_attention(q, k, v, g, beta, *, kind, scale, initial_state, output_final_state, cu_seqlens)
         -> (o [B, T, H, V] in q's dtype, final state(s) fp32 or None)        one device, causal
-    segment_work(q, k, v, g, beta, kind, scale, starts) -> a segment object with
+    segment_work(q, k, v, g, beta, kind, scale, starts, *, incoming=True, outgoing=True) -> a segment with
         summary_state  Ŝ [B, H, K, V]: the state leaving the segment from zero
         transition     Â in the kind's form, [B, H, Kg] (Kg = 1 or K) or [B, H, K, K]
                        (the strategies use both as values; a backend may keep a graph for them)
@@ -24,6 +24,10 @@ and never know which backend runs):
                                  [B, H, K, V] reaching the segment's final state Â P + Ŝ
     ``kind``: the transition (g, beta) name (``ops.transition.classify``), classified once by the
     caller; each backend maps kind names to its kernels in one table.
+    ``incoming=False``: no state ever enters the segment (the sequence's first segment without an
+    initial state): P is the constant 0, Â may be 0 and G 0 (nothing reads dL/dP). ``outgoing=False``:
+    nothing reads the segment's summary (the last segment when no final state is returned): Ŝ and Â
+    may be left 0. A backend may ignore both (its summaries then cost what they cost).
     ``starts``: the document starts in the segment as host positions, a sorted tuple of ints in
     [0, T) (None or empty without documents): known on the host from the batch's documents, so
     no backend reads a device tensor to find them.

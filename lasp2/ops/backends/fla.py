@@ -120,7 +120,9 @@ class FlaSegment:
     first document start; 0 when a document starts at its first token).
     """
 
-    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
+    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]], *,
+                 incoming: bool = True, outgoing: bool = True):
+        # incoming / outgoing (the contract) are not used: the summaries come with the one fla call
         B, T, H, K = q.shape
         V = v.shape[-1]
         positions = list(starts or ())  # host positions: no device read
@@ -204,4 +206,4 @@ class FlaSegment:
 
 
 segment_work = FlaSegment
-"""The contract's constructor: ``segment_work(q, k, v, g, beta, kind, scale, starts)`` for one segment."""
+"""The contract's constructor: ``segment_work(q, k, v, g, beta, kind, scale, starts, *, incoming, outgoing)``."""

@@ -94,7 +94,9 @@ class TorchSegment(ChunkedSegment):
         graph; replaces ``intra``, released by ``take_outputs``); P [B, H, K, V] (a constant).
     """
 
-    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
+    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]], *,
+                 incoming: bool = True, outgoing: bool = True):
+        # incoming / outgoing (the contract) are not used: a decay vector's summary is a cumsum
         self.kind, self.form = kind, FORMS[kind.name]
         self.c, self.states, self.decays = self.form.summarise(q, k, v, g, beta, kind, scale,
                                                                start_mask(starts, q.shape[1], q.device))
@@ -172,7 +174,9 @@ class _InterTerm(torch.autograd.Function):
         return d_inter @ entry_states(ctx.w).transpose(-1, -2), None
 
 
-def segment_work(q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
+def segment_work(q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]], *,
+                 incoming: bool = True, outgoing: bool = True):
     """The contract's constructor for one segment: ``TorchSegment`` for the decay-vector kinds,
-    ``torch_delta.DeltaSegment`` for the delta rule."""
-    return FORMS[kind.name].segment(q, k, v, g, beta, kind, scale, starts)
+    ``torch_delta.DeltaSegment`` for the delta rule (which uses ``incoming``/``outgoing`` to skip
+    the summary tree and the adjoint pass where nothing reads them)."""
+    return FORMS[kind.name].segment(q, k, v, g, beta, kind, scale, starts, incoming=incoming, outgoing=outgoing)

@@ -18,6 +18,14 @@ recurrence lam_n = dS_n + M_n^T lam_{n+1} (``delta.delta_entry_adjoint``, N K^2 
 strategy knows the gradient D reaching the final state, ``grad_targets`` hands the scan's states
 (dS, D) and autograd runs the one-device op's backward (the scan's own adjoint with D as its
 tail). Extra over the one-device op: the tree (forward) and one adjoint pass (backward).
+
+Per chunk at C = K = V the one-device op costs ~25 [K, K]-sized matmul units (fwd + bwd); the tree
+(Â, Ŝ) adds ~2 and the adjoint pass ~1, so a segment in the middle of the sequence runs at ~0.89 of
+the one-device op's work. The ends skip what nothing reads (``incoming`` / ``outgoing``, the
+contract's flags): the sequence's first segment without an initial state has P = 0, so its scan
+from zero runs in the constructor (Ŝ is its last state, Â = 0, G = 0: no tree, no adjoint, the
+one-device op's work exactly); the last segment without a final state skips the tree (its summary
+is never read) and pays only the adjoint pass. At W = 2 (contiguous) both ranks hold an end.
 """
 from __future__ import annotations
 
@@ -53,12 +61,24 @@ class DeltaSegment(ChunkedSegment):
     ``take_outputs``); P [B, H, K, V] (a constant).
     """
 
-    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
-        self.kind = kind
+    def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]], *,
+                 incoming: bool = True, outgoing: bool = True):
+        self.kind, self.incoming = kind, incoming
         self.c = delta.prepare_delta(q, k, v, g, beta, scale, start_mask(starts, q.shape[1], q.device), kind=kind)
         self.M, self.U = delta.delta_chunk_transitions(self.c)
-        self._A, self._S = delta.delta_segment_summary(self.M.detach(), self.U.detach())
         self.intra = self.q_inter = self.outputs = self.states = self.P = None
+        if not incoming:
+            # No state ever enters (the sequence's first segment, no initial state): P = 0, so
+            # the one-device op's own scan from zero is the forward, run now; Ŝ is its last state
+            # and Â = 0 (as for a segment that starts a document) — no tree, no extra work.
+            self.states = delta.scan_matrix_states(self.M, self.U, None)
+            self._S = self.states[:, :, -1].detach()
+            self._A = self.M.new_zeros(self.M.shape[:2] + self.M.shape[-2:])
+        elif outgoing:
+            self._A, self._S = delta.delta_segment_summary(self.M.detach(), self.U.detach())
+        else:  # nothing reads the summary (the last segment, no final state): no tree
+            self._A = self.M.new_zeros(self.M.shape[:2] + self.M.shape[-2:])
+            self._S = self.U.new_zeros(self.U.shape[:2] + self.U.shape[-2:])
 
     @property
     def summary_state(self) -> torch.Tensor:
@@ -79,7 +99,8 @@ class DeltaSegment(ChunkedSegment):
         the scan from P and the inter-chunk term Q_n S_n (whose dS = Q^T dO ``inter_backward``
         forms once; ``_InterTerm`` gives only dQ)."""
         self.P = P
-        self.states = delta.scan_matrix_states(self.M, self.U, P)
+        if self.incoming:  # otherwise P = 0 and the constructor ran this scan from zero
+            self.states = delta.scan_matrix_states(self.M, self.U, P)
         self.q_inter = delta.delta_inter_query(self.c)
         inter = _InterTerm.apply(self.q_inter, self.states.detach()[:, :, :-1])
         self.outputs, self.intra = self.intra + inter, None
@@ -88,6 +109,8 @@ class DeltaSegment(ChunkedSegment):
         """(G [B, H, K, V], dS [B, H, N, K, V]): dS_n = Q_n^T dO_n and G = dL/dP from the
         segment's own outputs (the adjoint recurrence over the chunks, no Λ)."""
         dS = self.q_inter.detach().transpose(-1, -2) @ do_chunks
+        if not self.incoming:  # P is the constant 0 of the fold: nothing reads dL/dP
+            return dS.new_zeros(dS.shape[:2] + dS.shape[-2:]), dS
         return delta.delta_entry_adjoint(self.M.detach(), dS), dS
 
     def grad_targets(self, dS: torch.Tensor, final_grad: torch.Tensor):

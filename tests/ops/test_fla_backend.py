@@ -24,7 +24,7 @@ import lasp2
 from lasp2.ops.naive import naive_linear_attention
 from lasp2.parallel.strategies import LINEAR_STRATEGIES
 from tests.dist import run_cases, run_distributed
-from tests.helpers import DIAGONAL_VARIANTS, MATRIX_VARIANTS, fp32_tol, make_inputs, max_rel_err
+from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS, MATRIX_VARIANTS, fp32_tol, make_inputs, max_rel_err
 
 VARIANTS = DIAGONAL_VARIANTS + MATRIX_VARIANTS  # kda: fla's chunk_kda
 needs_fla = pytest.mark.skipif(sys.version_info < (3, 10), reason="fla-core 0.6.0 needs Python >= 3.10")

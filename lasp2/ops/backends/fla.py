@@ -203,5 +203,13 @@ class FlaSegment:
         return [self._S, self._A], [D, self.kind.grad(D, P)]
 
 
-segment_work = FlaSegment
-"""The contract's constructor: ``segment_work(q, k, v, g, beta, kind, scale, starts)`` for one segment."""
+def segment_work(q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
+    """The contract's constructor for one segment: DeltaNet and Gated DeltaNet (the ``matrix``
+    kind) -> ``fla_delta.FlaDeltaSegment`` (fla's kernels at the segment's own shapes); every
+    other kind -> ``FlaSegment``."""
+    if kind.name == "matrix":
+        _ready(q, v)  # head-dim check and the interpreter's compatibility before fla is imported
+        from .fla_delta import FlaDeltaSegment
+
+        return FlaDeltaSegment(q, k, v, g, beta, kind, scale, starts)
+    return FlaSegment(q, k, v, g, beta, kind, scale, starts)

@@ -204,10 +204,10 @@ class FlaSegment:
 
 
 def segment_work(q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
-    """The contract's constructor for one segment: DeltaNet and Gated DeltaNet (the ``matrix``
-    kind) -> ``fla_delta.FlaDeltaSegment`` (fla's kernels at the segment's own shapes); every
-    other kind -> ``FlaSegment``."""
-    if kind.name == "matrix":
+    """The contract's constructor for one segment: the delta-rule kinds (DeltaNet, Gated DeltaNet,
+    KDA) -> ``fla_delta.FlaDeltaSegment`` (fla's kernels at the segment's own shapes); the
+    decay-vector kinds -> ``FlaSegment``."""
+    if kind.matrix:
         _ready(q, v)  # head-dim check and the interpreter's compatibility before fla is imported
         from .fla_delta import FlaDeltaSegment
 

@@ -1,36 +1,38 @@
-"""The fla backend's local work of one segment for DeltaNet and Gated DeltaNet (the ``matrix`` kind),
-on fla's kernels at the segment's own shapes (the contract of ``ops/backends/__init__.py``).
+"""The fla backend's local work of one segment for the delta rule (DeltaNet, Gated DeltaNet: the
+``matrix`` kind; KDA: ``channel_matrix``) on fla's kernels at the segment's own shapes (the
+contract of ``ops/backends/__init__.py``).
 
-fla-core is pinned (==0.6.0), so this module calls the module-level kernel functions that
-``fla.ops.gated_delta_rule.chunk`` composes into ``chunk_gated_delta_rule`` (fla's own
-``fla.ops.cp`` does the same), in the same order and with the same arguments:
+fla-core is pinned (==0.6.0), so this module calls the module-level kernel functions that fla's
+public ops compose (fla's own context parallelism, ``fla.ops.cp``, does the same), in the same
+order and with the same arguments as ``chunk_gated_delta_rule`` / ``chunk_kda``:
 
-    g2 = chunk_local_cumsum(g, scale=1/ln 2)            log2 cumulative gates within 64-token chunks
-    w, u, A = chunk_gated_delta_rule_fwd_intra(k, v, g2, beta)     WY form of each chunk
-    h, v_new, h_T = chunk_gated_delta_rule_fwd_h(k, w, u, g2, h0)  chunk-entry states, final state
-    o = chunk_fwd_o(q, k, v_new, h, g2, scale)                     outputs
+    g2 = chunk_local_cumsum(g, scale=1/ln 2)      log2 cumulative gates within 64-token chunks
+    WY form of each chunk: w, u (+ A)             chunk_gated_delta_rule_fwd_intra (KDA: chunk_kda_fwd_intra,
+                                                  which also gives the gated qg, kg and Aqk, Akk)
+    h, v_new, h_T = chunk_gated_delta_rule_fwd_h(k (KDA: kg), w, u, g2, h0)   chunk-entry and final states
+    o = chunk_fwd_o(q, k, v_new, h, g2)           (KDA: chunk_gla_fwd_o_gk(q, v_new, g2, Aqk, h))
 
-One segment's local work, with S_{n+1} = M_n S_n + U_n per chunk (M_n = γ_n I - k̃_nᵀ w_n):
+With S_{n+1} = M_n S_n + U_n per 64-token chunk (M_n = Γ_n - k̃_nᵀ w_n), one segment's work is
 
-- constructor (before any communication; values, no graph): the WY form (w, u, A) once; Ŝ = the
-  final state of ``fwd_h`` from zero (V columns); Â = the final state of ``fwd_h`` over K columns
-  with u = 0 from the identity (the product of the chunk transitions M_n, the same kernel and
-  arithmetic as fla's state scan), or 0 when a document starts in the segment;
-- ``add_incoming(P)``: ``_DeltaFromState`` runs ``fwd_h`` from P (the continuing document's initial
-  state; later documents start from 0) and ``chunk_fwd_o``, reusing the constructor's WY form:
-  the outputs and the segment's final state Â P + Ŝ, with graph; its backward is fla's
-  ``chunk_gated_delta_rule_bwd`` exactly as fla's autograd Function calls it, with dht = D
-  (``grad_targets``) on the last document's final state;
-- ``inter_backward(dO)``: G = dL/dP from the segment's own outputs = dh0 of fla's state-gradient
-  scan (``chunk_bwd_dv_local`` + ``chunk_gated_delta_rule_bwd_dhu``, dht = 0) over the tokens P
-  reaches (those before the first document start), V columns.
+- constructor (before any communication; values, no graph): the WY form once; Ŝ = the final
+  state of the state scan from zero (V columns); Â = the final state of the same scan over K
+  columns with u = 0 from the identity (the product of the M_n, by the kernel and arithmetic of
+  fla's own scan; no PyTorch K x K loop), or 0 when a document starts inside the segment;
+- ``add_incoming(P)``: ``_DeltaFromState`` runs the state scan from P (the continuing document's
+  initial state; later documents start from 0) and the output kernel, reusing the constructor's
+  WY form: the outputs and the final state Â P + Ŝ, with graph. Its backward is fla's
+  ``chunk_gated_delta_rule_bwd`` / ``chunk_kda_bwd`` exactly as fla's autograd Functions call
+  them, with dht = D (``grad_targets``) on the last document's final state;
+- ``inter_backward(dO)``: G = dL/dP from the segment's own outputs = dh0 of fla's
+  state-gradient scan (``chunk_gated_delta_rule_bwd_dhu``, dht = 0) over the tokens P reaches
+  (those before the first document start), with its local dv (``chunk_bwd_dv_local``; KDA:
+  Aqkᵀ dO per chunk, one batched matmul in PyTorch, the dv half of ``chunk_kda_bwd_dAv``).
 
-Every kernel runs on V (or, for Â, K) columns, never V + K. Kernel calls and multiply-adds against
-one ``chunk_gated_delta_rule`` call: docs/algorithm.md ("Backends"). KDA (``chunk_kda``) stays on
-the widened call of ``fla.FlaSegment`` for now.
+Every kernel runs on V columns (the Â scan on K), never V + K. Kernel calls and multiply-adds
+relative to one call of fla's op: docs/algorithm.md ("Backends").
 
-Dtypes: q, k, v, beta in q's dtype (fp32/bf16/fp16), g fp32 natural-log [B, T, H] (zeros for
-DeltaNet), Ŝ, Â, P, G and the final state fp32, as fla's kernels keep them.
+Dtypes: q, k, v, beta in q's dtype (fp32/bf16/fp16); g fp32 natural-log, [B, T, H] (zeros for
+DeltaNet) or [B, T, H, K] (KDA); Ŝ, Â, P, G and the final state fp32, as fla's kernels keep them.
 """
 from __future__ import annotations
 
@@ -40,37 +42,43 @@ from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-CHUNK = 64  # fla's chunk size for the gated delta rule (its default; the kernels are tuned for it)
+CHUNK = 64  # fla's chunk size for both ops (their default, the size their kernels are tuned for)
 
 
 @functools.lru_cache(maxsize=None)
 def kernels() -> SimpleNamespace:
-    """fla 0.6.0's gated-delta-rule kernel functions (imported on first use; ``TRITON_INTERPRET``
-    must already be set for CPU tensors). Every call this module makes goes through this table."""
+    """fla 0.6.0's kernel functions (imported on first use; ``TRITON_INTERPRET`` must already be set
+    for CPU tensors). Every fla call of this module goes through this table."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Triton is not supported on current platform.*")
         from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h
         from fla.ops.common.chunk_o import chunk_bwd_dv_local, chunk_fwd_o
         from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd
         from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+        from fla.ops.gla.chunk import chunk_gla_fwd_o_gk
+        from fla.ops.kda.chunk_bwd import chunk_kda_bwd
+        from fla.ops.kda.chunk_intra import chunk_kda_fwd_intra
         from fla.ops.utils import chunk_local_cumsum
         from fla.ops.utils.constant import RCP_LN2
         from fla.ops.utils.index import prepare_chunk_indices
     return SimpleNamespace(chunk_local_cumsum=chunk_local_cumsum, prepare_chunk_indices=prepare_chunk_indices,
                            RCP_LN2=RCP_LN2, fwd_intra=chunk_gated_delta_rule_fwd_intra,
                            fwd_h=chunk_gated_delta_rule_fwd_h, fwd_o=chunk_fwd_o, bwd=chunk_gated_delta_rule_bwd,
-                           bwd_dv_local=chunk_bwd_dv_local, bwd_dhu=chunk_gated_delta_rule_bwd_dhu)
+                           bwd_dv_local=chunk_bwd_dv_local, bwd_dhu=chunk_gated_delta_rule_bwd_dhu,
+                           kda_fwd_intra=chunk_kda_fwd_intra, kda_fwd_o=chunk_gla_fwd_o_gk, kda_bwd=chunk_kda_bwd)
 
 
 class FlaDeltaSegment:
-    """One segment's local work for the ``matrix`` kind with fla's kernels at the segment's shapes.
+    """One segment's local work for the delta-rule kinds with fla's kernels at the segment's shapes.
 
-    q, k [B, T, H, K], v [B, T, H, V], g None (DeltaNet) or [B, T, H] natural-log gates, beta
-    [B, T, H]; ``starts`` host ints (``backends/__init__.py``). reach: the number of leading tokens
-    the incoming state reaches (those before the first document start). Holds, until backward:
-    the WY form's w [B, reach, H, K] (for G) and, inside ``_DeltaFromState``, what fla's own
-    autograd Function keeps (q, k, v, g2, beta, A [B, T, H, 64], the initial state).
+    q, k [B, T, H, K], v [B, T, H, V], g None (DeltaNet), [B, T, H] or (KDA) [B, T, H, K]
+    natural-log gates, beta [B, T, H]; ``starts`` host ints (``backends/__init__.py``). reach: the
+    number of leading tokens the incoming state reaches (those before the first document start).
+    Held until backward: the prefix [B, reach, H, K] of w (and, for KDA, of qg and kg) for G, and
+    inside ``_DeltaFromState`` what fla's own autograd Function keeps (q, k, v, g2, beta, the
+    chunk matrices A [B, T, H, 64] (KDA: Aqk, Akk), the initial state).
     """
 
     def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]]):
@@ -81,31 +89,41 @@ class FlaDeltaSegment:
         self.reach = positions[0] if positions else T
         self.cu = None if not inner else torch.tensor([0, *inner, T], dtype=torch.long, device=q.device)
         self.chunk_indices = None if self.cu is None else ops.prepare_chunk_indices(self.cu, CHUNK)
-        self.kind, self.scale = kind, scale
+        self.kind, self.scale, self.channel = kind, scale, kind.name == "channel_matrix"
         # fla's kernels index contiguous [B, T, H, ...] memory (zigzag segments are strided slices)
         self.q, self.k, self.v = q.contiguous(), k.contiguous(), v.to(q.dtype).contiguous()
         self.beta = beta.to(q.dtype).contiguous()
         self.g = q.new_zeros(q.shape[:3], dtype=torch.float32) if g is None else g.float().contiguous()
         with torch.no_grad():
+            qd, kd, vd, bd = (t.detach() for t in (self.q, self.k, self.v, self.beta))
             self.g2 = ops.chunk_local_cumsum(self.g.detach(), chunk_size=CHUNK, scale=ops.RCP_LN2,
                                              cu_seqlens=self.cu, chunk_indices=self.chunk_indices)
-            self.w, self.u, self.A = ops.fwd_intra(k=self.k.detach(), v=self.v.detach(), g=self.g2,
-                                                   beta=self.beta.detach(), cu_seqlens=self.cu,
-                                                   chunk_indices=self.chunk_indices, chunk_size=CHUNK)
-            _, _, ht = self._states(self.u, None, save_new_value=False)
+            docs = dict(cu_seqlens=self.cu, chunk_indices=self.chunk_indices, chunk_size=CHUNK)
+            if self.channel:  # disable_recompute=True: fla also returns qg (G's scan needs it)
+                self.w, self.u, self.qg, self.kg, Aqk, Akk = ops.kda_fwd_intra(
+                    q=qd, k=kd, v=vd, gk=self.g2, beta=bd, scale=scale, disable_recompute=True, **docs)
+                self.mats = (Aqk, Akk)
+            else:
+                self.w, self.u, A = ops.fwd_intra(k=kd, v=vd, g=self.g2, beta=bd, **docs)
+                self.qg = self.kg = None  # the scans take q and k themselves
+                self.mats = (A,)
+            _, _, ht = self.states(self.u, None, save_new_value=False)
             self._S = ht[-1:] if self.cu is not None else ht  # the last document's final state
             if self.reach < T:  # a document starts inside the segment: the incoming state stops there
                 self._A = q.new_zeros(B, H, K, K, dtype=torch.float32)
             else:  # the product of the chunk transitions: the state scan over K columns from I, u = 0
                 eye = torch.eye(K, dtype=torch.float32, device=q.device).expand(B, H, K, K).contiguous()
-                self._A = self._states(torch.zeros_like(self.w), eye, save_new_value=False)[2]
+                self._A = self.states(torch.zeros_like(self.w), eye, save_new_value=False)[2]
         self.P = self.outputs = self.final = None
 
-    def _states(self, u, h0, save_new_value: bool = True):
-        """fla's state scan over this segment's chunks (documents as ``cu_seqlens``): (h, v_new, ht)."""
-        return kernels().fwd_h(k=self.k.detach(), w=self.w, u=u, g=self.g2, initial_state=h0,
-                               output_final_state=True, chunk_size=CHUNK, save_new_value=save_new_value,
-                               cu_seqlens=self.cu, chunk_indices=self.chunk_indices)
+    def states(self, u, h0, save_new_value: bool = True):
+        """fla's state scan over this segment's chunks (documents as ``cu_seqlens``) with values u
+        [B, T, H, n] and initial state(s) h0 [N, H, K, n] fp32 or None: (h, v_new, final states)."""
+        gates = dict(gk=self.g2) if self.channel else dict(g=self.g2)
+        k = self.kg if self.channel else self.k.detach()
+        return kernels().fwd_h(k=k, w=self.w, u=u, initial_state=h0, output_final_state=True,
+                               chunk_size=CHUNK, save_new_value=save_new_value, cu_seqlens=self.cu,
+                               chunk_indices=self.chunk_indices, **gates)
 
     @property
     def summary_state(self) -> torch.Tensor:
@@ -137,7 +155,11 @@ class FlaDeltaSegment:
         self.P = P
         self.outputs, self.final = _DeltaFromState.apply(self.q, self.k, self.v, self.g, self.beta, self,
                                                          self.initial_states(P))
-        self.u = None  # fla's backward recomputes w, u from A (as its own Function does)
+        # fla's backward recomputes the WY form from the chunk matrices, as its own Function does;
+        # G needs only the prefix P reaches (the first document's chunks are the segment's first)
+        r, T = self.reach, self.q.shape[1]
+        prefix = (lambda t: t if t is None or r == T else t[:, :r].clone())  # a copy frees the rest
+        self.u, self.w, self.qg, self.kg = None, prefix(self.w), prefix(self.qg), prefix(self.kg)
 
     def take_outputs(self, length: int) -> torch.Tensor:
         o, self.outputs = self.outputs, None
@@ -148,19 +170,24 @@ class FlaDeltaSegment:
 
     def inter_backward(self, do: torch.Tensor):
         """(G = dL/dP [B, H, K, V] fp32 from the segment's own outputs, None): dh0 of fla's
-        state-gradient scan with no final-state gradient, over the tokens P reaches (the first
-        document's chunks are the segment's first chunks, so its WY form and gates are a prefix)."""
+        state-gradient scan with no final-state gradient, over the tokens P reaches."""
         B, T, H, K = self.q.shape
         r = self.reach
         G = torch.zeros(B, H, K, do.shape[-1], dtype=torch.float32, device=do.device)
         if r > 0:
             ops = kernels()
-            q, k, g2, w = (t[:, :r].contiguous() for t in (self.q.detach(), self.k.detach(), self.g2, self.w))
+            q, k = (self.qg, self.kg) if self.channel else (self.q.detach()[:, :r], self.k.detach()[:, :r])
+            q, k, w, g2 = (t.contiguous() for t in (q, k, self.w, self.g2[:, :r]))
             do = do[:, :r].to(q.dtype).contiguous()
-            dv = ops.bwd_dv_local(q=q, k=k, g=g2, do=do, scale=self.scale, chunk_size=CHUNK)
-            _, G, _ = ops.bwd_dhu(q=q, k=k, w=w, do=do, dv=dv, g=g2, h0=G, dht=None, scale=self.scale,
-                                  chunk_size=CHUNK)
-        self.w = None
+            if self.channel:
+                dv = _dv_local(self.mats[0][:, :r], do)
+                gates = dict(gk=g2)
+            else:
+                dv = ops.bwd_dv_local(q=q, k=k, g=g2, do=do, scale=self.scale, chunk_size=CHUNK)
+                gates = dict(g=g2)
+            _, G, _ = ops.bwd_dhu(q=q, k=k, w=w, do=do, dv=dv, h0=G, dht=None, scale=self.scale,
+                                  chunk_size=CHUNK, **gates)
+        self.w = self.qg = self.kg = None
         return G, None
 
     def grad_targets(self, _unused, final_grad: torch.Tensor):
@@ -169,36 +196,60 @@ class FlaDeltaSegment:
         return [self.final], [final_grad.to(self.final.dtype)]
 
 
+def _dv_local(Aqk: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """dv_s = Σ_{t >= s in s's chunk} Aqk[t, s] dO_t: the dv half of fla's ``chunk_kda_bwd_dAv``
+    (its dA half, dO v_newᵀ, is not needed for G). Aqk [B, r, H, C] (row t: query t's scaled,
+    gated scores against its chunk's keys; the upper triangle is not written by fla), do
+    [B, r, H, V]; returns [B, r, H, V] in do's dtype (fp32 accumulation)."""
+    B, r, H, V = do.shape
+    C = Aqk.shape[-1]
+    n = -(-r // C)
+    pad = n * C - r  # the last chunk's missing rows are zero
+    A = F.pad(Aqk.float(), (0, 0, 0, 0, 0, pad)).view(B, n, C, H, C)
+    causal = torch.ones(C, C, dtype=torch.bool, device=do.device).tril()  # [t, s]: t >= s
+    A = A.masked_fill(~causal[:, None, :], 0.0)
+    dO = F.pad(do.float(), (0, 0, 0, 0, 0, pad)).view(B, n, C, H, V)
+    dv = torch.einsum("bnths,bnthv->bnshv", A, dO).reshape(B, n * C, H, V)[:, :r]
+    return dv.to(do.dtype).contiguous()  # einsum may return permuted strides; fla reads dense memory
+
+
 class _DeltaFromState(torch.autograd.Function):
-    """(o [B, T, H, V] in q's dtype, final state [B, H, K, V] fp32) of the gated delta rule from
-    fla's initial state(s) h0 (a constant), reusing the segment's WY form; backward is fla's
-    ``chunk_gated_delta_rule_bwd``, called as fla's ``ChunkGatedDeltaRuleFunction.backward`` does.
-    Returns one gradient per input: dq, dk, dv, dg (natural-log g, fp32), dbeta, None, None."""
+    """(o [B, T, H, V] in q's dtype, final state [B, H, K, V] fp32) of the delta rule from fla's
+    initial state(s) h0 (a constant), reusing the segment's WY form; backward is fla's
+    ``chunk_gated_delta_rule_bwd`` / ``chunk_kda_bwd``, called as fla's autograd Functions call
+    them. One gradient per input: dq, dk, dv, dg (natural-log g, fp32), dbeta, None, None."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, seg: FlaDeltaSegment, h0):
-        h, v_new, ht = seg._states(seg.u, h0)
-        o = kernels().fwd_o(q=q, k=k, v=v_new, h=h, g=seg.g2, scale=seg.scale, cu_seqlens=seg.cu,
-                            chunk_size=CHUNK, chunk_indices=seg.chunk_indices)
-        ctx.save_for_backward(q, k, v, seg.g2, beta, seg.A, h0)
-        ctx.seg_info = (seg.scale, seg.cu, seg.chunk_indices, ht.shape[0])
+        ops = kernels()
+        h, v_new, ht = seg.states(seg.u, h0)
+        docs = dict(cu_seqlens=seg.cu, chunk_indices=seg.chunk_indices, chunk_size=CHUNK)
+        if seg.channel:
+            o = ops.kda_fwd_o(q=q, v=v_new, g=seg.g2, A=seg.mats[0], h=h, scale=seg.scale, **docs)
+        else:
+            o = ops.fwd_o(q=q, k=k, v=v_new, h=h, g=seg.g2, scale=seg.scale, **docs)
+        ctx.save_for_backward(q, k, v, seg.g2, beta, h0, *seg.mats)
+        ctx.info = (seg.scale, seg.channel, seg.cu, seg.chunk_indices, ht.shape[0])
         return o.to(q.dtype), ht[-1:] if seg.cu is not None else ht
 
     @staticmethod
     def backward(ctx, do, d_final):
-        q, k, v, g2, beta, A, h0 = ctx.saved_tensors
-        scale, cu, chunk_indices, n_states = ctx.seg_info
+        q, k, v, g2, beta, h0, *mats = ctx.saved_tensors
+        scale, channel, cu, chunk_indices, n_states = ctx.info
         dht = None
         if d_final is not None:  # the earlier documents' final states are not outputs: zero gradient
             dht = d_final.float().contiguous()
             if cu is not None:
                 dht = torch.cat([dht.new_zeros(n_states - 1, *dht.shape[1:]), dht])
         do = (torch.zeros_like(v) if do is None else do).to(v.dtype).contiguous()
-        dq, dk, dv, db, dg, _, _, _ = kernels().bwd(q=q, k=k, v=v, g=g2, beta=beta, A=A, scale=scale,
-                                                    initial_state=h0, do=do, dht=dht, cu_seqlens=cu,
-                                                    chunk_indices=chunk_indices, chunk_size=CHUNK)
+        common = dict(q=q, k=k, v=v, beta=beta, scale=scale, initial_state=h0, do=do, dht=dht, cu_seqlens=cu,
+                      chunk_indices=chunk_indices, chunk_size=CHUNK)
+        if channel:
+            dq, dk, dv, db, dg, _, _, _ = kernels().kda_bwd(g=g2, Aqk=mats[0], Akk=mats[1], **common)
+        else:
+            dq, dk, dv, db, dg, _, _, _ = kernels().bwd(g=g2, A=mats[0], **common)
         return dq.to(q), dk.to(k), dv.to(v), dg.float(), db.to(beta), None, None
 
 
 segment_work = FlaDeltaSegment
-"""The contract's constructor for the ``matrix`` kind (``fla.FlaSegment`` dispatches here)."""
+"""The contract's constructor for the delta-rule kinds (``fla.segment_work`` dispatches here)."""

@@ -220,9 +220,9 @@ def test_fla_sp_w4_gated_deltanet(monkeypatch):
 @needs_fla
 @pytest.mark.slow
 def test_fla_sp_kda(monkeypatch):
-    """KDA under SP with fla's chunk_kda as the local work (the [v | 0], [0 | I] call of the
-    matrix kinds), W = 2, zigzag, documents across ranks; its kernel is in the default run on one
-    device (``_single_cases``)."""
+    """KDA under SP with fla's KDA kernels as the local work (``backends/fla_delta.py``), W = 2,
+    zigzag, documents across ranks; its kernel is in the default run on one device
+    (``_single_cases``)."""
     docs = [0, 5, 8, 16, 27, 32]
     _run(monkeypatch, 2, [], [("kda-lasp2-zigzag-docs", dict(variant="kda", T_local=16, strategy="lasp2",
                                                               layout="zigzag", cu=docs))])

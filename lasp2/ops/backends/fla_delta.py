@@ -120,7 +120,7 @@ class FlaDeltaSegment:
             else:  # the product of the chunk transitions: the state scan over K columns from I, u = 0
                 eye = torch.eye(K, dtype=torch.float32, device=q.device).expand(B, H, K, K).contiguous()
                 self._A = self.states(torch.zeros_like(self.w), eye, save_new_value=False)[2]
-        self.P = self.outputs = self.final = None
+        self.outputs = self.final = None
 
     def states(self, u, h0, save_new_value: bool = True):
         """fla's state scan over this segment's chunks (documents as ``cu_seqlens``) with values u
@@ -158,7 +158,6 @@ class FlaDeltaSegment:
 
     def add_incoming(self, P: torch.Tensor) -> None:
         """The outputs and the final state Â P + Ŝ from the incoming state P [B, H, K, V] (a constant)."""
-        self.P = P
         self.outputs, self.final = _DeltaFromState.apply(self.q, self.k, self.v, self.g, self.beta, self,
                                                          self.initial_states(P))
         # fla's backward recomputes the WY form from the chunk matrices, as its own Function does;

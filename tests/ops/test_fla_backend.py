@@ -13,6 +13,7 @@ sequence for SP) at the fp32 bound of ``tests/helpers.py`` for the computation's
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import sys
 
@@ -24,7 +25,7 @@ import lasp2
 from lasp2.ops.naive import naive_linear_attention
 from lasp2.parallel.strategies import LINEAR_STRATEGIES
 from tests.dist import run_cases, run_distributed
-from tests.helpers import DIAGONAL_VARIANTS, MATRIX_VARIANTS, fp32_tol, make_inputs, max_rel_err
+from tests.helpers import DELTA_VARIANTS, DIAGONAL_VARIANTS, MATRIX_VARIANTS, fp32_tol, make_inputs, max_rel_err
 
 VARIANTS = DIAGONAL_VARIANTS + MATRIX_VARIANTS  # kda: fla's chunk_kda
 needs_fla = pytest.mark.skipif(sys.version_info < (3, 10), reason="fla-core 0.6.0 needs Python >= 3.10")
@@ -101,9 +102,33 @@ def _layer_case(variant):
         _close(f"layer tensor {i}", a, b, fp32_tol(24 + 16 + 32))  # tokens + head dim + hidden
 
 
-def _sp_case(group, variant, T_local, strategy, layout, cu=None, H=2, K=16, V=12, beta_max=1.0):
+def _value_widths(run):
+    """run() with the delta rule's fla kernel table (``backends.fla_delta.kernels``, lasp2's own
+    wrapper) observed: {kernel name: the value widths (last dim of u / v / dO) it was called with}."""
+    from lasp2.ops.backends import fla_delta
+
+    ops, seen, saved = fla_delta.kernels(), collections.defaultdict(set), {}
+    for name, arg in (("fwd_h", "u"), ("fwd_o", "v"), ("bwd_dhu", "do"), ("bwd", "v")):
+        saved[name] = original = getattr(ops, name)
+
+        def observed(*args, _original=original, _name=name, _arg=arg, **kwargs):
+            seen[_name].add(kwargs[_arg].shape[-1])
+            return _original(*args, **kwargs)
+
+        setattr(ops, name, observed)
+    try:
+        run()
+    finally:
+        for name, original in saved.items():
+            setattr(ops, name, original)
+    return seen
+
+
+def _sp_case(group, variant, T_local, strategy, layout, cu=None, H=2, K=16, V=12, beta_max=1.0, widths=False):
     """SP with the fla backend vs the single-device fp64 op on the whole sequence, shard by
-    shard: output and every gradient. Collectives run before any assert."""
+    shard: output and every gradient. Collectives run before any assert. ``widths``: the delta
+    rule's kernels also run on the segment's own value width V (the transition's state scan on
+    K columns), never on the V + K columns of a widened call (K != V here)."""
     W = dist.get_world_size(group)
     B = 1 if cu is not None else 2
     inputs = make_inputs(variant, B, W * T_local, H, K, V, seed=5, beta_max=beta_max)
@@ -118,9 +143,20 @@ def _sp_case(group, variant, T_local, strategy, layout, cu=None, H=2, K=16, V=12
         return lasp2.shard(x, group=group, layout=layout)
 
     leaves = {n: local(inputs[n]).float().requires_grad_() for n in names}
-    o = lasp2.sp_linear_attention(*(leaves.get(n) for n in NAMES), group=group, strategy=strategy, layout=layout,
-                                  cu_seqlens=cu_t, backend="fla")
-    grads = torch.autograd.grad((o.double() * local(weight)).sum(), [leaves[n] for n in names])
+    got = {}
+
+    def run():
+        got["o"] = lasp2.sp_linear_attention(*(leaves.get(n) for n in NAMES), group=group, strategy=strategy,
+                                             layout=layout, cu_seqlens=cu_t, backend="fla")
+        got["grads"] = torch.autograd.grad((got["o"].double() * local(weight)).sum(), [leaves[n] for n in names])
+
+    seen = _value_widths(run) if widths else run()
+    o, grads = got["o"], got["grads"]
+    if widths:  # W = 2 zigzag, no document start: rank 0 holds the ends (segments 0 and 3), rank 1 the middle
+        # Â's scan runs on K columns only for a middle segment: segment 0 (P = 0) and the last one
+        # (no final state) skip it (the contract's incoming / outgoing); everything else runs on V
+        scans = {V, K} if dist.get_rank(group) == 1 else {V}
+        assert dict(seen) == {"fwd_h": scans, "fwd_o": {V}, "bwd_dhu": {V}, "bwd": {V}}, dict(seen)
     tol = fp32_tol(W * T_local + K)
     _close("o", o, local(o_ref), tol, whole=o_ref)
     for n, got, ref in zip(names, grads, ref_grads):
@@ -141,12 +177,13 @@ def _sp_cases(W: int, full: bool):
                  ("gated_deltanet", "lasp1", "zigzag", None, 2.0),  # beta in (0, 2): negative eigenvalues
                  ("gated_deltanet", "lasp2", "zigzag", docs),
                  # the other strategies share the local work (linear_local) with lasp2 and lasp1
-                 ("channel", "allscan", "zigzag", docs), ("gated_deltanet", "tree", "contiguous", None)]
+                 ("channel", "allscan", "zigzag", docs), ("gated_deltanet", "tree", "zigzag", None)]
     else:
         picks = list(itertools.product(VARIANTS, LINEAR_STRATEGIES, ("contiguous", "zigzag"), (None, docs)))
         picks += [(v, s, "zigzag", docs, 2.0) for v in DELTA_VARIANTS for s in LINEAR_STRATEGIES]
     return [(f"{variant}-{strategy}-{layout}{'-docs' if cu else ''}{'-beta-to-2' if beta else ''}",
-             dict(variant=variant, T_local=16, strategy=strategy, layout=layout, cu=cu, beta_max=beta or 1.0))
+             dict(variant=variant, T_local=16, strategy=strategy, layout=layout, cu=cu, beta_max=beta or 1.0,
+                  widths=(variant, strategy, layout, cu, beta) == ("gated_deltanet", "tree", "zigzag", None, None)))
             for variant, strategy, layout, cu, beta in (p + (None,) * (5 - len(p)) for p in picks)]
 
 
@@ -186,9 +223,9 @@ def test_fla_sp_w4_gated_deltanet(monkeypatch):
 @needs_fla
 @pytest.mark.slow
 def test_fla_sp_kda(monkeypatch):
-    """KDA under SP with fla's chunk_kda as the local work (the [v | 0], [0 | I] call of the
-    matrix kinds), W = 2, zigzag, documents across ranks; its kernel is in the default run on one
-    device (``_single_cases``)."""
+    """KDA under SP with fla's KDA kernels as the local work (``backends/fla_delta.py``), W = 2,
+    zigzag, documents across ranks; its kernel is in the default run on one device
+    (``_single_cases``)."""
     docs = [0, 5, 8, 16, 27, 32]
     _run(monkeypatch, 2, [], [("kda-lasp2-zigzag-docs", dict(variant="kda", T_local=16, strategy="lasp2",
                                                               layout="zigzag", cu=docs))])

@@ -16,25 +16,20 @@ fp32 states; final states and everything lasp2 sends between ranks are fp32. fp6
 (``backends.resolve``). On CPU tensors the kernels run in the Triton interpreter
 (``interpret.py``), for exactness tests.
 
-Local work of one segment for the SP strategies (``FlaSegment``, DESIGN §1), without running the
-op twice:
-- decay-vector kinds (identity, scalar, diagonal; ``ops.transition``): ONE zero-state fla call
-  gives the zero-state outputs and Ŝ (its final state); Â = exp(sum g) and the inter query q̃_s = scale * q_s ⊙ exp(cumsum g) (over the tokens before
-  the segment's first document start) come from the gates in PyTorch, and the incoming state's
-  term q̃ P (one [T, K] x [K, V] matmul) is added, and differentiated, in PyTorch;
-- the delta rule (the matrix kinds, KDA included): the op is linear in (v, initial state) jointly, so ONE fla call with the values
-  widened to [v | 0] (V + K columns) and the initial state [0 | I] gives, in its first V columns,
-  the zero-state outputs and Ŝ, and in its last K columns q̃_s = scale * q_s Λ_{<=s} (the
-  coefficient of the incoming state in o_s) and Â (the final state of I). The WY transform is
-  shared by both column groups; the state scan and output kernels do V + K columns instead of V
-  (fla's own context parallelism, ``fla.ops.cp``, runs its state kernel over the same [h | M]
-  columns and then the whole forward again, and is internal API).
-Backward is one fla backward per segment: the strategy's ``autograd.grad`` feeds the outputs' and
-the final state's gradients (fla's ``dht``) through fla's autograd Function, and the inter term's
-through PyTorch; G = dL/dP = q̃^T dO is one matmul.
-
-The fla kernels compute Ŝ and the zero-state outputs in one call, so under ``lasp2`` the
-all-gather of the summaries overlaps only the PyTorch part of the local work with this backend.
+Local work of one segment for the SP strategies (DESIGN §1), without running the op twice:
+- decay-vector kinds (identity, scalar, diagonal; ``ops.transition``; ``FlaSegment``): ONE
+  zero-state fla call gives the zero-state outputs and Ŝ (its final state); Â = exp(sum g) and
+  the inter query q̃_s = scale * q_s ⊙ exp(cumsum g) (over the tokens before the segment's first
+  document start) come from the gates in PyTorch, and the incoming state's term q̃ P (one
+  [T, K] x [K, V] matmul) is added, and differentiated, in PyTorch. Backward is one fla backward
+  per segment (the outputs' and the final state's gradients through fla's autograd Function,
+  the inter term's through PyTorch); G = dL/dP = q̃^T dO is one matmul. The kernels compute Ŝ
+  and the zero-state outputs in one call, so under ``lasp2`` the all-gather of the summaries
+  overlaps only the PyTorch part of the local work with this backend;
+- the delta rule (DeltaNet, Gated DeltaNet, KDA; ``fla_delta.FlaDeltaSegment``): fla's kernel
+  functions at the segment's own shapes (WY form once, Ŝ and Â by the state scan, the outputs
+  from P by one state scan and the output kernel, G by the state-gradient scan, fla's backward
+  with dht = D); see ``fla_delta.py`` and docs/algorithm.md for its kernel calls and cost.
 """
 from __future__ import annotations
 
@@ -114,7 +109,8 @@ def linear_attention(q, k, v, g, beta, *, kind, scale: float, initial_state, out
 
 
 class FlaSegment:
-    """One segment's local work with fla's kernels (the contract of ``backends/__init__.py``).
+    """One segment's local work with fla's kernels for the decay-vector kinds (the contract of
+    ``backends/__init__.py``; the delta rule: ``fla_delta.FlaDeltaSegment``).
 
     reach: the number of leading tokens the incoming state reaches (those before the segment's
     first document start; 0 when a document starts at its first token).
@@ -123,29 +119,16 @@ class FlaSegment:
     def __init__(self, q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]], *,
                  incoming: bool = True, outgoing: bool = True):
         # incoming / outgoing (the contract) are not used: the summaries come with the one fla call
-        B, T, H, K = q.shape
-        V = v.shape[-1]
+        T = q.shape[1]
         positions = list(starts or ())  # host positions: no device read
         inner = [p for p in positions if p > 0]
         self.reach = positions[0] if positions else T
         cu = None if not inner else torch.tensor([0, *inner, T], dtype=torch.long, device=q.device)
         v = v.to(q.dtype)
         self.kind = kind
-        if not kind.matrix:
-            o0, ht = _op(kind, q, k, v, g, None, scale, None, True, cu)
-            self._S = ht[-1:] if cu is not None else ht
-            self._A, self.q_tilde = self._decay_terms(q, kind.gate_channels(g), scale)
-        else:
-            # [v | 0] with initial state [0 | I]: columns V: carry q_s Λ_{<=s} and Â (module docstring)
-            n_init = B if cu is None else len(inner) + 1
-            h0 = q.new_zeros(n_init, H, K, V + K, dtype=torch.float32)
-            if self.reach > 0:
-                target = h0[:, :, :, V:] if cu is None else h0[:1, :, :, V:]  # the continuing document
-                target.copy_(torch.eye(K, dtype=torch.float32, device=q.device).expand_as(target))
-            o_aug, ht = _op(kind, q, k, torch.cat([v, v.new_zeros(B, T, H, K)], dim=-1), g, beta, scale, h0, True, cu)
-            last = ht[-1:] if cu is not None else ht
-            o0, self._S, self._A = o_aug[..., :V], last[..., :V], last[..., V:]
-            self.q_tilde = o_aug[:, : self.reach, :, V:].float()
+        o0, ht = _op(kind, q, k, v, g, None, scale, None, True, cu)
+        self._S = ht[-1:] if cu is not None else ht
+        self._A, self.q_tilde = self._decay_terms(q, kind.gate_channels(g), scale)
         self.o0, self.P, self.outputs = o0, None, None
 
     def _decay_terms(self, q, gk, scale: float):
@@ -205,5 +188,14 @@ class FlaSegment:
         return [self._S, self._A], [D, self.kind.grad(D, P)]
 
 
-segment_work = FlaSegment
-"""The contract's constructor: ``segment_work(q, k, v, g, beta, kind, scale, starts, *, incoming, outgoing)``."""
+def segment_work(q, k, v, g, beta, kind, scale: float, starts: Optional[Tuple[int, ...]], *,
+                 incoming: bool = True, outgoing: bool = True):
+    """The contract's constructor for one segment: the delta-rule kinds (DeltaNet, Gated DeltaNet,
+    KDA) -> ``fla_delta.FlaDeltaSegment`` (fla's kernels at the segment's own shapes, skipping the
+    scans nothing reads: ``incoming`` / ``outgoing``); the decay-vector kinds -> ``FlaSegment``."""
+    if kind.matrix:
+        _ready(q, v)  # head-dim check and the interpreter's compatibility before fla is imported
+        from .fla_delta import FlaDeltaSegment
+
+        return FlaDeltaSegment(q, k, v, g, beta, kind, scale, starts, incoming=incoming, outgoing=outgoing)
+    return FlaSegment(q, k, v, g, beta, kind, scale, starts, incoming=incoming, outgoing=outgoing)

@@ -152,6 +152,26 @@ def test_sp_delta_rule(world_size):
     SPAWNS.results(world_size, "delta")
 
 
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_sp_delta_rule_ends_skip_what_nothing_reads(world_size):
+    """The sequence's first segment without an initial state runs neither the summary tree nor G's
+    adjoint pass (P = 0), the last one without a final state no tree (nothing reads its summary);
+    every other segment runs both once. With an initial and a final state every segment runs both."""
+    from lasp2.parallel.layout import Layout
+
+    got = SPAWNS.results(world_size, "delta_ends")
+    for rank, counts in enumerate(got):
+        for (layout, states), (trees, adjoints) in counts.items():
+            split = Layout(layout, world_size, 8)
+            segments = [s.index for s in split.local_segments(rank)]
+            sp = world_size > 1  # a group of one runs the one-device op (``test_sp_contract``)
+            want_trees = sum(sp and (states or 0 < j < split.num_segments - 1) for j in segments)
+            want_adjoints = sum(sp and (states or j > 0) for j in segments)
+            assert (trees, adjoints) == (want_trees, want_adjoints), (
+                f"rank {rank}, {layout}, states={states}: segments {segments} ran {trees} trees and "
+                f"{adjoints} adjoint passes, expected {want_trees} and {want_adjoints}")
+
+
 def _kda(group, full: bool):
     """KDA (the per-channel gated delta rule): its K x K transitions travel in the same single
     all-gather per direction (``_expect_contract``). The default run keeps one case per strategy
@@ -179,6 +199,45 @@ def test_sp_kda(world_size):
     SPAWNS.results(world_size, "kda")
 
 
+def _delta_ends(group):
+    """How often each rank runs the delta rule's two SP extras (``ops.delta``: the summary tree
+    ``delta_segment_summary`` and G's adjoint pass ``delta_entry_adjoint``) in one fwd + bwd of
+    ``sp_linear_attention``: per layout, without and with an initial and a final state. The
+    outputs of these calls are checked against the single-device op by the "delta" section."""
+    import lasp2
+    from lasp2.ops import delta
+
+    W, rank = dist.get_world_size(group), dist.get_rank(group)
+    counts = {}
+    originals = {name: getattr(delta, name) for name in ("delta_segment_summary", "delta_entry_adjoint")}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    out = {}
+    gen = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, 8, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    g, beta = -torch.rand(1, 8, 2, generator=gen, dtype=torch.float64), torch.rand(1, 8, 2, generator=gen, dtype=torch.float64)
+    try:
+        for name in originals:
+            setattr(delta, name, counting(name))
+        for layout, states in itertools.product(LAYOUTS, (False, True)):
+            counts.clear()
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+            extra = dict(initial_state=torch.ones(1, 2, 4, 4, dtype=torch.float64), output_final_state=True) if states else {}
+            o = lasp2.sp_linear_attention(*leaves, scale=0.5, group=group, strategy="lasp2", layout=layout, **extra)
+            loss = (o[0] if states else o).sum() + (o[1].sum() if states else 0)
+            torch.autograd.grad(loss, leaves)
+            out[layout, states] = (counts.get("delta_segment_summary", 0), counts.get("delta_entry_adjoint", 0))
+    finally:
+        for name, fn in originals.items():
+            setattr(delta, name, fn)
+    return out
+
+
 def _worker(group, full_at_4: bool):
     """Every section of this module in one spawn per world size. At W = 4 the default run
     (``full_at_4`` False) keeps a short form of each table: the cases that differ from W = 2
@@ -187,7 +246,8 @@ def _worker(group, full_at_4: bool):
     full = W < 4 or full_at_4
     sections = [("fp64", lambda g: _sp_table(g, _cases(lengths=(1, 37, 70) if full else (70,)))),
                 ("bidirectional", _bidirectional), ("documents", lambda g: _documents(g, full)),
-                ("delta", lambda g: _delta(g, full)), ("kda", lambda g: _kda(g, full_at_4))]
+                ("delta", lambda g: _delta(g, full)), ("kda", lambda g: _kda(g, full_at_4)),
+                ("delta_ends", _delta_ends)]
     if W > 1:
         sections.append(("fp32_bf16", lambda g: _sp_table(g, _cases(dtypes=(torch.float32, torch.bfloat16),
                                                                      lengths=(37,)))))

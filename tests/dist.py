@@ -78,6 +78,18 @@ def run_as_torchrun_workers(script, cwd, world_size: int = 2, timeout: float = 6
     return [p.returncode for p in procs], "".join(outs)
 
 
+def scratch_dir(prefix: str) -> str:
+    """A fresh directory, removed when this process exits: the scratch space of a pooled worker
+    (``Spawns(..., more_args=...)``), where a test's own ``tmp_path`` is not there yet."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 class DistributedError(AssertionError):
     """A distributed run failed: a rank raised, died, or the run timed out.
 
@@ -187,15 +199,18 @@ class Spawns:
     it). The reports (or the spawn's failure) are kept for the other tests.
     """
 
-    _pools: dict[str, list[tuple[Callable[..., dict], tuple]]] = {}
+    _pools: dict[str, list[tuple[Callable[..., dict], tuple, Callable[[], tuple] | None]]] = {}
     _reports: dict[tuple[str, int], Any] = {}
 
     def __init__(self, worker: Callable[..., dict], *args: Any, pool: str | None = None,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, more_args: Callable[[], tuple] | None = None):
+        """``more_args``: None, or a function of no arguments, called in this (the test) process
+        when the pool first runs, whose tuple is appended to ``args`` (what is only known at test
+        time: references computed here, a scratch directory). The section names use ``args`` only."""
         self.worker, self.args = worker, args
         self.pool = pool or f"{worker.__module__}.{worker.__qualname__}{args!r}"
         self.timeout = timeout
-        self._pools.setdefault(self.pool, []).append((worker, args))
+        self._pools.setdefault(self.pool, []).append((worker, args, more_args))
 
     def results(self, world_size: int, name: str) -> list:
         """Section ``name``'s result on every rank; fails the calling test with the worker's
@@ -204,12 +219,16 @@ class Spawns:
 
         key = (self.pool, world_size)
         if key not in self._reports:
-            workers = self._pools[self.pool]
             try:
+                workers = [(worker, args, (more() if more else ()), _label(worker, args))
+                           for worker, args, more in self._pools[self.pool]]
                 self._reports[key] = run_distributed(_pool_worker, world_size, workers,
                                                      timeout=self.timeout * len(workers))
             except DistributedError as e:  # kept too: one broken spawn is not re-run per test
                 self._reports[key] = str(e)
+            except Exception as e:  # noqa: BLE001 - a more_args function failed here: kept the same way
+                self._reports[key] = f"pool {self.pool!r}: preparing its arguments failed: " \
+                                     f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         reports = self._reports[key]
         if isinstance(reports, str):
             pytest.fail(reports, pytrace=False)
@@ -229,10 +248,9 @@ def _label(worker: Callable[..., dict], args: tuple) -> str:
 def _pool_worker(group, workers) -> dict[str, dict]:
     """Run every worker of a pool on this rank; one report, section names prefixed by worker."""
     report: dict[str, dict] = {}
-    for worker, args in workers:
-        label = _label(worker, args)
+    for worker, args, more, label in workers:
         try:
-            sections = worker(group, *args)
+            sections = worker(group, *args, *more)
         except Exception as e:  # noqa: BLE001 - a worker is expected to report, not raise
             raise RuntimeError(f"{label} raised instead of reporting its sections: {e}") from e
         report.update({f"{label}:{name}": v for name, v in sections.items()})

@@ -25,7 +25,7 @@ import torch.distributed as dist
 pytest.importorskip("transformers")
 
 import lasp2  # noqa: E402,F401
-from tests.dist import run_distributed  # noqa: E402
+from tests.dist import Spawns, run_sections, scratch_dir  # noqa: E402
 
 T = 32
 FP32_TOL = 2e-4  # as tests/hf/test_hf_parity.py: fp32, reductions in another order (~1e-6 observed)
@@ -128,12 +128,23 @@ def _by_hand(run: Path):
     return model
 
 
+def _pool_worker(group, out: str) -> dict:
+    return run_sections(group, [("export", lambda g: _worker(g, out))])
+
+
+_OUT: dict = {}  # the runs' directory, made when the spawn starts
+# The ranks run in the "hf-usage" spawn of the other tests/hf modules (they import transformers once).
+SPAWNS = Spawns(_pool_worker, pool="hf-usage", timeout=900,
+                more_args=lambda: (_OUT.setdefault("dir", scratch_dir("lasp2-hf-export-")),))
+
+
 def test_export_loads_into_unmodified_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    sp = run_distributed(_worker, 2, str(tmp_path), timeout=900)[0]
-    assert len(list((tmp_path / "sharded").glob("checkpoints/step-*/dcp/*.distcp"))) == 2  # one shard file per rank
-    for name, run in (("single", tmp_path / "run"), ("sharded", tmp_path / "sharded")):
+    sp = SPAWNS.results(2, "export")[0]
+    out = Path(_OUT["dir"])  # the ranks' runs; the exports go to tmp_path
+    assert len(list((out / "sharded").glob("checkpoints/step-*/dcp/*.distcp"))) == 2  # one shard file per rank
+    for name, run in (("single", out / "run"), ("sharded", out / "sharded")):
         exported = _export(tmp_path, run, f"hf-{name}")
         model = AutoModelForCausalLM.from_pretrained(exported)  # plain transformers, nothing of lasp2
         with torch.no_grad():
@@ -141,7 +152,7 @@ def test_export_loads_into_unmodified_transformers(tmp_path):
         mine, theirs = model.state_dict(), _by_hand(run).state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
         if name == "single":  # --export-hf wrote the same model at the end of the run
-            flag = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-flag").state_dict()
+            flag = AutoModelForCausalLM.from_pretrained(out / "hf-flag").state_dict()
             assert flag.keys() == mine.keys() and all(torch.equal(flag[k], mine[k]) for k in mine)
         err = ((logits - sp[name]).abs().max() / sp[name].abs().max()).item()
         assert err <= FP32_TOL, (name, err)

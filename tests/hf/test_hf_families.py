@@ -24,7 +24,7 @@ if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 25):  # 
 import lasp2  # noqa: E402
 import lasp2.hf  # noqa: E402
 from lasp2.parallel import comm  # noqa: E402
-from tests.dist import run_cases, run_distributed  # noqa: E402
+from tests.dist import Spawns, run_cases, run_distributed, run_sections, scratch_dir  # noqa: E402
 from tests.helpers import assert_close, fp32_tol  # noqa: E402
 from tests.hf_reference import head_output, make_model, reference  # noqa: E402
 
@@ -262,14 +262,24 @@ TRAIN_CONFIGS = ("mamba2-tiny", "nemotron-h-tiny", "granite-4.0-h-tiny", "falcon
                  "ling-hybrid-tiny")
 
 
-def test_families_sp2(tmp_path):
+def test_families_sp2():
     """Every family in fp64 against the unmodified model (one case each: packed documents, the
     layout alternating), the collective count, the refusals, and ``lasp2 train --hf-config
     mamba-tiny`` (the family whose batch context reaches its mixers through the slot), the loss
     terms made exact shares (Bamba's z-loss, the router aux loss). The slow
     tests run every family on both layouts with and without documents, and train every config."""
-    run_distributed(_worker, 2, _table(FAMILIES, full=False), str(tmp_path), ("mamba-tiny",),
-                    _loss_refs(("bamba", "granitemoehybrid")), timeout=900)
+    SPAWNS.results(2, "sp2")
+
+
+def _pool_worker(group, *args):
+    return run_sections(group, [("sp2", lambda g: _worker(g, *args))])
+
+
+# The default run's table runs in the "hf-usage" spawn of the other tests/hf modules (the ranks import
+# transformers once); its references are computed here, single-process, when that spawn starts.
+SPAWNS = Spawns(_pool_worker, pool="hf-usage", timeout=900, more_args=lambda: (
+    _table(FAMILIES, full=False), scratch_dir("lasp2-hf-families-"), ("mamba-tiny",),
+    _loss_refs(("bamba", "granitemoehybrid"))))
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 import lasp2  # noqa: E402
 import lasp2.hf  # noqa: E402
 from lasp2.parallel import comm  # noqa: E402
-from tests.dist import run_cases, run_distributed  # noqa: E402
+from tests.dist import Spawns, run_cases, run_distributed, run_sections, scratch_dir  # noqa: E402
 from tests.helpers import assert_close, max_rel_err  # noqa: E402
 from tests.hf_reference import gdn_fp64, make_model, mamba2_fp64, reference  # noqa: E402
 
@@ -226,9 +226,18 @@ LIGHT = ("qwen3_5_moe",)
 FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe", "minimax", "bamba")
 
 
-def test_hf_sp2(tmp_path):
-    table = _table(FAMILIES, ("contiguous", "zigzag"), (torch.float64, torch.float32))
-    run_distributed(_worker, 2, table, str(tmp_path), timeout=900)  # ~30 s idle; minutes on a loaded box
+def _pool_worker(group, table, out):
+    return run_sections(group, [("sp2", lambda g: _worker(g, table, out))])
+
+
+# The default run's table runs in the "hf-usage" spawn of the other tests/hf modules (the ranks import
+# transformers once); its references are computed here, single-process, when that spawn starts.
+SPAWNS = Spawns(_pool_worker, pool="hf-usage", timeout=900, more_args=lambda: (
+    _table(FAMILIES, ("contiguous", "zigzag"), (torch.float64, torch.float32)), scratch_dir("lasp2-hf-parity-")))
+
+
+def test_hf_sp2():
+    SPAWNS.results(2, "sp2")
 
 
 @pytest.mark.slow

@@ -161,7 +161,9 @@ def _worker(group, families):
     return run_sections(group, sections)
 
 
-SPAWNS = Spawns(_worker, DEFAULT, pool="hf-prefill", timeout=900)
+# The default run shares test_hf_autocast's and test_hf_misuse's spawn ("hf-usage": the ranks import
+# transformers once for the three modules; every worker there keeps fla unimported, as _case does).
+SPAWNS = Spawns(_worker, DEFAULT, pool="hf-usage", timeout=900)
 SPAWNS_SLOW = Spawns(_worker, SLOW, pool="hf-prefill-slow", timeout=900)
 
 

@@ -41,7 +41,7 @@ datasets = pytest.importorskip("datasets")
 
 import lasp2.hf  # noqa: E402
 from lasp2.parallel import comm  # noqa: E402
-from tests.dist import run_cases, run_distributed  # noqa: E402
+from tests.dist import Spawns, run_cases, run_distributed  # noqa: E402
 from tests.hf_reference import MODULES, hf_kernels, make_model  # noqa: E402
 
 FAMILY = "qwen3_5"
@@ -459,31 +459,31 @@ SLOW_W2 = ("sft-ga1", "sft-padding-free-ga2", "trainer-iterable-torch")
 def _worker_w2(group, refs, bf16_ref):
     from tests.dist import run_sections
 
+    # this rank also runs the other tests/hf modules' workers ("hf-usage"): torchrun's variables
+    # are set for accelerate only while this worker runs
+    saved = dict(os.environ)
     _setup_env(group)
-    return run_sections(group, [("exactness", lambda g: _exactness(g, refs, 2, DEFAULT)),
-                                ("refusals", _refusals),
-                                ("bf16", lambda g: _bf16(g, bf16_ref))])
+    try:
+        return run_sections(group, [("exactness", lambda g: _exactness(g, refs, 2, DEFAULT)),
+                                    ("refusals", _refusals),
+                                    ("bf16", lambda g: _bf16(g, bf16_ref))])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
-_W2 = {}
+def _w2_args():
+    """The single-process references, computed here when the spawn starts."""
+    return (_references(1, DEFAULT), _train("trainer", batch=1, ga=1, average=True, packed=False, bf16=True))
+
+
+# One spawn (W = 2, sp = 2) for every section, shared with the other tests/hf modules ("hf-usage": the
+# ranks import transformers once); the references run here, single-process.
+SPAWNS = Spawns(_worker_w2, pool="hf-usage", timeout=900, more_args=_w2_args)
 
 
 def _w2(section):
-    """One spawn (W = 2, sp = 2) for every section; the references run here, single-process."""
-    if not _W2:
-        refs = _references(1, DEFAULT)
-        bf16_ref = _train("trainer", batch=1, ga=1, average=True, packed=False, bf16=True)
-        try:
-            _W2["reports"] = run_distributed(_worker_w2, 2, refs, bf16_ref)
-        except Exception as e:  # noqa: BLE001 - kept for every test of this spawn
-            _W2["reports"] = str(e)
-    reports = _W2["reports"]
-    if isinstance(reports, str):
-        pytest.fail(reports, pytrace=False)
-    bad = [f"--- rank {r}: {rep[section]['error']}" for r, rep in enumerate(reports) if not rep[section]["ok"]]
-    if bad:
-        pytest.fail("\n".join(bad), pytrace=False)
-    return [rep[section]["result"] for rep in reports]
+    return SPAWNS.results(2, section)
 
 
 def test_trainer_sp2_equals_single_process():

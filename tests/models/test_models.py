@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, Shard
 import lasp2
 from lasp2.models import LinearLlama, LinearLlamaConfig
 from lasp2.nn import DELTA_VARIANTS, LINEAR_VARIANTS
-from tests.dist import run_distributed
+from tests.dist import Spawns, run_distributed, run_sections
 
 STEPS, LR, MOMENTUM = 3, 0.1, 0.9
 # Tolerances (relative; gradients per parameter tensor, against that tensor's largest entry).
@@ -441,9 +441,17 @@ W4_FSDP2_CASES = [
 ]
 
 
+def _pool_worker(group, tables):
+    """The default run's tables in the shared "sp" spawn (one spawn per world size for the
+    parallel and models modules: the ranks' start-up, torch's import, is paid once): ``tables``
+    maps a world size to (cases, meshes); at any other world size this worker does nothing."""
+    table = tables.get(dist.get_world_size(group))
+    return run_sections(group, [] if table is None else [("table", lambda g: _worker(g, *table))])
+
+
 @pytest.fixture(scope="module")
 def world2():
-    return run_distributed(_worker, 2, W2_CASES + W2_DELTA_CASES, [(1, 2), (2, 1)])
+    return SPAWNS.results(2, "table")
 
 
 def _check_table(cases, results):
@@ -493,8 +501,12 @@ W4_SHORT = [c for c in W4_CASES if c[1]["data_parallel"] == "fsdp2"
             or (c[0] == "dp2xsp2-LLLN-zigzag-docs" and c[1]["dtype"] == torch.float32)]
 
 
+SPAWNS = Spawns(_pool_worker, {2: (W2_CASES + W2_DELTA_CASES, [(1, 2), (2, 1)]), 4: (W4_SHORT, [(2, 2), (1, 4)])},
+                pool="sp")
+
+
 def test_parity_dp2_x_sp2():
-    _check_table(W4_SHORT, run_distributed(_worker, 4, W4_SHORT, [(2, 2), (1, 4)]))
+    _check_table(W4_SHORT, SPAWNS.results(4, "table"))
 
 
 @pytest.mark.slow

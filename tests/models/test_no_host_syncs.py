@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import lasp2
-from tests.dist import run_distributed
+from tests.dist import Spawns, run_sections
 
 READS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero")
 ALLOWED = "ops/chunk.py"  # split_resets, see the module docstring
@@ -120,12 +120,19 @@ def _hf_worker(group):
 
 
 def _all(group):
-    return {**{v: _worker(group, v) for v in VARIANTS}, "hf": _hf_worker(group)}
+    """Every variant and the hf model, at W = 2 only: this worker shares the "sp" spawn of the
+    parallel and models modules (one start-up per world size), which also runs at W = 1 and 4."""
+    if dist.get_world_size(group) != 2:
+        return run_sections(group, [])
+    return run_sections(group, [("all", lambda g: {**{v: _worker(g, v) for v in VARIANTS}, "hf": _hf_worker(g)})])
+
+
+SPAWNS = Spawns(_all, pool="sp")
 
 
 @pytest.fixture(scope="module")
 def reports():
-    runs = run_distributed(_all, 2)
+    runs = SPAWNS.results(2, "all")
     return [rep for by_variant in runs for rep in by_variant.values()]
 
 

@@ -2,9 +2,11 @@
 safe checkpoints, and the data (determinism, MQAR layout, sharding, packed text).
 
 Spawns are the expensive part (every rank imports torch), so the four training runs are module
-fixtures shared by the tests, and the error paths run in-process through ``lasp2.cli.main``
-(they fail before any rank starts) except one real subprocess that checks the exit code and
-that stderr is a single line.
+fixtures shared by the tests, started in-process through ``lasp2.cli.main`` (it spawns the ranks
+itself: a launcher interpreter per run would only import torch once more), and the error paths
+run in-process too (they fail before any rank starts). Two real ``python -m lasp2 train``
+subprocesses check what only a subprocess shows: the exit code and a single stderr line, for bad
+input and for a failing rank.
 """
 from __future__ import annotations
 
@@ -38,26 +40,43 @@ def _cli(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
+def _train(*args) -> subprocess.CompletedProcess:
+    """``lasp2 train`` from this process; its exit code and what the launcher printed (a rank's
+    error is in the run's failure.txt, added to stderr here)."""
+    import contextlib
+    import io
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = cli_main(["train", *args])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+    failure = Path(args[args.index("--out") + 1]) / "failure.txt"
+    err = stderr.getvalue() + (failure.read_text() if failure.is_file() else "")
+    return subprocess.CompletedProcess(["lasp2", "train", *args], code, stdout.getvalue(), err)
+
+
 def _rows(out: Path):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The three CLI runs: a full one, a resume from its step-2 checkpoint, and the ablation."""
+    """The four CLI runs: a full one, a resume from its step-2 checkpoint, the ablation, packed text."""
     base = tmp_path_factory.mktemp("train")
     full, resumed, ablated = base / "full", base / "resumed", base / "ablated"
-    procs = {"full": _cli(*QUICK, "--save-every", "2", "--out", str(full))}
+    procs = {"full": _train(*QUICK, "--save-every", "2", "--out", str(full))}
     # No flags retyped: the configuration comes from the checkpoint; restating a resolved default
     # (the debug preset trains mamba2 layers) is no change.
-    procs["resumed"] = _cli("--out", str(resumed), "--resume", str(full / "checkpoints" / "step-000002"),
-                            "--linear", "mamba2")
-    procs["ablated"] = _cli(*QUICK, "--save-every", "0", "--no-plot", "--no-state-passing", "--out", str(ablated))
+    procs["resumed"] = _train("--out", str(resumed), "--resume", str(full / "checkpoints" / "step-000002"),
+                              "--linear", "mamba2")
+    procs["ablated"] = _train(*QUICK, "--save-every", "0", "--no-plot", "--no-state-passing", "--out", str(ablated))
     text = base / "text.txt"
     text.write_text("\n\n".join(f"Document {i}: " + "the quick brown fox " * (i % 5 + 1) for i in range(40)))
-    procs["text"] = _cli("--task", "text", "--data", str(text), "--seq-len", "256", "--batch-size", "2", "--steps", "2",
-                         "--layout", "zigzag", "--layer-pattern", "NL", "--layers", "2", "--save-every", "0", "--no-plot",
-                         "--out", str(base / "text"))
+    procs["text"] = _train("--task", "text", "--data", str(text), "--seq-len", "256", "--batch-size", "2",
+                           "--steps", "2", "--layout", "zigzag", "--layer-pattern", "NL", "--layers", "2",
+                           "--save-every", "0", "--no-plot", "--out", str(base / "text"))
     for name, p in procs.items():
         assert p.returncode == 0, f"{name} run failed:\n{p.stderr[-3000:]}"
     return {"full": full, "resumed": resumed, "ablated": ablated, "text": base / "text", "procs": procs}

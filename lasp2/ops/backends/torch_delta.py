@@ -29,6 +29,7 @@ is never read) and pays only the adjoint pass. At W = 2 (contiguous) both ranks 
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
@@ -104,19 +105,30 @@ class DeltaSegment(ChunkedSegment):
         self.q_inter = delta.delta_inter_query(self.c)
         inter = _InterTerm.apply(self.q_inter, self.states.detach()[:, :, :-1])
         self.outputs, self.intra = self.intra + inter, None
+        # Backward needs only what the graph saved, M (G's adjoint) and the chunk size: dropping the
+        # chunked inputs and U here frees what the graph does not keep (the one-device op frees it
+        # when its forward returns), so the segment holds no more than that op between the passes.
+        self.c, self.U = SimpleNamespace(C=self.c.C), None
 
     def inter_backward(self, do_chunks: torch.Tensor):
         """(G [B, H, K, V], dS [B, H, N, K, V]): dS_n = Q_n^T dO_n and G = dL/dP from the
         segment's own outputs (the adjoint recurrence over the chunks, no Λ)."""
-        dS = self.q_inter.detach().transpose(-1, -2) @ do_chunks
+        B, H, N, _, V = do_chunks.shape
+        # dS_all [B, H, N + 1, K, V]: the entry states' gradients, then (``grad_targets``) the final
+        # state's; one buffer instead of dS plus a concatenated copy held through the local backward
+        dS_all = do_chunks.new_empty(B, H, N + 1, self.M.shape[-1], V)
+        dS = dS_all[:, :, :N]
+        dS.copy_(self.q_inter.detach().transpose(-1, -2) @ do_chunks)
+        self.q_inter = None
         if not self.incoming:  # P is the constant 0 of the fold: nothing reads dL/dP
-            return dS.new_zeros(dS.shape[:2] + dS.shape[-2:]), dS
-        return delta.delta_entry_adjoint(self.M.detach(), dS), dS
+            return dS.new_zeros(B, H, *dS.shape[-2:]), dS_all
+        return delta.delta_entry_adjoint(self.M.detach(), dS), dS_all
 
-    def grad_targets(self, dS: torch.Tensor, final_grad: torch.Tensor):
-        """The scan's states [N + 1] get dS with the final state's gradient D appended: autograd
-        then runs the one-device op's backward (the scan's adjoint with tail D)."""
-        return [self.states], [torch.cat([dS, final_grad.unsqueeze(2).to(dS.dtype)], dim=2)]
+    def grad_targets(self, dS_all: torch.Tensor, final_grad: torch.Tensor):
+        """The scan's states [N + 1] get dS with the final state's gradient D in the last slot:
+        autograd then runs the one-device op's backward (the scan's adjoint with tail D)."""
+        dS_all[:, :, -1] = final_grad.to(dS_all.dtype)
+        return [self.states], [dS_all]
 
 
 class _InterTerm(torch.autograd.Function):

@@ -47,6 +47,31 @@ BACKENDS = ("auto", "torch", "fla")
 FLA_MAX_HEAD_DIM = 256  # fla's chunk kernels tile K in blocks of 64 up to 256
 
 
+class HeldSummary:
+    """For segments whose constructor computes the summary as values: ``summary_state`` Ŝ
+    [B, H, K, V] and ``transition`` Â (the kind's form) are the attributes ``_S`` and ``_A``."""
+
+    @property
+    def summary_state(self):
+        return self._S
+
+    @property
+    def transition(self):
+        return self._A
+
+
+class TokenOutputs:
+    """For segments that hold their outputs in the [B, T, H, V] layout (``outputs``, released by
+    ``take_outputs``) and take dL/do as it is."""
+
+    def take_outputs(self, length: int):
+        o, self.outputs = self.outputs, None
+        return o
+
+    def output_grad(self, do):
+        return do
+
+
 def fla_installed() -> bool:
     """Whether ``fla`` (fla-core) and ``triton`` can be imported (without importing them)."""
     return all(importlib.util.find_spec(m) is not None for m in ("fla", "triton"))

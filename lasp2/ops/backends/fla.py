@@ -41,6 +41,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import FLA_MAX_HEAD_DIM as MAX_HEAD_DIM
+from . import HeldSummary, TokenOutputs
 from . import interpret
 
 name = "fla"
@@ -108,7 +109,7 @@ def linear_attention(q, k, v, g, beta, *, kind, scale: float, initial_state, out
     return o.to(q.dtype), ht
 
 
-class FlaSegment:
+class FlaSegment(HeldSummary, TokenOutputs):
     """One segment's local work with fla's kernels for the decay-vector kinds (the contract of
     ``backends/__init__.py``; the delta rule: ``fla_delta.FlaDeltaSegment``).
 
@@ -147,14 +148,6 @@ class FlaSegment:
             A = decay[:, -1]
         return A, q_tilde * decay
 
-    @property
-    def summary_state(self) -> torch.Tensor:
-        return self._S
-
-    @property
-    def transition(self) -> torch.Tensor:
-        return self._A
-
     def intra_outputs(self) -> None:
         """Nothing left: fla's call in the constructor produced the zero-state outputs with Ŝ."""
 
@@ -168,13 +161,6 @@ class FlaSegment:
         else:
             o = o0.to(inter.dtype)
             self.outputs = torch.cat([o[:, : self.reach] + inter, o[:, self.reach:]], dim=1)
-
-    def take_outputs(self, length: int) -> torch.Tensor:
-        o, self.outputs = self.outputs, None
-        return o
-
-    def output_grad(self, do: torch.Tensor) -> torch.Tensor:
-        return do
 
     def inter_backward(self, do: torch.Tensor):
         """(G = q̃^T dO [B, H, K, V] fp32, None)."""

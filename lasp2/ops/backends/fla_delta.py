@@ -50,6 +50,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import HeldSummary, TokenOutputs
+
 CHUNK = 64  # fla's chunk size for both ops (their default, the size their kernels are tuned for)
 
 
@@ -76,7 +78,7 @@ def kernels() -> SimpleNamespace:
                            kda_fwd_intra=chunk_kda_fwd_intra, kda_fwd_o=chunk_gla_fwd_o_gk, kda_bwd=chunk_kda_bwd)
 
 
-class FlaDeltaSegment:
+class FlaDeltaSegment(HeldSummary, TokenOutputs):
     """One segment's local work for the delta-rule kinds with fla's kernels at the segment's shapes.
 
     q, k [B, T, H, K], v [B, T, H, V], g None (DeltaNet), [B, T, H] or (KDA) [B, T, H, K]
@@ -141,16 +143,6 @@ class FlaDeltaSegment:
                                chunk_size=CHUNK, save_new_value=save_new_value, cu_seqlens=self.cu,
                                chunk_indices=self.chunk_indices, **gates)
 
-    @property
-    def summary_state(self) -> torch.Tensor:
-        """Ŝ [B, H, K, V] fp32 (no graph): the state leaving the segment for a zero incoming state."""
-        return self._S
-
-    @property
-    def transition(self) -> torch.Tensor:
-        """Â [B, H, K, K] fp32 (no graph); 0 when the segment holds a document start."""
-        return self._A
-
     def intra_outputs(self) -> None:
         """Nothing before P is known: the outputs come from one state scan from P (``add_incoming``)."""
 
@@ -175,13 +167,6 @@ class FlaDeltaSegment:
         r, T = self.reach, self.q.shape[1]
         prefix = (lambda t: t if t is None or r == T else t[:, :r].clone())  # a copy frees the rest
         self.u, self.w, self.qg, self.kg = None, prefix(self.w), prefix(self.qg), prefix(self.kg)
-
-    def take_outputs(self, length: int) -> torch.Tensor:
-        o, self.outputs = self.outputs, None
-        return o
-
-    def output_grad(self, do: torch.Tensor) -> torch.Tensor:
-        return do
 
     def inter_backward(self, do: torch.Tensor):
         """(G = dL/dP [B, H, K, V] fp32 from the segment's own outputs, None): dh0 of fla's

@@ -35,6 +35,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import delta
+from . import HeldSummary
 from ..common import from_chunks, start_mask, to_chunks
 from ..precision import no_autocast
 
@@ -52,7 +53,7 @@ class ChunkedSegment:
         return to_chunks(do, self.c.C, self.states.dtype)
 
 
-class DeltaSegment(ChunkedSegment):
+class DeltaSegment(ChunkedSegment, HeldSummary):
     """One segment's local work in the delta-rule chunk form.
 
     c: ``delta.DeltaChunked``; M [B, H, N, K, K], U [B, H, N, K, V]: the chunk summaries (with
@@ -80,16 +81,6 @@ class DeltaSegment(ChunkedSegment):
         else:  # nothing reads the summary (the last segment, no final state): no tree
             self._A = self.M.new_zeros(self.M.shape[:2] + self.M.shape[-2:])
             self._S = self.U.new_zeros(self.U.shape[:2] + self.U.shape[-2:])
-
-    @property
-    def summary_state(self) -> torch.Tensor:
-        """Ŝ [B, H, K, V] (no graph): the state leaving the segment for a zero incoming state."""
-        return self._S
-
-    @property
-    def transition(self) -> torch.Tensor:
-        """Â [B, H, K, K] (no graph); 0 when the segment holds a document start."""
-        return self._A
 
     def intra_outputs(self) -> None:
         """The intra-chunk outputs, which need no state (overlaps the communication)."""

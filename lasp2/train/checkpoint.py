@@ -24,7 +24,7 @@ only at the same world size; training draws no random numbers after the model's 
 (the data of a step depend only on (seed, step)), so a resharded run continues the same
 trajectory up to the floating-point order of the new reductions.
 
-Rank 0 writes into ``step-XXXXXX.tmp`` and renames it when complete, so a crash mid-save never
+Rank 0 writes into ``step-<step, 6 digits>.tmp`` and renames it when complete, so a crash mid-save never
 leaves a half checkpoint under a final name. Loading never runs code from the file:
 ``torch.load(..., weights_only=True)`` only rebuilds tensors, dicts, lists and numbers, and
 ``meta.json`` is JSON. A file whose sha256 differs from ``meta.json`` (truncated, overwritten) or
@@ -80,7 +80,7 @@ def save(out: str, step: int, *, model: torch.nn.Module, optimizer: torch.optim.
 
 
 def prepare_dir(out: str, step: int) -> Path:
-    """Create an empty ``step-XXXXXX.tmp`` (rank 0 only, before the ranks write into it)."""
+    """Create an empty ``step-<step, 6 digits>.tmp`` (rank 0 only, before the ranks write into it)."""
     tmp = _tmp_dir(out, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

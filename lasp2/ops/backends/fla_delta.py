@@ -34,7 +34,8 @@ at K = V = 64, not timed): forward 12⅓ / 8⅓ = 1.48× in 7 kernel calls (10�
 document starts inside the segment), backward 29 / 24 = 1.21× in 9; the widened call it replaces
 ([v | 0], [0 | I]): 1.72× in 5 and 1.63× in 7. Per-kernel table: docs/algorithm.md ("Backends").
 The sequence's ends skip the scans nothing reads (the contract's ``incoming`` / ``outgoing``):
-segment 0 without an initial state (P = 0) runs no Â scan and no G pass (1.06× fwd + bwd); the
+segment 0 without an initial state (P = 0) runs no Â scan and no G pass, and its one scan from
+zero gives both Ŝ and the outputs (1.0×: the one-device call's work); the
 last segment without a final state runs neither summary scan (1.15×); a middle segment 1.28×.
 
 Dtypes: q, k, v, beta in q's dtype (fp32/bf16/fp16); g fp32 natural-log, [B, T, H] (zeros for
@@ -121,18 +122,21 @@ class FlaDeltaSegment(HeldSummary, TokenOutputs):
                 self.w, self.u, A = ops.fwd_intra(k=kd, v=vd, g=self.g2, beta=bd, **docs)
                 self.qg = self.kg = None  # the scans take q and k themselves
                 self.mats = (A,)
-            if not outgoing:  # nothing reads the summary (the last segment, no final state): no scans
+            if not incoming or not outgoing:  # Ŝ below (P = 0), or nothing reads the summary: no scans
                 self._S = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
                 self._A = q.new_zeros(B, H, K, K, dtype=torch.float32)
             else:
                 _, _, ht = self.states(self.u, None, save_new_value=False)
                 self._S = ht[-1:] if self.cu is not None else ht  # the last document's final state
-                if self.reach < T:  # a document starts inside the segment (or P = 0): the incoming state stops
+                if self.reach < T:  # a document starts inside the segment: the incoming state stops there
                     self._A = q.new_zeros(B, H, K, K, dtype=torch.float32)
                 else:  # the product of the chunk transitions: the state scan over K columns from I, u = 0
                     eye = torch.eye(K, dtype=torch.float32, device=q.device).expand(B, H, K, K).contiguous()
                     self._A = self.states(torch.zeros_like(self.w), eye, save_new_value=False)[2]
         self.outputs = self.final = None
+        if not incoming:  # P = 0: the scan from zero is the forward itself, run once, and Ŝ its final state
+            self._outputs_from(None)
+            self._S = self.final.detach()
 
     def states(self, u, h0, save_new_value: bool = True):
         """fla's state scan over this segment's chunks (documents as ``cu_seqlens``) with values u
@@ -159,9 +163,14 @@ class FlaDeltaSegment(HeldSummary, TokenOutputs):
         return h0
 
     def add_incoming(self, P: torch.Tensor) -> None:
-        """The outputs and the final state Â P + Ŝ from the incoming state P [B, H, K, V] (a constant)."""
-        self.outputs, self.final = _DeltaFromState.apply(self.q, self.k, self.v, self.g, self.beta, self,
-                                                         self.initial_states(P))
+        """The outputs and the final state Â P + Ŝ from the incoming state P [B, H, K, V] (a constant);
+        already there for segment 0 without an initial state (its constructor ran them from zero)."""
+        if self.outputs is None:
+            self._outputs_from(self.initial_states(P))
+
+    def _outputs_from(self, h0: Optional[torch.Tensor]) -> None:
+        """``_DeltaFromState`` from fla's initial state(s) h0 (``initial_states``): outputs and final state."""
+        self.outputs, self.final = _DeltaFromState.apply(self.q, self.k, self.v, self.g, self.beta, self, h0)
         # fla's backward recomputes the WY form from the chunk matrices, as its own Function does;
         # G needs only the prefix P reaches (the first document's chunks are the segment's first)
         r, T = self.reach, self.q.shape[1]
